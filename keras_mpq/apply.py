@@ -1,0 +1,525 @@
+"""Applies a `QuantizationPlan` to a tf_keras model through tfmot, calibrated and ready to use.
+
+The line is: fold BatchNorm into the layer before it (exact, as TFLite does),
+annotate every layer with its keras_mpq `QuantizeConfig`, `quantize_apply` with
+`MixedPrecisionScheme`, then calibrate activation ranges on data. The result's
+accuracy right after `apply_plan` is the post-training accuracy: no model is
+ever returned with the default [-6, 6] ranges.
+
+Example:
+
+>>> import keras_mpq
+>>> plan = keras_mpq.QuantizationPlan({"conv1": 8, "conv2": 4, "conv3": 4,
+...                                     "fc1": 4, "logits": 8})
+>>> qmodel = keras_mpq.apply_plan(model, plan, calibration_data=x)  # doctest: +SKIP
+>>> qmodel.evaluate(x_test, y_test)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from keras_mpq import quantizers
+from keras_mpq.compat import keras, tf, tfmot
+from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
+                             UnsupportedModelError, check_weight_bits)
+
+_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
+_QuantizeAnnotate = tfmot.quantization.keras.QuantizeAnnotate if hasattr(
+    tfmot.quantization.keras, "QuantizeAnnotate") else None
+
+
+# --------------------------------------------------------------------------- graph rebuild
+
+
+def _model_nodes(model, layer):
+  """The inbound nodes of ``layer`` that belong to ``model``'s graph."""
+  keys = getattr(model, "_network_nodes", None)
+  nodes = []
+  for i, node in enumerate(layer._inbound_nodes):  # pylint: disable=protected-access
+    if keys is None or f"{layer.name}_ib-{i}" in keys:
+      nodes.append(node)
+  return nodes
+
+
+def _graph_layers(model):
+  """Checks the model is a flat Sequential/functional graph; returns its layers."""
+  if not isinstance(model, keras.Model):
+    raise InvalidInputError(
+        f"Expected a tf_keras Model. Received: {type(model).__name__}. "
+        "Load Keras 3 models with keras_mpq.load_model first.")
+  if not getattr(model, "_is_graph_network", False):
+    raise UnsupportedModelError(
+        f"Model {model.name!r} is subclassed or not built. Expected a Sequential "
+        "or functional model with a known input shape (call model.build or "
+        "give the first layer an input shape).")
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      raise UnsupportedModelError(
+          f"Layer {layer.name!r} is a nested model ({type(layer).__name__}). "
+          "Expected a flat model: rebuild it with the sub-model's layers inlined.")
+  return model.layers
+
+
+def rebuild(model, transform: Callable, name: Optional[str] = None):
+  """Rebuilds a flat functional/Sequential graph layer by layer.
+
+  ``transform(layer)`` returns ``(new_layer, weights)`` to call ``new_layer``
+  and set ``weights`` (a list, a callable taking the built new layer and
+  returning the list, or None to keep its fresh weights), or ``(None, None)``
+  to drop the layer and pass its single input through.
+  """
+  _graph_layers(model)
+  tensor_map: Dict[int, object] = {}
+  new_inputs = []
+  for t in model.inputs:
+    new_t = keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                        name=t.name.split(":")[0].split("/")[0])
+    tensor_map[id(t)] = new_t
+    new_inputs.append(new_t)
+
+  def mapped(x):
+    if id(x) in tensor_map:
+      return tensor_map[id(x)]
+    if hasattr(x, "_keras_history"):
+      raise UnsupportedModelError(
+          f"Tensor {getattr(x, 'name', x)!r} is used in model {model.name!r} but not "
+          "produced inside it. Expected a self-contained functional model.")
+    return x
+
+  pending = []
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.InputLayer):
+      continue
+    nodes = _model_nodes(model, layer)
+    if len(nodes) != 1:
+      raise UnsupportedModelError(
+          f"Layer {layer.name!r} is called {len(nodes)} times in the model. "
+          "Expected each layer to be used once (shared layers are not supported).")
+    node = nodes[0]
+    args = tf.nest.map_structure(mapped, node.call_args)
+    kwargs = tf.nest.map_structure(mapped, node.call_kwargs)
+    new_layer, weights = transform(layer)
+    if new_layer is None:
+      (inp,) = tf.nest.flatten(args)
+      out = inp
+    else:
+      out = new_layer(*args, **kwargs)
+      if weights is not None:
+        pending.append((new_layer, weights))
+    for old_t, new_t in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+      tensor_map[id(old_t)] = new_t
+  outputs = tf.nest.map_structure(lambda t: tensor_map[id(t)], model.outputs)
+  if len(outputs) == 1:
+    outputs = outputs[0]
+  new_model = keras.Model(new_inputs, outputs, name=name or model.name)
+  for layer, weights in pending:
+    layer.set_weights(weights(layer) if callable(weights) else weights)
+  return new_model
+
+
+def _clone_layer(layer):
+  return layer.__class__.from_config(layer.get_config())
+
+
+def _consumers(model, layer) -> List:
+  """Layers of ``model`` that take ``layer``'s output."""
+  out = []
+  for node in layer._outbound_nodes:  # pylint: disable=protected-access
+    consumer = node.outbound_layer
+    if consumer in model.layers:
+      out.append(consumer)
+  return out
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+
+_FOLD_AXIS = {  # kernel axis (or axes reshape) of the output channel, per layer type
+    keras.layers.Dense: "last", keras.layers.Conv1D: "last", keras.layers.Conv2D: "last",
+    keras.layers.DepthwiseConv2D: "depthwise", keras.layers.SeparableConv2D: "pointwise",
+    keras.layers.SeparableConv1D: "pointwise", keras.layers.Conv2DTranspose: "transpose",
+}
+
+
+def _bn_factors(bn):
+  weights = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
+  mean, var = weights["moving_mean"], weights["moving_variance"]
+  gamma = weights.get("gamma", np.ones_like(mean))
+  beta = weights.get("beta", np.zeros_like(mean))
+  factor = gamma / np.sqrt(var + bn.epsilon)
+  return factor, beta - mean * factor
+
+
+def _foldable(model, layer) -> bool:
+  """A BatchNorm on the last axis whose only input is a linear weight layer used only by it."""
+  if not isinstance(layer, keras.layers.BatchNormalization):
+    return False
+  axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+  rank = len(layer.input_shape)
+  if len(axis) != 1 or axis[0] % rank != rank - 1:
+    return False
+  nodes = _model_nodes(model, layer)
+  if len(nodes) != 1:
+    return False
+  inbound = tf.nest.flatten(nodes[0].inbound_layers)
+  if len(inbound) != 1 or type(inbound[0]) not in _FOLD_AXIS:
+    return False
+  producer = inbound[0]
+  if getattr(producer, "activation", None) not in (None, keras.activations.linear):
+    return False
+  return len(_consumers(model, producer)) == 1
+
+
+def fold_batchnorm(model):
+  """Folds each BatchNormalization into the weight layer before it (exactly).
+
+  ``W' = W * gamma / sqrt(var + eps)`` per output channel and
+  ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``; the folded layer keeps
+  its name and gains a bias. A BatchNorm that cannot be folded stays (and is
+  quantized at its output). Returns a new model; ``model`` is unchanged.
+
+  Example:
+
+  >>> folded = fold_batchnorm(model)  # doctest: +SKIP
+  >>> np.allclose(folded.predict(x), model.predict(x), atol=1e-4)  # doctest: +SKIP
+  True
+  """
+  _graph_layers(model)
+  fold_into = {}
+  for layer in model.layers:
+    if _foldable(model, layer):
+      producer = tf.nest.flatten(_model_nodes(model, layer)[0].inbound_layers)[0]
+      fold_into[producer.name] = layer
+  folded_bns = {bn.name for bn in fold_into.values()}
+
+  def transform(layer):
+    if layer.name in folded_bns:
+      return None, None
+    if layer.name not in fold_into:
+      return _clone_layer(layer), layer.get_weights()
+    factor, shift = _bn_factors(fold_into[layer.name])
+    config = layer.get_config()
+    config["use_bias"] = True
+    new_layer = layer.__class__.from_config(config)
+    kind = _FOLD_AXIS[type(layer)]
+    old = layer.get_weights()
+    bias = old[-1] if layer.use_bias else np.zeros_like(factor)
+    if kind == "last":
+      weights = [old[0] * factor]
+    elif kind == "transpose":
+      weights = [old[0] * factor[None, None, :, None]]
+    elif kind == "depthwise":
+      k = old[0]
+      weights = [k * factor.reshape(k.shape[-2], k.shape[-1])]
+    else:  # pointwise of a separable conv
+      weights = [old[0], old[1] * factor]
+    return new_layer, weights + [bias * factor + shift]
+
+  return rebuild(model, transform)
+
+
+# --------------------------------------------------------------------------- annotate and apply
+
+
+def _fused_producers(model) -> set:
+  """Names of layers whose output TFLite fuses with the ReLU/ReLU6 right after them."""
+  names = set()
+  for layer in model.layers:
+    if quantizers.is_fusable_activation(layer):
+      inbound = tf.nest.flatten(_model_nodes(model, layer)[0].inbound_layers)
+      if len(inbound) == 1 and len(_consumers(model, inbound[0])) == 1:
+        if quantizers.layer_role(inbound[0]) in ("weights", "output"):
+          names.add(inbound[0].name)
+  return names
+
+
+def plan_layers(model) -> List[str]:
+  """Names of the layers a plan must give bits to (the quantizable weight layers)."""
+  return [layer.name for layer in quantizers.quantizable_layers(model)]
+
+
+def check_plan(model, plan: QuantizationPlan) -> None:
+  """Raises if the plan names unknown layers or misses quantizable ones."""
+  wanted = set(plan_layers(model))
+  given = set(plan.weight_bits)
+  unknown = sorted(given - wanted)
+  if unknown:
+    raise InvalidInputError(
+        f"The plan names layers that are not quantizable weight layers of model "
+        f"{model.name!r}: {unknown}. Quantizable layers: {sorted(wanted)}")
+  missing = sorted(wanted - given)
+  if missing:
+    raise InvalidInputError(
+        f"The plan gives no bits to layers {missing}. Give every quantizable layer "
+        f"bits (use {FLOAT_BITS} to keep one float).")
+
+
+def quantize_model(model, plan: QuantizationPlan):
+  """Wraps ``model`` (BatchNorm already folded) with tfmot per ``plan``; not calibrated.
+
+  Most users want `apply_plan`, which folds and calibrates too.
+  """
+  check_plan(model, plan)
+  fused = _fused_producers(model)
+
+  def annotate(layer):
+    config = quantizers.config_for_layer(
+        layer, plan.weight_bits.get(layer.name), plan.act_bits(layer.name),
+        quantize_output=layer.name not in fused)
+    if config is None:
+      return layer
+    return tfmot.quantization.keras.quantize_annotate_layer(layer, config)
+
+  with quantizers.quantize_scope():
+    annotated = keras.models.clone_model(model, clone_function=annotate)
+    annotated.set_weights(model.get_weights())
+    return tfmot.quantization.keras.quantize_apply(
+        annotated, scheme=quantizers.MixedPrecisionScheme())
+
+
+def _act_quant_vars(qmodel) -> List[Tuple[object, Dict[str, tf.Variable]]]:
+  """(layer, {'min','max','on'}) for every activation quantizer in ``qmodel``."""
+  found = []
+  for layer in qmodel.layers:
+    if isinstance(layer, _QuantizeWrapper):
+      outq = getattr(layer, "_output_quantizers", None)
+      if outq and isinstance(outq[0], quantizers.ActivationQuantizer):
+        found.append((layer, layer._output_quantizer_vars))  # pylint: disable=protected-access
+  return found
+
+
+def set_activation_quantization(qmodel, enabled: bool) -> None:
+  """Switches every activation quantizer on or off (no retracing)."""
+  for _, v in _act_quant_vars(qmodel):
+    v["on"].assign(1.0 if enabled else 0.0)
+
+
+def _as_batches(x, batch_size):
+  x = np.asarray(x)
+  for start in range(0, len(x), batch_size):
+    yield x[start:start + batch_size]
+
+
+def check_data(model, x, what: str = "data") -> np.ndarray:
+  """Checks ``x`` is a non-empty float array matching the model's input shape."""
+  try:
+    x = np.asarray(x, dtype=np.float32)
+  except (TypeError, ValueError) as e:
+    raise InvalidInputError(f"Expected {what} as a numeric array. Received: {e}") from None
+  expected = tuple(model.inputs[0].shape[1:])
+  if x.ndim != len(expected) + 1 or any(
+      e is not None and e != s for e, s in zip(expected, x.shape[1:])):
+    raise InvalidInputError(
+        f"Expected {what} of shape (N, {', '.join(str(e) for e in expected)}) for "
+        f"model {model.name!r}. Received: shape {x.shape}")
+  if len(x) == 0:
+    raise InvalidInputError(f"Expected at least one sample in {what}. Received: 0")
+  if not np.all(np.isfinite(x)):
+    raise InvalidInputError(f"{what} contains NaN or Inf values.")
+  return x
+
+
+def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]:
+  """Sets every activation range to the min/max seen on ``x``; returns them.
+
+  Ranges are measured with the weights quantized as planned and activations
+  float (each quantizer switched off while measuring, then back on).
+  """
+  x = check_data(qmodel, x, "calibration data")
+  pairs = _act_quant_vars(qmodel)
+  if not pairs:
+    return {}
+  set_activation_quantization(qmodel, False)
+  probe = keras.Model(qmodel.inputs, [layer.output for layer, _ in pairs])
+
+  @tf.function(reduce_retracing=True)
+  def ranges(batch):
+    outs = probe(batch, training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    return ([tf.reduce_min(o) for o in outs], [tf.reduce_max(o) for o in outs])
+
+  lo = np.full(len(pairs), np.inf)
+  hi = np.full(len(pairs), -np.inf)
+  for batch in _as_batches(x, batch_size):
+    mins, maxs = ranges(tf.constant(batch))
+    lo = np.minimum(lo, np.array([m.numpy() for m in mins]))
+    hi = np.maximum(hi, np.array([m.numpy() for m in maxs]))
+  result = {}
+  for (layer, v), a, b in zip(pairs, lo, hi):
+    v["min"].assign(float(a))
+    v["max"].assign(float(b))
+    result[layer.layer.name] = (float(a), float(b))
+  set_activation_quantization(qmodel, True)
+  return result
+
+
+def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = True,
+               batch_size: int = 64):
+  """Quantizes ``model`` per ``plan`` with tfmot and calibrates its activation ranges.
+
+  Args:
+    model: a tf_keras Sequential or functional model.
+    plan: bits per quantizable layer (names of ``model``'s layers).
+    calibration_data: inputs ``x`` (N, ...) used to set activation ranges.
+    fold_bn: fold BatchNorm into the preceding layers first (as TFLite does).
+    batch_size: calibration batch size.
+
+  Returns:
+    A tf_keras model of tfmot ``QuantizeWrapperV2`` layers, compiled-ready:
+    usable with ``evaluate``, ``fit`` (quantization-aware fine-tuning) and
+    `keras_mpq.export_tflite`.
+
+  Example:
+
+  >>> plan = QuantizationPlan.uniform(plan_layers(model), 4)  # doctest: +SKIP
+  >>> qmodel = apply_plan(model, plan, x[:256])  # doctest: +SKIP
+  """
+  if not isinstance(plan, QuantizationPlan):
+    raise InvalidInputError(
+        f"Expected a keras_mpq.QuantizationPlan. Received: {type(plan).__name__}")
+  base = fold_batchnorm(model) if fold_bn else model
+  qmodel = quantize_model(base, plan)
+  calibrate(qmodel, calibration_data, batch_size=batch_size)
+  return qmodel
+
+
+# --------------------------------------------------------------------------- bits access
+
+
+def _weight_bits_vars(qmodel) -> Dict[str, List[tf.Variable]]:
+  out = {}
+  for layer in qmodel.layers:
+    if isinstance(layer, _QuantizeWrapper):
+      vs = [qv["bits"] for _, q, qv in layer._weight_vars  # pylint: disable=protected-access
+            if isinstance(q, quantizers.WeightQuantizer)]
+      if vs:
+        out[layer.layer.name] = vs
+  return out
+
+
+def get_weight_bits(qmodel) -> Dict[str, int]:
+  """Current weight bits of each quantized layer (FLOAT_BITS when float)."""
+  return {name: int(round(float(vs[0].numpy())))
+          for name, vs in _weight_bits_vars(qmodel).items()}
+
+
+def set_weight_bits(qmodel, bits: Mapping[str, int]) -> None:
+  """Sets layers' weight bits in place: a variable write, no retracing."""
+  table = _weight_bits_vars(qmodel)
+  for name, b in bits.items():
+    if name not in table:
+      raise InvalidInputError(
+          f"Layer {name!r} is not a quantized weight layer of this model. "
+          f"Layers: {sorted(table)}")
+    b = check_weight_bits(b, f"bits[{name!r}]")
+    for v in table[name]:
+      v.assign(float(b))
+
+
+@contextlib.contextmanager
+def weight_bits_override(qmodel, bits: Mapping[str, int]) -> Iterator[None]:
+  """Temporarily sets some layers' bits; restores them in ``finally``.
+
+  >>> with weight_bits_override(qmodel, {"conv2": 2}):  # doctest: +SKIP
+  ...   loss = evaluate(qmodel)
+  """
+  saved = get_weight_bits(qmodel)
+  try:
+    set_weight_bits(qmodel, bits)
+    yield
+  finally:
+    set_weight_bits(qmodel, {k: saved[k] for k in bits})
+
+
+def current_plan(qmodel, **info) -> QuantizationPlan:
+  """The plan the quantized model carries now (weight and activation bits)."""
+  act = {}
+  for layer, _ in _act_quant_vars(qmodel):
+    if quantizers.is_weight_layer(layer.layer):
+      act[layer.layer.name] = layer._output_quantizers[0].num_bits  # pylint: disable=protected-access
+  for layer in qmodel.layers:
+    if isinstance(layer, _QuantizeWrapper) and isinstance(
+        layer.quantize_config, quantizers.MixedPrecisionConfig):
+      act.setdefault(layer.layer.name, layer.quantize_config.activation_bits)
+  return QuantizationPlan(get_weight_bits(qmodel), act, info=info)
+
+
+# --------------------------------------------------------------------------- bake and report
+
+
+def _short_name(var) -> str:
+  return var.name.split("/")[-1].split(":")[0]
+
+
+def bake(qmodel):
+  """A plain float tf_keras model whose weights sit exactly on the quantization grid.
+
+  Removes the tfmot wrappers (keeping inner layer names) and writes each
+  quantized kernel as its dequantized values at the layer's current bits.
+  This is what `keras_mpq.export_tflite` converts: a max-abs per-channel
+  quantizer re-derives the same scales and integers from it.
+  """
+  def transform(layer):
+    if not isinstance(layer, _QuantizeWrapper):
+      return _clone_layer(layer), layer.get_weights()
+    inner = layer.layer
+    bits_of = {}
+    for var, q, qv in layer._weight_vars:  # pylint: disable=protected-access
+      bits_of[_short_name(var)] = (int(round(float(qv["bits"].numpy()))), q.reduce_axes)
+    by_name = {_short_name(v): v for v in layer.weights}
+
+    def weights_for(new_layer):
+      values = []
+      for new_var in new_layer.weights:
+        name = _short_name(new_var)
+        value = by_name[name].numpy()
+        if name in bits_of:
+          value = quantizers.quantize_array(value, *bits_of[name])[0]
+        values.append(value)
+      return values
+
+    return _clone_layer(inner), weights_for
+
+  return rebuild(qmodel, transform, name=qmodel.name)
+
+
+def layer_report(qmodel) -> List[Dict[str, object]]:
+  """One row per layer: name, type, role, weight bits, activation bits.
+
+  ``role`` is 'weights' (quantized weights), 'output' (output quantized),
+  'passthrough' (range-preserving, nothing to quantize) or 'unsupported'
+  (left float: TFLite keeps it float, the report shows it).
+  """
+  rows = []
+  for layer in qmodel.layers:
+    if isinstance(layer, keras.layers.InputLayer):
+      continue
+    if isinstance(layer, _QuantizeWrapper):
+      inner, cfg = layer.layer, layer.quantize_config
+      outq = getattr(layer, "_output_quantizers", None)
+      rows.append({
+          "layer": inner.name, "type": type(inner).__name__,
+          "role": "weights" if isinstance(cfg, quantizers.MixedPrecisionConfig) else "output",
+          "weight_bits": get_weight_bits_of(layer),
+          "activation_bits": outq[0].num_bits if outq else None,
+      })
+    else:
+      role = quantizers.layer_role(layer)
+      rows.append({"layer": layer.name, "type": type(layer).__name__,
+                   "role": "fused" if role in ("weights", "output") else role,
+                   "weight_bits": None, "activation_bits": None})
+  return rows
+
+
+def get_weight_bits_of(wrapper) -> Optional[int]:
+  vs = [qv["bits"] for _, q, qv in wrapper._weight_vars  # pylint: disable=protected-access
+        if isinstance(q, quantizers.WeightQuantizer)]
+  return int(round(float(vs[0].numpy()))) if vs else None
+
+
+def unsupported_layers(model) -> List[str]:
+  """Names of layers keras_mpq leaves float because no config supports them."""
+  return [l.name for l in model.layers if quantizers.layer_role(l) == "unsupported"]

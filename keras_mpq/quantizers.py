@@ -1,0 +1,403 @@
+"""Per-layer mixed-precision quantizers and `QuantizeConfig`s for tfmot, and the layer registry.
+
+The weight quantizer keeps its bit-width in a non-trainable *variable* of the
+wrapper (``<weight>_wbits``), not in a Python attribute. Changing a layer's
+bits is then a variable assignment: one compiled model serves every
+(layer, bits) pair the sensitivity search evaluates, with no retracing, and
+two layers never share a bit-width by accident (the trap of tfmot's
+class-level n-bit registry). ``FLOAT_BITS`` (32) in that variable means the
+weight passes through unquantized.
+
+Weights: per-output-channel, symmetric, narrow range (levels -q..q with
+q = 2^(b-1) - 1), scale = max|w| / q per channel: the grid TFLite and
+ai-edge-quantizer use, so a baked weight re-quantizes to the same integers.
+Activations: asymmetric 8-bit or symmetric 16-bit fake quantization with
+min/max variables set by calibration and tracked by EMA while fine-tuning.
+
+Example:
+
+>>> from keras_mpq.compat import keras
+>>> from keras_mpq import quantizers
+>>> layer = keras.layers.Dense(4)
+>>> config = quantizers.config_for_layer(layer, weight_bits=4, activation_bits=8)
+>>> config.weight_bits
+4
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keras_mpq.compat import keras, tf, tfmot
+from keras_mpq.types import FLOAT_BITS, check_activation_bits, check_weight_bits
+
+layers = keras.layers
+_Quantizer = tfmot.quantization.keras.quantizers.Quantizer
+_QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
+
+# --------------------------------------------------------------------------- registry
+# For each supported weight layer: the kernel attributes to quantize and, per
+# attribute, the axes reduced to get one scale per output channel.
+
+_WEIGHT_LAYERS: Dict[type, Tuple[Tuple[str, Tuple[int, ...]], ...]] = {
+    layers.Dense: (("kernel", (0,)),),
+    layers.Conv1D: (("kernel", (0, 1)),),
+    layers.Conv2D: (("kernel", (0, 1, 2)),),
+    layers.DepthwiseConv2D: (("depthwise_kernel", (0, 1)),),
+    layers.SeparableConv2D: (("depthwise_kernel", (0, 1)),
+                             ("pointwise_kernel", (0, 1, 2))),
+    layers.SeparableConv1D: (("depthwise_kernel", (0,)),
+                             ("pointwise_kernel", (0, 1))),
+    layers.Conv2DTranspose: (("kernel", (0, 1, 3)),),
+    layers.Conv1DTranspose: (("kernel", (0, 2)),),
+}
+
+# Layers whose output gets its own activation quantizer (as TFLite quantizes them).
+_OUTPUT_QUANTIZED = (
+    layers.ReLU, layers.Activation, layers.Add, layers.Subtract, layers.Multiply,
+    layers.Average, layers.Maximum, layers.Minimum, layers.Concatenate,
+    layers.AveragePooling1D, layers.AveragePooling2D, layers.GlobalAveragePooling1D,
+    layers.GlobalAveragePooling2D, layers.Softmax, layers.LeakyReLU, layers.PReLU,
+    layers.BatchNormalization, layers.UpSampling1D, layers.UpSampling2D,
+    layers.Rescaling, layers.Normalization,
+)
+
+# Layers that only move or select values: the range of their input carries over,
+# so they need no quantizer of their own (TFLite reuses the input's scale).
+_PASSTHROUGH = (
+    layers.InputLayer, layers.Flatten, layers.Reshape, layers.Dropout,
+    layers.SpatialDropout1D, layers.SpatialDropout2D, layers.GaussianNoise,
+    layers.GaussianDropout, layers.MaxPooling1D, layers.MaxPooling2D,
+    layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D, layers.ZeroPadding1D,
+    layers.ZeroPadding2D, layers.Cropping1D, layers.Cropping2D, layers.Permute,
+    layers.Identity,
+)
+
+# Activations TFLite fuses into the producing op: the producer's output is not
+# quantized separately when one of these is its only consumer.
+_FUSABLE_ACTIVATIONS = ("relu", "relu6")
+
+
+def weight_spec(layer) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+  """(attribute, reduce_axes) for each kernel of a supported weight layer, else ()."""
+  return _WEIGHT_LAYERS.get(type(layer), ())
+
+
+def is_weight_layer(layer) -> bool:
+  """True if keras_mpq quantizes this layer's weights (Dense, Conv*, Depthwise, ...)."""
+  return type(layer) in _WEIGHT_LAYERS
+
+
+def quantizable_layers(model) -> List:
+  """The model's weight layers keras_mpq can quantize, in model order.
+
+  Example:
+
+  >>> from keras_mpq import model_zoo
+  >>> [l.name for l in quantizable_layers(model_zoo.plain_cnn())][:2]
+  ['conv1', 'conv2']
+  """
+  return [layer for layer in model.layers if is_weight_layer(layer)]
+
+
+def layer_role(layer) -> str:
+  """'weights', 'output', 'passthrough' or 'unsupported' (kept float, reported)."""
+  if is_weight_layer(layer):
+    return "weights"
+  if isinstance(layer, _PASSTHROUGH):
+    return "passthrough"
+  if isinstance(layer, _OUTPUT_QUANTIZED):
+    return "output"
+  return "unsupported"
+
+
+def is_fusable_activation(layer) -> bool:
+  """A ReLU/ReLU6 layer (or Activation('relu'/'relu6')) TFLite fuses into its producer."""
+  if isinstance(layer, layers.ReLU):
+    cfg = layer.get_config()
+    return (cfg.get("negative_slope", 0.0) == 0.0 and cfg.get("threshold", 0.0) == 0.0
+            and cfg.get("max_value") in (None, 6.0))
+  if isinstance(layer, layers.Activation):
+    return keras.activations.serialize(layer.activation) in _FUSABLE_ACTIVATIONS
+  return False
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def quantize_array(w: np.ndarray, bits: int, reduce_axes: Sequence[int]):
+  """Per-channel symmetric narrow-range quantization in NumPy.
+
+  Returns ``(dequantized, integers, scales)``; ``scales`` keeps the reduced
+  axes as size 1 so ``integers * scales == dequantized``. ``FLOAT_BITS``
+  returns ``w`` unchanged (integers and scales are None).
+
+  >>> q, i, s = quantize_array(np.array([[0.5, -1.0], [1.0, 0.25]]), 2, (0,))
+  >>> i.tolist()
+  [[1, -1], [1, 0]]
+  """
+  bits = check_weight_bits(bits)
+  w = np.asarray(w, dtype=np.float32)
+  if bits == FLOAT_BITS:
+    return w.copy(), None, None
+  qmax = float(2 ** (bits - 1) - 1)
+  maxabs = np.max(np.abs(w), axis=tuple(reduce_axes), keepdims=True)
+  scales = np.where(maxabs > 0, maxabs / qmax, 1.0).astype(np.float32)
+  ints = np.clip(np.round(w / scales), -qmax, qmax)
+  return (ints * scales).astype(np.float32), ints.astype(np.int32), scales
+
+
+def fake_quant_weights(w, bits, reduce_axes):
+  """TF version of `quantize_array` with a straight-through gradient.
+
+  ``bits`` may be a tensor (the wrapper's bits variable): one graph serves
+  every bit-width; ``bits >= FLOAT_BITS`` returns ``w``.
+  """
+  bits = tf.cast(bits, w.dtype)
+  qmax = tf.pow(tf.constant(2.0, w.dtype), bits - 1.0) - 1.0
+  maxabs = tf.reduce_max(tf.abs(w), axis=list(reduce_axes), keepdims=True)
+  scale = tf.where(maxabs > 0, maxabs / qmax, tf.ones_like(maxabs))
+  q = tf.clip_by_value(tf.round(w / scale), -qmax, qmax) * scale
+  q = tf.where(bits >= float(FLOAT_BITS), w, q)
+  return w + tf.stop_gradient(q - w)
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+class WeightQuantizer(_Quantizer):
+  """Per-channel symmetric weight quantizer whose bit-width is a variable.
+
+  Args:
+    num_bits: initial bit-width (2..8, or FLOAT_BITS for pass-through).
+    reduce_axes: kernel axes reduced to one scale per output channel.
+  """
+
+  def __init__(self, num_bits: int, reduce_axes: Sequence[int]):
+    self.num_bits = check_weight_bits(num_bits, "num_bits")
+    self.reduce_axes = tuple(int(a) for a in reduce_axes)
+
+  def build(self, tensor_shape, name, layer):
+    bits = layer.add_weight(
+        f"{name}_wbits", shape=(), dtype=tf.float32, trainable=False,
+        initializer=keras.initializers.Constant(float(self.num_bits)))
+    return {"bits": bits}
+
+  def __call__(self, inputs, training, weights, **kwargs):
+    return fake_quant_weights(inputs, weights["bits"], self.reduce_axes)
+
+  def get_config(self):
+    return {"num_bits": self.num_bits, "reduce_axes": list(self.reduce_axes)}
+
+  def __eq__(self, other):
+    return isinstance(other, WeightQuantizer) and self.get_config() == other.get_config()
+
+  def __ne__(self, other):
+    return not self.__eq__(other)
+
+
+class ActivationQuantizer(_Quantizer):
+  """Activation fake quantizer: 8-bit asymmetric or 16-bit symmetric.
+
+  Its range lives in ``<name>_amin`` / ``<name>_amax`` variables, set by
+  `keras_mpq.apply.calibrate` and followed by an exponential moving average
+  while training. ``<name>_aon`` (1 or 0) switches it on or off without
+  retracing, so the same model also measures float-activation contexts.
+  """
+
+  def __init__(self, num_bits: int = 8, ema_decay: float = 0.999):
+    self.num_bits = check_activation_bits(num_bits, "num_bits")
+    self.ema_decay = float(ema_decay)
+
+  def build(self, tensor_shape, name, layer):
+    def var(suffix, value):
+      return layer.add_weight(
+          f"{name}_{suffix}", shape=(), dtype=tf.float32, trainable=False,
+          initializer=keras.initializers.Constant(value))
+    return {"min": var("amin", -6.0), "max": var("amax", 6.0), "on": var("aon", 1.0)}
+
+  def __call__(self, inputs, training, weights, **kwargs):
+    amin, amax = weights["min"], weights["max"]
+    if training:
+      decay = self.ema_decay
+      batch_min = tf.reduce_min(inputs)
+      batch_max = tf.reduce_max(inputs)
+      amin.assign(decay * amin + (1.0 - decay) * batch_min)
+      amax.assign(decay * amax + (1.0 - decay) * batch_max)
+    lo, hi = tf.minimum(amin, 0.0), tf.maximum(amax, 0.0)
+    if self.num_bits == 16:
+      bound = tf.maximum(-lo, hi)
+      lo, hi = -bound, bound
+    hi = tf.maximum(hi, lo + 1e-6)
+    quantized = tf.quantization.fake_quant_with_min_max_vars(
+        inputs, lo, hi, num_bits=self.num_bits, narrow_range=self.num_bits == 16)
+    return tf.where(weights["on"] > 0.5, quantized, inputs)
+
+  def get_config(self):
+    return {"num_bits": self.num_bits, "ema_decay": self.ema_decay}
+
+  def __eq__(self, other):
+    return (isinstance(other, ActivationQuantizer)
+            and self.get_config() == other.get_config())
+
+  def __ne__(self, other):
+    return not self.__eq__(other)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+class MixedPrecisionConfig(_QuantizeConfig):
+  """QuantizeConfig of one weight layer: its weight bits, its activation bits.
+
+  Built from immutable data (``get_config`` / ``from_config`` round-trip), one
+  instance per layer; nothing is shared between layers.
+
+  Args:
+    weight_bits: 2..8, or FLOAT_BITS to keep the weights float.
+    activation_bits: 8 or 16, for the layer's output.
+    weight_attrs: ((attribute, reduce_axes), ...) as `weight_spec` gives.
+    quantize_output: False when a fused activation quantizes after this layer.
+  """
+
+  def __init__(self, weight_bits: int, activation_bits: int = 8,
+               weight_attrs=(("kernel", (0, 1, 2)),), quantize_output: bool = True):
+    self.weight_bits = check_weight_bits(weight_bits, "weight_bits")
+    self.activation_bits = check_activation_bits(activation_bits)
+    self.weight_attrs = tuple((str(a), tuple(int(x) for x in axes))
+                              for a, axes in weight_attrs)
+    self.quantize_output = bool(quantize_output)
+
+  def get_weights_and_quantizers(self, layer):
+    return [(getattr(layer, attr), WeightQuantizer(self.weight_bits, axes))
+            for attr, axes in self.weight_attrs]
+
+  def get_activations_and_quantizers(self, layer):
+    return []
+
+  def set_quantize_weights(self, layer, quantize_weights):
+    if len(quantize_weights) != len(self.weight_attrs):
+      raise ValueError(
+          f"Expected {len(self.weight_attrs)} quantized weights for layer "
+          f"{layer.name!r}. Received: {len(quantize_weights)}")
+    for (attr, _), w in zip(self.weight_attrs, quantize_weights):
+      setattr(layer, attr, w)
+
+  def set_quantize_activations(self, layer, quantize_activations):
+    pass
+
+  def get_output_quantizers(self, layer):
+    return [ActivationQuantizer(self.activation_bits)] if self.quantize_output else []
+
+  def get_config(self):
+    return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
+            "weight_attrs": [[a, list(axes)] for a, axes in self.weight_attrs],
+            "quantize_output": self.quantize_output}
+
+  def __eq__(self, other):
+    return (isinstance(other, MixedPrecisionConfig)
+            and self.get_config() == other.get_config())
+
+  def __ne__(self, other):
+    return not self.__eq__(other)
+
+
+class OutputConfig(_QuantizeConfig):
+  """QuantizeConfig that quantizes only a layer's output (Add, ReLU, pooling, ...)."""
+
+  def __init__(self, activation_bits: int = 8):
+    self.activation_bits = check_activation_bits(activation_bits)
+
+  def get_weights_and_quantizers(self, layer):
+    return []
+
+  def get_activations_and_quantizers(self, layer):
+    return []
+
+  def set_quantize_weights(self, layer, quantize_weights):
+    pass
+
+  def set_quantize_activations(self, layer, quantize_activations):
+    pass
+
+  def get_output_quantizers(self, layer):
+    return [ActivationQuantizer(self.activation_bits)]
+
+  def get_config(self):
+    return {"activation_bits": self.activation_bits}
+
+  def __eq__(self, other):
+    return isinstance(other, OutputConfig) and self.get_config() == other.get_config()
+
+  def __ne__(self, other):
+    return not self.__eq__(other)
+
+
+def config_for_layer(layer, weight_bits: Optional[int] = None, activation_bits: int = 8,
+                     quantize_output: bool = True):
+  """The QuantizeConfig keras_mpq uses for ``layer``, or None (left unwrapped).
+
+  Weight layers need ``weight_bits``; output-quantized layers get an
+  `OutputConfig`; pass-through and unsupported layers get None.
+  """
+  role = layer_role(layer)
+  if role == "weights":
+    if weight_bits is None:
+      raise ValueError(f"Layer {layer.name!r} has weights: pass weight_bits.")
+    return MixedPrecisionConfig(weight_bits, activation_bits, weight_spec(layer),
+                                quantize_output)
+  if role == "output" and quantize_output:
+    return OutputConfig(activation_bits)
+  return None
+
+
+CUSTOM_OBJECTS = {
+    "WeightQuantizer": WeightQuantizer,
+    "ActivationQuantizer": ActivationQuantizer,
+    "MixedPrecisionConfig": MixedPrecisionConfig,
+    "OutputConfig": OutputConfig,
+}
+
+
+def quantize_scope():
+  """Scope to load models quantized by keras_mpq (``.h5`` or SavedModel).
+
+  Example:
+
+  >>> import keras_mpq  # doctest: +SKIP
+  >>> with keras_mpq.quantize_scope():  # doctest: +SKIP
+  ...   model = keras.models.load_model("quantized.h5")
+  """
+  return tfmot.quantization.keras.quantize_scope(CUSTOM_OBJECTS)
+
+
+# --------------------------------------------------------------------------- scheme
+
+
+class _PassThroughLayoutTransformer:
+  """keras_mpq folds BatchNorm itself, before annotation: no layout changes here."""
+
+  def apply(self, model, layer_quantize_map):
+    return model, layer_quantize_map
+
+
+class _NoDefaultsRegistry(tfmot.quantization.keras.QuantizeRegistry):
+  """Every layer keras_mpq quantizes is annotated explicitly: no hidden defaults."""
+
+  def get_quantize_config(self, layer):
+    return None
+
+  def supports(self, layer):
+    return False
+
+
+class MixedPrecisionScheme(tfmot.quantization.keras.QuantizeScheme):
+  """tfmot scheme for `quantize_apply`: explicit per-layer configs only."""
+
+  def get_layout_transformer(self):
+    return _PassThroughLayoutTransformer()
+
+  def get_quantize_registry(self):
+    return _NoDefaultsRegistry()
