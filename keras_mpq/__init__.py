@@ -1,4 +1,23 @@
-"""keras_mpq: data-free mixed-precision post-training quantization for Keras -> TFLite."""
+"""keras_mpq: data-free mixed-precision post-training quantization for Keras -> TFLite.
+
+One call runs the whole line (synthesize labeled data from the model,
+measure per-layer sensitivity on the task loss with the other layers
+quantized, allocate bits exactly within a budget, apply through tfmot,
+export TFLite for phones and microcontrollers):
+
+>>> import keras_mpq
+>>> result = keras_mpq.quantize(model, "4bit")          # doctest: +SKIP
+>>> result.plan.weight_bits                             # doctest: +SKIP
+>>> result.export("model.tflite", target="mcu")         # doctest: +SKIP
+>>> keras_mpq.validate_tflite("model.tflite", x, y)     # doctest: +SKIP
+
+Each stage is a public function too: `synthesize`, `measure_sensitivity`,
+`search`, `allocate`, `pareto_front`, `cost_table`, `apply_plan`,
+`export_tflite`, `validate_tflite`, `inspect_tflite`. Names are imported
+lazily so ``import keras_mpq`` does not load TensorFlow until needed.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -6,3 +25,37 @@ from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasib
                              BudgetKind, CostTable, InvalidInputError, KerasMpqError,
                              LayerCost, MissingDependencyError, QuantizationPlan,
                              SensitivityTable, UnsupportedModelError)
+
+# public name -> module that defines it
+_LAZY = {
+    "quantize": "api", "QuantizationResult": "api",
+    "synthesize": "synthesis",
+    "measure_sensitivity": "sensitivity", "search": "sensitivity",
+    "allocate": "allocation", "pareto_front": "allocation",
+    "cost_table": "costs", "layer_costs": "costs",
+    "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
+    "quantize_scope": "quantizers",
+    "export_tflite": "export",
+    "validate_tflite": "validate",
+    "inspect_tflite": "tflite_inspect",
+    "load_model": "model_io",
+}
+
+__all__ = sorted(list(_LAZY) + [
+    "ACTIVATION_BITS", "FLOAT_BITS", "Budget", "BudgetInfeasibleError", "BudgetKind",
+    "CostTable", "InvalidInputError", "KerasMpqError", "LayerCost",
+    "MissingDependencyError", "QuantizationPlan", "SensitivityTable",
+    "UnsupportedModelError"])
+
+
+def __getattr__(name):
+  module = _LAZY.get(name)
+  if module is None:
+    raise AttributeError(f"module 'keras_mpq' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"keras_mpq.{module}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return __all__

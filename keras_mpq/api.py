@@ -1,0 +1,277 @@
+"""`quantize`: the whole keras_mpq pipeline in one call, returning an immutable result.
+
+    model -> synthesize -> sensitivity -> allocate -> apply -> (export -> validate)
+
+Each stage is also a public function of its own module; this facade only
+wires them together, times them, and caches the expensive ones so a killed
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keras_mpq import apply as apply_lib
+from keras_mpq import fileio
+from keras_mpq.compat import keras, set_global_seed
+from keras_mpq.types import (Budget, CostTable, FLOAT_BITS, InvalidInputError,
+                             QuantizationPlan, SensitivityTable, check_activation_bits,
+                             check_weight_bits, to_jsonable)
+
+TARGETS = ("mobile", "mcu", "ethos-u")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationResult:
+  """What `quantize` returns. Frozen; ``save`` and ``export`` write files.
+
+  Attributes:
+    model: the quantized tf_keras model (tfmot wrappers, calibrated); usable
+      with ``evaluate``, ``fit`` and the callbacks in `keras_mpq.callbacks`.
+    plan: the chosen bits per layer (`QuantizationPlan`).
+    sensitivity: the last measured `SensitivityTable`.
+    report: budget, achieved costs, per-layer table, search rounds, timings.
+    float_model: the float model after BatchNorm folding (what was measured).
+    calibration_data: the inputs used for calibration (synthetic or given).
+    costs: the per-layer `CostTable` the budget was checked against.
+  """
+
+  model: Any
+  plan: QuantizationPlan
+  sensitivity: SensitivityTable
+  report: Mapping[str, Any]
+  float_model: Any
+  calibration_data: np.ndarray
+  costs: CostTable
+
+  def export(self, path, target: str = "mobile", **kwargs):
+    """Writes a TFLite flatbuffer for ``target`` ('mobile', 'mcu', 'ethos-u').
+
+    Returns the exporter's `ExportResult` (size, per-layer storage, notes).
+
+    >>> result.export("model.tflite", target="mcu")  # doctest: +SKIP
+    """
+    from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
+    plan = apply_lib.current_plan(self.model, **dict(self.plan.info))
+    return export_lib.export_tflite(apply_lib.bake(self.model), path, plan,
+                                    target=target,
+                                    calibration_data=self.calibration_data, **kwargs)
+
+  def save(self, directory, plots: bool = True) -> Dict[str, str]:
+    """Writes plan.json, sensitivity.json, report.json and PNG plots into ``directory``."""
+    from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
+    directory = fileio.ensure_dir(directory)
+    files = {"plan": directory / "plan.json", "sensitivity": directory / "sensitivity.json",
+             "report": directory / "report.json"}
+    fileio.write_text(files["plan"], self.plan.to_json())
+    fileio.write_text(files["sensitivity"], self.sensitivity.to_json())
+    fileio.write_json(files["report"], self.report)
+    if plots:
+      files.update(report_lib.write_plots(self, directory))
+    return {k: str(v) for k, v in files.items()}
+
+
+def _parse_data(model, data) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  if isinstance(data, (tuple, list)) and len(data) == 2:
+    x, y = data
+  else:
+    x, y = data, None
+  x = apply_lib.check_data(model, x, "data")
+  if y is not None:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:  # one-hot
+      y = y.argmax(axis=1)
+    y = y.reshape(-1)
+    if len(y) != len(x):
+      raise InvalidInputError(
+          f"Expected as many labels as inputs. Received: {len(x)} inputs, {len(y)} labels")
+    if not np.issubdtype(y.dtype, np.integer):
+      if not np.all(np.equal(np.mod(y, 1), 0)):
+        raise InvalidInputError("Expected integer class labels in data=(x, y).")
+    y = y.astype(np.int64)
+  return x, y
+
+
+def _cache_key(model, settings: Mapping[str, Any], data_x=None) -> str:
+  from keras_mpq import model_io  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  h.update(model_io.fingerprint(model).encode())
+  h.update(json.dumps(to_jsonable(settings), sort_keys=True).encode())
+  if data_x is not None:
+    h.update(np.ascontiguousarray(data_x).tobytes())
+  return h.hexdigest()[:16]
+
+
+def quantize(model, budget, data=None, target: str = "mobile",
+             weight_bits: Sequence[int] = (2, 4, 8), activation_bits: int = 8,
+             metric: str = "task_interaction", synthesis: str = "labeled",
+             num_samples: int = 256, rounds: int = 3,
+             pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
+             cache_dir=None, progress: Optional[bool] = None) -> QuantizationResult:
+  """Quantizes ``model`` to mixed precision within ``budget``, without training data.
+
+  Args:
+    model: a tf_keras model, a Keras 3 model, or a path to ``.keras``, ``.h5``
+      or a SavedModel directory.
+    budget: a `Budget`, a size such as ``"48KB"``, an average weight
+      bit-width such as ``"4bit"``, BOPs such as ``"2e8bops"``.
+    data: None to synthesize labeled data from the model itself (data-free);
+      or real inputs ``x`` or ``(x, y)`` (unlabeled inputs are labeled by the
+      float model).
+    target: 'mobile', 'mcu' or 'ethos-u' (what `QuantizationResult.export`
+      writes by default; recorded in the report).
+    weight_bits: candidate weight bit-widths per layer (2..8).
+    activation_bits: 8 or 16.
+    metric: sensitivity metric (see `keras_mpq.sensitivity`).
+    synthesis: 'labeled' (the paper's), 'zeroq' or 'noise' when data is None.
+    num_samples: synthetic samples to generate.
+    rounds: refinement rounds of the task-interaction search.
+    pinned: layers fixed to given bits, e.g. ``{"conv1": 8}``.
+    seed: makes the whole run repeatable.
+    cache_dir: where to cache synthetic data and sensitivity so a killed run
+      resumes (None: no cache).
+    progress: progress bars (None: only when stderr is a terminal).
+
+  Returns:
+    A `QuantizationResult`.
+
+  Example:
+
+  >>> import keras_mpq
+  >>> result = keras_mpq.quantize(model, "4bit", seed=0)  # doctest: +SKIP
+  >>> result.plan.weight_bits  # doctest: +SKIP
+  {'conv1': 8, 'conv2': 4, 'conv3': 4, 'fc1': 2, 'logits': 8}
+  >>> result.export("model.tflite", target="mcu")  # doctest: +SKIP
+  """
+  from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_io, sensitivity as sens_lib, synthesis as synth_lib  # pylint: disable=g-import-not-at-top
+
+  timings: Dict[str, float] = {}
+  clock = time.perf_counter()
+
+  def lap(stage):
+    nonlocal clock
+    now = time.perf_counter()
+    timings[stage] = round(now - clock, 3)
+    clock = now
+
+  if target not in TARGETS:
+    raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
+  bits = tuple(sorted({check_weight_bits(b, "weight_bits") for b in weight_bits}))
+  if FLOAT_BITS in bits:
+    raise InvalidInputError("weight_bits are candidate integer bit-widths (2..8).")
+  activation_bits = check_activation_bits(activation_bits)
+  budget = Budget.parse(budget)
+  set_global_seed(seed)
+
+  model = model_io.load_model(model)
+  model_io.check_model(model)
+  folded = apply_lib.fold_batchnorm(model)
+  lap("load")
+
+  settings = {"bits": bits, "activation_bits": activation_bits, "metric": metric,
+              "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
+              "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict()}
+  cache = fileio.ensure_dir(cache_dir) if cache_dir is not None else None
+
+  # 1. Calibration data: synthesized from the model, or the user's.
+  data_info: Dict[str, Any]
+  if data is None:
+    key = _cache_key(model, {k: settings[k] for k in ("synthesis", "num_samples", "seed")})
+    cached = cache / f"synthetic-{key}.npz" if cache else None
+    if cached is not None and cached.exists():
+      with np.load(cached) as z:
+        x, y = z["x"], z["y"]
+      data_info = {"source": "synthetic", "method": synthesis, "cached": str(cached)}
+    else:
+      x, y = synth_lib.synthesize(model, num_samples=num_samples, method=synthesis,
+                                  seed=seed, progress=progress)
+      data_info = {"source": "synthetic", "method": synthesis}
+      if cached is not None:
+        with fileio.atomic_path(cached) as tmp:
+          with open(tmp, "wb") as f:
+            np.savez(f, x=x, y=y)
+  else:
+    x, y = _parse_data(model, data)
+    data_info = {"source": "user", "labeled": y is not None}
+    if y is None:
+      y = np.argmax(model.predict(x, verbose=0, batch_size=256), axis=-1).astype(np.int64)
+  data_info["num_samples"] = int(len(x))
+  lap("synthesis")
+
+  # 2-3. Sensitivity and allocation (the iterative task-interaction search).
+  cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
+  search_key = _cache_key(model, settings, x)
+  cached_search = cache / f"search-{search_key}.json" if cache else None
+  if cached_search is not None and cached_search.exists():
+    saved = json.loads(cached_search.read_text())
+    plan = QuantizationPlan.from_dict(saved["plan"])
+    table = SensitivityTable.from_dict(saved["sensitivity"])
+    rounds_info = saved["rounds"]
+  else:
+    found = sens_lib.search(folded, (x, y), budget, weight_bits=bits, rounds=rounds,
+                            metric=metric, pinned=pinned, costs=cost_table, seed=seed,
+                            activation_bits=activation_bits, progress=progress)
+    plan, table, rounds_info = found.plan, found.sensitivity, list(found.rounds)
+    if cached_search is not None:
+      fileio.write_json(cached_search, {"plan": plan.to_dict(),
+                                        "sensitivity": table.to_dict(),
+                                        "rounds": rounds_info})
+  lap("sensitivity+allocation")
+
+  # 4. Apply through tfmot and calibrate.
+  plan = QuantizationPlan(plan.weight_bits,
+                          {n: activation_bits for n in plan.weight_bits},
+                          activation_bits, plan.info)
+  qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False)
+  lap("apply")
+
+  report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
+                        data_info, rounds_info, timings, settings)
+  return QuantizationResult(qmodel, plan, table, report, folded, x, cost_table)
+
+
+def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_info,
+                 rounds_info, timings, settings) -> Dict[str, Any]:
+  """The JSON-able report of a run: what was asked, what was chosen, what it costs."""
+  by_name = {c.name: c for c in cost_table.layer_costs}
+  rows = []
+  for row in apply_lib.layer_report(qmodel):
+    name = row["layer"]
+    cost = by_name.get(name)
+    b = plan.weight_bits.get(name)
+    rows.append({
+        **row,
+        "params": cost.n_params if cost else None,
+        "macs": cost.macs if cost else None,
+        "weight_bytes": cost.weight_bytes(b) if cost and b is not None else None,
+        "sensitivity": (table.score(name, b) if name in table.layers and b in table.bits
+                        else None),
+    })
+  achieved = {kind: cost_table.plan_cost(plan, kind) for kind in cost_table.table}
+  total_params = sum(c.n_params for c in cost_table.layer_costs)
+  float_bytes = sum(c.weight_bytes(FLOAT_BITS) for c in cost_table.layer_costs)
+  return {
+      "budget": {**budget.to_dict(), "text": budget.describe()},
+      "achieved": achieved,
+      "within_budget": achieved[budget.kind.value] <= budget.value * (1 + 1e-9),
+      "float_weight_bytes": float_bytes,
+      "total_params": total_params,
+      "predicted_loss_increase": table.predicted(plan),
+      "target": target,
+      "data": data_info,
+      "metric": table.metric,
+      "search_rounds": rounds_info,
+      "layers": rows,
+      "unsupported_layers": apply_lib.unsupported_layers(folded),
+      "timings_s": dict(timings),
+      "settings": settings,
+  }

@@ -1,0 +1,149 @@
+"""Tables and plots of a run: the summary a person reads, the PNGs they look at.
+
+Example:
+
+>>> print(summary_table(result.report))  # doctest: +SKIP
+layer   type     params  bits  act  bytes   sensitivity
+conv1   Conv2D      144     8    8   ...
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from keras_mpq import fileio
+from keras_mpq.types import FLOAT_BITS, SensitivityTable
+
+
+def _fmt(v, digits=4) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.{digits}g}"
+  return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                 headers: Optional[Sequence[str]] = None) -> str:
+  """Plain-text table with aligned columns."""
+  headers = list(headers or columns)
+  cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+  widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+  lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+  lines.append("  ".join("-" * w for w in widths))
+  for row in cells:
+    lines.append("  ".join(c.rjust(w) if c.replace(".", "").replace("-", "").isdigit()
+                           else c.ljust(w) for c, w in zip(row, widths)))
+  return "\n".join(lines)
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+  """The per-layer table and the totals of a `quantize` report."""
+  rows = [r for r in report["layers"] if r["role"] == "weights"]
+  table = format_table(
+      rows, ["layer", "type", "params", "weight_bits", "activation_bits",
+             "weight_bytes", "sensitivity"],
+      ["layer", "type", "params", "w_bits", "a_bits", "bytes", "sensitivity"])
+  achieved = report["achieved"]
+  budget = report["budget"]
+  lines = [table, ""]
+  lines.append(f"budget {budget['text']}: achieved "
+               + ", ".join(f"{k}={_fmt(v)}" for k, v in achieved.items())
+               + ("  (within budget)" if report["within_budget"] else "  (OVER BUDGET)"))
+  lines.append(f"float weights {report['float_weight_bytes']:.0f} B -> "
+               f"{achieved.get('bytes', float('nan')):.0f} B predicted "
+               f"({report['float_weight_bytes'] / max(achieved.get('bytes', 1), 1):.1f}x smaller)")
+  if report.get("unsupported_layers"):
+    lines.append("left float (no quantizer supports them): "
+                 + ", ".join(report["unsupported_layers"]))
+  rounds = report.get("search_rounds") or []
+  if rounds:
+    lines.append("search rounds: " + "; ".join(
+        f"#{r.get('round')}: measured loss {_fmt(r.get('measured_loss'))}"
+        for r in rounds))
+  lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}"
+                                          for k, v in report["timings_s"].items()))
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(fig, path) -> str:
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+  _pyplot().close(fig)
+  return str(path)
+
+
+def plot_sensitivity(table: SensitivityTable, path) -> str:
+  """Grouped bars: each layer's score at each candidate bit-width (PNG)."""
+  plt = _pyplot()
+  n, k = len(table.layers), len(table.bits)
+  fig, ax = plt.subplots(figsize=(max(6, 0.5 * n * k / 2 + 3), 4))
+  width = 0.8 / k
+  xs = np.arange(n)
+  for j, b in enumerate(table.bits):
+    ax.bar(xs + j * width, table.scores[:, j], width, label=f"{b}-bit")
+  ax.set_xticks(xs + 0.4 - width / 2)
+  ax.set_xticklabels(table.layers, rotation=60, ha="right", fontsize=8)
+  ax.set_ylabel(f"sensitivity ({table.metric})")
+  ax.set_title("Per-layer sensitivity")
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_bits(report: Mapping[str, Any], path) -> str:
+  """Chosen weight bits per layer, bar width-coded by parameter share (PNG)."""
+  plt = _pyplot()
+  rows = [r for r in report["layers"] if r["role"] == "weights"]
+  names = [r["layer"] for r in rows]
+  bits = [min(r["weight_bits"], 16) for r in rows]
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 3.5))
+  ax.bar(range(len(rows)), bits, color=["#c44" if b <= 2 else "#e90" if b <= 4 else "#38c"
+                                       for b in bits])
+  ax.set_xticks(range(len(rows)))
+  ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+  ax.set_ylabel("weight bits")
+  ax.set_title(f"Chosen bits (budget {report['budget']['text']})")
+  return _save(fig, path)
+
+
+def plot_pareto(front: Sequence[Any], path, chosen: Optional[tuple] = None,
+                kind: str = "bytes") -> str:
+  """Predicted loss versus cost along the budget range, the chosen plan marked (PNG)."""
+  plt = _pyplot()
+  costs = [p.cost if hasattr(p, "cost") else p[0] for p in front]
+  losses = [p.predicted_loss if hasattr(p, "predicted_loss") else p[1] for p in front]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(costs, losses, "o-", label="Pareto front")
+  if chosen is not None:
+    ax.plot([chosen[0]], [chosen[1]], "r*", markersize=14, label="chosen plan")
+  ax.set_xlabel(kind)
+  ax.set_ylabel("predicted loss increase")
+  ax.set_title("Cost versus predicted loss")
+  ax.legend()
+  return _save(fig, path)
+
+
+def write_plots(result, directory) -> Dict[str, str]:
+  """sensitivity.png, bits.png and pareto.png for a `QuantizationResult`."""
+  from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(directory)
+  files = {"sensitivity_png": plot_sensitivity(result.sensitivity,
+                                               directory / "sensitivity.png"),
+           "bits_png": plot_bits(result.report, directory / "bits.png")}
+  kind = result.report["budget"]["kind"]
+  if not result.costs.has(kind):
+    kind = "bytes"
+  front = allocation.pareto_front(result.sensitivity, result.costs, kind=kind, points=20)
+  chosen = (result.costs.plan_cost(result.plan, kind), result.sensitivity.predicted(result.plan))
+  files["pareto_png"] = plot_pareto(front, directory / "pareto.png", chosen, kind)
+  return files
