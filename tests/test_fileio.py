@@ -16,6 +16,13 @@ def test_write_json_and_text(tmp_path):
   assert (tmp_path / "t.txt").read_text() == "hello"
 
 
+def test_written_files_get_the_usual_mode(tmp_path):
+  fileio.write_text(tmp_path / "r.md", "x")
+  mask = os.umask(0)
+  os.umask(mask)
+  assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_failed_write_keeps_previous_file(tmp_path):
   target = tmp_path / "model.tflite"
   fileio.write_bytes(target, b"old contents")

@@ -1,0 +1,626 @@
+"""TFLite export for phones ('mobile'), microcontrollers ('mcu') and Arm Ethos-U NPUs.
+
+The float tf_keras model (BatchNorm folded) is first snapped to the plan's
+grid (per-output-channel symmetric, narrow range, scale = max|w| / (2^(b-1)-1),
+the grid `keras_mpq.quantizers` uses; idempotent for weights already on it),
+converted to a float flatbuffer with ``tf.lite.TFLiteConverter``, then
+quantized by ai-edge-quantizer with one recipe rule per Keras layer (matched
+through the op's output tensor name, which carries the layer's name scope).
+ai-edge-quantizer's max-abs symmetric channelwise weight quantization computes
+scale = max|w| / (2^(n-1)-1) too, so it re-derives the same integers.
+
+How each planned bit-width is stored depends on what the target's runtime
+runs (``CAPABILITIES``, checked against ``export/targets_probe.json``):
+
+* 4 bits: packed INT4 where the runtime runs it for that operator, else INT8
+  holding 15 levels.
+* 2 and 3 bits: an INT4 container holding 3 or 7 levels where allowed, else
+  INT8 holding them. The 2-bit grid nests exactly in INT4's (levels -7, 0, 7);
+  3-bit weights are quantized at 3 bits (INT8, levels -3..3) and then
+  repacked into INT4 with TFLite Micro's model editor, keeping the exact grid.
+* 5..7 bits: INT8 holding 2^b-1 levels. 8 bits: INT8. 32: float (mobile only;
+  full-integer targets store such a layer as INT8 and say so).
+
+Example:
+
+>>> from keras_mpq import export_tflite, QuantizationPlan
+>>> plan = QuantizationPlan({"conv1": 4, "fc1": 8})          # doctest: +SKIP
+>>> result = export_tflite(model, "m.tflite", plan, target="mobile",
+...                        calibration_data=x)               # doctest: +SKIP
+>>> print(result.table())                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keras_mpq import fileio
+from keras_mpq import quantizers
+from keras_mpq import tflite_inspect
+from keras_mpq.compat import keras, tf
+from keras_mpq.types import (FLOAT_BITS, InvalidInputError, KerasMpqError,
+                             MissingDependencyError, QuantizationPlan,
+                             UnsupportedModelError, to_jsonable)
+
+TARGETS = ("mobile", "mcu", "ethos-u")
+RUNTIME_OF_TARGET = {"mobile": "litert", "mcu": "tflm", "ethos-u": "vela"}
+DEFAULT_VELA_ACCELERATOR = "ethos-u55-128"
+
+# Per runtime, operator and weight container: the activation bit-widths that
+# runtime runs, as measured by export/probe_targets.py on this stack
+# (tensorflow 2.21, ai-edge-quantizer 0.10, ai-edge-litert 2.3, tflite-micro
+# 0.dev20261023). tests/test_export.py checks this table against
+# export/targets_probe.json. INT8 weights are the fallback for every layer.
+CAPABILITIES: Dict[str, Dict[str, Dict[str, Tuple[int, ...]]]] = {
+    # LiteRT runs packed INT4 conv and fully connected with int8 or int16
+    # activations; INT4 depthwise with int16 activations runs but computes
+    # wrong outputs (relative error ~1.0), so only int8 there.
+    "litert": {
+        "CONV_2D": {"int4": (8, 16), "int8": (8, 16)},
+        "DEPTHWISE_CONV_2D": {"int4": (8,), "int8": (8, 16)},
+        "FULLY_CONNECTED": {"int4": (8, 16), "int8": (8, 16)},
+    },
+    # TFLite Micro: INT4 conv and depthwise with int8 activations; INT4
+    # fully connected fails to prepare (fully_connected_common.cc:98).
+    "tflm": {
+        "CONV_2D": {"int4": (8,), "int8": (8, 16)},
+        "DEPTHWISE_CONV_2D": {"int4": (8,), "int8": (8, 16)},
+        "FULLY_CONNECTED": {"int4": (), "int8": (8, 16)},
+    },
+    # Vela 5.2 (ethos-u55-128) crashes (SIGFPE, exit -8) on any INT4 tensor.
+    "vela": {
+        "CONV_2D": {"int4": (), "int8": (8, 16)},
+        "DEPTHWISE_CONV_2D": {"int4": (), "int8": (8, 16)},
+        "FULLY_CONNECTED": {"int4": (), "int8": (8, 16)},
+    },
+}
+
+
+def supported(target: str, op: str, container: str, activation_bits: int) -> bool:
+  """True if ``target``'s runtime runs ``op`` with ``container`` weights at these activation bits.
+
+  >>> supported("mcu", "FULLY_CONNECTED", "int4", 8)
+  False
+  """
+  table = CAPABILITIES[RUNTIME_OF_TARGET[target]]
+  return activation_bits in table.get(op, {}).get(container, ())
+
+
+# --------------------------------------------------------------------------- result types
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerExport:
+  """How one Keras layer was stored in the exported file.
+
+  ``storage`` is one of 'int4 packed', 'int4 holding N levels', 'int8',
+  'int8 holding N levels', 'float32'. ``levels`` is the number of distinct
+  stored values counted in the file; ``bytes`` the weight tensor's bytes.
+  """
+
+  layer: str
+  op: str
+  planned_bits: int
+  activation_bits: int
+  storage: str
+  stored_type: str
+  levels: Optional[int]
+  bytes: int
+  note: str = ""
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  """What `export_tflite` wrote.
+
+  Attributes:
+    path: the .tflite file (for 'ethos-u', Vela's compiled ``*_vela.tflite``).
+    target: 'mobile', 'mcu' or 'ethos-u'.
+    size: file size in bytes.
+    layers: one `LayerExport` per planned layer, read back from the file.
+    notes: fallbacks and decisions, in words.
+    vela: for 'ethos-u', Vela's summary (NPU op share, SRAM/flash bytes,
+      cycle estimate, ...); else None.
+    mcu_path: for 'ethos-u', the TFLite Micro file Vela compiled; else None.
+  """
+
+  path: str
+  target: str
+  size: int
+  layers: Tuple[LayerExport, ...]
+  notes: Tuple[str, ...] = ()
+  vela: Optional[Mapping[str, Any]] = None
+  mcu_path: Optional[str] = None
+
+  def to_dict(self) -> Dict[str, Any]:
+    return to_jsonable({"path": self.path, "target": self.target, "size": self.size,
+                        "layers": [l.to_dict() for l in self.layers],
+                        "notes": list(self.notes), "vela": self.vela,
+                        "mcu_path": self.mcu_path})
+
+  def table(self) -> str:
+    """A text table of the per-layer storage."""
+    head = f"{'layer':<16} {'op':<18} {'plan':>4} {'act':>4} {'storage':<22} {'bytes':>7}  note"
+    lines = [head, "-" * len(head)]
+    for l in self.layers:
+      plan = "f32" if l.planned_bits == FLOAT_BITS else str(l.planned_bits)
+      lines.append(f"{l.layer:<16} {l.op:<18} {plan:>4} {l.activation_bits:>4} "
+                   f"{l.storage:<22} {l.bytes:>7}  {l.note}")
+    lines.append(f"file: {self.path} ({self.size} bytes, target {self.target})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_args(model, plan, target, calibration_data):
+  if target not in TARGETS:
+    raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
+  if not isinstance(model, keras.Model):
+    raise InvalidInputError(
+        "Expected a tf_keras Model (float, BatchNorm folded). Received: "
+        f"model of type {type(model).__name__}. Load Keras 3 models with "
+        "keras_mpq.load_model first.")
+  if not isinstance(plan, QuantizationPlan):
+    raise InvalidInputError(
+        f"Expected a QuantizationPlan. Received: plan of type {type(plan).__name__}")
+  names = {l.name for l in model.layers}
+  missing = sorted(set(plan.layers) - names)
+  if missing:
+    raise InvalidInputError(
+        f"Expected every planned layer in the model. Received: plan layers {missing} "
+        f"that the model does not have; model layers: {sorted(names)}")
+  if len(model.inputs) != 1:
+    raise UnsupportedModelError(
+        f"Expected a model with one input. Received: {len(model.inputs)} inputs.")
+  if calibration_data is None:
+    raise InvalidInputError(
+        "Expected calibration_data (a few hundred typical inputs) to set the "
+        "activation ranges. Received: calibration_data=None")
+  x = np.asarray(calibration_data)
+  want = tuple(model.inputs[0].shape[1:])
+  if x.ndim != len(want) + 1 or any(w is not None and w != s for w, s in zip(want, x.shape[1:])):
+    raise InvalidInputError(
+        f"Expected calibration_data of shape (n, {', '.join(map(str, want))}). "
+        f"Received: shape {x.shape}")
+  if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+    raise InvalidInputError(
+        "Expected finite numeric calibration_data. Received: dtype "
+        f"{x.dtype} with non-finite or non-numeric values")
+  if len(x) == 0:
+    raise InvalidInputError("Expected at least one calibration sample. Received: 0")
+  return x.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def snap_to_plan(model, plan: QuantizationPlan):
+  """A copy of ``model`` whose planned kernels sit exactly on their bit grid.
+
+  Idempotent: weights already on the grid come back unchanged.
+  """
+  clone = keras.models.clone_model(model)
+  clone.set_weights(model.get_weights())
+  for layer in clone.layers:
+    bits = plan.weight_bits.get(layer.name)
+    if bits is None or bits == FLOAT_BITS:
+      continue
+    for attr, axes in quantizers.weight_spec(layer):
+      var = getattr(layer, attr)
+      var.assign(quantizers.quantize_array(var.numpy(), bits, axes)[0])
+  return clone
+
+
+def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
+  """Converts a tf_keras model to a float TFLite flatbuffer (batch fixed if given)."""
+  shape = [batch_size] + list(model.inputs[0].shape[1:])
+  spec = tf.TensorSpec(shape, tf.float32, name=model.inputs[0].name.split(":")[0])
+  fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
+  try:
+    with _quiet():
+      return bytes(converter.convert())
+  except Exception as e:  # converter errors are long C++ dumps
+    raise UnsupportedModelError(
+        f"TFLiteConverter could not convert model {model.name!r}: "
+        f"{str(e).strip().splitlines()[-1][:300]}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Silences absl/TF logging (ai-edge-quantizer prints sizes at INFO level)."""
+  logger = logging.getLogger()
+  old = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    old_absl = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:  # pragma: no cover
+    absl_logging = None
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    logger.setLevel(old)
+    if absl_logging is not None:
+      absl_logging.set_verbosity(old_absl)
+
+
+def _op_config(weight_bits: int, activation_bits: int, skip_checks: bool) -> Dict[str, Any]:
+  return {
+      "activation_tensor_config": {
+          "num_bits": activation_bits, "symmetric": activation_bits == 16,
+          "granularity": "TENSORWISE", "dtype": "INT"},
+      "weight_tensor_config": {
+          "num_bits": weight_bits, "symmetric": True,
+          "granularity": "CHANNELWISE", "dtype": "INT"},
+      "compute_precision": "INTEGER", "explicit_dequantize": False,
+      "skip_checks": skip_checks, "min_weight_elements": 0,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+  layer: str
+  op: str
+  output_name: str
+  planned_bits: int
+  activation_bits: int
+  container: str  # 'int4', 'int8' or 'float'
+  request_bits: int  # num_bits given to ai-edge-quantizer
+  repack_int4: bool
+  note: str
+
+
+def decide(layer: str, op: str, bits: int, act: int, target: str,
+           output_name: str = "") -> _Decision:
+  """How one layer's weights will be stored on ``target`` (see module docstring).
+
+  >>> decide("fc", "FULLY_CONNECTED", 4, 8, "mcu").container
+  'int8'
+  >>> decide("conv", "CONV_2D", 2, 8, "mcu").request_bits
+  4
+  """
+  notes = []
+  full_integer = target != "mobile"
+  if bits == FLOAT_BITS and not full_integer:
+    return _Decision(layer, op, output_name, bits, act, "float", 32, False, "")
+  if bits == FLOAT_BITS:
+    notes.append("planned float; full-integer target stores it as int8")
+    bits = 8
+  if not supported(target, op, "int8", act):
+    notes.append(f"{op} with int{act} activations does not run on "
+                 f"{RUNTIME_OF_TARGET[target]}; activations int8")
+    act = 8
+  if bits <= 4 and supported(target, op, "int4", act):
+    request = {2: 4, 3: 3, 4: 4}[bits]
+    return _Decision(layer, op, output_name, bits if not notes else bits, act, "int4",
+                     request, bits == 3, "; ".join(notes))
+  if bits <= 4:
+    notes.append(f"packed int4 {op} does not run on {RUNTIME_OF_TARGET[target]}"
+                 f"{' with int16 activations' if act == 16 else ''}; int8 holds the levels")
+  # 2 bits nest exactly in the 3-bit grid; 4 bits would come out as INT4, so
+  # they take the int8 grid (15 levels, within max|w|/254 of the 4-bit grid).
+  request = {2: 3, 4: 8}.get(bits, bits)
+  if bits == 4:
+    notes.append("int8 grid holding 15 levels (within max|w|/254 of the 4-bit grid)")
+  return _Decision(layer, op, output_name, bits, act, "int8", request, False,
+                   "; ".join(notes))
+
+
+def build_recipe(decisions: Sequence[_Decision], target: str) -> List[Dict[str, Any]]:
+  """ai-edge-quantizer recipe: int8 everywhere, then one rule per planned layer.
+
+  Rules match the op's scope, which ai-edge-quantizer builds from the output
+  tensor names joined by ';' plus a trailing ';'.
+  """
+  recipe = [{"regex": ".*", "operation": "*",
+             "algorithm_key": "min_max_uniform_quantize",
+             "op_config": _op_config(8, 8, False)}]
+  for d in decisions:
+    regex = "^" + re.escape(d.output_name) + ";$"
+    if d.container == "float":
+      recipe.append({"regex": regex, "operation": "*", "algorithm_key": "no_quantize"})
+      continue
+    skip = d.request_bits not in (4, 8) or d.op == "DEPTHWISE_CONV_2D"
+    recipe.append({"regex": regex, "operation": d.op,
+                   "algorithm_key": "min_max_uniform_quantize",
+                   "op_config": _op_config(d.request_bits, d.activation_bits, skip)})
+  return recipe
+
+
+def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
+                         max_samples: int = 256, seed: int = 0,
+                         calibration_model: Optional[bytes] = None) -> bytes:
+  """Calibrates and quantizes a float flatbuffer with ai-edge-quantizer.
+
+  Activation ranges are the min/max over the calibration samples (as on the
+  Keras side), not ai-edge-quantizer's default moving average: the samples go
+  through a dynamic-batch float model (``calibration_model``, else
+  ``float_bytes``) in one batch, and the ranges found, keyed by tensor name,
+  quantize ``float_bytes`` (which may have batch 1).
+  """
+  try:
+    from ai_edge_quantizer import quantizer as aeq  # pylint: disable=g-import-not-at-top
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise MissingDependencyError(
+        "Expected ai-edge-quantizer and ai-edge-litert for TFLite export. "
+        "Install them with: pip install 'ai-edge-quantizer==0.10.*' 'ai-edge-litert==2.3.*'"
+    ) from None
+  calib_bytes = calibration_model or float_bytes
+  interp = Interpreter(model_content=calib_bytes)
+  sigs = interp.get_signature_list()
+  key = next(iter(sigs))
+  input_name = sigs[key]["inputs"][0]
+  dynamic = int(interp.get_input_details()[0].get("shape_signature", [1])[0]) == -1
+  rng = np.random.default_rng(seed)
+  x = calibration_data
+  if len(x) > max_samples:
+    x = x[np.sort(rng.choice(len(x), max_samples, replace=False))]
+  step = len(x) if dynamic else 1
+  samples = [{input_name: x[i:i + step]} for i in range(0, len(x), step)]
+  with _quiet():
+    calibrator = aeq.Quantizer(bytearray(calib_bytes), recipe)
+    calib = (calibrator.calibrate({key: samples}, num_threads=1)
+             if calibrator.need_calibration else None)
+    q = aeq.Quantizer(bytearray(float_bytes), recipe)
+    result = q.quantize(calib)
+  return bytes(result.quantized_model)
+
+
+def repack_int4(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
+  """Rewrites INT8 weight tensors whose values fit in 4 bits as packed INT4.
+
+  Uses TFLite Micro's model editor to read and rebuild the flatbuffer and
+  ai-edge-quantizer's nibble packing; scales and zero points are unchanged.
+  """
+  from tflite_micro.tensorflow.lite.micro.compression import model_editor  # pylint: disable=g-import-not-at-top
+  from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  from ai_edge_quantizer.transformations import transformation_utils  # pylint: disable=g-import-not-at-top
+  wanted = set(tensor_names)
+  model = model_editor.read(model_bytes)
+  done = set()
+  for sg in model.subgraphs:
+    for tensor in sg.tensors:
+      if tensor.name in wanted and tensor.dtype == schema.TensorType.INT8:
+        values = tensor.array
+        if values is None or np.abs(values.astype(np.int32)).max() > 7:
+          continue
+        packed = transformation_utils.pack_data(4, values.reshape(-1).view(np.uint8))
+        tensor.buffer.data = np.asarray(packed, np.uint8).tobytes()
+        tensor.dtype = schema.TensorType.INT4
+        done.add(tensor.name)
+  if not done:
+    return model_bytes
+  return bytes(model.build())
+
+
+# --------------------------------------------------------------------------- main
+
+
+def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
+                  calibration_data=None, *, accelerator: str = DEFAULT_VELA_ACCELERATOR,
+                  max_calibration_samples: int = 256, seed: int = 0,
+                  vela_options: Sequence[str] = ()) -> ExportResult:
+  """Writes ``model`` quantized as ``plan`` to a .tflite file for ``target``.
+
+  Args:
+    model: float tf_keras model, BatchNorm folded (weights may already sit on
+      the plan's grid).
+    path: output file; written atomically. For 'ethos-u' the Vela-compiled
+      file goes here and the TFLite Micro input beside it (``*_mcu.tflite``).
+    plan: weight bits per Keras layer (2..8, 32 = float) and activation bits.
+    target: 'mobile' (LiteRT), 'mcu' (TFLite Micro: int8 in/out, batch 1) or
+      'ethos-u' (the mcu file compiled by Vela for ``accelerator``).
+    calibration_data: typical inputs (numpy, model input shape) for the
+      activation ranges; at most ``max_calibration_samples`` are used.
+    seed: picks the calibration subset repeatably.
+
+  Returns:
+    An `ExportResult` read back from the written file.
+
+  Example:
+
+  >>> plan = QuantizationPlan({"conv1": 4, "logits": 8})     # doctest: +SKIP
+  >>> r = export_tflite(model, "m.tflite", plan, "mcu", calibration_data=x)  # doctest: +SKIP
+  >>> r.layers[0].storage                                    # doctest: +SKIP
+  'int4 packed'
+  """
+  x = _check_args(model, plan, target, calibration_data)
+  path = os.fspath(path)
+  notes: List[str] = []
+  snapped = snap_to_plan(model, plan)
+  batch = None if target == "mobile" else 1
+  float_bytes = to_float_tflite(snapped, batch)
+  calib_bytes = to_float_tflite(snapped, None) if batch is not None else None
+  reader = tflite_inspect.parse(float_bytes)
+  ops = tflite_inspect.layer_weight_ops(reader, plan.layers)
+  decisions = []
+  for layer in plan.layers:
+    if not ops[layer]:
+      notes.append(f"{layer}: no TFLite weight op carries this layer's name; left to the default")
+      continue
+    for entry in ops[layer]:
+      decisions.append(decide(layer, entry["op"], plan.weight_bits[layer],
+                              plan.act_bits(layer), target, entry["output_name"]))
+  recipe = build_recipe(decisions, target)
+  try:
+    qbytes = quantize_with_recipe(float_bytes, recipe, x, max_calibration_samples, seed,
+                                  calib_bytes)
+  except KerasMpqError:
+    raise
+  except Exception as e:
+    raise UnsupportedModelError(
+        f"ai-edge-quantizer could not quantize this model for {target!r}: "
+        f"{type(e).__name__}: {str(e)[:300]}") from None
+  repack = [d for d in decisions if d.repack_int4]
+  if repack:
+    weight_names = [e["weight_name"] for d in repack for e in ops[d.layer]]
+    try:
+      qbytes = repack_int4(qbytes, weight_names)
+    except Exception as e:  # pylint: disable=broad-except
+      notes.append(f"3-bit layers kept in int8 (int4 repacking failed: {e})")
+  layers = _read_back(qbytes, decisions, ops)
+  for l in layers:
+    if l.note:
+      notes.append(f"{l.layer}: {l.note}")
+  vela_summary = None
+  mcu_path = None
+  if target == "ethos-u":
+    root, ext = os.path.splitext(path)
+    mcu_path = root + "_mcu" + (ext or ".tflite")
+    fileio.write_bytes(mcu_path, qbytes)
+    qbytes, vela_summary = compile_vela(qbytes, accelerator, vela_options)
+    notes.append(f"Vela ({accelerator}): {vela_summary.get('npu_op_share', 0):.0%} of ops on "
+                 "the NPU")
+  fileio.write_bytes(path, qbytes)
+  return ExportResult(path=path, target=target, size=len(qbytes), layers=tuple(layers),
+                      notes=tuple(notes), vela=vela_summary, mcu_path=mcu_path)
+
+
+def _read_back(qbytes: bytes, decisions: Sequence[_Decision], float_ops) -> List[LayerExport]:
+  """Per-layer storage as actually found in the quantized file."""
+  rows = {r.name: r for r in tflite_inspect.inspect_tflite(qbytes)}
+  out = []
+  for d in decisions:
+    names = [e["weight_name"] for e in float_ops[d.layer] if e["output_name"] == d.output_name]
+    row = rows.get(names[0]) if names else None
+    if row is None:
+      out.append(LayerExport(d.layer, d.op, d.planned_bits, d.activation_bits, "unknown",
+                             "?", None, 0, "weight tensor not found after quantization"))
+      continue
+    stored = row.dtype
+    note = d.note
+    if stored in ("FLOAT32", "FLOAT16"):
+      storage = "float32" if stored == "FLOAT32" else "float16"
+      if d.container != "float":
+        note = (note + "; " if note else "") + "ai-edge-quantizer left it float"
+    elif stored == "INT4":
+      storage = "int4 packed" if d.planned_bits in (4, FLOAT_BITS) else \
+          f"int4 holding {row.levels} levels"
+    elif stored == "INT8":
+      full = d.planned_bits in (8, FLOAT_BITS)
+      storage = "int8" if full else f"int8 holding {row.levels} levels"
+      if d.container == "int4":
+        note = (note + "; " if note else "") + "requested int4, ai-edge-quantizer wrote int8"
+    else:
+      storage = stored.lower()
+    out.append(LayerExport(d.layer, d.op, d.planned_bits, d.activation_bits, storage,
+                           stored, row.levels, row.bytes, note))
+  return out
+
+
+# --------------------------------------------------------------------------- vela
+
+
+def _vela_command() -> List[str]:
+  exe = shutil.which("vela") or os.path.join(os.path.dirname(sys.executable), "vela")
+  if os.path.exists(exe):
+    return [exe]
+  try:
+    import ethosu.vela  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise MissingDependencyError(
+        "Expected Arm's Vela compiler for target='ethos-u'. Install it with: "
+        "pip install 'ethos-u-vela==5.2.*' (or pip install 'keras-mpq[mcu]')") from None
+  return [sys.executable, "-m", "ethosu.vela.vela"]
+
+
+def compile_vela(mcu_bytes: bytes, accelerator: str = DEFAULT_VELA_ACCELERATOR,
+                 options: Sequence[str] = ()) -> Tuple[bytes, Dict[str, Any]]:
+  """Compiles a TFLite Micro file with Vela; returns (compiled bytes, summary).
+
+  The summary has the share of ops placed on the NPU, SRAM and flash bytes,
+  Vela's cycle and inference-time estimate, from its summary CSV.
+  """
+  cmd = _vela_command()
+  with tempfile.TemporaryDirectory(prefix="keras_mpq_vela_") as tmp:
+    src = os.path.join(tmp, "model.tflite")
+    with open(src, "wb") as f:
+      f.write(mcu_bytes)
+    out_dir = os.path.join(tmp, "out")
+    args = cmd + [src, "--accelerator-config", accelerator, "--output-dir", out_dir] + list(options)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+      raise UnsupportedModelError(
+          f"Vela failed on this model (exit {proc.returncode}): {' | '.join(tail)}")
+    compiled = os.path.join(out_dir, "model_vela.tflite")
+    with open(compiled, "rb") as f:
+      data = f.read()
+    summary = _vela_summary(out_dir, proc.stdout)
+  summary["accelerator"] = accelerator
+  return data, summary
+
+
+def _vela_summary(out_dir: str, stdout: str) -> Dict[str, Any]:
+  summary: Dict[str, Any] = {}
+  csvs = [f for f in os.listdir(out_dir) if f.endswith("_summary_" + "") or f.endswith(".csv")]
+  for name in csvs:
+    if "summary" not in name:
+      continue
+    with open(os.path.join(out_dir, name), newline="") as f:
+      rows = list(csv.DictReader(f))
+    if rows:
+      row = {k.strip(): v for k, v in rows[0].items() if k}
+      pick = {
+          "sram_kib": "sram_memory_used", "flash_kib": "off_chip_flash_memory_used",
+          "npu_cycles": "npu_cycles", "total_cycles": "cycles_total",
+          "inference_time_s": "inference_time", "inferences_per_second": "inferences_per_second",
+          "cpu_ops": "cpu_operators", "npu_ops": "npu_operators",
+          "on_chip_flash_kib": "on_chip_flash_memory_used",
+      }
+      for key, col in pick.items():
+        for k, v in row.items():
+          if k.lower().startswith(col):
+            summary[key] = _num(v)
+            break
+  # Vela prints "CPU operators = N (x%)" and "NPU operators = M (y%)".
+  for label, key in (("CPU operators", "cpu_ops"), ("NPU operators", "npu_ops")):
+    m = re.search(label + r"\s*=\s*(\d+)", stdout)
+    if m:
+      summary[key] = int(m.group(1))
+  for label, key in (("Total SRAM used", "sram_kib"), ("Total Off-chip Flash used", "flash_kib"),
+                     ("Neural network macs", "macs")):
+    m = re.search(label + r"\s+([0-9.]+)", stdout)
+    if m:
+      summary.setdefault(key, float(m.group(1)))
+  m = re.search(r"Batch Inference time\s+([0-9.]+) ms", stdout)
+  if m:
+    summary["inference_ms"] = float(m.group(1))
+  m = re.search(r"NPU cycles\s+(\d+)", stdout)
+  if m:
+    summary.setdefault("npu_cycles", int(m.group(1)))
+  total = summary.get("cpu_ops", 0) + summary.get("npu_ops", 0)
+  summary["npu_op_share"] = summary.get("npu_ops", 0) / total if total else 0.0
+  summary["stdout"] = stdout[-3000:]
+  return summary
+
+
+def _num(v):
+  try:
+    f = float(v)
+  except (TypeError, ValueError):
+    return v
+  return int(f) if f.is_integer() else f

@@ -1,0 +1,349 @@
+"""Runs an exported .tflite file on real data and compares it with Keras.
+
+Runtimes: ai-edge-litert first (``ai_edge_litert.interpreter``), then
+``tflite_runtime`` and ``tf.lite.Interpreter`` as fallbacks; TFLite Micro's
+Python interpreter for microcontroller files (``runtime="tflm"``). Input and
+output quantization (scale, zero point) is applied here, and batch-1 files are
+fed one sample at a time.
+
+Example:
+
+>>> r = validate_tflite("model.tflite", x_test, y_test, reference=model)  # doctest: +SKIP
+>>> r.accuracy, r.agreement, r.runtime                                  # doctest: +SKIP
+(0.968, 0.995, 'litert')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from keras_mpq import tflite_inspect
+from keras_mpq.types import InvalidInputError, MissingDependencyError
+
+RUNTIMES = ("auto", "litert", "tflite_runtime", "tf", "tflm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationResult:
+  """What `validate_tflite` measured.
+
+  ``accuracy`` needs labels; ``agreement`` (share of equal argmax) and the
+  output errors need a reference model. ``layer_errors`` maps a Keras layer to
+  the max abs error of its output tensor against the float model (LiteRT
+  only, with ``per_layer=True``).
+  """
+
+  runtime: str
+  n: int
+  seconds: float
+  accuracy: Optional[float] = None
+  agreement: Optional[float] = None
+  max_abs_error: Optional[float] = None
+  mean_abs_error: Optional[float] = None
+  layer_errors: Optional[Mapping[str, float]] = None
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- interpreters
+
+
+def _litert_class(runtime):
+  """The Interpreter class for ``runtime`` and the name actually used."""
+  order = {"auto": ("litert", "tflite_runtime", "tf"), "litert": ("litert",),
+           "tflite_runtime": ("tflite_runtime",), "tf": ("tf",)}[runtime]
+  for name in order:
+    try:
+      if name == "litert":
+        from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+      elif name == "tflite_runtime":
+        from tflite_runtime.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+      else:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        Interpreter = tf.lite.Interpreter  # pylint: disable=invalid-name
+      return Interpreter, name
+    except (ImportError, AttributeError):
+      continue
+  raise MissingDependencyError(
+      f"Expected a TFLite runtime for runtime={runtime!r}. Install one with: "
+      "pip install 'ai-edge-litert==2.3.*'")
+
+
+def _tflm_class():
+  try:
+    from tflite_micro.python.tflite_micro import runtime as tflm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise MissingDependencyError(
+        "Expected the TFLite Micro Python interpreter for runtime='tflm'. "
+        "Install it with: pip install tflite-micro") from None
+  return tflm.Interpreter
+
+
+def _quantize_input(x, detail):
+  dtype = np.dtype(detail["dtype"])
+  if np.issubdtype(dtype, np.floating):
+    return x.astype(dtype)
+  scale, zero = detail["quantization"]
+  if scale == 0:
+    raise InvalidInputError("The model's integer input has no quantization scale.")
+  info = np.iinfo(dtype)
+  return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantize_output(y, detail):
+  y = np.asarray(y)
+  if np.issubdtype(y.dtype, np.floating):
+    return y.astype(np.float32)
+  scale, zero = detail["quantization"]
+  return ((y.astype(np.float32) - zero) * (scale if scale else 1.0)).astype(np.float32)
+
+
+def _tflm_detail(d):
+  """TFLM details use 'quantization_parameters'; normalize to LiteRT's keys."""
+  qp = d.get("quantization_parameters") or {}
+  scales = np.asarray(qp.get("scales", [0.0])).reshape(-1)
+  zeros = np.asarray(qp.get("zero_points", [0])).reshape(-1)
+  return {"dtype": d["dtype"], "shape": np.asarray(d["shape"]),
+          "quantization": (float(scales[0]) if scales.size else 0.0,
+                           int(zeros[0]) if zeros.size else 0)}
+
+
+def _check_x(x, shape, dtype_name):
+  try:
+    x = np.asarray(x, dtype=np.float32)
+  except (TypeError, ValueError):
+    raise InvalidInputError(
+        f"Expected numeric input data. Received: dtype {np.asarray(x).dtype}") from None
+  want = tuple(int(s) for s in shape[1:])
+  if x.shape[1:] != want:
+    if x.shape == want:
+      raise InvalidInputError(
+          f"Expected a batch of inputs of shape (n, {', '.join(map(str, want))}). "
+          f"Received: a single sample of shape {x.shape}; add a batch axis (x[None]).")
+    raise InvalidInputError(
+        f"Expected inputs of shape (n, {', '.join(map(str, want))}) for this "
+        f"{dtype_name} model. Received: x.shape={x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise InvalidInputError("Expected finite input data. Received: NaN or Inf values")
+  return x
+
+
+def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
+               preserve_all_tensors: bool = False, return_interpreter: bool = False):
+  """Runs the model on ``x``; returns float outputs (dequantized), shape (n, ...).
+
+  Example:
+
+  >>> y = run_tflite("model.tflite", x_test[:10])               # doctest: +SKIP
+  """
+  if runtime not in RUNTIMES:
+    raise InvalidInputError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
+  data = tflite_inspect.read_bytes(path_or_bytes)
+  tflite_inspect.parse(data)  # a damaged file fails here, clearly
+  if runtime == "tflm":
+    return _run_tflm(data, x)
+  Interpreter, name = _litert_class(runtime)  # pylint: disable=invalid-name
+  try:
+    kwargs = {"model_content": data, "num_threads": 1}
+    if preserve_all_tensors:
+      kwargs["experimental_preserve_all_tensors"] = True
+    interp = Interpreter(**kwargs)
+    interp.allocate_tensors()
+  except (ValueError, RuntimeError) as e:
+    raise InvalidInputError(
+        f"{name} could not load this .tflite file: {str(e).strip().splitlines()[0][:200]}. "
+        "Is it a Vela-compiled Ethos-U file? Those run only on the NPU; validate "
+        "the TFLite Micro file (ExportResult.mcu_path) instead.") from None
+  inp = interp.get_input_details()[0]
+  out = interp.get_output_details()[0]
+  x = _check_x(x, inp["shape"], "TFLite")
+  fixed = int(inp["shape"][0])
+  dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
+  step = min(batch_size, len(x)) if dynamic else fixed
+  outputs = []
+  current = fixed
+  for i in range(0, len(x), max(step, 1)):
+    chunk = x[i:i + step]
+    n = len(chunk)
+    if dynamic and n != current:
+      interp.resize_tensor_input(inp["index"], [n] + list(inp["shape"][1:]))
+      interp.allocate_tensors()
+      current = n
+    if not dynamic and n != fixed:  # last partial batch of a fixed-batch model
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+    interp.set_tensor(inp["index"], _quantize_input(chunk, inp))
+    interp.invoke()
+    outputs.append(_dequantize_output(interp.get_tensor(out["index"]), out)[:n])
+  result = np.concatenate(outputs, axis=0)
+  if return_interpreter:
+    return result, interp, name
+  return result
+
+
+def _run_tflm(data: bytes, x):
+  Interpreter = _tflm_class()  # pylint: disable=invalid-name
+  try:
+    interp = Interpreter.from_bytes(data, arena_size=max(len(data) * 10, 1 << 20))
+  except (RuntimeError, ValueError) as e:
+    raise InvalidInputError(
+        "TFLite Micro could not allocate this model: "
+        f"{str(e).strip()[:200]}. Export it with target='mcu' (full integer, batch 1, "
+        "only ops and types TFLite Micro runs).") from None
+  inp = _tflm_detail(interp.get_input_details(0))
+  out = _tflm_detail(interp.get_output_details(0))
+  if int(inp["shape"][0]) != 1:
+    raise InvalidInputError(
+        f"Expected a batch-1 model for TFLite Micro. Received: input shape "
+        f"{list(inp['shape'])}; export with target='mcu'.")
+  x = _check_x(x, inp["shape"], "TFLite Micro")
+  outputs = []
+  for i in range(len(x)):
+    try:
+      interp.set_input(_quantize_input(x[i:i + 1], inp), 0)
+      interp.invoke()
+    except (RuntimeError, ValueError) as e:
+      raise InvalidInputError(f"TFLite Micro failed to run this model: {str(e)[:200]}") from None
+    outputs.append(_dequantize_output(interp.get_output(0), out))
+  return np.concatenate(outputs, axis=0)
+
+
+def is_full_integer_batch1(path_or_bytes) -> bool:
+  """True for a microcontroller-style file: integer input and output, batch 1."""
+  reader = tflite_inspect.parse(path_or_bytes)
+  sg = reader.sg
+  ins = [sg.Inputs(i) for i in range(sg.InputsLength())]
+  outs = [sg.Outputs(i) for i in range(sg.OutputsLength())]
+  for t in ins + outs:
+    if reader.tensors[t].Type() not in (9, 7, 3):  # INT8, INT16, UINT8
+      return False
+  for t in ins:
+    tensor = reader.tensors[t]
+    sig = [tensor.ShapeSignature(i) for i in range(tensor.ShapeSignatureLength())]
+    if reader.shape(t)[:1] != (1,) or (sig and sig[0] != 1):
+      return False
+  return True
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "auto",
+                    per_layer: bool = False, float_model=None) -> ValidationResult:
+  """Accuracy and agreement with Keras of a .tflite file on ``x`` (and labels ``y``).
+
+  Args:
+    path_or_bytes: the .tflite file or its bytes.
+    x: inputs, shape (n, *input_shape), float.
+    y: optional integer labels (n,) for accuracy.
+    reference: optional Keras model; agreement is the share of samples where
+      the argmax of the file's output equals the reference's.
+    runtime: 'auto' (LiteRT, then tflite_runtime, then tf.lite), 'litert',
+      'tflite_runtime', 'tf' or 'tflm' (TFLite Micro; batch-1 integer files).
+    per_layer: with ``float_model``, also the max abs error of each weight
+      layer's output against the float model (LiteRT,
+      ``experimental_preserve_all_tensors``; float-output layers only).
+
+  Example:
+
+  >>> validate_tflite("m.tflite", x, y, reference=model).accuracy  # doctest: +SKIP
+  0.97
+  """
+  start = time.perf_counter()
+  data = tflite_inspect.read_bytes(path_or_bytes)
+  if y is not None:
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(np.asarray(x)):
+      raise InvalidInputError(
+          f"Expected one label per input. Received: {len(np.asarray(x))} inputs and "
+          f"{len(y)} labels")
+  used = runtime
+  layer_errors = None
+  if runtime == "tflm":
+    out = run_tflite(data, x, runtime="tflm")
+  elif per_layer and float_model is not None:
+    out, interp, used = run_tflite(data, np.asarray(x)[:32], runtime=runtime,
+                                   preserve_all_tensors=True, return_interpreter=True)
+    layer_errors = _layer_errors(interp, data, float_model, np.asarray(x, np.float32)[:32])
+    out = run_tflite(data, x, runtime=runtime)
+  else:
+    out, _, used = run_tflite(data, x, runtime=runtime, return_interpreter=True)
+  pred = out.reshape(len(out), -1).argmax(axis=1)
+  acc = float(np.mean(pred == y)) if y is not None else None
+  agreement = max_err = mean_err = None
+  if reference is not None:
+    ref = np.asarray(reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256))
+    ref = ref.reshape(out.shape)
+    agreement = float(np.mean(pred == ref.reshape(len(ref), -1).argmax(axis=1)))
+    diff = np.abs(out - ref)
+    max_err, mean_err = float(diff.max()), float(diff.mean())
+  return ValidationResult(runtime=used, n=len(out), seconds=time.perf_counter() - start,
+                          accuracy=acc, agreement=agreement, max_abs_error=max_err,
+                          mean_abs_error=mean_err, layer_errors=layer_errors)
+
+
+def _layer_errors(interp, data, float_model, x) -> Dict[str, float]:
+  """Max abs error of each weight layer's output tensor vs the float Keras layer."""
+  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq import quantizers  # pylint: disable=g-import-not-at-top
+  names = [l.name for l in quantizers.quantizable_layers(float_model)]
+  ops = tflite_inspect.layer_weight_ops(data, names)
+  details = {d["index"]: d for d in interp.get_tensor_details()}
+  probe = keras.Model(float_model.inputs, [float_model.get_layer(n).output for n in names])
+  # The TFLite tensor includes fused activations; compare after the layer's own activation.
+  refs = probe.predict(x, verbose=0)
+  refs = refs if isinstance(refs, list) else [refs]
+  errors = {}
+  for name, ref in zip(names, refs):
+    if not ops[name]:
+      continue
+    reader = tflite_inspect.parse(data)
+    out_t = reader.ops[ops[name][-1]["op_index"]].outputs[0]
+    d = details.get(out_t)
+    if d is None:
+      continue
+    try:
+      got = _dequantize_output(interp.get_tensor(out_t), d)
+    except ValueError:
+      continue
+    if got.shape != ref.shape:
+      continue
+    errors[name] = float(np.max(np.abs(got - ref)))
+  return errors
+
+
+def benchmark_latency(path_or_bytes, runs: int = 50, threads: int = 1, warmup: int = 5) -> float:
+  """Median single-sample latency in ms in LiteRT (batch 1, ``threads`` threads).
+
+  Example:
+
+  >>> benchmark_latency("model.tflite", runs=20)             # doctest: +SKIP
+  0.21
+  """
+  data = tflite_inspect.read_bytes(path_or_bytes)
+  tflite_inspect.parse(data)
+  Interpreter, _ = _litert_class("auto")  # pylint: disable=invalid-name
+  try:
+    interp = Interpreter(model_content=data, num_threads=threads)
+    inp = interp.get_input_details()[0]
+    if int(inp["shape"][0]) != 1:
+      interp.resize_tensor_input(inp["index"], [1] + list(inp["shape"][1:]))
+    interp.allocate_tensors()
+  except (ValueError, RuntimeError) as e:
+    raise InvalidInputError(f"LiteRT could not load this file: {str(e)[:200]}") from None
+  inp = interp.get_input_details()[0]
+  x = np.zeros(inp["shape"], dtype=inp["dtype"])
+  times = []
+  for i in range(warmup + runs):
+    interp.set_tensor(inp["index"], x)
+    t0 = time.perf_counter()
+    interp.invoke()
+    if i >= warmup:
+      times.append((time.perf_counter() - t0) * 1000.0)
+  return float(statistics.median(times))

@@ -1,0 +1,231 @@
+"""Tests for keras_mpq.export: tensor types per target, sizes, runtimes, atomic writes."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_quantizer")
+pytest.importorskip("ai_edge_litert")
+
+from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import tflite_inspect, validate
+from keras_mpq.compat import keras, set_global_seed
+from keras_mpq.types import FLOAT_BITS, InvalidInputError, QuantizationPlan
+
+PROBE = pathlib.Path(__file__).resolve().parents[1] / "export" / "targets_probe.json"
+
+LAYERS = {
+    "Conv2D": (lambda: keras.layers.Conv2D(8, 3, name="layer"), (8, 8, 2), "CONV_2D"),
+    "DepthwiseConv2D": (lambda: keras.layers.DepthwiseConv2D(3, name="layer"), (8, 8, 4),
+                        "DEPTHWISE_CONV_2D"),
+    "Dense": (lambda: keras.layers.Dense(8, name="layer"), (16,), "FULLY_CONNECTED"),
+    "Conv1D": (lambda: keras.layers.Conv1D(8, 3, name="layer"), (12, 3), "CONV_2D"),
+}
+
+
+def _single(kind, seed=0):
+  set_global_seed(seed)
+  make, shape, _ = LAYERS[kind]
+  inp = keras.Input(shape, name="x")
+  model = keras.Model(inp, make()(inp))
+  rng = np.random.default_rng(seed)
+  model.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+  x = rng.normal(0, 1, (16,) + shape).astype(np.float32)
+  return model, x
+
+
+def _weight_dtype(path):
+  ops = tflite_inspect.layer_weight_ops(path, ["layer"])["layer"]
+  rows = {r.name: r for r in tflite_inspect.inspect_tflite(path)}
+  return rows[ops[0]["weight_name"]].dtype, rows[ops[0]["weight_name"]].levels
+
+
+def _expected(target, op, bits):
+  if bits == FLOAT_BITS:
+    return "FLOAT32" if target == "mobile" else "INT8"
+  if bits <= 4 and export_lib.supported(target, op, "int4", 8):
+    return "INT4"
+  return "INT8"
+
+
+@pytest.mark.parametrize("target", ["mobile", "mcu"])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("bits", [2, 4, 8, FLOAT_BITS])
+def test_single_layer_tensor_types(tmp_path, target, kind, bits):
+  model, x = _single(kind)
+  plan = QuantizationPlan({"layer": bits})
+  path = tmp_path / "m.tflite"
+  result = export_lib.export_tflite(model, path, plan, target, calibration_data=x)
+  dtype, levels = _weight_dtype(path)
+  assert dtype == _expected(target, LAYERS[kind][2], bits)
+  if bits != FLOAT_BITS:
+    assert levels <= 2**bits - 1
+    assert tflite_inspect.check_against_plan(path, plan) == []
+  assert result.layers[0].stored_type == dtype
+  assert result.size == path.stat().st_size
+  if target == "mcu":
+    assert validate.is_full_integer_batch1(path)
+
+
+def test_int16_activations_mobile(tmp_path):
+  model, x = _single("Conv2D")
+  plan = QuantizationPlan({"layer": 8}, {"layer": 16})
+  path = tmp_path / "a16.tflite"
+  export_lib.export_tflite(model, path, plan, "mobile", calibration_data=x)
+  types = {r.dtype for r in tflite_inspect.inspect_tflite(path) if not r.is_constant}
+  assert "INT16" in types
+  out = validate.run_tflite(path, x)
+  ref = model.predict(x, verbose=0)
+  assert np.max(np.abs(out - ref)) < 0.02 * np.ptp(ref)
+
+
+def test_unsupported_int4_falls_back_and_says_so(tmp_path):
+  model, x = _single("Dense")
+  plan = QuantizationPlan({"layer": 4})
+  result = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", calibration_data=x)
+  layer = result.layers[0]
+  assert layer.stored_type == "INT8" and layer.storage == "int8 holding 15 levels"
+  assert "does not run on tflm" in layer.note
+  assert any("does not run on tflm" in n for n in result.notes)
+
+
+def test_three_bit_repacked_exact_grid(tmp_path):
+  model, x = _single("Conv2D")
+  plan = QuantizationPlan({"layer": 3})
+  path = tmp_path / "m.tflite"
+  result = export_lib.export_tflite(model, path, plan, "mobile", calibration_data=x)
+  assert result.layers[0].storage.startswith("int4 holding")
+  reader = tflite_inspect.parse(path)
+  w = tflite_inspect.layer_weight_ops(reader, ["layer"])["layer"][0]["weight_tensor"]
+  assert np.abs(reader.int_values(w)).max() <= 3  # the 3-bit grid, not the int4 one
+  out = validate.run_tflite(path, x)
+  snapped = export_lib.snap_to_plan(model, plan).predict(x, verbose=0)
+  assert np.max(np.abs(out - snapped)) < 0.02 * np.ptp(snapped)
+
+
+def test_grid_matches_keras_quantizer(tmp_path):
+  """ai-edge-quantizer's max-abs grid reproduces keras_mpq.quantizers' integers."""
+  from keras_mpq import quantizers  # pylint: disable=g-import-not-at-top
+  model, x = _single("Conv2D")
+  for bits in (4, 8):
+    path = tmp_path / f"m{bits}.tflite"
+    export_lib.export_tflite(model, path, QuantizationPlan({"layer": bits}), "mobile",
+                             calibration_data=x)
+    reader = tflite_inspect.parse(path)
+    w = tflite_inspect.layer_weight_ops(reader, ["layer"])["layer"][0]["weight_tensor"]
+    stored = reader.int_values(w).reshape(reader.shape(w))  # (out, h, w, in)
+    _, ints, _ = quantizers.quantize_array(model.get_layer("layer").kernel.numpy(), bits,
+                                           (0, 1, 2))
+    assert np.array_equal(stored, np.transpose(ints, (3, 0, 1, 2)))
+
+
+def test_mobile_on_mnist_matches_keras_and_shrinks(tmp_path, trained_cnn, small_data):
+  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  x_cal, _, x_test, y_test = small_data
+  model = apply.fold_batchnorm(trained_cnn)
+  names = [l for l in apply.plan_layers(model)]
+  plan8 = QuantizationPlan.uniform(names, 8)
+  plan4 = plan8.replace(**{n: 4 for n in names[1:-1]})
+  r8 = export_lib.export_tflite(model, tmp_path / "w8.tflite", plan8, "mobile",
+                                calibration_data=x_cal)
+  r4 = export_lib.export_tflite(model, tmp_path / "w4.tflite", plan4, "mobile",
+                                calibration_data=x_cal)
+  assert r4.size < r8.size
+  assert os.path.getsize(r4.path) < os.path.getsize(r8.path)
+  for r, plan in ((r8, plan8), (r4, plan4)):
+    v = validate.validate_tflite(r.path, x_test, y_test,
+                                 reference=export_lib.snap_to_plan(model, plan))
+    assert v.runtime == "litert"
+    assert v.agreement >= 0.97
+    assert v.accuracy >= 0.9
+
+
+def test_mcu_runs_in_tflm(tmp_path, trained_cnn, small_data):
+  pytest.importorskip("tflite_micro")
+  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  x_cal, _, x_test, y_test = small_data
+  model = apply.fold_batchnorm(trained_cnn)
+  names = apply.plan_layers(model)
+  plan = QuantizationPlan.uniform(names, 8).replace(**{names[1]: 4, names[-2]: 4})
+  r = export_lib.export_tflite(model, tmp_path / "mcu.tflite", plan, "mcu",
+                               calibration_data=x_cal)
+  storage = {l.layer: l.storage for l in r.layers}
+  assert storage[names[1]] == "int4 packed"  # CONV_2D packs on TFLM
+  assert storage[names[-2]] == "int8 holding 15 levels"  # FULLY_CONNECTED cannot
+  micro = validate.validate_tflite(r.path, x_test[:200], y_test[:200], runtime="tflm")
+  lite = validate.validate_tflite(r.path, x_test[:200], y_test[:200])
+  assert micro.runtime == "tflm" and micro.accuracy >= 0.9
+  assert abs(micro.accuracy - lite.accuracy) <= 0.01
+
+
+def test_ethos_u_vela(tmp_path):
+  pytest.importorskip("ethosu.vela")
+  model, x = _single("Conv2D")
+  r = export_lib.export_tflite(model, tmp_path / "npu.tflite", QuantizationPlan({"layer": 4}),
+                               "ethos-u", calibration_data=x)
+  assert r.vela["npu_op_share"] == 1.0
+  assert r.vela["sram_kib"] > 0 and r.vela["total_cycles"] > 0
+  assert r.layers[0].stored_type == "INT8"  # Vela crashes on INT4
+  assert os.path.exists(r.mcu_path) and os.path.exists(r.path)
+  assert validate.run_tflite(r.mcu_path, x[:2], runtime="tflm").shape[0] == 2
+  with pytest.raises(InvalidInputError, match="Vela-compiled"):
+    validate.run_tflite(r.path, x[:2])  # the NPU file does not run in LiteRT
+
+
+def test_ethos_u_without_vela_is_clear(monkeypatch):
+  monkeypatch.setattr(export_lib.shutil, "which", lambda name: None)
+  monkeypatch.setattr(export_lib.os.path, "exists", lambda p: False)
+  import builtins  # pylint: disable=g-import-not-at-top
+  real_import = builtins.__import__
+
+  def fake_import(name, *args, **kwargs):
+    if name.startswith("ethosu"):
+      raise ImportError(name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", fake_import)
+  from keras_mpq.types import MissingDependencyError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(MissingDependencyError, match="pip install 'ethos-u-vela"):
+    export_lib.compile_vela(b"")
+
+
+def test_capability_table_agrees_with_probe():
+  probe = json.loads(PROBE.read_text())
+  for runtime, table in export_lib.CAPABILITIES.items():
+    for op, containers in table.items():
+      for container, acts in containers.items():
+        assert sorted(acts) == sorted(probe["capabilities"][runtime][op][container]), (
+            runtime, op, container)
+
+
+def test_bad_arguments_raise_clearly(tmp_path):
+  model, x = _single("Dense")
+  plan = QuantizationPlan({"layer": 8})
+  with pytest.raises(InvalidInputError, match="target"):
+    export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "gpu", calibration_data=x)
+  with pytest.raises(InvalidInputError, match="does not have"):
+    export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"nope": 8}),
+                             calibration_data=x)
+  with pytest.raises(InvalidInputError, match="shape"):
+    export_lib.export_tflite(model, tmp_path / "m.tflite", plan, calibration_data=x[:, :3])
+  with pytest.raises(InvalidInputError, match="calibration_data"):
+    export_lib.export_tflite(model, tmp_path / "m.tflite", plan)
+  assert not (tmp_path / "m.tflite").exists()
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+  model, x = _single("Dense")
+  path = tmp_path / "m.tflite"
+  path.write_bytes(b"previous")
+
+  def boom(*args, **kwargs):
+    raise RuntimeError("killed")
+
+  monkeypatch.setattr(export_lib, "_read_back", boom)
+  with pytest.raises(RuntimeError):
+    export_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), calibration_data=x)
+  assert path.read_bytes() == b"previous"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite"]

@@ -1,0 +1,79 @@
+"""Tests for keras_mpq.tflite_inspect: parsing, levels, plan checks, damaged files."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tflite")
+
+from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import tflite_inspect
+from keras_mpq.compat import keras, set_global_seed
+from keras_mpq.types import InvalidInputError, QuantizationPlan
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  pytest.importorskip("ai_edge_quantizer")
+  set_global_seed(0)
+  inp = keras.Input((8, 8, 1))
+  h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+  h = keras.layers.Flatten()(h)
+  out = keras.layers.Dense(4, name="fc")(h)
+  model = keras.Model(inp, out)
+  x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
+  d = tmp_path_factory.mktemp("inspect")
+  plan = QuantizationPlan({"conv": 2, "fc": 8})
+  export_lib.export_tflite(model, d / "m.tflite", plan, "mobile", calibration_data=x)
+  return d / "m.tflite", plan
+
+
+def test_rows_report_real_levels(files):
+  path, _ = files
+  rows = {r.name: r for r in tflite_inspect.inspect_tflite(path)}
+  ops = tflite_inspect.layer_weight_ops(path, ["conv", "fc"])
+  conv = rows[ops["conv"][0]["weight_name"]]
+  fc = rows[ops["fc"][0]["weight_name"]]
+  assert conv.dtype == "INT4" and conv.levels == 3 and conv.bits_used == 2
+  assert conv.bytes == (8 * 3 * 3 + 1) // 2
+  assert fc.dtype == "INT8" and 3 < fc.levels <= 255 and fc.is_constant
+  first_output = tflite_inspect.list_ops(path)[0].outputs[0]
+  activation = next(r for r in rows.values() if r.index == first_output)
+  assert not activation.is_constant and activation.levels is None
+
+
+def test_check_against_plan(files):
+  path, plan = files
+  assert tflite_inspect.check_against_plan(path, plan) == []
+  stricter = plan.replace(fc=4)
+  problems = tflite_inspect.check_against_plan(path, stricter)
+  assert len(problems) == 1 and problems[0].startswith("fc:")
+
+
+def test_format_rows(files):
+  path, _ = files
+  text = tflite_inspect.format_rows(tflite_inspect.inspect_tflite(path))
+  assert "INT4" in text and "total constant bytes" in text
+
+
+def test_unpack_int4_roundtrip():
+  from ai_edge_quantizer.transformations import transformation_utils  # pylint: disable=g-import-not-at-top
+  values = np.arange(-8, 8, dtype=np.int8).repeat(3)
+  packed = transformation_utils.pack_data(4, values.view(np.uint8))
+  assert tflite_inspect.unpack_int4(packed, values.size).tolist() == values.tolist()
+
+
+def test_name_matching_is_by_segment():
+  assert tflite_inspect.name_has_layer("m/conv1/Relu;m/conv1/Conv2D", "conv1")
+  assert not tflite_inspect.name_has_layer("m/conv1_bn/Relu", "conv1")
+
+
+def test_damaged_files_raise_clearly(tmp_path, files):
+  path, _ = files
+  data = path.read_bytes()
+  (tmp_path / "random.tflite").write_bytes(np.random.default_rng(0).bytes(4000))
+  (tmp_path / "trunc.tflite").write_bytes(data[: len(data) // 3])
+  for name in ("random.tflite", "trunc.tflite"):
+    with pytest.raises(InvalidInputError):
+      tflite_inspect.inspect_tflite(tmp_path / name)
+  with pytest.raises(InvalidInputError, match="existing"):
+    tflite_inspect.inspect_tflite(tmp_path / "missing.tflite")

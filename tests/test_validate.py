@@ -1,0 +1,106 @@
+"""Tests for keras_mpq.validate: runtimes, quantized I/O, bad inputs, latency."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("ai_edge_quantizer")
+
+from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import validate
+from keras_mpq.compat import keras, set_global_seed
+from keras_mpq.types import InvalidInputError, QuantizationPlan
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  set_global_seed(0)
+  inp = keras.Input((8, 8, 1))
+  h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+  h = keras.layers.Flatten()(h)
+  out = keras.layers.Dense(4, name="fc")(h)
+  model = keras.Model(inp, out)
+  x = np.random.default_rng(0).random((32, 8, 8, 1)).astype(np.float32)
+  d = tmp_path_factory.mktemp("validate")
+  plan = QuantizationPlan({"conv": 8, "fc": 8})
+  mobile = export_lib.export_tflite(model, d / "mobile.tflite", plan, "mobile", calibration_data=x)
+  mcu = export_lib.export_tflite(model, d / "mcu.tflite", plan, "mcu", calibration_data=x)
+  export_lib.export_tflite(model, d / "mobile_fc4.tflite", plan.replace(fc=4), "mobile",
+                           calibration_data=x)
+  float_path = d / "float.tflite"
+  float_path.write_bytes(export_lib.to_float_tflite(model))
+  return model, x, mobile.path, mcu.path, str(float_path)
+
+
+def test_litert_matches_keras(exported):
+  model, x, mobile, _, _ = exported
+  ref = model.predict(x, verbose=0)
+  y = ref.argmax(1)
+  r = validate.validate_tflite(mobile, x, y, reference=model)
+  assert r.runtime == "litert" and r.n == len(x)
+  assert r.agreement >= 0.9 and r.accuracy == r.agreement
+  assert r.max_abs_error < 0.05 * np.ptp(ref)
+  assert 0 < r.mean_abs_error <= r.max_abs_error
+
+
+def test_float_file_and_per_layer_errors(exported):
+  model, x, _, _, float_path = exported
+  r = validate.validate_tflite(float_path, x, reference=model, per_layer=True, float_model=model)
+  assert r.max_abs_error < 1e-4 and r.agreement == 1.0
+  assert set(r.layer_errors) == {"conv", "fc"}
+  assert max(r.layer_errors.values()) < 1e-4
+
+
+def test_batch1_file_loops_and_tflm(exported):
+  pytest.importorskip("tflite_micro")
+  model, x, _, mcu, _ = exported
+  assert validate.is_full_integer_batch1(mcu)
+  lite = validate.run_tflite(mcu, x[:5])
+  micro = validate.run_tflite(mcu, x[:5], runtime="tflm")
+  assert lite.shape == micro.shape == (5, 4)
+  ref = model.predict(x[:5], verbose=0)
+  assert np.max(np.abs(micro - ref)) < 0.05 * np.ptp(ref)
+  assert np.max(np.abs(micro - lite)) < 0.05 * np.ptp(ref)
+
+
+def test_mobile_file_refused_by_tflm(exported):
+  pytest.importorskip("tflite_micro")
+  _, x, mobile, _, _ = exported
+  assert not validate.is_full_integer_batch1(mobile)
+  fc4 = mobile.replace("mobile.tflite", "mobile_fc4.tflite")  # packed INT4 FULLY_CONNECTED
+  with pytest.raises(InvalidInputError, match="TFLite Micro could not allocate"):
+    validate.run_tflite(fc4, x[:2], runtime="tflm")
+
+
+def test_bad_data_raises_clearly(exported):
+  _, x, mobile, _, _ = exported
+  with pytest.raises(InvalidInputError, match="shape"):
+    validate.validate_tflite(mobile, x[:, :4])
+  with pytest.raises(InvalidInputError, match="batch axis"):
+    validate.validate_tflite(mobile, x[0])
+  with pytest.raises(InvalidInputError, match="numeric"):
+    validate.validate_tflite(mobile, np.array([["a"]]))
+  with pytest.raises(InvalidInputError, match="one label per input"):
+    validate.validate_tflite(mobile, x, y=np.zeros(3))
+  with pytest.raises(InvalidInputError, match="runtime"):
+    validate.validate_tflite(mobile, x, runtime="gpu")
+
+
+def test_corrupted_files_raise_clearly(exported, tmp_path):
+  _, x, mobile, _, _ = exported
+  data = open(mobile, "rb").read()
+  cases = {"random": np.random.default_rng(1).bytes(len(data)),
+           "truncated": data[: len(data) // 2], "empty": b""}
+  for name, blob in cases.items():
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(blob)
+    with pytest.raises(InvalidInputError):
+      validate.validate_tflite(path, x)
+    with pytest.raises(InvalidInputError):
+      validate.benchmark_latency(path, runs=2)
+
+
+def test_benchmark_latency(exported):
+  _, _, mobile, _, _ = exported
+  ms = validate.benchmark_latency(mobile, runs=10, threads=1)
+  assert 0 < ms < 1000
