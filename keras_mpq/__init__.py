@@ -22,9 +22,10 @@ import importlib
 __version__ = "0.1.0"
 
 from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasibleError,
-                             BudgetKind, CostTable, InvalidInputError, KerasMpqError,
-                             LayerCost, MissingDependencyError, QuantizationPlan,
-                             SensitivityTable, UnsupportedModelError)
+                             BudgetKind, CostTable, ExportResult, InvalidInputError,
+                             KerasMpqError, LayerCost, LayerExport, MissingDependencyError,
+                             ParetoPoint, QuantizationPlan, SensitivityTable,
+                             UnsupportedModelError, ValidationResult)
 
 # public name -> module that defines it
 _LAZY = {
@@ -36,16 +37,18 @@ _LAZY = {
     "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
     "quantize_scope": "quantizers",
     "export_tflite": "export",
-    "validate_tflite": "validate",
+    "validate_tflite": "validate", "benchmark_latency": "validate",
     "inspect_tflite": "tflite_inspect",
     "load_model": "model_io",
+    "FreezeRanges": "callbacks", "FreezeBatchNorm": "callbacks",
+    "ExportAndValidate": "callbacks", "SensitivityMonitor": "callbacks",
 }
 
 __all__ = sorted(list(_LAZY) + [
     "ACTIVATION_BITS", "FLOAT_BITS", "Budget", "BudgetInfeasibleError", "BudgetKind",
-    "CostTable", "InvalidInputError", "KerasMpqError", "LayerCost",
-    "MissingDependencyError", "QuantizationPlan", "SensitivityTable",
-    "UnsupportedModelError"])
+    "CostTable", "ExportResult", "InvalidInputError", "KerasMpqError", "LayerCost",
+    "LayerExport", "MissingDependencyError", "ParetoPoint", "QuantizationPlan",
+    "SensitivityTable", "UnsupportedModelError", "ValidationResult"])
 
 
 def __getattr__(name):

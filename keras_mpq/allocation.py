@@ -42,7 +42,7 @@ from scipy import optimize, sparse
 
 from keras_mpq.types import (Budget, BudgetInfeasibleError, BudgetKind, CostTable,
                              InvalidInputError, KerasMpqError, QuantizationPlan,
-                             SensitivityTable)
+                             SensitivityTable, ParetoPoint)
 
 # A plan meets a budget when its cost is <= value * (1 + _RTOL), as in
 # `Budget.is_satisfied_by`.
@@ -52,25 +52,6 @@ _RTOL = 1e-9
 _RHS_TRIES = (1.0, 1.0 - 1e-5, 1.0 - 1e-3)
 _UNITS = {BudgetKind.BYTES: "B", BudgetKind.AVG_BITS: " bits avg",
           BudgetKind.BOPS: " BOPs", BudgetKind.LATENCY: " ms"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ParetoPoint:
-  """One point of the cost / predicted-loss front: a plan and what it costs.
-
-  Unpacks like a tuple: ``cost, loss, plan = point``.
-  """
-
-  cost: float
-  predicted_loss: float
-  plan: QuantizationPlan
-
-  def __iter__(self):
-    return iter((self.cost, self.predicted_loss, self.plan))
-
-  def to_dict(self) -> Dict[str, Any]:
-    return {"cost": self.cost, "predicted_loss": self.predicted_loss,
-            "plan": self.plan.to_dict()}
 
 
 # --------------------------------------------------------------------------- public

@@ -297,6 +297,29 @@ def set_activation_quantization(qmodel, enabled: bool) -> None:
     v["on"].assign(1.0 if enabled else 0.0)
 
 
+def set_range_tracking(qmodel, enabled: bool) -> None:
+  """Lets training move activation ranges (EMA) or freezes them; no retracing.
+
+  Calibrated ranges are followed by an exponential moving average while the
+  quantized model trains; ``enabled=False`` freezes them where they are.
+
+  >>> set_range_tracking(qmodel, False)  # doctest: +SKIP
+  """
+  for _, v in _act_quant_vars(qmodel):
+    if "ema" in v:
+      v["ema"].assign(1.0 if enabled else 0.0)
+
+
+def activation_ranges(qmodel) -> Dict[str, Tuple[float, float]]:
+  """The current (min, max) of each activation quantizer, by inner layer name.
+
+  >>> activation_ranges(qmodel)["conv1"]  # doctest: +SKIP
+  (-1.93, 2.71)
+  """
+  return {layer.layer.name: (float(v["min"].numpy()), float(v["max"].numpy()))
+          for layer, v in _act_quant_vars(qmodel)}
+
+
 def _as_batches(x, batch_size):
   x = np.asarray(x)
   for start in range(0, len(x), batch_size):
@@ -305,6 +328,10 @@ def _as_batches(x, batch_size):
 
 def check_data(model, x, what: str = "data") -> np.ndarray:
   """Checks ``x`` is a non-empty float array matching the model's input shape."""
+  if len(model.inputs) != 1:
+    raise UnsupportedModelError(
+        f"Expected a model with one input. Received: model {model.name!r} with "
+        f"{len(model.inputs)} inputs; multi-input models are not supported yet.")
   try:
     x = np.asarray(x, dtype=np.float32)
   except (TypeError, ValueError) as e:

@@ -55,7 +55,7 @@ from keras_mpq import tflite_inspect
 from keras_mpq.compat import keras, tf
 from keras_mpq.types import (FLOAT_BITS, InvalidInputError, KerasMpqError,
                              MissingDependencyError, QuantizationPlan,
-                             UnsupportedModelError, to_jsonable)
+                             UnsupportedModelError, to_jsonable, ExportResult, LayerExport)
 
 TARGETS = ("mobile", "mcu", "ethos-u")
 RUNTIME_OF_TARGET = {"mobile": "litert", "mcu": "tflm", "ethos-u": "vela"}
@@ -102,70 +102,6 @@ def supported(target: str, op: str, container: str, activation_bits: int) -> boo
 
 
 # --------------------------------------------------------------------------- result types
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerExport:
-  """How one Keras layer was stored in the exported file.
-
-  ``storage`` is one of 'int4 packed', 'int4 holding N levels', 'int8',
-  'int8 holding N levels', 'float32'. ``levels`` is the number of distinct
-  stored values counted in the file; ``bytes`` the weight tensor's bytes.
-  """
-
-  layer: str
-  op: str
-  planned_bits: int
-  activation_bits: int
-  storage: str
-  stored_type: str
-  levels: Optional[int]
-  bytes: int
-  note: str = ""
-
-  def to_dict(self) -> Dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportResult:
-  """What `export_tflite` wrote.
-
-  Attributes:
-    path: the .tflite file (for 'ethos-u', Vela's compiled ``*_vela.tflite``).
-    target: 'mobile', 'mcu' or 'ethos-u'.
-    size: file size in bytes.
-    layers: one `LayerExport` per planned layer, read back from the file.
-    notes: fallbacks and decisions, in words.
-    vela: for 'ethos-u', Vela's summary (NPU op share, SRAM/flash bytes,
-      cycle estimate, ...); else None.
-    mcu_path: for 'ethos-u', the TFLite Micro file Vela compiled; else None.
-  """
-
-  path: str
-  target: str
-  size: int
-  layers: Tuple[LayerExport, ...]
-  notes: Tuple[str, ...] = ()
-  vela: Optional[Mapping[str, Any]] = None
-  mcu_path: Optional[str] = None
-
-  def to_dict(self) -> Dict[str, Any]:
-    return to_jsonable({"path": self.path, "target": self.target, "size": self.size,
-                        "layers": [l.to_dict() for l in self.layers],
-                        "notes": list(self.notes), "vela": self.vela,
-                        "mcu_path": self.mcu_path})
-
-  def table(self) -> str:
-    """A text table of the per-layer storage."""
-    head = f"{'layer':<16} {'op':<18} {'plan':>4} {'act':>4} {'storage':<22} {'bytes':>7}  note"
-    lines = [head, "-" * len(head)]
-    for l in self.layers:
-      plan = "f32" if l.planned_bits == FLOAT_BITS else str(l.planned_bits)
-      lines.append(f"{l.layer:<16} {l.op:<18} {plan:>4} {l.activation_bits:>4} "
-                   f"{l.storage:<22} {l.bytes:>7}  {l.note}")
-    lines.append(f"file: {self.path} ({self.size} bytes, target {self.target})")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- checks

@@ -205,6 +205,9 @@ class ActivationQuantizer(_Quantizer):
   `keras_mpq.apply.calibrate` and followed by an exponential moving average
   while training. ``<name>_aon`` (1 or 0) switches it on or off without
   retracing, so the same model also measures float-activation contexts.
+  ``<name>_aema`` (1 or 0) lets training move the range or freezes it
+  (`keras_mpq.callbacks.FreezeRanges`), also without retracing. All four are
+  variables of the layer, so they are saved and loaded with the model.
   """
 
   def __init__(self, num_bits: int = 8, ema_decay: float = 0.999):
@@ -216,14 +219,18 @@ class ActivationQuantizer(_Quantizer):
       return layer.add_weight(
           f"{name}_{suffix}", shape=(), dtype=tf.float32, trainable=False,
           initializer=keras.initializers.Constant(value))
-    return {"min": var("amin", -6.0), "max": var("amax", 6.0), "on": var("aon", 1.0)}
+    return {"min": var("amin", -6.0), "max": var("amax", 6.0), "on": var("aon", 1.0),
+            "ema": var("aema", 1.0)}
 
   def __call__(self, inputs, training, weights, **kwargs):
     amin, amax = weights["min"], weights["max"]
     if training:
-      decay = self.ema_decay
-      batch_min = tf.reduce_min(inputs)
-      batch_max = tf.reduce_max(inputs)
+      # decay 1 (frozen) when the wrapper's ema variable is 0: no retracing needed.
+      track = weights["ema"] if "ema" in weights else 1.0
+      decay = tf.where(track > 0.5, tf.constant(self.ema_decay, tf.float32), 1.0)
+      inputs_f = tf.cast(inputs, tf.float32)
+      batch_min = tf.reduce_min(inputs_f)
+      batch_max = tf.reduce_max(inputs_f)
       amin.assign(decay * amin + (1.0 - decay) * batch_min)
       amax.assign(decay * amax + (1.0 - decay) * batch_max)
     lo, hi = tf.minimum(amin, 0.0), tf.maximum(amax, 0.0)

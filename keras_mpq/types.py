@@ -384,7 +384,7 @@ class LayerCost:
   ``n_params`` counts the quantized weights (kernels), ``n_bias`` the biases
   (stored int32), ``n_scales`` the per-channel scales (float32 each, plus an
   int64 zero point in TFLite's file). ``macs`` counts multiply-accumulates for
-  one input sample.
+  one input sample; None when a spatial size is unknown (then no BOPs costs).
   """
 
   name: str
@@ -392,7 +392,7 @@ class LayerCost:
   n_params: int
   n_bias: int
   n_scales: int
-  macs: int
+  macs: Optional[int]
 
   def weight_bytes(self, bits: int) -> float:
     """Bytes this layer's weights take in a TFLite file at ``bits``.
@@ -474,6 +474,118 @@ class CostTable:
     return cls(tuple(d["layers"]), tuple(d["bits"]),
                {k: np.asarray(v) for k, v in d["table"].items()},
                tuple(LayerCost(**c) for c in d.get("layer_costs", [])))
+
+
+# --------------------------------------------------------------------------- allocation results
+
+@dataclasses.dataclass(frozen=True)
+class ParetoPoint:
+  """One point of the cost / predicted-loss front: a plan and what it costs.
+
+  Unpacks like a tuple: ``cost, loss, plan = point``.
+  """
+
+  cost: float
+  predicted_loss: float
+  plan: QuantizationPlan
+
+  def __iter__(self):
+    return iter((self.cost, self.predicted_loss, self.plan))
+
+  def to_dict(self) -> Dict[str, Any]:
+    return {"cost": self.cost, "predicted_loss": self.predicted_loss,
+            "plan": self.plan.to_dict()}
+
+
+# --------------------------------------------------------------------------- export results
+
+@dataclasses.dataclass(frozen=True)
+class LayerExport:
+  """How one Keras layer was stored in the exported file.
+
+  ``storage`` is one of 'int4 packed', 'int4 holding N levels', 'int8',
+  'int8 holding N levels', 'float32'. ``levels`` is the number of distinct
+  stored values counted in the file; ``bytes`` the weight tensor's bytes.
+  """
+
+  layer: str
+  op: str
+  planned_bits: int
+  activation_bits: int
+  storage: str
+  stored_type: str
+  levels: Optional[int]
+  bytes: int
+  note: str = ""
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  """What `export_tflite` wrote.
+
+  Attributes:
+    path: the .tflite file (for 'ethos-u', Vela's compiled ``*_vela.tflite``).
+    target: 'mobile', 'mcu' or 'ethos-u'.
+    size: file size in bytes.
+    layers: one `LayerExport` per planned layer, read back from the file.
+    notes: fallbacks and decisions, in words.
+    vela: for 'ethos-u', Vela's summary (NPU op share, SRAM/flash bytes,
+      cycle estimate, ...); else None.
+    mcu_path: for 'ethos-u', the TFLite Micro file Vela compiled; else None.
+  """
+
+  path: str
+  target: str
+  size: int
+  layers: Tuple[LayerExport, ...]
+  notes: Tuple[str, ...] = ()
+  vela: Optional[Mapping[str, Any]] = None
+  mcu_path: Optional[str] = None
+
+  def to_dict(self) -> Dict[str, Any]:
+    return to_jsonable({"path": self.path, "target": self.target, "size": self.size,
+                        "layers": [l.to_dict() for l in self.layers],
+                        "notes": list(self.notes), "vela": self.vela,
+                        "mcu_path": self.mcu_path})
+
+  def table(self) -> str:
+    """A text table of the per-layer storage."""
+    head = f"{'layer':<16} {'op':<18} {'plan':>4} {'act':>4} {'storage':<22} {'bytes':>7}  note"
+    lines = [head, "-" * len(head)]
+    for l in self.layers:
+      plan = "f32" if l.planned_bits == FLOAT_BITS else str(l.planned_bits)
+      lines.append(f"{l.layer:<16} {l.op:<18} {plan:>4} {l.activation_bits:>4} "
+                   f"{l.storage:<22} {l.bytes:>7}  {l.note}")
+    lines.append(f"file: {self.path} ({self.size} bytes, target {self.target})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- validation results
+
+@dataclasses.dataclass(frozen=True)
+class ValidationResult:
+  """What `validate_tflite` measured.
+
+  ``accuracy`` needs labels; ``agreement`` (share of equal argmax) and the
+  output errors need a reference model. ``layer_errors`` maps a Keras layer to
+  the max abs error of its output tensor against the float model (LiteRT
+  only, with ``per_layer=True``).
+  """
+
+  runtime: str
+  n: int
+  seconds: float
+  accuracy: Optional[float] = None
+  agreement: Optional[float] = None
+  max_abs_error: Optional[float] = None
+  mean_abs_error: Optional[float] = None
+  layer_errors: Optional[Mapping[str, float]] = None
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- helpers

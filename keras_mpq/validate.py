@@ -24,32 +24,9 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from keras_mpq import tflite_inspect
-from keras_mpq.types import InvalidInputError, MissingDependencyError
+from keras_mpq.types import InvalidInputError, MissingDependencyError, ValidationResult
 
 RUNTIMES = ("auto", "litert", "tflite_runtime", "tf", "tflm")
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidationResult:
-  """What `validate_tflite` measured.
-
-  ``accuracy`` needs labels; ``agreement`` (share of equal argmax) and the
-  output errors need a reference model. ``layer_errors`` maps a Keras layer to
-  the max abs error of its output tensor against the float model (LiteRT
-  only, with ``per_layer=True``).
-  """
-
-  runtime: str
-  n: int
-  seconds: float
-  accuracy: Optional[float] = None
-  agreement: Optional[float] = None
-  max_abs_error: Optional[float] = None
-  mean_abs_error: Optional[float] = None
-  layer_errors: Optional[Mapping[str, float]] = None
-
-  def to_dict(self) -> Dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- interpreters
