@@ -25,12 +25,13 @@ from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasib
                              BudgetKind, CostTable, ExportResult, InvalidInputError,
                              KerasMpqError, LayerCost, LayerExport, MissingDependencyError,
                              ParetoPoint, QuantizationPlan, SensitivityTable,
-                             UnsupportedModelError, ValidationResult)
+                             SynthesisResult, UnsupportedModelError, ValidationResult)
 
 # public name -> module that defines it
 _LAZY = {
     "quantize": "api", "QuantizationResult": "api",
-    "synthesize": "synthesis",
+    "synthesize": "synthesis", "synthesize_with_info": "synthesis",
+    "register_generator": "synthesis",
     "measure_sensitivity": "sensitivity", "search": "sensitivity",
     "allocate": "allocation", "pareto_front": "allocation",
     "cost_table": "costs", "layer_costs": "costs",
@@ -48,7 +49,7 @@ __all__ = sorted(list(_LAZY) + [
     "ACTIVATION_BITS", "FLOAT_BITS", "Budget", "BudgetInfeasibleError", "BudgetKind",
     "CostTable", "ExportResult", "InvalidInputError", "KerasMpqError", "LayerCost",
     "LayerExport", "MissingDependencyError", "ParetoPoint", "QuantizationPlan",
-    "SensitivityTable", "UnsupportedModelError", "ValidationResult"])
+    "SensitivityTable", "SynthesisResult", "UnsupportedModelError", "ValidationResult"])
 
 
 def __getattr__(name):

@@ -192,9 +192,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
         x, y = z["x"], z["y"]
       data_info = {"source": "synthetic", "method": synthesis, "cached": str(cached)}
     else:
-      x, y = synth_lib.synthesize(model, num_samples=num_samples, method=synthesis,
-                                  seed=seed, progress=progress)
-      data_info = {"source": "synthetic", "method": synthesis}
+      made = synth_lib.synthesize_with_info(model, num_samples=num_samples,
+                                            method=synthesis, seed=seed, progress=progress)
+      x, y = made.x, made.y
+      data_info = {"source": "synthetic", **made.summary()}
       if cached is not None:
         with fileio.atomic_path(cached) as tmp:
           with open(tmp, "wb") as f:

@@ -588,6 +588,81 @@ class ValidationResult:
     return dataclasses.asdict(self)
 
 
+# --------------------------------------------------------------------------- synthesis results
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisResult:
+  """Synthetic calibration data and how it was made.
+
+  Attributes:
+    x: float32 inputs, shape ``(num_samples,) + input_shape``, in
+      ``input_range``.
+    y: int64 labels in ``0..num_classes-1`` (a single-unit sigmoid output is
+      two classes: 0 and 1).
+    confidences: float32 ``p(y_j | x_j)`` under the model, measured on ``x``.
+    steps: int32 optimization steps each sample took (0 for noise).
+    target_confidences: float32 ``tau_j`` per sample (labeled method), else
+      None.
+    reached: bool, whether the sample reached its target confidence (labeled
+      method), else None.
+    method: the generator's name.
+    input_range: ``(low, high)`` the inputs were kept in.
+    input_range_source: where the range came from, in words.
+    assumed_range: True when the range was neither inferred from the model nor
+      given, so [0, 1] was assumed.
+    num_classes: number of classes of the model's output.
+    output_kind: how the output was read: ``logits``, ``softmax``,
+      ``sigmoid_logit`` or ``sigmoid``.
+    seed: the seed used.
+    seconds: wall time of the synthesis.
+    info: settings and counters (batch size, steps, traces, ...), JSON-able.
+  """
+
+  x: np.ndarray
+  y: np.ndarray
+  confidences: np.ndarray
+  steps: np.ndarray
+  target_confidences: Optional[np.ndarray]
+  reached: Optional[np.ndarray]
+  method: str
+  input_range: Tuple[float, float]
+  input_range_source: str
+  assumed_range: bool
+  num_classes: int
+  output_kind: str
+  seed: int
+  seconds: float
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+  @property
+  def num_samples(self) -> int:
+    return int(len(self.y))
+
+  def class_counts(self) -> np.ndarray:
+    """How many samples carry each label, shape ``(num_classes,)``."""
+    return np.bincount(self.y, minlength=self.num_classes)
+
+  def reached_share(self) -> Optional[float]:
+    """Share of samples that reached their target confidence (labeled only)."""
+    return None if self.reached is None else float(np.mean(self.reached))
+
+  def summary(self) -> Dict[str, Any]:
+    """JSON-able numbers describing the set (no arrays of samples)."""
+    conf = self.confidences.astype(np.float64)
+    return to_jsonable({
+        "method": self.method, "num_samples": self.num_samples,
+        "num_classes": self.num_classes, "output_kind": self.output_kind,
+        "input_range": list(self.input_range),
+        "input_range_source": self.input_range_source,
+        "assumed_range": self.assumed_range, "seed": self.seed,
+        "seconds": round(self.seconds, 3),
+        "class_counts": self.class_counts().tolist(),
+        "confidence": {"min": float(conf.min()), "median": float(np.median(conf)),
+                       "max": float(conf.max()), "mean": float(conf.mean())},
+        "reached_share": self.reached_share(),
+        "mean_steps": float(np.mean(self.steps)), "info": dict(self.info)})
+
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -1,0 +1,361 @@
+"""Tests of keras_mpq.synthesis: labeled, ZeroQ and noise data on tiny models and a trained CNN."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from keras_mpq import synthesis
+from keras_mpq.compat import keras, tf
+from keras_mpq.types import InvalidInputError, UnsupportedModelError
+
+layers = keras.layers
+
+
+def _head(units, **kwargs):
+  """A class head with large random weights: a random model that can be confident."""
+  return layers.Dense(units, kernel_initializer=keras.initializers.RandomNormal(stddev=2.0),
+                      **kwargs)
+
+
+def _cnn(bn=False, classes=3, preprocess=None, seed=0):
+  keras.utils.set_random_seed(seed)
+  inp = keras.Input((8, 8, 1))
+  x = inp if preprocess is None else preprocess(inp)
+  x = layers.Conv2D(4, 3, padding="same", name="conv")(x)
+  if bn:
+    x = layers.BatchNormalization(name="bn")(x)
+  x = layers.ReLU()(x)
+  x = layers.Flatten()(x)
+  return keras.Model(inp, _head(classes, name="logits")(x))
+
+
+def _dense(classes=4, activation=None, seed=0):
+  keras.utils.set_random_seed(seed)
+  hidden = layers.Dense(16, activation="tanh",
+                        kernel_initializer=keras.initializers.RandomNormal(stddev=1.0))
+  return keras.Sequential([keras.Input((10,)), hidden,
+                           _head(classes, activation=activation)])
+
+
+def _run(model, **kwargs):
+  kwargs.setdefault("num_samples", 12)
+  kwargs.setdefault("max_steps", 200)
+  kwargs.setdefault("progress", False)
+  return synthesis.synthesize_with_info(model, **kwargs)
+
+
+def _probs(model, x):
+  """The model's class probabilities (softmax of logits; sigmoid unit -> 2 classes)."""
+  out = np.asarray(model(x, training=False), np.float64)
+  if out.shape[-1] == 1:
+    return np.concatenate([1 - out, out], axis=-1)
+  if np.allclose(out.sum(-1), 1.0, atol=1e-4) and out.min() >= 0:
+    return out
+  e = np.exp(out - out.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- labeled
+
+
+def test_labeled_balanced_confident_and_in_range_without_batchnorm():
+  model = _cnn(bn=False)
+  r = _run(model, num_samples=12, batch_size=5, confidence_range=(0.6, 0.9))
+  assert r.x.shape == (12, 8, 8, 1) and r.x.dtype == np.float32
+  assert r.y.dtype == np.int64
+  assert r.class_counts().tolist() == [4, 4, 4]
+  assert r.x.min() >= 0.0 and r.x.max() <= 1.0
+  assert r.assumed_range and r.input_range == (0.0, 1.0)
+  assert r.output_kind == "logits"
+  tau = r.target_confidences
+  assert np.all((tau >= 0.6) & (tau <= 0.9))
+  assert r.reached_share() >= 0.9
+  # A sample that reached its target holds at least that confidence ...
+  assert np.all(r.confidences[r.reached] >= tau[r.reached] - 1e-4)
+  # ... and one that had to move stopped right there, not saturated at p=1.
+  moved = r.reached & (r.steps > 0)
+  assert moved.sum() >= 6
+  assert np.all(r.confidences[moved] - tau[moved] < 0.1)
+  # The confidences are the model's own p(y|x) on the returned inputs.
+  p = _probs(model, r.x)[np.arange(12), r.y]
+  np.testing.assert_allclose(r.confidences, p, atol=1e-4)
+  # 3 batches (5, 5, 2 padded to 5): one trace of the step function.
+  assert r.info["traces"] == 1
+  assert np.all(r.steps[r.reached] < 200)
+
+
+def test_labeled_does_not_use_batchnorm(monkeypatch):
+  def forbidden(model):
+    raise AssertionError("labeled synthesis looked for BatchNorm layers")
+  monkeypatch.setattr(synthesis, "batchnorm_layers", forbidden)
+  r = _run(_cnn(bn=True))
+  assert r.class_counts().tolist() == [4, 4, 4] and r.reached_share() >= 0.9
+  with pytest.raises(AssertionError, match="looked for BatchNorm"):
+    _run(_cnn(bn=True), method="zeroq")
+
+
+def test_conv1d_signal_model():
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((16, 2)), layers.Conv1D(4, 3, activation="relu"),
+                            layers.Flatten(), _head(3)])
+  r = _run(model)
+  assert r.x.shape == (12, 16, 2)
+  assert r.info["tv_axes"] == [1]
+  assert r.class_counts().tolist() == [4, 4, 4]
+  assert r.reached_share() >= 0.9
+
+
+def test_plain_dense_model_gets_no_tv():
+  # Two Dense layers whose every class is reachable inside the box by construction:
+  # the hidden layer copies the inputs, class k reads inputs k, k+4, k+8.
+  model = keras.Sequential([keras.Input((10,)), layers.Dense(10, activation="relu"),
+                            layers.Dense(4)])
+  model.layers[0].set_weights([np.eye(10, dtype=np.float32), np.zeros(10, np.float32)])
+  head = np.where(np.arange(10)[:, None] % 4 == np.arange(4)[None, :], 3.0, -1.0)
+  model.layers[1].set_weights([head.astype(np.float32), np.zeros(4, np.float32)])
+  r = _run(model, num_samples=8)
+  assert r.x.shape == (8, 10)
+  assert r.info["tv_axes"] == []
+  assert r.class_counts().tolist() == [2, 2, 2, 2]
+  assert r.reached_share() >= 0.9
+
+
+def test_sigmoid_output_is_binary():
+  model = _dense(classes=1, activation="sigmoid")
+  r = _run(model, num_samples=10)
+  assert r.num_classes == 2 and r.output_kind == "sigmoid_logit"
+  assert r.class_counts().tolist() == [5, 5]
+  p = _probs(model, r.x)[np.arange(10), r.y]
+  np.testing.assert_allclose(r.confidences, p, atol=1e-4)
+  assert r.reached_share() >= 0.9
+  assert np.all(r.confidences[r.reached] >= r.target_confidences[r.reached] - 1e-4)
+
+
+@pytest.mark.parametrize("head", ["layer", "activation", "dense_activation"])
+def test_softmax_last_layer_is_looked_through(head):
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((10,))
+  h = layers.Dense(8, activation="relu")(inp)
+  if head == "dense_activation":
+    out = _head(3, activation="softmax")(h)
+  else:
+    z = _head(3)(h)
+    out = layers.Softmax()(z) if head == "layer" else layers.Activation("softmax")(z)
+  model = keras.Model(inp, out)
+  r = _run(model, num_samples=9)
+  assert r.output_kind == "logits"  # optimized on the logits under the softmax
+  p = np.asarray(model(r.x), np.float64)[np.arange(9), r.y]
+  np.testing.assert_allclose(r.confidences, p, atol=1e-4)
+  assert r.reached_share() >= 0.9
+
+
+def test_softmax_output_without_visible_layer_read_as_probabilities():
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((10,))
+  out = layers.Lambda(tf.nn.softmax)(_head(3)(inp))
+  model = keras.Model(inp, out)
+  r = _run(model, num_samples=9)
+  assert r.output_kind == "softmax"
+  assert r.reached_share() >= 0.9
+
+
+def test_deterministic_for_a_seed():
+  model = _cnn(bn=True)
+  a = _run(model, seed=7, batch_size=5)
+  b = _run(model, seed=7, batch_size=5)
+  c = _run(model, seed=8, batch_size=5)
+  np.testing.assert_array_equal(a.x, b.x)
+  np.testing.assert_array_equal(a.y, b.y)
+  np.testing.assert_array_equal(a.steps, b.steps)
+  assert not np.array_equal(a.x, c.x)
+  z1 = _run(model, method="zeroq", seed=7, max_steps=20, batch_size=5)
+  z2 = _run(model, method="zeroq", seed=7, max_steps=20, batch_size=5)
+  np.testing.assert_array_equal(z1.x, z2.x)
+
+
+def test_synthesize_returns_x_y():
+  x, y = synthesis.synthesize(_dense(classes=2), num_samples=4, max_steps=50,
+                              progress=False)
+  assert x.shape == (4, 10) and y.tolist().count(0) == 2
+
+
+def test_progress_bar_writes_when_asked(capfd):
+  _run(_dense(classes=2), num_samples=4, max_steps=20, progress=True)
+  assert "synthesize (labeled)" in capfd.readouterr().err
+  _run(_dense(classes=2), num_samples=4, max_steps=20, progress=False)
+  assert "synthesize" not in capfd.readouterr().err
+
+
+def test_smoothness_prior_is_mean_squared_neighbour_difference():
+  u = tf.constant(np.random.default_rng(0).uniform(-1, 1, (3, 5, 4, 2)), tf.float32)
+  want = (np.mean(np.square(np.diff(u.numpy(), axis=1)), axis=(1, 2, 3))
+          + np.mean(np.square(np.diff(u.numpy(), axis=2)), axis=(1, 2, 3)))
+  np.testing.assert_allclose(synthesis._smoothness(u, (1, 2)).numpy(), want, rtol=1e-5)
+  signal = u[:, :, 0, :]  # (N, T, C)
+  want = np.mean(np.square(np.diff(signal.numpy(), axis=1)), axis=(1, 2))
+  np.testing.assert_allclose(synthesis._smoothness(signal, (1,)).numpy(), want, rtol=1e-5)
+  smooth = tf.ones((2, 5, 4, 2))
+  np.testing.assert_allclose(synthesis._smoothness(smooth, (1, 2)).numpy(), 0.0)
+
+
+# --------------------------------------------------------------------------- input range
+
+
+def test_input_range_from_rescaling():
+  model = _cnn(preprocess=layers.Rescaling(1 / 255.0))
+  r = _run(model)
+  assert r.input_range == (0.0, 255.0) and not r.assumed_range
+  assert "Rescaling" in r.input_range_source
+  assert r.x.min() >= 0.0 and r.x.max() <= 255.0 and r.x.max() > 1.0
+
+
+def test_input_range_from_rescaling_with_offset_and_normalization():
+  model = _cnn(preprocess=layers.Rescaling(1 / 127.5, offset=-1.0))
+  assert synthesis.inspect_classifier(model).input_range == (0.0, 255.0)
+  model = _cnn(preprocess=layers.Normalization(mean=100.0, variance=400.0))
+  low, high, source = synthesis.infer_input_range(model)
+  assert (low, high) == pytest.approx((40.0, 160.0)) and "Normalization" in source
+
+
+def test_input_range_argument_and_override_warning():
+  r = _run(_cnn(), input_range=(-2, 2), method="noise")
+  assert r.input_range == (-2.0, 2.0) and not r.assumed_range
+  assert r.x.min() >= -2 and r.x.max() <= 2 and r.x.min() < 0
+  with pytest.warns(UserWarning, match="overrides"):
+    _run(_cnn(preprocess=layers.Rescaling(1 / 255.0)), input_range=(0, 1),
+         method="noise")
+
+
+@pytest.mark.parametrize("bad", [(1, 0), (0, float("inf")), (0,), "0-1", None])
+def test_invalid_input_range(bad):
+  if bad is None:
+    bad = (3, 3)
+  with pytest.raises(InvalidInputError, match=r"input_range=\(low, high\)"):
+    _run(_cnn(), input_range=bad)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_zeroq_needs_batchnorm():
+  with pytest.raises(UnsupportedModelError, match="BatchNormalization.*method='labeled'"):
+    _run(_cnn(bn=False), method="zeroq")
+
+
+def test_zeroq_matches_batchnorm_statistics_and_labels_by_argmax():
+  model = _cnn(bn=True)
+  bn = model.get_layer("bn")
+  # Statistics that inputs in the valid range can produce: those of dim images.
+  dim = np.random.default_rng(0).uniform(0.1, 0.3, (64, 8, 8, 1)).astype(np.float32)
+  feats = np.asarray(model.get_layer("conv")(dim))
+  bn.moving_mean.assign(feats.mean(axis=(0, 1, 2)))
+  bn.moving_variance.assign(feats.var(axis=(0, 1, 2)))
+  r = _run(model, method="zeroq", max_steps=100, num_samples=8)
+  assert r.info["bn_loss_final"] < 0.2 * r.info["bn_loss_initial"]
+  assert r.info["batchnorm_layers"] == ["bn"]
+  np.testing.assert_array_equal(r.y, np.argmax(_probs(model, r.x), axis=-1))
+  assert r.target_confidences is None and r.reached is None
+  assert np.all(r.steps == 100)
+
+
+def test_noise_labels_are_the_argmax():
+  model = _cnn()
+  r = _run(model, method="noise", num_samples=20)
+  np.testing.assert_array_equal(r.y, np.argmax(_probs(model, r.x), axis=-1))
+  np.testing.assert_allclose(r.confidences, _probs(model, r.x).max(-1), atol=1e-5)
+  assert np.all(r.steps == 0) and r.x.min() >= 0 and r.x.max() <= 1
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry():
+  assert synthesis.available_methods()[:3] == ["labeled", "zeroq", "noise"]
+  noise = synthesis.get_generator("noise")
+  assert synthesis.get_generator(synthesis.SynthesisMethod.NOISE) is noise
+  with pytest.raises(InvalidInputError, match=r"\['labeled', 'zeroq', 'noise'\].*'magic'"):
+    synthesis.get_generator("magic")
+
+  @synthesis.register_generator("ones_for_test")
+  def _ones(classifier, options, rng, bar):
+    x = np.ones((options.num_samples,) + classifier.input_shape, np.float32)
+    return synthesis.GeneratedData(x=x, y=classifier.predict_labels(x))
+
+  try:
+    r = _run(_dense(classes=2), method="ones_for_test", num_samples=3)
+    assert np.all(r.x == 1.0) and r.method == "ones_for_test"
+    with pytest.raises(InvalidInputError, match="already registered"):
+      synthesis.register_generator("ones_for_test")(lambda *a: None)
+  finally:
+    synthesis._GENERATORS.pop("ones_for_test")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_method():
+  with pytest.raises(InvalidInputError, match="Expected method to be one of"):
+    _run(_dense(), method="deepinversion")
+
+
+def test_too_few_samples():
+  with pytest.raises(InvalidInputError, match=r"num_samples >= the number of classes \(4\)"):
+    _run(_dense(classes=4), num_samples=3)
+
+
+def test_output_without_classes():
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(3, 3)])
+  with pytest.raises(UnsupportedModelError, match=r"\(batch, num_classes\)"):
+    _run(model)
+
+
+def test_multi_label_sigmoid_refused():
+  with pytest.raises(UnsupportedModelError, match="multi-label"):
+    _run(_dense(classes=3, activation="sigmoid"))
+
+
+def test_unusable_models():
+  keras.utils.set_random_seed(0)
+  a, b = keras.Input((4,)), keras.Input((4,))
+  two = keras.Model([a, b], layers.Dense(2)(layers.Concatenate()([a, b])))
+  with pytest.raises(UnsupportedModelError, match="one input"):
+    _run(two)
+  inp = keras.Input((None, 3))
+  dynamic = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling1D()(inp)))
+  with pytest.raises(UnsupportedModelError, match="fixed input shape"):
+    _run(dynamic)
+  with pytest.raises(InvalidInputError, match="tf_keras classifier"):
+    _run("model.h5")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"confidence_range": (0.9, 0.5)}, "confidence_range"),
+    ({"confidence_range": (0.5, 1.0)}, "confidence_range"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"tv_weight": -1}, "tv_weight"),
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"seed": "x"}, "seed"),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(InvalidInputError, match=match):
+    _run(_dense(), **kwargs)
+
+
+# --------------------------------------------------------------------------- real model
+
+
+def test_labeled_on_trained_cnn(trained_cnn):
+  r = _run(trained_cnn, num_samples=100, batch_size=50, max_steps=300)
+  assert r.class_counts().tolist() == [10] * 10
+  assert r.reached_share() >= 0.95
+  # The float model assigns (nearly) every sample to its target class ...
+  assert np.mean(trained_cnn.predict(r.x, verbose=0).argmax(-1) == r.y) >= 0.95
+  # ... with confidences spread over the target range, not saturated.
+  assert np.percentile(r.confidences, 10) < 0.65
+  assert np.percentile(r.confidences, 90) > 0.8
+  assert np.median(np.abs(r.confidences - r.target_confidences)) < 0.05
