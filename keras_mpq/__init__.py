@@ -24,8 +24,8 @@ __version__ = "0.1.0"
 from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasibleError,
                              BudgetKind, CostTable, ExportResult, InvalidInputError,
                              KerasMpqError, LayerCost, LayerExport, MissingDependencyError,
-                             ParetoPoint, QuantizationPlan, SensitivityTable,
-                             SynthesisResult, UnsupportedModelError, ValidationResult)
+                             ParetoPoint, QuantizationPlan, SearchResult,
+                             SensitivityTable, SynthesisResult, UnsupportedModelError, ValidationResult)
 
 # public name -> module that defines it
 _LAZY = {
@@ -33,6 +33,8 @@ _LAZY = {
     "synthesize": "synthesis", "synthesize_with_info": "synthesis",
     "register_generator": "synthesis",
     "measure_sensitivity": "sensitivity", "search": "sensitivity",
+    "register_metric": "sensitivity", "available_metrics": "sensitivity",
+    "plot_sensitivity": "report", "summary_table": "report",
     "allocate": "allocation", "pareto_front": "allocation",
     "cost_table": "costs", "layer_costs": "costs",
     "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
@@ -48,7 +50,7 @@ _LAZY = {
 __all__ = sorted(list(_LAZY) + [
     "ACTIVATION_BITS", "FLOAT_BITS", "Budget", "BudgetInfeasibleError", "BudgetKind",
     "CostTable", "ExportResult", "InvalidInputError", "KerasMpqError", "LayerCost",
-    "LayerExport", "MissingDependencyError", "ParetoPoint", "QuantizationPlan",
+    "LayerExport", "MissingDependencyError", "ParetoPoint", "QuantizationPlan", "SearchResult",
     "SensitivityTable", "SynthesisResult", "UnsupportedModelError", "ValidationResult"])
 
 

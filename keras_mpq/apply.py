@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from keras_mpq import quantizers
+from keras_mpq import model_io, quantizers
 from keras_mpq.compat import keras, tf, tfmot
 from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
                              UnsupportedModelError, check_weight_bits)
@@ -47,20 +47,7 @@ def _model_nodes(model, layer):
 
 def _graph_layers(model):
   """Checks the model is a flat Sequential/functional graph; returns its layers."""
-  if not isinstance(model, keras.Model):
-    raise InvalidInputError(
-        f"Expected a tf_keras Model. Received: {type(model).__name__}. "
-        "Load Keras 3 models with keras_mpq.load_model first.")
-  if not getattr(model, "_is_graph_network", False):
-    raise UnsupportedModelError(
-        f"Model {model.name!r} is subclassed or not built. Expected a Sequential "
-        "or functional model with a known input shape (call model.build or "
-        "give the first layer an input shape).")
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      raise UnsupportedModelError(
-          f"Layer {layer.name!r} is a nested model ({type(layer).__name__}). "
-          "Expected a flat model: rebuild it with the sub-model's layers inlined.")
+  model_io.check_graph_model(model)
   return model.layers
 
 

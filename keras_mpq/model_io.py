@@ -644,20 +644,14 @@ def _output_difference(k3_model, tfk_model, seed: int) -> Tuple[float, float]:
 # --------------------------------------------------------------------------- checks
 
 
-def check_model(model) -> "keras.Model":
-  """Raises a clear error if keras_mpq cannot quantize ``model``; returns it otherwise.
+def check_graph_model(model) -> None:
+  """Raises unless ``model`` is a built, flat tf_keras Sequential or functional model.
 
-  Requirements: a tf_keras Sequential or functional model (not subclassed,
-  no nested models), one input and one output of shape ``(batch, classes)``,
-  at least one quantizable layer (Dense, Conv1D, Conv2D, DepthwiseConv2D,
-  SeparableConv2D, Conv2DTranspose), and finite weights.
-
-  Example:
+  The structural part of `check_model`; every stage that walks the layer
+  graph (BatchNorm folding, quantization) relies on it.
 
   >>> from keras_mpq.compat import keras
-  >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
-  >>> check_model(m) is m
-  True
+  >>> check_graph_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
   """
   if is_keras3_model(model):
     raise InvalidInputError(
@@ -678,6 +672,24 @@ def check_model(model) -> "keras.Model":
           f"Expected a flat model. Received: layer {layer.name!r} is a nested model "
           f"({type(layer).__name__}). Rebuild the model with the sub-model's layers "
           "inlined.")
+
+
+def check_model(model) -> "keras.Model":
+  """Raises a clear error if keras_mpq cannot quantize ``model``; returns it otherwise.
+
+  Requirements: a tf_keras Sequential or functional model (not subclassed,
+  no nested models), one input and one output of shape ``(batch, classes)``,
+  at least one quantizable layer (Dense, Conv1D, Conv2D, DepthwiseConv2D,
+  SeparableConv2D, Conv2DTranspose), and finite weights.
+
+  Example:
+
+  >>> from keras_mpq.compat import keras
+  >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
+  >>> check_model(m) is m
+  True
+  """
+  check_graph_model(model)
   if len(model.inputs) != 1 or len(model.outputs) != 1:
     raise UnsupportedModelError(
         "Expected a model with one input and one output; several inputs or outputs "

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from keras_mpq import fileio
-from keras_mpq.types import FLOAT_BITS, SensitivityTable
+from keras_mpq.types import FLOAT_BITS, InvalidInputError, SensitivityTable
 
 
 def _fmt(v, digits=4) -> str:
@@ -84,19 +84,32 @@ def _save(fig, path) -> str:
 
 
 def plot_sensitivity(table: SensitivityTable, path) -> str:
-  """Grouped bars: each layer's score at each candidate bit-width (PNG)."""
+  """Heatmap of ``table`` (layers x bits, annotated) written as a PNG, atomically.
+
+  >>> plot_sensitivity(table, "sensitivity.png")  # doctest: +SKIP
+  'sensitivity.png'
+  """
+  if not isinstance(table, SensitivityTable):
+    raise InvalidInputError(
+        f"Expected a keras_mpq.SensitivityTable. Received: {type(table).__name__}")
   plt = _pyplot()
-  n, k = len(table.layers), len(table.bits)
-  fig, ax = plt.subplots(figsize=(max(6, 0.5 * n * k / 2 + 3), 4))
-  width = 0.8 / k
-  xs = np.arange(n)
-  for j, b in enumerate(table.bits):
-    ax.bar(xs + j * width, table.scores[:, j], width, label=f"{b}-bit")
-  ax.set_xticks(xs + 0.4 - width / 2)
-  ax.set_xticklabels(table.layers, rotation=60, ha="right", fontsize=8)
-  ax.set_ylabel(f"sensitivity ({table.metric})")
-  ax.set_title("Per-layer sensitivity")
-  ax.legend()
+  scores = table.scores
+  fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(table.bits),
+                                  1.2 + 0.32 * len(table.layers)))
+  limit = float(np.max(np.abs(scores))) or 1.0
+  image = ax.imshow(scores, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+  ax.set_xticks(range(len(table.bits)))
+  ax.set_xticklabels([f"{b}-bit" for b in table.bits])
+  ax.set_yticks(range(len(table.layers)))
+  ax.set_yticklabels(table.layers, fontsize=8)
+  if len(table.layers) * len(table.bits) <= 200:
+    for i in range(len(table.layers)):
+      for j in range(len(table.bits)):
+        dark = abs(scores[i, j]) > 0.6 * limit
+        ax.text(j, i, f"{scores[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
+  fig.colorbar(image, ax=ax, label=f"sensitivity ({table.metric})")
+  ax.set_title(f"Per-layer sensitivity: {table.metric}")
   return _save(fig, path)
 
 

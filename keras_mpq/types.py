@@ -476,6 +476,37 @@ class CostTable:
                tuple(LayerCost(**c) for c in d.get("layer_costs", [])))
 
 
+# --------------------------------------------------------------------------- sensitivity search results
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+  """What `search` found.
+
+  Attributes:
+    plan: the plan with the lowest measured loss among the rounds' plans that
+      meet the budget (``plan.info["search"]`` says which round).
+    sensitivity: the last round's `SensitivityTable`.
+    rounds: one dict per round: ``round``, ``weight_bits``, ``predicted``
+      (the table's sum for the plan), ``measured_loss`` (L(plan) on the data,
+      calibrated at the plan), ``cost`` (in the budget's unit), ``budget``,
+      ``within_budget``, ``changed`` (plan differs from the previous round's),
+      ``repeat_of`` (the earlier round with the same plan, else None),
+      ``seconds``.
+  """
+
+  plan: QuantizationPlan
+  sensitivity: SensitivityTable
+  rounds: Tuple[Dict[str, Any], ...]
+
+  @property
+  def best_round(self) -> int:
+    return int(self.plan.info.get("search", {}).get("round", 0))
+
+  def to_dict(self) -> Dict[str, Any]:
+    return {"plan": self.plan.to_dict(), "sensitivity": self.sensitivity.to_dict(),
+            "rounds": to_jsonable(list(self.rounds))}
+
+
 # --------------------------------------------------------------------------- allocation results
 
 @dataclasses.dataclass(frozen=True)

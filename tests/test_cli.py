@@ -1,0 +1,96 @@
+"""The keras-mpq command: a real run on a .keras file saved by plain Keras 3, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_mpq import cli
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _run(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "keras_mpq.cli", *args], capture_output=True,
+                        text=True, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def keras3_file(tmp_path_factory, dataset):
+  """A small CNN built, trained (2 epochs on 4000 real images, ~91%) and saved by plain Keras 3."""
+  import keras  # Keras 3, as a user has it
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([
+      keras.Input((28, 28, 1)),
+      keras.layers.Conv2D(8, 3, activation="relu"),
+      keras.layers.MaxPooling2D(),
+      keras.layers.Conv2D(16, 3, activation="relu"),
+      keras.layers.MaxPooling2D(),
+      keras.layers.Flatten(),
+      keras.layers.Dense(10),
+  ])
+  model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.fit(dataset.x_train[:4000], dataset.y_train[:4000], epochs=2, verbose=0)
+  path = tmp_path_factory.mktemp("k3") / "user_model.keras"
+  model.save(path)
+  return path
+
+
+def test_quantize_keras3_file_end_to_end(keras3_file, tmp_path, dataset):
+  data = tmp_path / "test.npz"
+  np.savez(data, x=dataset.x_test[:300], y=dataset.y_test[:300])
+  out = tmp_path / "out"
+  proc = _run("quantize", str(keras3_file), "--budget", "4bit", "--target", "mobile",
+              "--out", str(out), "--samples", "32", "--rounds", "1",
+              "--eval_data", str(data), "--noprogress")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("model_mobile.tflite", "plan.json", "sensitivity.json", "report.json",
+               "sensitivity.png", "bits.png", "pareto.png"):
+    assert (out / name).stat().st_size > 0, name
+  report = json.loads((out / "report.json").read_text())
+  assert report["within_budget"]
+  assert report["validation"]["accuracy"] > 0.8  # ~91% float; LiteRT on real test images
+  assert "w_bits" in proc.stdout and "exported" in proc.stdout
+
+  proc = _run("inspect", str(out / "model_mobile.tflite"), "--plan", str(out / "plan.json"))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "plan check passed" in proc.stdout
+
+  proc = _run("validate", str(out / "model_mobile.tflite"), "--data", str(data))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "accuracy" in proc.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["quantize", "/nonexistent/model.keras", "--budget", "4bit", "--out", "OUT"], "not found|No such|does not exist"),
+    (["quantize", "MODEL", "--out", "OUT"], "--budget"),
+    (["quantize", "MODEL", "--budget", "4 parsecs", "--out", "OUT"], "budget unit"),
+    (["quantize", "MODEL", "--budget", "4bit", "--out", "/proc/nope"], "output directory"),
+    (["quantize", "MODEL", "--budget", "4bit", "--out", "OUT", "--pin", "conv1"], "--pin"),
+    (["validate", "GARBAGE", "--data", "DATA"], "tflite|TFLite|flatbuffer"),
+    (["inspect", "GARBAGE"], "tflite|TFLite|flatbuffer"),
+    (["frobnicate", "x"], "expected a command"),
+])
+def test_errors_are_one_line_and_exit_2(args, match, keras3_file, tmp_path, capsys):
+  garbage = tmp_path / "garbage.tflite"
+  garbage.write_bytes(os.urandom(300))
+  data = tmp_path / "d.npz"
+  np.savez(data, x=np.zeros((2, 28, 28, 1), np.float32), y=np.zeros(2, np.int64))
+  subst = {"MODEL": str(keras3_file), "OUT": str(tmp_path / "o"), "GARBAGE": str(garbage),
+           "DATA": str(data)}
+  argv = ["keras-mpq"] + [subst.get(a, a) for a in args]
+  cli.FLAGS.unparse_flags()
+  remaining = cli.FLAGS(argv)
+  try:
+    code = cli.main(remaining)
+  finally:
+    cli.FLAGS.unparse_flags()
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "Traceback" not in err
+  assert "error" in err
+  import re
+  assert re.search(match, err), err

@@ -1,0 +1,74 @@
+"""Report: the summary table a person reads and the PNG plots."""
+
+import os
+
+import numpy as np
+import pytest
+
+from keras_mpq import report
+from keras_mpq.types import (CostTable, InvalidInputError, ParetoPoint, QuantizationPlan,
+                             SensitivityTable)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def table():
+  return SensitivityTable(("conv1", "fc1"), (2, 4, 8),
+                          np.array([[0.9, 0.1, 0.0], [0.3, 0.02, 0.0]]))
+
+
+def _report():
+  return {
+      "layers": [
+          {"layer": "conv1", "type": "Conv2D", "role": "weights", "params": 144,
+           "weight_bits": 8, "activation_bits": 8, "weight_bytes": 300.0,
+           "sensitivity": 0.0},
+          {"layer": "relu1", "type": "ReLU", "role": "output", "weight_bits": None},
+          {"layer": "fc1", "type": "Dense", "role": "weights", "params": 2000,
+           "weight_bits": 2, "activation_bits": 8, "weight_bytes": 1100.0,
+           "sensitivity": 0.3}],
+      "achieved": {"bytes": 1400.0, "avg_bits": 2.46},
+      "budget": {"kind": "avg_bits", "value": 3.0, "text": "3 bits avg"},
+      "within_budget": True, "float_weight_bytes": 8576.0,
+      "unsupported_layers": ["lambda"], "search_rounds": [{"round": 0, "measured_loss": 0.5}],
+      "timings_s": {"synthesis": 1.25, "apply": 0.5},
+  }
+
+
+def test_summary_table_lists_weight_layers_and_totals():
+  text = report.summary_table(_report())
+  lines = text.splitlines()
+  assert lines[0].split()[:4] == ["layer", "type", "params", "w_bits"]
+  assert any(l.startswith("conv1") and " 8 " in l for l in lines)
+  assert not any(l.startswith("relu1") for l in lines)  # only weight layers
+  assert "within budget" in text and "6.1x smaller" in text
+  assert "left float" in text and "lambda" in text
+  assert "synthesis 1.2" in text or "synthesis 1.3" in text
+
+
+def test_summary_table_flags_over_budget():
+  r = _report()
+  r["within_budget"] = False
+  assert "OVER BUDGET" in report.summary_table(r)
+
+
+def test_plots_are_pngs_written_atomically(table, tmp_path):
+  paths = [report.plot_sensitivity(table, tmp_path / "s.png"),
+           report.plot_bits(_report(), tmp_path / "b.png"),
+           report.plot_pareto([ParetoPoint(100.0, 0.5, QuantizationPlan({"conv1": 2})),
+                               ParetoPoint(200.0, 0.1, QuantizationPlan({"conv1": 8}))],
+                              tmp_path / "p.png", chosen=(200.0, 0.1))]
+  for p in paths:
+    with open(p, "rb") as f:
+      assert f.read(8) == PNG
+  assert sorted(os.listdir(tmp_path)) == ["b.png", "p.png", "s.png"]  # no temp files
+  with pytest.raises(InvalidInputError, match="SensitivityTable"):
+    report.plot_sensitivity({"a": 1}, tmp_path / "x.png")
+
+
+def test_format_table_aligns_columns():
+  text = report.format_table([{"a": 1, "b": "xy"}, {"a": 123, "b": None}], ["a", "b"])
+  lines = text.splitlines()
+  assert len({len(l.rstrip()) for l in lines[:2]}) == 1 or len(lines) == 4
+  assert lines[3].split() == ["123", "-"]
