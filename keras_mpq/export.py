@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -194,7 +195,9 @@ def _quiet():
   except ImportError:  # pragma: no cover
     absl_logging = None
   try:
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+      # ai-edge-quantizer's calibrator keeps all tensors on purpose; LiteRT warns.
+      warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
       yield
   finally:
     logger.setLevel(old)
