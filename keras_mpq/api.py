@@ -113,7 +113,7 @@ def _cache_key(model, settings: Mapping[str, Any], data_x=None) -> str:
 def quantize(model, budget, data=None, target: str = "mobile",
              weight_bits: Sequence[int] = (2, 4, 8), activation_bits: int = 8,
              metric: str = "task_interaction", synthesis: str = "labeled",
-             num_samples: int = 256, rounds: int = 3,
+             num_samples: int = 256, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
              cache_dir=None, progress: Optional[bool] = None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
@@ -133,7 +133,11 @@ def quantize(model, budget, data=None, target: str = "mobile",
     metric: sensitivity metric (see `keras_mpq.sensitivity`).
     synthesis: 'labeled' (the paper's), 'zeroq' or 'noise' when data is None.
     num_samples: synthetic samples to generate.
-    rounds: refinement rounds of the task-interaction search.
+    rounds: rounds of the task-interaction search. 1 (the default) measures
+      sensitivity in the default context and allocates once; more rounds
+      re-measure in the context of the last plan and keep the plan with the
+      lowest measured loss. On synthetic data that refinement did not help
+      and once cost 20 points (benchmarks/bench_rounds.py), hence the default.
     pinned: layers fixed to given bits, e.g. ``{"conv1": 8}``.
     seed: makes the whole run repeatable.
     cache_dir: where to cache synthetic data and sensitivity so a killed run
