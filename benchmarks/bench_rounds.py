@@ -31,6 +31,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "rounds.md"
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="separable CNN at 4 bits only")
+  parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
   start = time.perf_counter()
   data = demo_data.load_default()
@@ -73,7 +74,7 @@ def main():
       "confidence rather than fidelity). `quantize` therefore defaults to rounds=1; "
       "`rounds=3` (or `--rounds 3`) runs the refinement.",
       ""])
-  fileio.write_text(RESULTS, text)
+  fileio.write_text(args.out, text)
   print(text)
   return 0
 
