@@ -357,10 +357,17 @@ def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]
 
   lo = np.full(len(pairs), np.inf)
   hi = np.full(len(pairs), -np.inf)
-  for batch in _as_batches(x, batch_size):
-    mins, maxs = ranges(tf.constant(batch))
-    lo = np.minimum(lo, np.array([m.numpy() for m in mins]))
-    hi = np.maximum(hi, np.array([m.numpy() for m in maxs]))
+  # Each calibrated model gets its own function, so TF's "retracing in a loop"
+  # warning fires across apply_plan calls although no function retraces.
+  tf_logger, level = tf.get_logger(), tf.get_logger().level
+  tf_logger.setLevel("ERROR")
+  try:
+    for batch in _as_batches(x, batch_size):
+      mins, maxs = ranges(tf.constant(batch))
+      lo = np.minimum(lo, np.array([m.numpy() for m in mins]))
+      hi = np.maximum(hi, np.array([m.numpy() for m in maxs]))
+  finally:
+    tf_logger.setLevel(level)
   result = {}
   for (layer, v), a, b in zip(pairs, lo, hi):
     v["min"].assign(float(a))

@@ -19,13 +19,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import struct
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from keras_mpq.types import FLOAT_BITS, InvalidInputError, QuantizationPlan
+from keras_mpq.types import FLOAT_BITS, InvalidInputError, KerasMpqError, QuantizationPlan
 
 try:  # the flatbuffer schema reader; a declared dependency of keras_mpq
   import tflite as _tfl
@@ -114,6 +116,31 @@ def read_bytes(path_or_bytes: Union[str, os.PathLike, bytes, bytearray]) -> byte
   return data
 
 
+def _damaged(e: Exception) -> InvalidInputError:
+  return InvalidInputError(
+      "Expected a readable TFLite flatbuffer; this one is truncated or corrupted "
+      f"({type(e).__name__}: {e}). Re-export the model.")
+
+
+# What reading a damaged flatbuffer's fields raises (struct.error is an Exception
+# subclass of its own; a missing name reads as None, then fails to decode).
+_PARSE_ERRORS = (struct.error, ValueError, IndexError, AttributeError, TypeError,
+                 UnicodeDecodeError, OverflowError)
+
+
+def _guarded(fn):
+  """Fields are read lazily; damage found then is the same clear error as at parse."""
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except KerasMpqError:
+      raise
+    except _PARSE_ERRORS as e:
+      raise _damaged(e) from None
+  return wrapper
+
+
 class _Reader:
   """Parses a model once; raises InvalidInputError if the flatbuffer is damaged."""
 
@@ -132,9 +159,7 @@ class _Reader:
     except InvalidInputError:
       raise
     except Exception as e:  # damaged offsets raise anything from struct/index errors
-      raise InvalidInputError(
-          "Expected a readable TFLite flatbuffer; this one is truncated or corrupted "
-          f"({type(e).__name__}: {e}). Re-export the model.") from None
+      raise _damaged(e) from None
 
   def _op(self, i) -> OpInfo:
     op = self.sg.Operators(i)
@@ -210,6 +235,7 @@ def parse(path_or_bytes) -> _Reader:
   return _Reader(read_bytes(path_or_bytes))
 
 
+@_guarded
 def inspect_tflite(path_or_bytes) -> List[TensorRow]:
   """One row per tensor: name, dtype, shape, bytes, constant or not, levels and bits used.
 
@@ -237,6 +263,7 @@ def inspect_tflite(path_or_bytes) -> List[TensorRow]:
   return rows
 
 
+@_guarded
 def list_ops(path_or_bytes) -> List[OpInfo]:
   """The operators of the main subgraph, in execution order."""
   return list(parse(path_or_bytes).ops)
@@ -258,6 +285,7 @@ def name_has_layer(tensor_name: str, layer: str) -> bool:
              for part in tensor_name.split(";"))
 
 
+@_guarded
 def layer_weight_ops(path_or_bytes, layers: Sequence[str]) -> Dict[str, List[dict]]:
   """For each Keras layer, the weight ops (conv, depthwise, fully connected) it became.
 
@@ -284,6 +312,7 @@ def layer_weight_ops(path_or_bytes, layers: Sequence[str]) -> Dict[str, List[dic
   return found
 
 
+@_guarded
 def check_against_plan(path_or_bytes, plan: QuantizationPlan) -> List[str]:
   """Problems found: layers whose stored weights carry more levels than planned.
 

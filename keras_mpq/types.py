@@ -191,7 +191,11 @@ class Budget:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Budget":
-    return cls(BudgetKind(d["kind"]), d["value"])
+    if not isinstance(d, Mapping) or "kind" not in d or "value" not in d:
+      raise InvalidInputError(
+          "Expected a budget dict {'kind': ..., 'value': ...}. "
+          f"Received: {dict(d) if isinstance(d, Mapping) else d!r}")
+    return cls(d["kind"], d["value"])
 
 
 # --------------------------------------------------------------------------- plan
