@@ -46,9 +46,12 @@ def main():
   print(f"Keras 3 model saved to {path}; float test accuracy "
         f"{model.evaluate(data.x_test, data.y_test, verbose=0)[1]:.4f}")
 
-  # A byte budget: 40% of what the all-8-bit weights would take.
+  # A byte budget halfway between the smallest plan (all 2/4-bit, scales and
+  # biases included) and the all-8-bit one.
   costs = keras_mpq.cost_table(keras_mpq.fold_batchnorm(keras_mpq.load_model(path)))
-  budget = keras_mpq.Budget.bytes(0.4 * costs.matrix("bytes")[:, -1].sum())
+  per_layer = costs.matrix("bytes")
+  smallest, largest = per_layer.min(axis=1).sum(), per_layer.max(axis=1).sum()
+  budget = keras_mpq.Budget.bytes(smallest + 0.5 * (largest - smallest))
   result = keras_mpq.quantize(path, budget, target="mcu", seed=0)
   print(report.summary_table(result.report))
 
