@@ -90,7 +90,7 @@ def main():
     rows.append(row)
     print(f"checked {name}")
 
-  print("\n== MNIST held-out accuracy and size (every figure measured in this run) ==")
+  print(f"\n== {data.name} held-out accuracy and size (every figure measured in this run) ==")
   print(f"test data: {data.split}; quantization data: {len(synthetic_x)} synthetic samples")
   print(report.format_table(
       rows, ["config", "avg_bits", "pred_bytes", "keras_acc", "mobile_bytes", "litert_acc",
