@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -87,6 +88,9 @@ def _parse_data(model, data) -> Tuple[np.ndarray, Optional[np.ndarray]]:
   x = apply_lib.check_data(model, x, "data")
   if y is not None:
     y = np.asarray(y)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+      raise InvalidInputError(
+          f"Expected integer class labels in data=(x, y). Received: labels of dtype {y.dtype}")
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot
       y = y.argmax(axis=1)
     y = y.reshape(-1)
@@ -108,6 +112,45 @@ def _cache_key(model, settings: Mapping[str, Any], data_x=None) -> str:
   if data_x is not None:
     h.update(np.ascontiguousarray(data_x).tobytes())
   return h.hexdigest()[:16]
+
+
+def _read_cached_data(path: pathlib.Path, model) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+  """Cached synthetic ``(x, y)``, or None if the file is unreadable or does not fit ``model``."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      x, y = np.asarray(z["x"]), np.asarray(z["y"]).reshape(-1)
+    x = apply_lib.check_data(model, x, "cached data")
+    if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+      return None
+    return x, y.astype(np.int64)
+  except Exception:  # pylint: disable=broad-except  # a damaged cache is recomputed
+    return None
+
+
+def _read_cached_search(path: pathlib.Path):
+  """Cached ``(plan, table, rounds)``, or None if the file is unreadable."""
+  try:
+    saved = json.loads(path.read_text())
+    return (QuantizationPlan.from_dict(saved["plan"]),
+            SensitivityTable.from_dict(saved["sensitivity"]), list(saved["rounds"]))
+  except Exception:  # pylint: disable=broad-except  # a damaged cache is recomputed
+    return None
+
+
+def _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data) -> None:
+  """Refuses bad settings before the expensive stages (synthesis can take minutes)."""
+  from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
+  from keras_mpq import sensitivity as sens_lib, synthesis as synth_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
+    raise InvalidInputError(f"Expected rounds >= 1. Received: rounds={rounds!r}")
+  sens_lib.get_metric(metric)
+  if data is None:
+    synth_lib.get_generator(synthesis)
+  # Unknown pins, a budget kind without costs, or a budget below the cheapest
+  # plan: the allocator says so now, on a zero table, instead of after synthesis.
+  zero = SensitivityTable(cost_table.layers, cost_table.bits,
+                          np.zeros((len(cost_table.layers), len(cost_table.bits))))
+  allocation.allocate(zero, budget, cost_table, pinned)
 
 
 def quantize(model, budget, data=None, target: str = "mobile",
@@ -174,11 +217,15 @@ def quantize(model, budget, data=None, target: str = "mobile",
     raise InvalidInputError("weight_bits are candidate integer bit-widths (2..8).")
   activation_bits = check_activation_bits(activation_bits)
   budget = Budget.parse(budget)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise InvalidInputError(f"Expected seed to be an integer >= 0. Received: seed={seed!r}")
   set_global_seed(seed)
 
   model = model_io.load_model(model)
   model_io.check_model(model)
   folded = apply_lib.fold_batchnorm(model)
+  cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
+  _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
   lap("load")
 
   settings = {"bits": bits, "activation_bits": activation_bits, "metric": metric,
@@ -191,9 +238,9 @@ def quantize(model, budget, data=None, target: str = "mobile",
   if data is None:
     key = _cache_key(model, {k: settings[k] for k in ("synthesis", "num_samples", "seed")})
     cached = cache / f"synthetic-{key}.npz" if cache else None
-    if cached is not None and cached.exists():
-      with np.load(cached) as z:
-        x, y = z["x"], z["y"]
+    hit = _read_cached_data(cached, model) if cached is not None and cached.exists() else None
+    if hit is not None:
+      x, y = hit
       data_info = {"source": "synthetic", "method": synthesis, "cached": str(cached)}
     else:
       made = synth_lib.synthesize_with_info(model, num_samples=num_samples,
@@ -201,9 +248,9 @@ def quantize(model, budget, data=None, target: str = "mobile",
       x, y = made.x, made.y
       data_info = {"source": "synthetic", **made.summary()}
       if cached is not None:
-        with fileio.atomic_path(cached) as tmp:
-          with open(tmp, "wb") as f:
-            np.savez(f, x=x, y=y)
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x, y=y)
+        fileio.write_bytes(cached, buffer.getvalue())
   else:
     x, y = _parse_data(model, data)
     data_info = {"source": "user", "labeled": y is not None}
@@ -213,14 +260,12 @@ def quantize(model, budget, data=None, target: str = "mobile",
   lap("synthesis")
 
   # 2-3. Sensitivity and allocation (the iterative task-interaction search).
-  cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   search_key = _cache_key(model, settings, x)
   cached_search = cache / f"search-{search_key}.json" if cache else None
-  if cached_search is not None and cached_search.exists():
-    saved = json.loads(cached_search.read_text())
-    plan = QuantizationPlan.from_dict(saved["plan"])
-    table = SensitivityTable.from_dict(saved["sensitivity"])
-    rounds_info = saved["rounds"]
+  hit = (_read_cached_search(cached_search)
+         if cached_search is not None and cached_search.exists() else None)
+  if hit is not None:
+    plan, table, rounds_info = hit
   else:
     found = sens_lib.search(folded, (x, y), budget, weight_bits=bits, rounds=rounds,
                             metric=metric, pinned=pinned, costs=cost_table, seed=seed,

@@ -112,6 +112,8 @@ def cmd_quantize(model_path: str) -> int:
     raise InvalidInputError(f"Expected --bits as integers, e.g. 2,4,8. "
                             f"Received: {','.join(FLAGS.bits)}") from None
   data = load_data(FLAGS.data) if FLAGS.data else None
+  # Read the evaluation data now: a bad file should fail before the long run.
+  eval_data = load_data(FLAGS.eval_data, need_labels=True) if FLAGS.eval_data else None
   if data is not None and data[1] is None:
     data = data[0]
   result = keras_mpq.quantize(
@@ -126,8 +128,8 @@ def cmd_quantize(model_path: str) -> int:
   report = dict(result.report)
   report["export"] = _asdict(exported)
   report["timings_s"] = {**report["timings_s"], "export": round(time.perf_counter() - start, 3)}
-  if FLAGS.eval_data:
-    x, y = load_data(FLAGS.eval_data, need_labels=True)
+  if eval_data is not None:
+    x, y = eval_data
     start = time.perf_counter()
     report["validation"] = _asdict(keras_mpq.validate_tflite(
         tflite_path, x, y, reference=result.model))
@@ -165,7 +167,7 @@ def cmd_validate(tflite_path: str) -> int:
   if not FLAGS.data:
     raise InvalidInputError("Expected --data with labeled inputs (.npz with x and y, "
                             "'mnist' or 'digits').")
-  x, y = load_data(FLAGS.data)
+  x, y = load_data(FLAGS.data, need_labels=True)
   result = keras_mpq.validate_tflite(tflite_path, x, y, runtime=FLAGS.runtime)
   for key, value in _asdict(result).items():
     if not isinstance(value, (list, dict)):
@@ -175,17 +177,30 @@ def cmd_validate(tflite_path: str) -> int:
 
 def cmd_inspect(tflite_path: str) -> int:
   from keras_mpq import tflite_inspect  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
   rows = tflite_inspect.inspect_tflite(tflite_path)
+  plan = _read_plan(FLAGS.plan) if FLAGS.plan else None
   print(tflite_inspect.format_rows(rows))
-  if FLAGS.plan:
-    plan = QuantizationPlan.from_json(pathlib.Path(FLAGS.plan).read_text())
+  if plan is not None:
     problems = tflite_inspect.check_against_plan(tflite_path, plan)
     if problems:
       print("\nplan check FAILED:\n  " + "\n  ".join(str(p) for p in problems))
       return 1
     print(f"\nplan check passed: every layer carries its planned bits ({len(plan.weight_bits)} layers)")
   return 0
+
+
+def _read_plan(spec: str):
+  """A `QuantizationPlan` from a plan.json path, or one clear error."""
+  from keras_mpq.types import InvalidInputError, KerasMpqError, QuantizationPlan  # pylint: disable=g-import-not-at-top
+  try:
+    return QuantizationPlan.from_json(pathlib.Path(spec).read_text())
+  except KerasMpqError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    raise InvalidInputError(
+        f"Expected --plan to be a plan.json written by keras-mpq quantize. Received: "
+        f"{spec!r} ({reason})") from None
 
 
 COMMANDS = {"quantize": cmd_quantize, "validate": cmd_validate, "inspect": cmd_inspect}
@@ -212,9 +227,18 @@ def main(argv) -> int:
     return 1
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad flag is a usage error: one line, exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"keras-mpq: error: {e}. See keras-mpq --helpshort.\n")
+    sys.exit(2)
+
+
 def run():
   """Console-script entry point (``keras-mpq``)."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ def quantize_array(w: np.ndarray, bits: int, reduce_axes: Sequence[int]):
     return w.copy(), None, None
   qmax = float(2 ** (bits - 1) - 1)
   maxabs = np.max(np.abs(w), axis=tuple(reduce_axes), keepdims=True)
-  scales = np.where(maxabs > 0, maxabs / qmax, 1.0).astype(np.float32)
+  # A subnormal max|w| underflows to a zero scale in float32; TFLite needs > 0.
+  tiny = np.finfo(np.float32).tiny
+  scales = np.where(maxabs > 0, np.maximum(maxabs / qmax, tiny), 1.0).astype(np.float32)
   ints = np.clip(np.round(w / scales), -qmax, qmax)
   return (ints * scales).astype(np.float32), ints.astype(np.int32), scales
 
@@ -158,7 +160,8 @@ def fake_quant_weights(w, bits, reduce_axes):
   bits = tf.cast(bits, w.dtype)
   qmax = tf.pow(tf.constant(2.0, w.dtype), bits - 1.0) - 1.0
   maxabs = tf.reduce_max(tf.abs(w), axis=list(reduce_axes), keepdims=True)
-  scale = tf.where(maxabs > 0, maxabs / qmax, tf.ones_like(maxabs))
+  tiny = np.finfo(w.dtype.as_numpy_dtype).tiny
+  scale = tf.where(maxabs > 0, tf.maximum(maxabs / qmax, tiny), tf.ones_like(maxabs))
   q = tf.clip_by_value(tf.round(w / scale), -qmax, qmax) * scale
   q = tf.where(bits >= float(FLOAT_BITS), w, q)
   return w + tf.stop_gradient(q - w)

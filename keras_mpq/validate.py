@@ -112,6 +112,43 @@ def _check_x(x, shape, dtype_name):
   return x
 
 
+def _check_references(reader) -> None:
+  """Raises unless every tensor, buffer and operator-code index in subgraph 0 is in range.
+
+  LiteRT refuses such a file, but (ai-edge-litert 2.3) an interpreter built
+  from one whose subgraph output index is -1 aborts the process with a double
+  free when it is destroyed; TFLite Micro segfaults. So the indices are
+  checked here, in Python, before either runtime sees the file.
+  """
+  def damaged(what):
+    return InvalidInputError(
+        f"Expected an intact TFLite flatbuffer. Received: {what}; the file is damaged. "
+        "Re-export the model.")
+  try:
+    sg, n = reader.sg, reader.n_tensors
+    for role, count, get in (("input", sg.InputsLength(), sg.Inputs),
+                             ("output", sg.OutputsLength(), sg.Outputs)):
+      for i in range(count):
+        if not 0 <= get(i) < n:
+          raise damaged(f"model {role} {i} refers to tensor {get(i)} of {n}")
+    n_codes = reader.model.OperatorCodesLength()
+    for op in reader.ops:
+      code = sg.Operators(op.index).OpcodeIndex()
+      if not 0 <= code < n_codes:
+        raise damaged(f"operator {op.index} has operator code {code} of {n_codes}")
+      if any(not -1 <= t < n for t in op.inputs) or any(not 0 <= t < n for t in op.outputs):
+        raise damaged(f"operator {op.index} ({op.op}) refers to tensors "
+                      f"{list(op.inputs)} -> {list(op.outputs)} of {n}")
+    for t in range(n):
+      if not 0 <= reader.tensors[t].Buffer() < reader.n_buffers:
+        raise damaged(f"tensor {t} refers to buffer {reader.tensors[t].Buffer()} of "
+                      f"{reader.n_buffers}")
+  except InvalidInputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # damaged offsets raise anything
+    raise damaged(f"{type(e).__name__} while reading it ({str(e)[:100]})") from None
+
+
 def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
                preserve_all_tensors: bool = False, return_interpreter: bool = False):
   """Runs the model on ``x``; returns float outputs (dequantized), shape (n, ...).
@@ -123,7 +160,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   if runtime not in RUNTIMES:
     raise InvalidInputError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
   data = tflite_inspect.read_bytes(path_or_bytes)
-  tflite_inspect.parse(data)  # a damaged file fails here, clearly
+  _check_references(tflite_inspect.parse(data))  # a damaged file fails here, clearly
   if runtime == "tflm":
     return _run_tflm(data, x)
   Interpreter, name = _litert_class(runtime)  # pylint: disable=invalid-name
@@ -133,13 +170,13 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
       kwargs["experimental_preserve_all_tensors"] = True
     interp = Interpreter(**kwargs)
     interp.allocate_tensors()
-  except (ValueError, RuntimeError) as e:
+    inp = interp.get_input_details()[0]  # tensor names are decoded here
+    out = interp.get_output_details()[0]
+  except (ValueError, RuntimeError, IndexError) as e:  # UnicodeDecodeError is a ValueError
     raise InvalidInputError(
         f"{name} could not load this .tflite file: {str(e).strip().splitlines()[0][:200]}. "
         "Is it a Vela-compiled Ethos-U file? Those run only on the NPU; validate "
         "the TFLite Micro file (ExportResult.mcu_path) instead.") from None
-  inp = interp.get_input_details()[0]
-  out = interp.get_output_details()[0]
   x = _check_x(x, inp["shape"], "TFLite")
   fixed = int(inp["shape"][0])
   dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
@@ -155,26 +192,76 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
       current = n
     if not dynamic and n != fixed:  # last partial batch of a fixed-batch model
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
-    interp.set_tensor(inp["index"], _quantize_input(chunk, inp))
-    interp.invoke()
-    outputs.append(_dequantize_output(interp.get_tensor(out["index"]), out)[:n])
+    try:
+      interp.set_tensor(inp["index"], _quantize_input(chunk, inp))
+      interp.invoke()
+      outputs.append(_dequantize_output(interp.get_tensor(out["index"]), out)[:n])
+    except (RuntimeError, ValueError, IndexError) as e:  # e.g. "Input tensor 4 lacks data"
+      raise InvalidInputError(
+          f"{name} failed to run this .tflite file: {str(e).strip()[:200]}. The file is "
+          "damaged or not a model keras_mpq exported; re-export it.") from None
   result = np.concatenate(outputs, axis=0)
   if return_interpreter:
     return result, interp, name
   return result
 
 
+def _verify_for_tflm(data: bytes) -> None:
+  """Has LiteRT check the flatbuffer before TFLite Micro reads it.
+
+  TFLite Micro trusts its model (no flatbuffer verifier): a damaged file made
+  its Python wrapper raise struct errors and its native code segfault
+  (tests/test_fuzz.py). LiteRT verifies the flatbuffer and the tensor and
+  buffer references while it builds an interpreter, so a file it refuses is
+  never handed to TFLite Micro. (Building alone missed files whose operators
+  have the wrong number of inputs, and LiteRT recomputes shapes that TFLite
+  Micro takes as stored: a stored output shape of [2**31 - 1, 4] crashed it.
+  So the file must also allocate, and every stored shape must equal the
+  shape LiteRT computes.)
+  """
+  try:
+    Interpreter, name = _litert_class("auto")  # pylint: disable=invalid-name
+  except MissingDependencyError:
+    return  # nothing to verify with; TFLite Micro reads the file unchecked
+  try:
+    interp = Interpreter(model_content=data, num_threads=1)
+    interp.allocate_tensors()
+    interp.get_input_details()
+    interp.get_output_details()
+    computed = {d["index"]: tuple(int(v) for v in d["shape"])
+                for d in interp.get_tensor_details()}
+  except (ValueError, RuntimeError, IndexError) as e:
+    raise InvalidInputError(
+        f"Expected an intact TFLite flatbuffer; {name} refused this file "
+        f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}). "
+        "Re-export the model.") from None
+  reader = tflite_inspect.parse(data)
+  for t, shape in computed.items():
+    if 0 <= t < reader.n_tensors and tuple(reader.shape(t)) != shape:
+      raise InvalidInputError(
+          f"Expected an intact TFLite flatbuffer. Received: tensor {reader.name(t)!r} "
+          f"is stored with shape {list(reader.shape(t))} but its operators give "
+          f"{list(shape)}; the file is damaged. Re-export the model.")
+
+
 def _run_tflm(data: bytes, x):
   Interpreter = _tflm_class()  # pylint: disable=invalid-name
+  _verify_for_tflm(data)
   try:
     interp = Interpreter.from_bytes(data, arena_size=max(len(data) * 10, 1 << 20))
-  except (RuntimeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except  # its Python reader raises struct errors
+    if isinstance(e, MissingDependencyError):
+      raise
     raise InvalidInputError(
         "TFLite Micro could not allocate this model: "
         f"{str(e).strip()[:200]}. Export it with target='mcu' (full integer, batch 1, "
         "only ops and types TFLite Micro runs).") from None
-  inp = _tflm_detail(interp.get_input_details(0))
-  out = _tflm_detail(interp.get_output_details(0))
+  try:
+    inp = _tflm_detail(interp.get_input_details(0))
+    out = _tflm_detail(interp.get_output_details(0))
+  except (RuntimeError, ValueError, IndexError) as e:
+    raise InvalidInputError(f"TFLite Micro could not read this model's input or output: "
+                            f"{str(e)[:200]}") from None
   if int(inp["shape"][0]) != 1:
     raise InvalidInputError(
         f"Expected a batch-1 model for TFLite Micro. Received: input shape "
@@ -185,9 +272,9 @@ def _run_tflm(data: bytes, x):
     try:
       interp.set_input(_quantize_input(x[i:i + 1], inp), 0)
       interp.invoke()
-    except (RuntimeError, ValueError) as e:
+      outputs.append(_dequantize_output(interp.get_output(0), out))
+    except (RuntimeError, ValueError, IndexError) as e:
       raise InvalidInputError(f"TFLite Micro failed to run this model: {str(e)[:200]}") from None
-    outputs.append(_dequantize_output(interp.get_output(0), out))
   return np.concatenate(outputs, axis=0)
 
 
@@ -236,6 +323,10 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
   data = tflite_inspect.read_bytes(path_or_bytes)
   if y is not None:
     y = np.asarray(y).reshape(-1)
+    if not (np.issubdtype(y.dtype, np.integer)
+            or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+      raise InvalidInputError(
+          f"Expected integer class labels y. Received: labels of dtype {y.dtype}")
     if len(y) != len(np.asarray(x)):
       raise InvalidInputError(
           f"Expected one label per input. Received: {len(np.asarray(x))} inputs and "
@@ -251,6 +342,11 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
     out = run_tflite(data, x, runtime=runtime)
   else:
     out, _, used = run_tflite(data, x, runtime=runtime, return_interpreter=True)
+  if len(out) != len(np.asarray(x)) or out.size == 0:
+    raise InvalidInputError(
+        f"Expected one output row per input. Received: {len(out)} output rows (shape "
+        f"{out.shape}) for {len(np.asarray(x))} inputs; the file's output shape is damaged "
+        "or not a classifier's. Re-export the model.")
   pred = out.reshape(len(out), -1).argmax(axis=1)
   acc = float(np.mean(pred == y)) if y is not None else None
   agreement = max_err = mean_err = None
@@ -304,7 +400,7 @@ def benchmark_latency(path_or_bytes, runs: int = 50, threads: int = 1, warmup: i
   0.21
   """
   data = tflite_inspect.read_bytes(path_or_bytes)
-  tflite_inspect.parse(data)
+  _check_references(tflite_inspect.parse(data))
   Interpreter, _ = _litert_class("auto")  # pylint: disable=invalid-name
   try:
     interp = Interpreter(model_content=data, num_threads=threads)
