@@ -288,6 +288,27 @@ def build_recipe(decisions: Sequence[_Decision], target: str) -> List[Dict[str, 
   return recipe
 
 
+MIN_RANGE_WIDTH = 1e-2
+"""Narrowest activation range written: a tensor that was constant during
+calibration (a channel zeroed by 2-bit weights, a dead ReLU) would otherwise
+get a near-zero scale, which LiteRT refuses ("no_integer_overflow_from_
+quantization"). Its values still quantize exactly; only the step widens."""
+
+
+def _widen_collapsed_ranges(calib) -> None:
+  """Widens (in place) every calibrated min/max pair narrower than MIN_RANGE_WIDTH."""
+  for qsv in calib.values():
+    if not isinstance(qsv, dict) or "min" not in qsv or "max" not in qsv:
+      continue
+    lo = np.asarray(qsv["min"], np.float32)
+    hi = np.asarray(qsv["max"], np.float32)
+    narrow = (hi - lo) < MIN_RANGE_WIDTH
+    if np.any(narrow):
+      center = (lo + hi) / 2
+      qsv["min"] = np.where(narrow, np.minimum(lo, center - MIN_RANGE_WIDTH / 2), lo)
+      qsv["max"] = np.where(narrow, np.maximum(hi, center + MIN_RANGE_WIDTH / 2), hi)
+
+
 def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
                          max_samples: int = 256, seed: int = 0,
                          calibration_model: Optional[bytes] = None) -> bytes:
@@ -323,6 +344,8 @@ def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarra
     calibrator = aeq.Quantizer(bytearray(calib_bytes), recipe)
     calib = (calibrator.calibrate({key: samples}, num_threads=1)
              if calibrator.need_calibration else None)
+    if calib:
+      _widen_collapsed_ranges(calib)
     q = aeq.Quantizer(bytearray(float_bytes), recipe)
     result = q.quantize(calib)
   return bytes(result.quantized_model)

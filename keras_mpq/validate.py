@@ -173,10 +173,12 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     inp = interp.get_input_details()[0]  # tensor names are decoded here
     out = interp.get_output_details()[0]
   except (ValueError, RuntimeError, IndexError) as e:  # UnicodeDecodeError is a ValueError
+    hint = (" It is a Vela-compiled Ethos-U file: those run only on the NPU; validate "
+            "the TFLite Micro file (ExportResult.mcu_path) instead."
+            if b"ethos-u" in bytes(data) else " Re-export the model.")
     raise InvalidInputError(
-        f"{name} could not load this .tflite file: {str(e).strip().splitlines()[0][:200]}. "
-        "Is it a Vela-compiled Ethos-U file? Those run only on the NPU; validate "
-        "the TFLite Micro file (ExportResult.mcu_path) instead.") from None
+        f"{name} could not load this .tflite file: "
+        f"{str(e).strip().splitlines()[0][:200]}.{hint}") from None
   x = _check_x(x, inp["shape"], "TFLite")
   fixed = int(inp["shape"][0])
   dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
