@@ -56,6 +56,15 @@ def train(model, x, y, epochs=3, batch_size=64, seed=0, verbose=0):
   return model
 
 
+def tiny_conv_dense(input_shape=(8, 8, 1), num_classes=4, seed=0, name="tiny"):
+  """Conv2D(8, 3, relu) 'conv' -> Flatten -> Dense(num_classes) 'fc', seeded: for fast tests."""
+  set_global_seed(seed)
+  inp = keras.Input(input_shape)
+  h = layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+  h = layers.Flatten()(h)
+  return keras.Model(inp, layers.Dense(num_classes, name="fc")(h), name=name)
+
+
 BUILDERS = {"plain_cnn": plain_cnn, "separable_cnn": separable_cnn}
 EPOCHS = {"plain_cnn": 3, "separable_cnn": 8}  # 96.8% / 95.3% on the MNIST split
 

@@ -31,6 +31,7 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tflite")
 
+from keras_mpq import model_zoo
 from keras_mpq import cli, tflite_inspect  # pylint: disable=g-import-not-at-top
 from keras_mpq.types import KerasMpqError, QuantizationPlan
 
@@ -48,11 +49,7 @@ def export_originals(d) -> Dict[str, pathlib.Path]:
   from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
   from keras_mpq.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(d)
-  set_global_seed(0)
-  inp = keras.Input((8, 8, 1))
-  h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-  h = keras.layers.Flatten()(h)
-  model = keras.Model(inp, keras.layers.Dense(4, name="fc")(h))
+  model = model_zoo.tiny_conv_dense(seed=0)
   x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
   mobile = export_lib.export_tflite(model, d / "mobile.tflite", PLAN.replace(fc=4), "mobile",
                                     calibration_data=x)

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("ai_edge_quantizer")
 
+from keras_mpq import model_zoo
 from keras_mpq import tflite_inspect  # pylint: disable=g-import-not-at-top
 from keras_mpq.types import KerasMpqError, QuantizationPlan
 
@@ -32,11 +33,7 @@ def export_pair(d) -> Tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
   from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
   from keras_mpq.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(d)
-  set_global_seed(0)
-  inp = keras.Input((8, 8, 1))
-  h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-  h = keras.layers.Flatten()(h)
-  model = keras.Model(inp, keras.layers.Dense(4, name="fc")(h))
+  model = model_zoo.tiny_conv_dense(seed=0)
   x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
   plan = QuantizationPlan({"conv": 8, "fc": 8})
   a = export_lib.export_tflite(model, d / "a.tflite", plan, "mobile", calibration_data=x)

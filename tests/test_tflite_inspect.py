@@ -5,6 +5,7 @@ import pytest
 
 pytest.importorskip("tflite")
 
+from keras_mpq import model_zoo
 from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
 from keras_mpq import tflite_inspect
 from keras_mpq.compat import keras, set_global_seed
@@ -14,12 +15,7 @@ from keras_mpq.types import InvalidInputError, QuantizationPlan
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   pytest.importorskip("ai_edge_quantizer")
-  set_global_seed(0)
-  inp = keras.Input((8, 8, 1))
-  h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-  h = keras.layers.Flatten()(h)
-  out = keras.layers.Dense(4, name="fc")(h)
-  model = keras.Model(inp, out)
+  model = model_zoo.tiny_conv_dense(seed=0)
   x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
   d = tmp_path_factory.mktemp("inspect")
   plan = QuantizationPlan({"conv": 2, "fc": 8})
