@@ -16,6 +16,7 @@ import datetime
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -106,7 +107,12 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--only", help="comma-separated results names to run")
+  parser.add_argument("--assemble", action="store_true",
+                      help="only assemble BENCHMARKS.md from benchmarks/results/*.md")
   args = parser.parse_args()
+  if args.assemble:
+    assemble(HERE / "results", ROOT / "BENCHMARKS.md")
+    return 0
   out_dir = ROOT / "bench_out" / "quick" if args.quick else HERE / "results"
   out_dir.mkdir(parents=True, exist_ok=True)
   only = set(args.only.split(",")) if args.only else None
@@ -129,7 +135,28 @@ def main():
   return 1 if failed else 0
 
 
-def assemble(results_dir, path, run_text="not recorded"):
+def nest(text: str) -> str:
+  """Shifts a section's headings so its top one is '##' (code fences left alone)."""
+  lines, fence, levels = text.splitlines(), False, []
+  for line in lines:
+    if line.startswith("```"):
+      fence = not fence
+    elif not fence and re.match(r"#+ ", line):
+      levels.append(len(line) - len(line.lstrip("#")))
+  shift = 2 - min(levels) if levels else 0
+  out, fence = [], False
+  for line in lines:
+    if line.startswith("```"):
+      fence = not fence
+    elif not fence and re.match(r"#+ ", line):
+      level = len(line) - len(line.lstrip("#"))
+      line = "#" * max(2, level + shift) + line[level:]
+    out.append(line)
+  return "\n".join(out)
+
+
+def assemble(results_dir, path,
+             run_text="sections from separate runs; each gives its own command and time"):
   sys.path.insert(0, str(ROOT))
   from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
   parts = [HEADER.format(date=datetime.date.today().isoformat(), machine=platform.machine(),
@@ -137,10 +164,7 @@ def assemble(results_dir, path, run_text="not recorded"):
   for _, name, _, _ in SUITE:
     section = results_dir / f"{name}.md"
     if section.exists():
-      text = section.read_text().strip()
-      # sections start at '#' or '##'; nest them under this document's title
-      lines = [("#" + l if l.startswith("#") else l) for l in text.splitlines()]
-      parts.append("\n".join(lines))
+      parts.append(nest(section.read_text().strip()))
   fileio.write_text(path, "\n\n".join(parts) + "\n")
   print(f"wrote {path}")
 
