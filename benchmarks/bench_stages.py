@@ -212,7 +212,7 @@ def main():
       "runs every step allowed (a worst case for that step count). "
       "Peak MB: resident set of the model's own process (ru_maxrss), after each stage.",
       "- Fewer synthetic samples and steps for the large models, to keep `make bench` "
-      "near 25 minutes on 2 cores: " + "; ".join(
+      "under half an hour on 2 cores (the last full run took 27 min): " + "; ".join(
           f"{m} {n} samples, at most {s} steps" for m, n, s in jobs
           if m != "plain_cnn") + (" (plain_cnn: 500 steps at most)." if not args.quick
                                   else "none in --quick (plain_cnn only)."),
