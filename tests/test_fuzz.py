@@ -304,3 +304,21 @@ def test_tflm_never_sees_a_file_litert_would_refuse(originals, tmp_path, what, v
   got = validate_outcomes([path], originals["data"])
   assert got[("tflm", str(path))] == "clear", got
   assert got[("cli", str(path))] == "clear", got
+
+
+def test_cli_inspect_of_a_bit_flipped_file_exits_2(originals, tmp_path):
+  # Byte flips that damage fields read lazily used to escape as struct.error
+  # ('internal error', exit 1); in a real process the command must exit 2.
+  a, b = originals["mobile"].read_bytes(), originals["mcu"].read_bytes()
+  flipped = None
+  for name, blob in mutate(a, b, 40, seed=0):
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(blob)
+    if name.startswith("flip-") and inspect_outcome(path) == "clear":
+      flipped = path
+      break
+  assert flipped is not None, "no bit flip damaged the file: the mutations are too weak"
+  proc = subprocess.run([sys.executable, "-m", "keras_mpq.cli", "inspect", str(flipped)],
+                        capture_output=True, text=True, env=ENV, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-1000:]
+  assert "keras-mpq: error" in proc.stderr and "Traceback" not in proc.stderr
