@@ -410,12 +410,17 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
 # --------------------------------------------------------------------------- bits access
 
 
+def _wrapper_bits_vars(wrapper) -> List[tf.Variable]:
+  """The bits variables of one tfmot wrapper's keras_mpq weight quantizers."""
+  return [qv["bits"] for _, q, qv in wrapper._weight_vars  # pylint: disable=protected-access
+          if isinstance(q, quantizers.WeightQuantizer)]
+
+
 def _weight_bits_vars(qmodel) -> Dict[str, List[tf.Variable]]:
   out = {}
   for layer in qmodel.layers:
     if isinstance(layer, _QuantizeWrapper):
-      vs = [qv["bits"] for _, q, qv in layer._weight_vars  # pylint: disable=protected-access
-            if isinstance(q, quantizers.WeightQuantizer)]
+      vs = _wrapper_bits_vars(layer)
       if vs:
         out[layer.layer.name] = vs
   return out
@@ -536,8 +541,7 @@ def layer_report(qmodel) -> List[Dict[str, object]]:
 
 
 def get_weight_bits_of(wrapper) -> Optional[int]:
-  vs = [qv["bits"] for _, q, qv in wrapper._weight_vars  # pylint: disable=protected-access
-        if isinstance(q, quantizers.WeightQuantizer)]
+  vs = _wrapper_bits_vars(wrapper)
   return int(round(float(vs[0].numpy()))) if vs else None
 
 

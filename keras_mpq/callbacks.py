@@ -276,11 +276,9 @@ def weight_mse_table(qmodel, bits: Sequence[int]) -> SensitivityTable:
                if isinstance(q, quantizers.WeightQuantizer)]
     if not kernels:
       continue
-    norm = sum(float(np.sum(w.astype(np.float64) ** 2)) for w, _ in kernels)
     row = []
     for b in bits:
-      err = sum(float(np.sum((quantizers.quantize_array(w, b, axes)[0] - w) ** 2))
-                for w, axes in kernels)
+      err, norm, _ = quantizers.quantization_error(kernels, b)
       row.append(err / norm if norm > 0 else 0.0)
     names.append(layer.layer.name)
     rows.append(row)

@@ -134,7 +134,7 @@ def quantize_array(w: np.ndarray, bits: int, reduce_axes: Sequence[int]):
   axes as size 1 so ``integers * scales == dequantized``. ``FLOAT_BITS``
   returns ``w`` unchanged (integers and scales are None).
 
-  >>> q, i, s = quantize_array(np.array([[0.5, -1.0], [1.0, 0.25]]), 2, (0,))
+  >>> q, i, s = quantize_array(np.array([[0.6, -1.0], [1.0, 0.25]]), 2, (0,))
   >>> i.tolist()
   [[1, -1], [1, 0]]
   """
@@ -149,6 +149,25 @@ def quantize_array(w: np.ndarray, bits: int, reduce_axes: Sequence[int]):
   scales = np.where(maxabs > 0, np.maximum(maxabs / qmax, tiny), 1.0).astype(np.float32)
   ints = np.clip(np.round(w / scales), -qmax, qmax)
   return (ints * scales).astype(np.float32), ints.astype(np.int32), scales
+
+
+def quantization_error(kernels, bits: int) -> Tuple[float, float, int]:
+  """``(||Q_b(W) - W||^2, ||W||^2, n)`` summed over ``(w, reduce_axes)`` kernels, in float64.
+
+  The data-free weight metric and HAWQ's perturbation term both build on it.
+
+  >>> quantization_error([(np.array([[1.0], [0.4]]), (0,))], 2)[0] > 0
+  True
+  """
+  err = norm = 0.0
+  count = 0
+  for w, axes in kernels:
+    w = np.asarray(w, dtype=np.float32)
+    q = quantize_array(w, bits, axes)[0]
+    err += float(np.sum((q.astype(np.float64) - w) ** 2))
+    norm += float(np.sum(w.astype(np.float64) ** 2))
+    count += w.size
+  return err, norm, count
 
 
 def fake_quant_weights(w, bits, reduce_axes):

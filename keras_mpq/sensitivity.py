@@ -652,15 +652,8 @@ def _kernels(folded, name: str) -> List[Tuple[Any, Tuple[int, ...]]]:
 
 def _quantization_error(folded, name: str, bits: int) -> Tuple[float, float, int]:
   """(||Q_b(W) - W||^2, ||W||^2, n) summed over the layer's kernels."""
-  err = norm = 0.0
-  count = 0
-  for var, axes in _kernels(folded, name):
-    w = var.numpy().astype(np.float32)
-    q = quantizers.quantize_array(w, bits, axes)[0]
-    err += float(np.sum((q.astype(np.float64) - w) ** 2))
-    norm += float(np.sum(w.astype(np.float64) ** 2))
-    count += w.size
-  return err, norm, count
+  return quantizers.quantization_error(
+      [(var.numpy(), axes) for var, axes in _kernels(folded, name)], bits)
 
 
 @register_metric(Metric.WEIGHT_MSE.value, needs_data=False, needs_labels=False)
