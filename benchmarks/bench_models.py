@@ -6,6 +6,8 @@ designs, so every accuracy benchmark draws its models from here:
 * ``plain_cnn`` and ``separable_cnn`` (the zoo's MNIST CNNs), trained with
   seeds 1 and 2 (seed 0 is what the unit tests train, so these are copies the
   tests never saw);
+* ``nobn_cnn``: a 5-layer MNIST CNN without BatchNorm (Conv-Conv-Conv-Dense-Dense,
+  ReLU), the case where BatchNorm statistics give a data-free method nothing;
 * ``mobilenet_v2``: the stock ``keras.applications.MobileNetV2`` (alpha 0.35,
   ``weights=None``), a model the project did not design, trained briefly on
   the same MNIST split padded to 32x32 and tiled to 3 channels.
@@ -35,7 +37,7 @@ from keras_mpq.compat import keras, set_global_seed
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = HERE.parent / "bench_out" / "models"
 SEEDS = (1, 2)
-NAMES = ("plain_cnn", "separable_cnn", "mobilenet_v2")
+NAMES = ("plain_cnn", "separable_cnn", "nobn_cnn", "mobilenet_v2")
 STOCK_EPOCHS = 3
 
 _DATA: Dict[str, demo_data.Dataset] = {}
@@ -70,6 +72,18 @@ def _build_stock(data: demo_data.Dataset, seed: int):
   return model_zoo.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
 
 
+def nobn_cnn(input_shape=(28, 28, 1), num_classes=10):
+  """Conv(16)-Conv(32, s2)-Conv(64, s2)-Dense(64)-Dense(classes), ReLU, no BatchNorm."""
+  layers = keras.layers
+  inp = keras.Input(input_shape, name="image")
+  x = layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inp)
+  x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+  x = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu", name="conv3")(x)
+  x = layers.Flatten(name="flatten")(x)
+  x = layers.Dense(64, activation="relu", name="fc1")(x)
+  return keras.Model(inp, layers.Dense(num_classes, name="logits")(x), name="nobn_cnn")
+
+
 def get(name: str, seed: int = 1):
   """Model ``name`` trained with ``seed`` (loaded from the cache when present)."""
   if name not in NAMES:
@@ -80,6 +94,11 @@ def get(name: str, seed: int = 1):
     return keras.models.load_model(path, compile=False)
   if name == "mobilenet_v2":
     model = _build_stock(data, seed)
+  elif name == "nobn_cnn":
+    set_global_seed(seed)
+    model = nobn_cnn(data.x_train.shape[1:], int(data.y_train.max()) + 1)
+    epochs = max(3, round(3 * 8000 / len(data.x_train)))
+    model = model_zoo.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
   else:
     model = model_zoo.build_and_train(name, data, seed=seed)
   CACHE.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,8 @@ _LAZY = {
     "quantize": "api", "QuantizationResult": "api",
     "synthesize": "synthesis", "synthesize_with_info": "synthesis",
     "register_generator": "synthesis",
+    "resolve_input_range": "input_range", "check_data_range": "input_range",
+    "activation_statistics": "realism", "compare_statistics": "realism",
     "measure_sensitivity": "sensitivity", "search": "sensitivity",
     "register_metric": "sensitivity", "available_metrics": "sensitivity",
     "plot_sensitivity": "report", "summary_table": "report",

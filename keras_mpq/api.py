@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -158,7 +159,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
              metric: str = "task_interaction", synthesis: str = "labeled",
              num_samples: int = 256, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
-             cache_dir=None, progress: Optional[bool] = None) -> QuantizationResult:
+             cache_dir=None, progress: Optional[bool] = None,
+             input_range: Optional[Tuple[float, float]] = None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -186,6 +188,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
     cache_dir: where to cache synthetic data and sensitivity so a killed run
       resumes (None: no cache).
     progress: progress bars (None: only when stderr is a terminal).
+    input_range: ``(low, high)`` of the model's valid inputs. Default: read
+      off a Rescaling/Normalization layer at the input, else [0, 1], assumed
+      (the summary and ``report["input_range"]`` say so). Synthetic data stays
+      inside it; real ``data`` outside it is an error naming both ranges.
 
   Returns:
     A `QuantizationResult`.
@@ -199,7 +205,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
   >>> result.export("model.tflite", target="mcu")  # doctest: +SKIP
   """
   from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
-  from keras_mpq import model_io, sensitivity as sens_lib, synthesis as synth_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import input_range as input_range_lib, model_io, realism  # pylint: disable=g-import-not-at-top
+  from keras_mpq import sensitivity as sens_lib, synthesis as synth_lib  # pylint: disable=g-import-not-at-top
 
   timings: Dict[str, float] = {}
   clock = time.perf_counter()
@@ -223,6 +230,15 @@ def quantize(model, budget, data=None, target: str = "mobile",
 
   model = model_io.load_model(model)
   model_io.check_model(model)
+  low, high, range_source, range_assumed = input_range_lib.resolve_input_range(model, input_range)
+  range_info = {"low": low, "high": high, "source": range_source, "assumed": range_assumed}
+  if range_assumed and data is None:
+    warnings.warn(
+        f"keras_mpq assumes the model takes inputs in [{low:g}, {high:g}]: it has no "
+        "Rescaling/Normalization input layer and no input_range was given. Synthetic "
+        "data, the input quantizer and the exported file all follow this range; pass "
+        "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another.",
+        stacklevel=2)
   folded = apply_lib.fold_batchnorm(model)
   cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
@@ -230,13 +246,15 @@ def quantize(model, budget, data=None, target: str = "mobile",
 
   settings = {"bits": bits, "activation_bits": activation_bits, "metric": metric,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
-              "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict()}
+              "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
+              "input_range": [low, high]}
   cache = fileio.ensure_dir(cache_dir) if cache_dir is not None else None
 
   # 1. Calibration data: synthesized from the model, or the user's.
   data_info: Dict[str, Any]
   if data is None:
-    key = _cache_key(model, {k: settings[k] for k in ("synthesis", "num_samples", "seed")})
+    key = _cache_key(model, {k: settings[k]
+                             for k in ("synthesis", "num_samples", "seed", "input_range")})
     cached = cache / f"synthetic-{key}.npz" if cache else None
     hit = _read_cached_data(cached, model) if cached is not None and cached.exists() else None
     if hit is not None:
@@ -244,15 +262,19 @@ def quantize(model, budget, data=None, target: str = "mobile",
       data_info = {"source": "synthetic", "method": synthesis, "cached": str(cached)}
     else:
       made = synth_lib.synthesize_with_info(model, num_samples=num_samples,
-                                            method=synthesis, seed=seed, progress=progress)
+                                            method=synthesis, seed=seed, progress=progress,
+                                            input_range=input_range)
       x, y = made.x, made.y
-      data_info = {"source": "synthetic", **made.summary()}
+      data_info = {"source": "synthetic", **made.summary(),
+                   "realism": realism.self_consistency(folded, x, made.x_midway)}
       if cached is not None:
         buffer = io.BytesIO()
         np.savez(buffer, x=x, y=y)
         fileio.write_bytes(cached, buffer.getvalue())
   else:
     x, y = _parse_data(model, data)
+    range_info.update(input_range_lib.check_data_range(x, low, high, range_source, range_assumed,
+                                                 "data"))
     data_info = {"source": "user", "labeled": y is not None}
     if y is None:
       y = np.argmax(model.predict(x, verbose=0, batch_size=256), axis=-1).astype(np.int64)
@@ -286,6 +308,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
 
   report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
                         data_info, rounds_info, timings, settings)
+  report["input_range"] = range_info
   return QuantizationResult(qmodel, plan, table, report, folded, x, cost_table)
 
 

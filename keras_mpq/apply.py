@@ -28,6 +28,15 @@ from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
                              UnsupportedModelError, check_weight_bits)
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
+_QuantizeLayer = tfmot.quantization.keras.QuantizeLayer if hasattr(
+    tfmot.quantization.keras, "QuantizeLayer") else None
+if _QuantizeLayer is None:  # pragma: no cover - tfmot 0.8 exports it under quantize_layer
+  from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer as _QuantizeLayer  # pylint: disable=g-import-not-at-top
+
+INPUT_QUANTIZER = "input_quantizer"
+"""Name of the layer that quantizes the model input, as the .tflite file does:
+the Keras model then sees exactly the input values the exported file sees (an
+input range that is too narrow shows in ``result.model.evaluate``)."""
 _QuantizeAnnotate = tfmot.quantization.keras.QuantizeAnnotate if hasattr(
     tfmot.quantization.keras, "QuantizeAnnotate") else None
 
@@ -51,13 +60,15 @@ def _graph_layers(model):
   return model.layers
 
 
-def rebuild(model, transform: Callable, name: Optional[str] = None):
+def rebuild(model, transform: Callable, name: Optional[str] = None,
+            input_hook: Optional[Callable] = None):
   """Rebuilds a flat functional/Sequential graph layer by layer.
 
   ``transform(layer)`` returns ``(new_layer, weights)`` to call ``new_layer``
   and set ``weights`` (a list, a callable taking the built new layer and
   returning the list, or None to keep its fresh weights), or ``(None, None)``
-  to drop the layer and pass its single input through.
+  to drop the layer and pass its single input through. ``input_hook(t)``, if
+  given, maps each new input tensor to what the input's consumers read.
   """
   _graph_layers(model)
   tensor_map: Dict[int, object] = {}
@@ -65,7 +76,7 @@ def rebuild(model, transform: Callable, name: Optional[str] = None):
   for t in model.inputs:
     new_t = keras.Input(batch_shape=t.shape, dtype=t.dtype,
                         name=t.name.split(":")[0].split("/")[0])
-    tensor_map[id(t)] = new_t
+    tensor_map[id(t)] = input_hook(new_t) if input_hook is not None else new_t
     new_inputs.append(new_t)
 
   def mapped(x):
@@ -106,6 +117,17 @@ def rebuild(model, transform: Callable, name: Optional[str] = None):
   for layer, weights in pending:
     layer.set_weights(weights(layer) if callable(weights) else weights)
   return new_model
+
+
+def layer_output(model, layer):
+  """``layer``'s output tensor in ``model``'s graph (a layer may also live in others).
+
+  tfmot keeps the input ``QuantizeLayer`` instance of the model it
+  transformed when the input has several consumers, so ``layer.output``
+  would name that other graph's tensor.
+  """
+  nodes = _model_nodes(model, layer)
+  return nodes[0].outputs if len(nodes) == 1 else layer.output
 
 
 def _clone_layer(layer):
@@ -251,6 +273,15 @@ def quantize_model(model, plan: QuantizationPlan):
   """
   check_plan(model, plan)
   fused = _fused_producers(model)
+  input_bits = plan.default_activation_bits
+
+  def add_input_quantizer(unwrapped):
+    if len(unwrapped.inputs) != 1:  # multi-input models are refused at calibration
+      return unwrapped
+    return rebuild(
+        unwrapped, lambda layer: (_clone_layer(layer), layer.get_weights()),
+        input_hook=lambda t: _QuantizeLayer(
+            quantizers.ActivationQuantizer(input_bits), name=INPUT_QUANTIZER)(t))
 
   def annotate(layer):
     config = quantizers.config_for_layer(
@@ -264,14 +295,20 @@ def quantize_model(model, plan: QuantizationPlan):
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
     return tfmot.quantization.keras.quantize_apply(
-        annotated, scheme=quantizers.MixedPrecisionScheme())
+        annotated, scheme=quantizers.MixedPrecisionScheme(add_input_quantizer))
 
 
 def _act_quant_vars(qmodel) -> List[Tuple[object, Dict[str, tf.Variable]]]:
-  """(layer, {'min','max','on'}) for every activation quantizer in ``qmodel``."""
+  """(layer, {'min','max','on'}) for every activation quantizer in ``qmodel``.
+
+  The input quantizer (a tfmot ``QuantizeLayer``) comes first.
+  """
   found = []
   for layer in qmodel.layers:
-    if isinstance(layer, _QuantizeWrapper):
+    if _QuantizeLayer is not None and isinstance(layer, _QuantizeLayer) and isinstance(
+        layer.quantizer, quantizers.ActivationQuantizer):
+      found.append((layer, layer.quantizer_vars))
+    elif isinstance(layer, _QuantizeWrapper):
       outq = getattr(layer, "_output_quantizers", None)
       if outq and isinstance(outq[0], quantizers.ActivationQuantizer):
         found.append((layer, layer._output_quantizer_vars))  # pylint: disable=protected-access
@@ -303,8 +340,14 @@ def activation_ranges(qmodel) -> Dict[str, Tuple[float, float]]:
   >>> activation_ranges(qmodel)["conv1"]  # doctest: +SKIP
   (-1.93, 2.71)
   """
-  return {layer.layer.name: (float(v["min"].numpy()), float(v["max"].numpy()))
+  return {quantized_name(layer): (float(v["min"].numpy()), float(v["max"].numpy()))
           for layer, v in _act_quant_vars(qmodel)}
+
+
+def quantized_name(layer) -> str:
+  """The Keras layer a quantized layer stands for (the wrapped layer's name)."""
+  inner = getattr(layer, "layer", None)
+  return inner.name if inner is not None else layer.name
 
 
 def _as_batches(x, batch_size):
@@ -347,7 +390,7 @@ def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]
   if not pairs:
     return {}
   set_activation_quantization(qmodel, False)
-  probe = keras.Model(qmodel.inputs, [layer.output for layer, _ in pairs])
+  probe = keras.Model(qmodel.inputs, [layer_output(qmodel, layer) for layer, _ in pairs])
 
   @tf.function(reduce_retracing=True)
   def ranges(batch):
@@ -372,7 +415,7 @@ def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]
   for (layer, v), a, b in zip(pairs, lo, hi):
     v["min"].assign(float(a))
     v["max"].assign(float(b))
-    result[layer.layer.name] = (float(a), float(b))
+    result[quantized_name(layer)] = (float(a), float(b))
   set_activation_quantization(qmodel, True)
   return result
 
@@ -464,7 +507,7 @@ def current_plan(qmodel, **info) -> QuantizationPlan:
   """The plan the quantized model carries now (weight and activation bits)."""
   act = {}
   for layer, _ in _act_quant_vars(qmodel):
-    if quantizers.is_weight_layer(layer.layer):
+    if isinstance(layer, _QuantizeWrapper) and quantizers.is_weight_layer(layer.layer):
       act[layer.layer.name] = layer._output_quantizers[0].num_bits  # pylint: disable=protected-access
   for layer in qmodel.layers:
     if isinstance(layer, _QuantizeWrapper) and isinstance(
@@ -489,6 +532,8 @@ def bake(qmodel):
   quantizer re-derives the same scales and integers from it.
   """
   def transform(layer):
+    if isinstance(layer, _QuantizeLayer):
+      return None, None  # the converter quantizes the input itself
     if not isinstance(layer, _QuantizeWrapper):
       return _clone_layer(layer), layer.get_weights()
     inner = layer.layer
@@ -522,6 +567,10 @@ def layer_report(qmodel) -> List[Dict[str, object]]:
   rows = []
   for layer in qmodel.layers:
     if isinstance(layer, keras.layers.InputLayer):
+      continue
+    if isinstance(layer, _QuantizeLayer):
+      rows.append({"layer": layer.name, "type": "input", "role": "input",
+                   "weight_bits": None, "activation_bits": layer.quantizer.num_bits})
       continue
     if isinstance(layer, _QuantizeWrapper):
       inner, cfg = layer.layer, layer.quantize_config

@@ -405,10 +405,20 @@ def quantize_scope():
 # --------------------------------------------------------------------------- scheme
 
 
-class _PassThroughLayoutTransformer:
-  """keras_mpq folds BatchNorm itself, before annotation: no layout changes here."""
+class _LayoutTransformer:
+  """keras_mpq folds BatchNorm itself, before annotation; ``transform`` may add layers.
+
+  ``transform(model) -> model`` runs on the unwrapped model inside
+  ``quantize_apply`` (keras_mpq.apply uses it to put an input quantizer after
+  the model input, where tfmot builds a fresh ``QuantizeLayer`` from it).
+  """
+
+  def __init__(self, transform=None):
+    self.transform = transform
 
   def apply(self, model, layer_quantize_map):
+    if self.transform is not None:
+      model = self.transform(model)
     return model, layer_quantize_map
 
 
@@ -423,10 +433,18 @@ class _NoDefaultsRegistry(tfmot.quantization.keras.QuantizeRegistry):
 
 
 class MixedPrecisionScheme(tfmot.quantization.keras.QuantizeScheme):
-  """tfmot scheme for `quantize_apply`: explicit per-layer configs only."""
+  """tfmot scheme for `quantize_apply`: explicit per-layer configs only.
+
+  Args:
+    layout_transform: optional ``model -> model`` applied to the unwrapped
+      model before wrapping (no layer is changed by default).
+  """
+
+  def __init__(self, layout_transform=None):
+    self.layout_transform = layout_transform
 
   def get_layout_transformer(self):
-    return _PassThroughLayoutTransformer()
+    return _LayoutTransformer(self.layout_transform)
 
   def get_quantize_registry(self):
     return _NoDefaultsRegistry()

@@ -2,33 +2,41 @@
 
 Three generators behind one registry (`SynthesisMethod`):
 
-* ``"labeled"`` (the paper's, METHOD.md section 1): targets spread evenly over
-  the classes (round-robin, then shuffled); inputs start as Gaussian noise
-  mapped into the valid input range and are optimized with Adam on
-  ``CE(M(x), y) + tv_weight * TV(x) + l2_weight * ||x||^2``, clipped to the
-  range after every step. Each sample stops (its updates are masked out) as
-  soon as ``p(y_j | x_j)`` reaches its own target confidence ``tau_j``, drawn
-  uniformly from ``confidence_range``, so the set spans the decision boundary
-  instead of sitting at p=1. Nothing reads BatchNorm statistics or depends on a
-  layer type: any classifier with a (batch, classes) output works.
+* ``"labeled"`` (the paper's, METHOD.md section 1, run to a fixed point):
+  targets spread evenly over the classes (round-robin, then shuffled), each
+  sample with its own target confidence ``tau_j`` drawn uniformly from
+  ``confidence_range``; inputs start as Gaussian noise mapped into the valid
+  input range and are optimized with Adam, clipped to the range every step,
+  for ``max_steps`` steps on
+
+      KL(q_j || M(x_j)) + tv_weight * TV(x) + l2_weight * ||x||^2
+                        + bn_weight * BN(x)          (only where BN exists)
+
+  where ``q_j`` puts ``tau_j`` on the target class and spreads the rest
+  evenly. Its minimum holds each sample at its target confidence while the
+  priors keep working: samples are no longer stopped (still noise) the first
+  step they reach ``tau_j`` (``objective="stop"`` keeps that first version for
+  comparison). ``BN(x)`` matches the batch statistics at every BatchNorm
+  layer's input to its moving mean and variance (DeepInversion, Genie): the
+  strongest data-free signal where the model has it, absent where it does
+  not, so the generator still works on BN-free models. Random jitter of the
+  input (DeepInversion) is on for images. The defaults were chosen by
+  calibrating 8-bit models on the result (BENCHMARKS.md, *Synthesis*):
+  targets in [0.9, 0.999] give activation ranges much closer to real data's
+  than the boundary-hugging [0.5, 0.95], which left every range too narrow.
 * ``"zeroq"``: ZeroQ's distilled data (Cai et al., CVPR 2020): inputs whose
   batch statistics at every BatchNormalization layer's input match the layer's
   moving mean and variance; labeled by the model's argmax. Needs BatchNorm.
 * ``"noise"``: Gaussian noise in the valid range, labeled by the model's argmax.
 
-The priors and the optimizer work on ``u`` in [-1, 1], the input range mapped
-linearly (``x = mid + half * u``), so the defaults do not depend on whether the
-model takes [0, 1] or [0, 255]. TV is the mean squared difference of
-neighbouring values along the spatial axes that exist: H and W for NHWC
-images, T for (N, T, C) signals, none for plain vectors. The L2 prior is the
-mean of ``u ** 2`` (it pulls toward the middle of the range).
-
-The valid input range comes from the model when its input goes straight into a
-``Rescaling`` layer (``Rescaling(1/255)`` means raw [0, 255];
-``Rescaling(1/127.5, offset=-1)`` also means [0, 255]) or a ``Normalization``
-layer (mean +- 3 std, widest over channels); an explicit ``input_range``
-argument overrides it (with a warning when they disagree); with neither, [0, 1]
-is assumed and `SynthesisResult.assumed_range` says so.
+The priors and the optimizer (`keras_mpq.synthesis_losses`) work on ``u`` in
+[-1, 1], the input range mapped linearly (``x = mid + half * u``), so the
+defaults do not depend on whether the model takes [0, 1] or [0, 255]. TV is
+the mean squared difference of neighbouring values along the spatial axes
+that exist: H and W for NHWC images, T for (N, T, C) signals, none for plain
+vectors. The L2 prior is the mean of ``u ** 2``. The valid input range comes
+from `keras_mpq.input_range` (the model's Rescaling/Normalization layer, an
+explicit ``input_range``, or an assumed [0, 1] that the result reports).
 
 Each batch has the same shape (the last one is padded), and one `tf.function`
 runs the optimization steps for every batch: it is traced once per call.
@@ -58,19 +66,27 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from keras_mpq import input_range as input_range_lib
+from keras_mpq import synthesis_losses as losses
 from keras_mpq.compat import is_keras3_model, keras, tf
 from keras_mpq.types import InvalidInputError, UnsupportedModelError, to_jsonable, SynthesisResult
 
-DEFAULT_INPUT_RANGE = (0.0, 1.0)
 DEFAULT_TV_WEIGHT = 0.05
 DEFAULT_L2_WEIGHT = 0.01
+# Weight of the BatchNorm-statistics term of the labeled objective (models with BN).
+DEFAULT_BN_WEIGHT = 1.0
+OBJECTIVES = ("hold", "stop")
 # Adam step size in the [-1, 1] input space, per method (None picks these).
 DEFAULT_LEARNING_RATE = {"labeled": 0.01, "zeroq": 0.1}
-# Normalization layers: the raw range taken as mean +- this many std.
-NORMALIZATION_STDS = 3.0
-# Optimization steps run per call of the compiled step function; the progress
-# bar and the "all samples done" check update between calls.
-_STEPS_PER_CALL = 10
+# Steps per batch when max_steps is None, per method.
+DEFAULT_MAX_STEPS = {"labeled": 150, "zeroq": 500}
+DEFAULT_CONFIDENCE_RANGE = (0.9, 0.999)
+# Random shift of the labeled generator's inputs when jitter=None: this share
+# of the smallest spatial size, rounded down (2 positions at 28x28, 7 at 96x96,
+# none below 14); DeepInversion shifts 224x224 images by up to 30.
+JITTER_SHARE = 0.075
+# A "hold" sample counts as reached when it ends within this of its target.
+HOLD_TOLERANCE = 0.05
 _LOG_EPS = 1e-30
 
 OUTPUT_KINDS = ("logits", "softmax", "sigmoid_logit", "sigmoid")
@@ -152,6 +168,10 @@ class SynthesisOptions:
   tv_weight: float
   l2_weight: float
   learning_rate: Optional[float]
+  objective: str = "hold"
+  bn_weight: Optional[float] = None
+  jitter: int = 0
+  flip: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +188,7 @@ class GeneratedData:
   target_confidences: Optional[np.ndarray] = None
   reached: Optional[np.ndarray] = None
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  x_midway: Optional[np.ndarray] = None  # the inputs halfway through the optimization
 
 
 # --------------------------------------------------------------------------- the model
@@ -206,7 +227,11 @@ class Classifier:
 
   def log_probs(self, x):
     """``(batch, num_classes)`` log-probabilities of a batch (tensor in, tensor out)."""
-    out = tf.cast(self.forward(x, training=False), tf.float32)
+    return self.logits_to_log_probs(self.forward(x, training=False))
+
+  def logits_to_log_probs(self, out):
+    """What ``forward`` returned, as ``(batch, num_classes)`` log-probabilities."""
+    out = tf.cast(out, tf.float32)
     out = tf.reshape(out, [-1, 1 if self.output_kind.startswith("sigmoid")
                            else self.num_classes])
     if self.output_kind == "logits":
@@ -300,7 +325,7 @@ def inspect_classifier(model, input_range=None) -> Classifier:
         "model with a class head (e.g. GlobalAveragePooling2D and Dense(classes)), "
         "or calibrate with real data instead.")
   units = int(outputs[0].shape[-1])
-  low, high, source, assumed = _input_range(model, input_range)
+  low, high, source, assumed = input_range_lib.resolve_input_range(model, input_range)
   forward, kind = _output_head(model, units, (low, high))
   return Classifier(model=model, forward=forward, output_kind=kind,
                     num_classes=2 if units == 1 else units,
@@ -387,218 +412,6 @@ def _probe_batch(model, input_range):
   return tf.constant((high + low) / 2 + (high - low) / 2 * u, tf.float32)
 
 
-# --------------------------------------------------------------------------- input range
-
-
-def _check_range(value, name="input_range") -> Tuple[float, float]:
-  try:
-    low, high = (float(v) for v in value)
-  except (TypeError, ValueError):
-    raise InvalidInputError(
-        f"Expected {name}=(low, high), two finite numbers with low < high, e.g. "
-        f"(0, 255). Received: {name}={value!r}") from None
-  if not (math.isfinite(low) and math.isfinite(high) and low < high):
-    raise InvalidInputError(
-        f"Expected {name}=(low, high), two finite numbers with low < high, e.g. "
-        f"(0, 255). Received: {name}={value!r}")
-  return low, high
-
-
-def _input_consumers(model) -> List[Any]:
-  """Layers of ``model`` that take the model's input tensor directly."""
-  target = model.inputs[0].ref()
-  found = []
-  for layer in model.layers:
-    if isinstance(layer, keras.layers.InputLayer):
-      continue
-    try:
-      tensors = tf.nest.flatten(layer.input)
-    except (AttributeError, ValueError, RuntimeError):
-      continue
-    if any(hasattr(t, "ref") and t.ref() == target for t in tensors):
-      found.append(layer)
-  return found
-
-
-def _preprocessing_layer(model, depth=0):
-  """The Rescaling/Normalization layer the input goes straight into, if any."""
-  consumers = _input_consumers(model)
-  if len(consumers) != 1:
-    return None
-  layer = consumers[0]
-  if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
-    return layer
-  if isinstance(layer, keras.Model) and getattr(layer, "inputs", None) and depth < 4:
-    return _preprocessing_layer(layer, depth + 1)
-  return None
-
-
-def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
-  """``(low, high, source)`` from the model's input preprocessing, or None.
-
-  Example:
-
-  >>> from keras_mpq.compat import keras
-  >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Rescaling(1 / 127.5, offset=-1),
-  ...                       keras.layers.Dense(2)])
-  >>> infer_input_range(m)[:2]
-  (0.0, 255.0)
-  """
-  layer = _preprocessing_layer(model)
-  if isinstance(layer, keras.layers.Rescaling):
-    scale = np.asarray(layer.scale, np.float64).ravel()
-    offset = np.asarray(layer.offset, np.float64).ravel()
-    if np.any(scale == 0):
-      return None
-    target = (-1.0, 1.0) if np.all(offset < 0) else (0.0, 1.0)
-    ends = np.stack([(t - offset) / scale for t in target])  # (2, channels)
-    low, high = float(ends.min()), float(ends.max())
-    return low, high, (f"Rescaling layer {layer.name!r} maps [{low:g}, {high:g}] "
-                       f"to [{target[0]:g}, {target[1]:g}]")
-  if isinstance(layer, keras.layers.Normalization) and not getattr(layer, "invert", False):
-    mean, var = getattr(layer, "mean", None), getattr(layer, "variance", None)
-    if mean is None or var is None:
-      return None
-    mean = np.asarray(mean, np.float64).ravel()
-    std = np.sqrt(np.maximum(np.asarray(var, np.float64).ravel(), 0.0))
-    low = float(np.min(mean - NORMALIZATION_STDS * std))
-    high = float(np.max(mean + NORMALIZATION_STDS * std))
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-      return None
-    return low, high, (f"Normalization layer {layer.name!r}: mean +- "
-                       f"{NORMALIZATION_STDS:g} std = [{low:g}, {high:g}]")
-  return None
-
-
-def _input_range(model, given):
-  """(low, high, source, assumed): the argument, else inferred, else [0, 1]."""
-  inferred = infer_input_range(model)
-  if given is not None:
-    low, high = _check_range(given)
-    if inferred is not None and not np.allclose((low, high), inferred[:2], rtol=1e-6):
-      warnings.warn(
-          f"input_range={given!r} overrides the range read off the model "
-          f"({inferred[2]}).", stacklevel=4)
-    return low, high, "input_range argument", False
-  if inferred is not None:
-    return inferred[0], inferred[1], inferred[2], False
-  return (*DEFAULT_INPUT_RANGE, "assumed [0, 1]: no Rescaling/Normalization at the "
-          "input and no input_range given", True)
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-class _BatchOptimizer:
-  """Adam on one fixed-shape batch of ``u`` in [-1, 1], with per-sample stopping.
-
-  ``loss_fn(u, y) -> (scalar loss, score (batch,))``. A sample stops for good
-  the first step its ``score`` reaches its threshold ``tau`` (that step's
-  update is not applied, so the kept input is the one that reached it); a
-  sample with ``tau = inf`` runs all steps. One `tf.function` runs a chunk of
-  steps and is reused for every batch (``traces`` counts its tracings).
-  """
-
-  def __init__(self, batch_shape, loss_fn, learning_rate):
-    self.loss_fn = loss_fn
-    batch = batch_shape[0]
-    self.u = tf.Variable(tf.zeros(batch_shape, tf.float32), name="synthetic_u")
-    self.y = tf.Variable(tf.zeros((batch,), tf.int32), trainable=False)
-    self.tau = tf.Variable(tf.zeros((batch,), tf.float32), trainable=False)
-    self.active = tf.Variable(tf.zeros((batch,), tf.bool), trainable=False)
-    self.steps = tf.Variable(tf.zeros((batch,), tf.int32), trainable=False)
-    self.optimizer = keras.optimizers.Adam(learning_rate)
-    self.optimizer.build([self.u])
-    self.traces = 0
-    self.losses = []
-    self.batch_steps = []  # steps run per batch (whole calls of the step function)
-    self.calls = []  # (steps, seconds) per call; the first one includes tracing
-    self._mask_shape = [batch] + [1] * (len(batch_shape) - 1)
-    self._run = tf.function(self._run_steps)
-
-  def _run_steps(self, n_steps):
-    self.traces += 1  # Python side effect: runs only while tracing
-    first_loss = last_loss = tf.constant(-1.0)
-    for i in tf.range(n_steps):
-      with tf.GradientTape() as tape:
-        loss, score = self.loss_fn(self.u, self.y)
-      grad = tape.gradient(loss, self.u)
-      keep = self.active & (score < self.tau)
-      before = tf.identity(self.u)
-      self.optimizer.apply_gradients([(grad, self.u)])
-      moved = tf.clip_by_value(self.u, -1.0, 1.0)
-      self.u.assign(tf.where(tf.reshape(keep, self._mask_shape), moved, before))
-      self.steps.assign_add(tf.cast(keep, tf.int32))
-      self.active.assign(keep)
-      last_loss = tf.cast(loss, tf.float32)
-      if i == 0:
-        first_loss = last_loss
-    return tf.reduce_sum(tf.cast(self.active, tf.int32)), first_loss, last_loss
-
-  def timing(self) -> Dict[str, Any]:
-    """Seconds of the first call (tracing included) and per step after it."""
-    rest = self.calls[1:]
-    steps = sum(n for n, _ in rest)
-    return {"first_call_seconds": self.calls[0][1] if self.calls else None,
-            "seconds_per_step": sum(t for _, t in rest) / steps if steps else None}
-
-  def run(self, u0, y, tau, active, max_steps, on_chunk=None):
-    """Optimizes one batch; returns (u, steps, still_active) as numpy.
-
-    ``self.losses`` gets this batch's (first step's, last step's) loss.
-    """
-    self.u.assign(u0)
-    self.y.assign(y)
-    self.tau.assign(tau)
-    self.active.assign(active)
-    self.steps.assign(tf.zeros_like(self.steps))
-    for var in self.optimizer.variables:
-      var.assign(tf.zeros_like(var))
-    done, losses = 0, []
-    while done < max_steps:
-      chunk = min(_STEPS_PER_CALL, max_steps - done)
-      # Always the same chunk tensor shape and dtype: no retracing.
-      tick = time.perf_counter()
-      n_active, first, last = self._run(tf.constant(chunk, tf.int32))
-      n_active = int(n_active)
-      self.calls.append((chunk, time.perf_counter() - tick))
-      losses.append((float(first), float(last)))
-      done += chunk
-      if on_chunk is not None:
-        on_chunk(self.active.numpy())
-      if n_active == 0:
-        break
-    self.losses.append((losses[0][0], losses[-1][1]))
-    self.batch_steps.append(done)
-    return self.u.numpy(), self.steps.numpy(), self.active.numpy()
-
-
-def _smoothness(u, spatial_axes):
-  """Per-sample mean squared difference of neighbours along each spatial axis.
-
-  Uses ``tf.roll`` with the wrapped-around pair masked out: on CPU its gradient
-  is several times cheaper than that of a strided slice.
-  """
-  rank = len(u.shape)
-  sample_axes = list(range(1, rank))
-  size = float(np.prod(u.shape[1:]))
-  total = tf.zeros([tf.shape(u)[0]], tf.float32)
-  for axis in spatial_axes:
-    n = u.shape[axis]
-    if n is None or n < 2:
-      continue
-    mask = tf.reshape(tf.cast(tf.range(n) > 0, u.dtype),
-                      [n if a == axis else 1 for a in range(rank)])
-    diff = u - tf.roll(u, shift=1, axis=axis)
-    total += tf.reduce_sum(tf.square(diff) * mask, axis=sample_axes) / (size * (n - 1) / n)
-  return total
-
-
-def _initial_u(rng, shape):
-  """``N(0, 1)`` mapped linearly so +-3 std spans [-1, 1], then clipped."""
-  return np.clip(rng.standard_normal(shape) / 3.0, -1.0, 1.0).astype(np.float32)
-
-
 def _batches(options):
   """(batch size, number of batches); the last batch is padded to full size."""
   batch = min(options.batch_size, options.num_samples)
@@ -623,7 +436,7 @@ class _Bar:
 
 @register_generator(SynthesisMethod.LABELED)
 def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
-  """The paper's labeled synthesis (module docstring)."""
+  """The paper's labeled synthesis, run to a fixed point (module docstring)."""
   n, k = options.num_samples, classifier.num_classes
   targets = rng.permutation(np.arange(n) % k).astype(np.int64)
   lo, hi = options.confidence_range
@@ -632,55 +445,82 @@ def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
   spatial = classifier.spatial_axes
   tv_weight, l2_weight = float(options.tv_weight), float(options.l2_weight)
   sample_axes = list(range(1, len(classifier.input_shape) + 1))
+  hold = options.objective == "hold"
+  bn_terms, network = losses.batchnorm_terms(classifier, options.bn_weight)
+  bn_weight = float(options.bn_weight if options.bn_weight is not None
+                    else DEFAULT_BN_WEIGHT) if bn_terms else 0.0
+  tau_var = tf.Variable(tf.zeros((batch,), tf.float32), trainable=False)
+  augment = losses.Augment(classifier, options.jitter, options.flip, losses.augment_seed(rng))
 
   def loss_fn(u, y):
-    log_p = classifier.log_probs(classifier.to_input(u))
+    feats, out = network(augment(classifier.to_input(u)))
+    log_p = classifier.logits_to_log_probs(out)
     log_p_y = tf.gather(log_p, y, axis=1, batch_dims=1)
-    per_sample = -log_p_y
+    if hold:
+      # KL(q || p) up to a constant, q = tau on the target class and the rest
+      # spread evenly: its minimum is p = q, a fixed point that keeps going on
+      # the priors instead of stopping when tau is first reached.
+      t = tau_var
+      rest = (tf.reduce_sum(log_p, axis=1) - log_p_y) / float(max(k - 1, 1))
+      per_sample = -(t * log_p_y + (1.0 - t) * rest)
+    else:
+      per_sample = -log_p_y
     if tv_weight and spatial:
-      per_sample += tv_weight * _smoothness(u, spatial)
+      per_sample += tv_weight * losses.smoothness(u, spatial)
     if l2_weight:
       per_sample += l2_weight * tf.reduce_mean(tf.square(u), axis=sample_axes)
-    return tf.reduce_sum(per_sample), tf.exp(log_p_y)
+    loss = tf.reduce_sum(per_sample)
+    if bn_weight:
+      loss += bn_weight * float(batch) * losses.batchnorm_loss(feats, bn_terms)
+    return loss, tf.exp(log_p_y)
 
   lr = options.learning_rate or DEFAULT_LEARNING_RATE["labeled"]
-  opt = _BatchOptimizer((batch,) + classifier.input_shape, loss_fn, lr)
-  xs, steps, reached = [], [], []
+  opt = losses.BatchOptimizer((batch,) + classifier.input_shape, loss_fn, lr)
+  xs, halfway, steps, reached = [], [], [], []
   counter = _Bar(bar)
   for b in range(n_batches):
     start = b * batch
     real = min(batch, n - start)
     y = np.zeros(batch, np.int32)
-    t = np.full(batch, np.inf, np.float32)
+    t = np.full(batch, 0.5, np.float32)
     y[:real], t[:real] = targets[start:start + real], tau[start:start + real]
-    active = np.arange(batch) < real  # padding slots never move
-    u0 = _initial_u(rng, (batch,) + classifier.input_shape)
+    tau_var.assign(t)
+    # "hold" runs every step (threshold inf); "stop" masks a sample out once
+    # it reaches its target. Padding slots never move.
+    stop_at = np.full(batch, np.inf, np.float32) if hold else np.where(
+        np.arange(batch) < real, t, np.inf).astype(np.float32)
+    active = np.arange(batch) < real
+    u0 = losses.initial_u(rng, (batch,) + classifier.input_shape)
     base = counter.finished
-    u, s, still = opt.run(u0, y, t, active, options.max_steps,
-                          lambda act: counter.to(base + int(real - act[:real].sum())))
+    u, s, still = opt.run(u0, y, stop_at, active, options.max_steps,
+                          None if hold else
+                          (lambda act: counter.to(base + int(real - act[:real].sum()))))
     counter.to(base + real)
     xs.append(u[:real])
+    halfway.append((u if opt.midway is None else opt.midway)[:real])
     steps.append(s[:real])
     reached.append(~still[:real])
   x = np.asarray(classifier.to_input(np.concatenate(xs)), np.float32)
+  x_midway = np.asarray(classifier.to_input(np.concatenate(halfway)), np.float32)
+  reached = None if hold else np.concatenate(reached)
   return GeneratedData(x=x, y=targets, steps=np.concatenate(steps).astype(np.int32),
-                       target_confidences=tau, reached=np.concatenate(reached),
+                       target_confidences=tau, reached=reached, x_midway=x_midway,
                        info={"traces": opt.traces, "learning_rate": lr,
+                             "objective": options.objective,
                              "batch_steps": opt.batch_steps, **opt.timing(),
-                             "tv_weight": tv_weight,
-                             "l2_weight": l2_weight, "tv_axes": list(spatial)})
-
-
-def batchnorm_layers(model) -> List[Any]:
-  """The BatchNormalization layers at the top level of ``model``, in order."""
-  return [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+                             "tv_weight": tv_weight, "l2_weight": l2_weight,
+                             "tv_axes": list(spatial),
+                             "bn_weight": bn_weight,
+                             "batchnorm_layers": [l.name for l, *_ in bn_terms],
+                             "jitter": options.jitter, "flip": options.flip,
+                             "loss_first_last": [list(p) for p in opt.losses]})
 
 
 @register_generator(SynthesisMethod.ZEROQ)
 def _zeroq(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """ZeroQ distilled data: batch statistics matched to every BN layer's moving ones."""
   model = classifier.model
-  bns = batchnorm_layers(model)
+  bns = losses.batchnorm_layers(model)
   if not bns:
     nested = any(isinstance(l, keras.layers.BatchNormalization)
                  for l in model.submodules)
@@ -719,13 +559,13 @@ def _zeroq(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
   n = options.num_samples
   batch, n_batches = _batches(options)
   lr = options.learning_rate or DEFAULT_LEARNING_RATE["zeroq"]
-  opt = _BatchOptimizer((batch,) + classifier.input_shape, loss_fn, lr)
+  opt = losses.BatchOptimizer((batch,) + classifier.input_shape, loss_fn, lr)
   xs, steps = [], []
   counter = _Bar(bar)
   never = np.full(batch, np.inf, np.float32)
   for b in range(n_batches):
     real = min(batch, n - b * batch)
-    u0 = _initial_u(rng, (batch,) + classifier.input_shape)
+    u0 = losses.initial_u(rng, (batch,) + classifier.input_shape)
     u, s, _ = opt.run(u0, np.zeros(batch, np.int32), never, np.ones(batch, bool),
                       options.max_steps)
     counter.to(counter.finished + real)
@@ -744,7 +584,7 @@ def _zeroq(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
 @register_generator(SynthesisMethod.NOISE)
 def _noise(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """Gaussian noise mapped into the valid range, labeled by the model's argmax."""
-  u = _initial_u(rng, (options.num_samples,) + classifier.input_shape)
+  u = losses.initial_u(rng, (options.num_samples,) + classifier.input_shape)
   x = np.asarray(classifier.to_input(u), np.float32)
   y = classifier.predict_labels(x)
   bar.update(options.num_samples)
@@ -755,7 +595,8 @@ def _noise(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
 
 
 def _check_options(num_samples, batch_size, max_steps, confidence_range, tv_weight,
-                   l2_weight, learning_rate) -> SynthesisOptions:
+                   l2_weight, learning_rate, objective="hold", bn_weight=None, jitter=0,
+                   flip=False) -> SynthesisOptions:
   def positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise InvalidInputError(
@@ -787,9 +628,18 @@ def _check_options(num_samples, batch_size, max_steps, confidence_range, tv_weig
     learning_rate = non_negative(learning_rate, "learning_rate")
     if learning_rate == 0:
       raise InvalidInputError("Expected learning_rate > 0. Received: learning_rate=0")
+  if objective not in OBJECTIVES:
+    raise InvalidInputError(
+        f"Expected objective in {OBJECTIVES}. Received: objective={objective!r}")
+  if bn_weight is not None:
+    bn_weight = non_negative(bn_weight, "bn_weight")
+  if isinstance(jitter, bool) or not isinstance(jitter, (int, np.integer)) or jitter < 0:
+    raise InvalidInputError(
+        f"Expected jitter to be an integer >= 0. Received: jitter={jitter!r}")
   return SynthesisOptions(num_samples, batch_size, max_steps, (lo, hi),
                           non_negative(tv_weight, "tv_weight"),
-                          non_negative(l2_weight, "l2_weight"), learning_rate)
+                          non_negative(l2_weight, "l2_weight"), learning_rate,
+                          objective, bn_weight, int(jitter), bool(flip))
 
 
 def _progress_bar(enabled, total, desc):
@@ -802,12 +652,14 @@ def _progress_bar(enabled, total, desc):
 
 def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
                          seed: int = 0, input_range=None, batch_size: int = 64,
-                         max_steps: int = 500,
-                         confidence_range: Tuple[float, float] = (0.5, 0.95),
+                         max_steps: Optional[int] = None,
+                         confidence_range: Tuple[float, float] = DEFAULT_CONFIDENCE_RANGE,
                          tv_weight: float = DEFAULT_TV_WEIGHT,
                          l2_weight: float = DEFAULT_L2_WEIGHT,
                          learning_rate: Optional[float] = None,
-                         progress: Optional[bool] = None) -> SynthesisResult:
+                         progress: Optional[bool] = None, *, objective: str = "hold",
+                         bn_weight: Optional[float] = None, jitter: Optional[int] = None,
+                         flip: bool = False) -> SynthesisResult:
   """Synthesizes labeled calibration data from ``model``; returns a `SynthesisResult`.
 
   Args:
@@ -821,13 +673,24 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
     input_range: ``(low, high)`` of valid inputs; default: read off a
       Rescaling/Normalization input layer, else [0, 1] (assumed, reported).
     batch_size: samples optimized together (the last batch is padded).
-    max_steps: optimization steps per batch at most ("labeled", "zeroq").
+    max_steps: optimization steps per batch ("labeled" runs them all with
+      ``objective="hold"``; "zeroq" too); None takes `DEFAULT_MAX_STEPS`.
     confidence_range: range of the per-sample target confidences ("labeled").
     tv_weight: weight of the total-variation prior ("labeled").
     l2_weight: weight of the L2 prior ("labeled").
     learning_rate: Adam step size in the [-1, 1]-scaled input space; None
       takes the method's default (`DEFAULT_LEARNING_RATE`).
     progress: show a progress bar; None: only when stderr is a terminal.
+    objective: "hold" (default: KL to the soft target, every step run) or
+      "stop" (the first version: cross-entropy, each sample stopped when it
+      first reaches its target) ("labeled").
+    bn_weight: weight of the BatchNorm-statistics term ("labeled"); None:
+      `DEFAULT_BN_WEIGHT` where the model has BatchNorm; 0 turns it off.
+    jitter: random shift of the inputs per step, in positions per spatial
+      axis ("labeled"; 0 turns it off); None: `JITTER_SHARE` of the smallest
+      spatial size.
+    flip: random horizontal flips of images ("labeled"; off by default:
+      digits and text are not mirror-symmetric).
 
   Returns:
     A `SynthesisResult` with the inputs ``x``, labels ``y`` and per-sample
@@ -855,8 +718,15 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
   name = method.value if isinstance(method, SynthesisMethod) else method
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise InvalidInputError(f"Expected an integer seed. Received: seed={seed!r}")
+  if max_steps is None:
+    max_steps = DEFAULT_MAX_STEPS.get(name, DEFAULT_MAX_STEPS["labeled"])
+  if jitter is None:
+    spatial = getattr(model, "inputs", None) and tuple(model.inputs[0].shape[1:-1])
+    jitter = (int(JITTER_SHARE * min(spatial)) if spatial and len(spatial) >= 1
+              and all(isinstance(d, int) for d in spatial) else 0)
   options = _check_options(num_samples, batch_size, max_steps, confidence_range,
-                           tv_weight, l2_weight, learning_rate)
+                           tv_weight, l2_weight, learning_rate, objective, bn_weight,
+                           jitter, flip)
   classifier = inspect_classifier(model, input_range)
   if options.num_samples < classifier.num_classes:
     raise InvalidInputError(
@@ -875,6 +745,10 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
         f"({options.num_samples},). Received: {x.shape} and {y.shape}")
   log_p = classifier.predict_log_probs(x, batch_size=max(options.batch_size, 1))
   confidences = np.exp(np.take_along_axis(log_p, y[:, None], axis=1)[:, 0])
+  reached = data.reached
+  if reached is None and data.target_confidences is not None:
+    # A "hold" sample reached its target when it ends within tolerance of it.
+    reached = np.abs(confidences - data.target_confidences) <= HOLD_TOLERANCE
   steps = (np.zeros(len(y), np.int32) if data.steps is None
            else np.asarray(data.steps, np.int32))
   info = {"batch_size": min(options.batch_size, options.num_samples),
@@ -882,20 +756,21 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
           "confidence_range": list(options.confidence_range), **dict(data.info)}
   return SynthesisResult(
       x=x, y=y, confidences=confidences.astype(np.float32), steps=steps,
-      target_confidences=data.target_confidences, reached=data.reached,
+      target_confidences=data.target_confidences, reached=reached,
       method=name, input_range=classifier.input_range,
       input_range_source=classifier.input_range_source,
       assumed_range=classifier.assumed_range, num_classes=classifier.num_classes,
       output_kind=classifier.output_kind, seed=int(seed),
-      seconds=time.perf_counter() - start, info=to_jsonable(info))
+      seconds=time.perf_counter() - start, info=to_jsonable(info),
+      x_midway=None if data.x_midway is None else np.asarray(data.x_midway, np.float32))
 
 
 def synthesize(model, num_samples: int = 256, method: str = "labeled", seed: int = 0,
-               input_range=None, batch_size: int = 64, max_steps: int = 500,
-               confidence_range: Tuple[float, float] = (0.5, 0.95),
+               input_range=None, batch_size: int = 64, max_steps: Optional[int] = None,
+               confidence_range: Tuple[float, float] = DEFAULT_CONFIDENCE_RANGE,
                tv_weight: float = DEFAULT_TV_WEIGHT, l2_weight: float = DEFAULT_L2_WEIGHT,
                learning_rate: Optional[float] = None,
-               progress: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
+               progress: Optional[bool] = None, **kwargs) -> Tuple[np.ndarray, np.ndarray]:
   """Synthesizes labeled calibration data ``(x, y)`` from ``model`` alone.
 
   The same as `synthesize_with_info` (which documents the arguments), keeping
@@ -914,5 +789,5 @@ def synthesize(model, num_samples: int = 256, method: str = "labeled", seed: int
       model, num_samples=num_samples, method=method, seed=seed, input_range=input_range,
       batch_size=batch_size, max_steps=max_steps, confidence_range=confidence_range,
       tv_weight=tv_weight, l2_weight=l2_weight, learning_rate=learning_rate,
-      progress=progress)
+      progress=progress, **kwargs)
   return result.x, result.y

@@ -651,6 +651,8 @@ class SynthesisResult:
     seed: the seed used.
     seconds: wall time of the synthesis.
     info: settings and counters (batch size, steps, traces, ...), JSON-able.
+    x_midway: the inputs halfway through the optimization (generators that
+      optimize), else None; `keras_mpq.realism` compares them with ``x``.
   """
 
   x: np.ndarray
@@ -668,6 +670,7 @@ class SynthesisResult:
   seed: int
   seconds: float
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+  x_midway: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
 
   @property
   def num_samples(self) -> int:

@@ -102,3 +102,47 @@ def test_cache_resumes_with_same_plan(trained_cnn, tmp_path):
 def test_bad_input_is_a_clear_error(trained_cnn, kwargs, match):
   with pytest.raises(keras_mpq.KerasMpqError, match=match):
     keras_mpq.quantize(trained_cnn, progress=False, rounds=1, **kwargs)
+
+
+def _signed_input_model():
+  """A classifier for inputs in [-1, 1] with no Rescaling layer (the issue's pretrained case)."""
+  from keras_mpq.compat import keras
+  keras.utils.set_random_seed(3)
+  inp = keras.Input((8, 8, 1))
+  h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+  h = keras.layers.Flatten()(h)
+  return keras.Model(inp, keras.layers.Dense(4, name="fc")(h))
+
+
+def test_input_range_makes_keras_and_litert_agree_on_signed_inputs(tmp_path):
+  model = _signed_input_model()
+  x = np.random.default_rng(0).uniform(-1, 1, (200, 8, 8, 1)).astype(np.float32)
+  ref = model.predict(x, verbose=0).argmax(-1)
+  result = keras_mpq.quantize(model, "8bit", input_range=(-1, 1), num_samples=32,
+                              seed=0, progress=False)
+  assert result.report["input_range"]["assumed"] is False
+  assert result.calibration_data.min() < -0.5  # synthetic data covers the negative half
+  keras_pred = result.model.predict(x, verbose=0).argmax(-1)
+  result.export(tmp_path / "m.tflite", target="mobile")
+  checked = keras_mpq.validate_tflite(tmp_path / "m.tflite", x, reference=result.model)
+  assert checked.agreement >= 0.95, checked.agreement  # Keras predicts the file
+  assert np.mean(keras_pred == ref) >= 0.9
+
+
+def test_assumed_range_is_loud_and_the_keras_model_shows_its_clipping():
+  model = _signed_input_model()
+  x = np.random.default_rng(0).uniform(-1, 1, (200, 8, 8, 1)).astype(np.float32)
+  with pytest.warns(UserWarning, match=r"assumes the model takes inputs in \[0, 1\]"):
+    result = keras_mpq.quantize(model, "8bit", num_samples=32, seed=0, progress=False)
+  assert result.report["input_range"]["assumed"] is True
+  # The input quantizer clips the negative half, as the exported file would.
+  assert apply.activation_ranges(result.model)[apply.INPUT_QUANTIZER][0] >= 0.0
+  float_out = model.predict(x, verbose=0)
+  keras_out = result.model.predict(x, verbose=0)
+  assert np.abs(keras_out - float_out).max() > 0.1
+
+
+def test_real_data_on_the_wrong_scale_is_refused_naming_both_ranges(trained_cnn, small_data):
+  x, _, _, _ = small_data
+  with pytest.raises(keras_mpq.InvalidInputError, match=r"\[0, 1\].*\[0, 255\]"):
+    keras_mpq.quantize(trained_cnn, "4bit", data=x[:64] * 255.0, progress=False)

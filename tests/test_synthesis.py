@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-from keras_mpq import synthesis
+from keras_mpq import input_range, synthesis
 from keras_mpq.compat import keras, tf
 from keras_mpq.types import InvalidInputError, UnsupportedModelError
 
@@ -61,7 +61,7 @@ def _probs(model, x):
 # --------------------------------------------------------------------------- labeled
 
 
-def test_labeled_balanced_confident_and_in_range_without_batchnorm():
+def test_labeled_holds_each_sample_at_its_target_without_batchnorm():
   model = _cnn(bn=False)
   r = _run(model, num_samples=12, batch_size=5, confidence_range=(0.6, 0.9))
   assert r.x.shape == (12, 8, 8, 1) and r.x.dtype == np.float32
@@ -70,8 +70,28 @@ def test_labeled_balanced_confident_and_in_range_without_batchnorm():
   assert r.x.min() >= 0.0 and r.x.max() <= 1.0
   assert r.assumed_range and r.input_range == (0.0, 1.0)
   assert r.output_kind == "logits"
+  assert r.info["objective"] == "hold" and r.info["batchnorm_layers"] == []
   tau = r.target_confidences
   assert np.all((tau >= 0.6) & (tau <= 0.9))
+  # Every sample runs every step (no early stop) and ends at its own target,
+  # neither short of it nor saturated at p=1.
+  assert np.all(r.steps == 200)
+  assert r.reached_share() >= 0.9
+  assert np.all(np.abs(r.confidences[r.reached] - tau[r.reached])
+                <= synthesis.HOLD_TOLERANCE)
+  assert r.confidences.max() < 0.97
+  # The confidences are the model's own p(y|x) on the returned inputs.
+  p = _probs(model, r.x)[np.arange(12), r.y]
+  np.testing.assert_allclose(r.confidences, p, atol=1e-4)
+  # 3 batches (5, 5, 2 padded to 5): one trace of the step function.
+  assert r.info["traces"] == 1
+
+
+def test_stop_objective_stops_each_sample_at_its_target():
+  model = _cnn(bn=False)
+  r = _run(model, num_samples=12, batch_size=5, confidence_range=(0.6, 0.9),
+           objective="stop", jitter=0)
+  tau = r.target_confidences
   assert r.reached_share() >= 0.9
   # A sample that reached its target holds at least that confidence ...
   assert np.all(r.confidences[r.reached] >= tau[r.reached] - 1e-4)
@@ -79,22 +99,41 @@ def test_labeled_balanced_confident_and_in_range_without_batchnorm():
   moved = r.reached & (r.steps > 0)
   assert moved.sum() >= 6
   assert np.all(r.confidences[moved] - tau[moved] < 0.1)
-  # The confidences are the model's own p(y|x) on the returned inputs.
-  p = _probs(model, r.x)[np.arange(12), r.y]
-  np.testing.assert_allclose(r.confidences, p, atol=1e-4)
-  # 3 batches (5, 5, 2 padded to 5): one trace of the step function.
-  assert r.info["traces"] == 1
   assert np.all(r.steps[r.reached] < 200)
 
 
-def test_labeled_does_not_use_batchnorm(monkeypatch):
+def test_labeled_without_bn_term_never_reads_batchnorm(monkeypatch):
   def forbidden(model):
     raise AssertionError("labeled synthesis looked for BatchNorm layers")
-  monkeypatch.setattr(synthesis, "batchnorm_layers", forbidden)
-  r = _run(_cnn(bn=True))
+  monkeypatch.setattr(synthesis.losses, "batchnorm_layers", forbidden)
+  r = _run(_cnn(bn=True), bn_weight=0)
   assert r.class_counts().tolist() == [4, 4, 4] and r.reached_share() >= 0.9
   with pytest.raises(AssertionError, match="looked for BatchNorm"):
-    _run(_cnn(bn=True), method="zeroq")
+    _run(_cnn(bn=True))  # the default uses BatchNorm statistics where they exist
+
+
+def _bn_mismatch(model, x):
+  """Mean relative error of the batch statistics at the model's BN layer input."""
+  bn = model.get_layer("bn")
+  feats = np.asarray(keras.Model(model.inputs, bn.input)(x), np.float64)
+  std = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+  mean_err = np.abs(feats.mean(axis=(0, 1, 2)) - bn.moving_mean.numpy()) / std
+  std_err = np.abs(feats.std(axis=(0, 1, 2)) - std) / std
+  return float(np.mean(mean_err) + np.mean(std_err))
+
+
+def test_labeled_matches_batchnorm_statistics_where_the_model_has_them():
+  model = _cnn(bn=True)
+  bn = model.get_layer("bn")
+  rng = np.random.default_rng(0)
+  bn.set_weights([np.ones(4, np.float32), np.zeros(4, np.float32),
+                  rng.normal(0.3, 0.2, 4).astype(np.float32),
+                  rng.uniform(0.02, 0.08, 4).astype(np.float32)])
+  with_bn = _run(model, num_samples=24, batch_size=24, max_steps=150)
+  without = _run(model, num_samples=24, batch_size=24, max_steps=150, bn_weight=0)
+  assert with_bn.info["batchnorm_layers"] == ["bn"] and with_bn.info["bn_weight"] > 0
+  assert _bn_mismatch(model, with_bn.x) < _bn_mismatch(model, without.x)
+  assert with_bn.class_counts().tolist() == [8, 8, 8]
 
 
 def test_conv1d_signal_model():
@@ -131,7 +170,8 @@ def test_sigmoid_output_is_binary():
   p = _probs(model, r.x)[np.arange(10), r.y]
   np.testing.assert_allclose(r.confidences, p, atol=1e-4)
   assert r.reached_share() >= 0.9
-  assert np.all(r.confidences[r.reached] >= r.target_confidences[r.reached] - 1e-4)
+  assert np.all(np.abs(r.confidences[r.reached] - r.target_confidences[r.reached])
+                <= synthesis.HOLD_TOLERANCE)
 
 
 @pytest.mark.parametrize("head", ["layer", "activation", "dense_activation"])
@@ -193,12 +233,12 @@ def test_smoothness_prior_is_mean_squared_neighbour_difference():
   u = tf.constant(np.random.default_rng(0).uniform(-1, 1, (3, 5, 4, 2)), tf.float32)
   want = (np.mean(np.square(np.diff(u.numpy(), axis=1)), axis=(1, 2, 3))
           + np.mean(np.square(np.diff(u.numpy(), axis=2)), axis=(1, 2, 3)))
-  np.testing.assert_allclose(synthesis._smoothness(u, (1, 2)).numpy(), want, rtol=1e-5)
+  np.testing.assert_allclose(synthesis.losses.smoothness(u, (1, 2)).numpy(), want, rtol=1e-5)
   signal = u[:, :, 0, :]  # (N, T, C)
   want = np.mean(np.square(np.diff(signal.numpy(), axis=1)), axis=(1, 2))
-  np.testing.assert_allclose(synthesis._smoothness(signal, (1,)).numpy(), want, rtol=1e-5)
+  np.testing.assert_allclose(synthesis.losses.smoothness(signal, (1,)).numpy(), want, rtol=1e-5)
   smooth = tf.ones((2, 5, 4, 2))
-  np.testing.assert_allclose(synthesis._smoothness(smooth, (1, 2)).numpy(), 0.0)
+  np.testing.assert_allclose(synthesis.losses.smoothness(smooth, (1, 2)).numpy(), 0.0)
 
 
 # --------------------------------------------------------------------------- input range
@@ -216,7 +256,7 @@ def test_input_range_from_rescaling_with_offset_and_normalization():
   model = _cnn(preprocess=layers.Rescaling(1 / 127.5, offset=-1.0))
   assert synthesis.inspect_classifier(model).input_range == (0.0, 255.0)
   model = _cnn(preprocess=layers.Normalization(mean=100.0, variance=400.0))
-  low, high, source = synthesis.infer_input_range(model)
+  low, high, source = input_range.infer_input_range(model)
   assert (low, high) == pytest.approx((40.0, 160.0)) and "Normalization" in source
 
 
@@ -340,6 +380,10 @@ def test_unusable_models():
     ({"tv_weight": -1}, "tv_weight"),
     ({"learning_rate": 0}, "learning_rate"),
     ({"seed": "x"}, "seed"),
+    ({"objective": "forever"}, "objective"),
+    ({"bn_weight": -1}, "bn_weight"),
+    ({"jitter": -1}, "jitter"),
+    ({"jitter": 1.5}, "jitter"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(InvalidInputError, match=match):
@@ -350,12 +394,34 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_labeled_on_trained_cnn(trained_cnn):
-  r = _run(trained_cnn, num_samples=100, batch_size=50, max_steps=300)
+  r = _run(trained_cnn, num_samples=100, batch_size=50, max_steps=300,
+           confidence_range=(0.5, 0.95), jitter=0)
   assert r.class_counts().tolist() == [10] * 10
-  assert r.reached_share() >= 0.95
+  assert r.reached_share() >= 0.9
   # The float model assigns (nearly) every sample to its target class ...
   assert np.mean(trained_cnn.predict(r.x, verbose=0).argmax(-1) == r.y) >= 0.95
   # ... with confidences spread over the target range, not saturated.
   assert np.percentile(r.confidences, 10) < 0.65
   assert np.percentile(r.confidences, 90) > 0.8
   assert np.median(np.abs(r.confidences - r.target_confidences)) < 0.05
+
+
+def test_data_free_8bit_keeps_the_accuracy_of_real_calibration(trained_cnn, dataset):
+  """Regression test of issue 12's goal (data-free 8-bit close to float), on 500 test images.
+
+  The full figure (both MNIST CNNs, two seeds, LiteRT) is in BENCHMARKS.md.
+  """
+  from keras_mpq import apply
+  from keras_mpq.types import QuantizationPlan
+  x_test, y_test = dataset.x_test[:500], dataset.y_test[:500]
+  folded = apply.fold_batchnorm(trained_cnn)
+  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 8)
+  x_syn, _ = synthesis.synthesize(trained_cnn, num_samples=128, seed=0, progress=False)
+
+  def acc(x_calib):
+    q = apply.apply_plan(folded, plan, x_calib, fold_bn=False)
+    return float(np.mean(q.predict(x_test, verbose=0).argmax(-1) == y_test))
+
+  float_acc = float(np.mean(trained_cnn.predict(x_test, verbose=0).argmax(-1) == y_test))
+  # 0.01 = 5 of 500 images; the benchmark's goal is 0.2 points on 2,000.
+  assert acc(x_syn) >= float_acc - 0.01
