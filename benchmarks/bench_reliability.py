@@ -78,14 +78,11 @@ def command(argv: List[str], subprocess_: bool = False) -> Callable[[], str]:
       code, err = proc.returncode, proc.stderr
     else:
       out, errio = io.StringIO(), io.StringIO()
-      cli.FLAGS.unparse_flags()
       try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errio):
-          code = cli.main(cli.FLAGS(["keras-mpq", *argv]))
+          code = cli.main(["keras-mpq", *argv])
       except Exception as e:  # pylint: disable=broad-except
         return f"crash: {type(e).__name__} escaped cli.main: {e}"
-      finally:
-        cli.FLAGS.unparse_flags()
       err = errio.getvalue()
     lines = [l for l in err.splitlines() if l.startswith("keras-mpq: error:")]
     if code == 2 and len(lines) == 1 and "Traceback" not in err:

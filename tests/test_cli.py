@@ -82,12 +82,7 @@ def test_errors_are_one_line_and_exit_2(args, match, keras3_file, tmp_path, caps
   subst = {"MODEL": str(keras3_file), "OUT": str(tmp_path / "o"), "GARBAGE": str(garbage),
            "DATA": str(data)}
   argv = ["keras-mpq"] + [subst.get(a, a) for a in args]
-  cli.FLAGS.unparse_flags()
-  remaining = cli.FLAGS(argv)
-  try:
-    code = cli.main(remaining)
-  finally:
-    cli.FLAGS.unparse_flags()
+  code = cli.main(argv)
   err = capsys.readouterr().err
   assert code == 2
   assert "Traceback" not in err
