@@ -50,6 +50,14 @@ def human_bytes(n) -> str:
   raise AssertionError  # unreachable
 
 
+def _si(v: float) -> str:
+  """1.2e8 -> '120 M' (three digits and an SI prefix, for BOPs and MACs)."""
+  for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(v) >= scale:
+      return f"{v / scale:.3g} {prefix}"
+  return f"{v:.3g} "
+
+
 def fmt_fraction(v) -> str:
   """An accuracy or agreement in [0, 1] with three digits ('0.913'); '' for None."""
   return "" if v is None else f"{float(v):.3f}"
@@ -106,7 +114,7 @@ def _achieved(kind: str, value) -> str:
   if kind == "avg_bits":
     return f"{value:.2f} bits average"
   if kind == "bops":
-    return f"{value:.3g} BOPs"
+    return f"{_si(value)}BOPs"
   return f"{kind} {_fmt(value)}"
 
 

@@ -50,13 +50,14 @@ def test_summary_table_lists_weight_layers_and_totals():
 def test_summary_table_reads_at_a_glance():
   r = _report()
   r["achieved"]["bytes"] = 10240.0
+  r["achieved"]["bops"] = 2.76e8
   r["metric"] = "task_interaction"
   r["layers"][2]["sensitivity"] = -0.0123456
   r["layers"][2]["params"] = 123456
   text = report.summary_table(r)
   lines = text.splitlines()
   assert "e+" not in text  # no scientific notation for bytes
-  assert "10.0 KiB of weights" in text and "8.4 KiB float" in text
+  assert "10.0 KiB of weights" in text and "8.4 KiB float" in text and "276 MBOPs" in text
   assert "1.1 KiB" in text and "300 B" in text  # per-layer bytes with units
   assert "sensitivity (nats)" in lines[0]
   assert "-0.012" in text and "-0.0123456" not in text  # three digits, not fifteen
