@@ -256,7 +256,7 @@ def make_cases(d: pathlib.Path) -> List[Case]:
   add(g, "cli no --budget", command(["quantize", good, "--out", out]))
   add(g, "cli unknown command", command(["frobnicate", good]))
 
-  # Flags absl refuses (a real process: absl handles these before main).
+  # Flags the parser refuses, in a real process (argparse exits before the command runs).
   g = "bad flag (unknown, wrong type, not in enum)"
   for name, extra in {"--target gpu": ["--target", "gpu"], "--samples many": ["--samples", "x"],
                       "--budgt": ["--budgt", "4bit"], "--activation_bits x": [

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
                               parser_class=_Parser)
 
-  q = _command(sub, "quantize", "MODEL --budget BUDGET --out DIR [flags]", "Choose per-layer bits within a budget, export TFLite and "
+  q = _command(sub, "quantize", "MODEL --budget BUDGET --out DIR [flags]",
+               "Choose per-layer bits within a budget, export TFLite and "
                "write the plan, sensitivity, report and plots.",
                "keras-mpq quantize model.keras --budget 48KB --target mcu --out out/ "
                "--eval_data mnist")
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
   _bool_flag(output, "progress", None, "progress bars (default: when on a terminal)")
   _general(q)
 
-  v = _command(sub, "validate", "MODEL.tflite --data FILE [flags]", "Run a .tflite file on labeled data (LiteRT or TFLite Micro) "
+  v = _command(sub, "validate", "MODEL.tflite --data FILE [flags]",
+               "Run a .tflite file on labeled data (LiteRT or TFLite Micro) "
                "and print its accuracy.",
                "keras-mpq validate out/model_mcu.tflite --data test.npz --runtime tflm")
   v.add_argument("tflite", metavar="MODEL.tflite", help="the file to run")
@@ -156,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="interpreter (default: auto, from the file)")
   _general(v)
 
-  i = _command(sub, "inspect", "MODEL.tflite [--plan PLAN.json] [flags]", "List a .tflite file's tensors (dtype, bits, bytes) and "
+  i = _command(sub, "inspect", "MODEL.tflite [--plan PLAN.json] [flags]",
+               "List a .tflite file's tensors (dtype, bits, bytes) and "
                "optionally check them against a plan.",
                "keras-mpq inspect out/model_mcu.tflite --plan out/plan.json")
   i.add_argument("tflite", metavar="MODEL.tflite", help="the file to read")
@@ -363,8 +366,9 @@ def cmd_quantize(args) -> int:
         f"target {args.target})")
   if "validation" in report:
     v = report["validation"]
-    print(f"validated in {v.get('runtime')}: accuracy {report_lib.fmt_fraction(v.get('accuracy'))}, "
-          f"agreement with Keras {report_lib.fmt_fraction(v.get('agreement'))}")
+    fraction = report_lib.fmt_fraction
+    print(f"validated in {v.get('runtime')}: accuracy {fraction(v.get('accuracy'))}, "
+          f"agreement with Keras {fraction(v.get('agreement'))}")
   print("wrote " + ", ".join(sorted(pathlib.Path(p).name for p in files.values())))
   return 0
 
