@@ -462,7 +462,8 @@ def main(argv: Sequence[str]) -> int:
   quiet_logs(args.verbose)
   try:
     with _native_logs_muted(quiet=not args.verbose):
-      _import_tensorflow(quiet=not args.verbose)
+      if args.command != "inspect":  # inspect reads the flatbuffer without TensorFlow
+        _import_tensorflow(quiet=not args.verbose)
       return COMMANDS[args.command](args)
   except KeyboardInterrupt:
     if args.debug:
