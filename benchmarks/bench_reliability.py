@@ -78,14 +78,11 @@ def command(argv: List[str], subprocess_: bool = False) -> Callable[[], str]:
       code, err = proc.returncode, proc.stderr
     else:
       out, errio = io.StringIO(), io.StringIO()
-      cli.FLAGS.unparse_flags()
       try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errio):
-          code = cli.main(cli.FLAGS(["keras-mpq", *argv]))
+          code = cli.main(["keras-mpq", *argv])
       except Exception as e:  # pylint: disable=broad-except
         return f"crash: {type(e).__name__} escaped cli.main: {e}"
-      finally:
-        cli.FLAGS.unparse_flags()
       err = errio.getvalue()
     lines = [l for l in err.splitlines() if l.startswith("keras-mpq: error:")]
     if code == 2 and len(lines) == 1 and "Traceback" not in err:
@@ -259,7 +256,7 @@ def make_cases(d: pathlib.Path) -> List[Case]:
   add(g, "cli no --budget", command(["quantize", good, "--out", out]))
   add(g, "cli unknown command", command(["frobnicate", good]))
 
-  # Flags absl refuses (a real process: absl handles these before main).
+  # Flags the parser refuses, in a real process (argparse exits before the command runs).
   g = "bad flag (unknown, wrong type, not in enum)"
   for name, extra in {"--target gpu": ["--target", "gpu"], "--samples many": ["--samples", "x"],
                       "--budgt": ["--budgt", "4bit"], "--activation_bits x": [
@@ -378,12 +375,17 @@ def write_markdown(rows, path: pathlib.Path, seconds: float, argv: List[str]) ->
       "`tests/test_reliability.py::test_killed_run_leaves_outputs_whole_and_resumes_to_the_same_plan`",
       "runs `keras-mpq quantize` on a plain CNN (1 epoch on 1000 MNIST images, .h5) to",
       "completion, then the same command into a directory holding those outputs, killed",
-      "with SIGKILL as soon as its synthetic-data cache appears, then again killed while",
-      "a temporary output file exists (mid-write), then to completion. After each kill",
-      "every visible file is the previous one or a whole new one (JSON parses, PNG ends",
-      "with IEND, the .tflite parses); the only leftovers are hidden `.NAME.*.tmp*`",
-      "files of the atomic writer (SIGKILL gives it no chance to remove them); the",
-      "resumed run reuses the cache and returns the reference plan.",
+      "with SIGKILL right after its synthetic-data cache is renamed into place, then",
+      "again killed while report.json's temporary file is written and not yet renamed,",
+      "then to completion. The kills are injected at those points by a test-only hook in",
+      "the atomic writer (`KERAS_MPQ_TEST_SIGNAL`, see `keras_mpq/fileio.py`), not by",
+      "racing a poll, so the test cannot flake. After each kill every visible file is",
+      "the previous one or a whole new one (JSON parses, PNG ends with IEND, the .tflite",
+      "parses); the only leftovers are the hidden `.NAME.*.tmp*` file of the atomic",
+      "writer (SIGKILL gives it no chance to remove it) and the dead run's lock file. The",
+      "resumed run removes both, reuses the cache and returns the reference plan. Ctrl-C",
+      "(SIGINT, injected the same way) ends with one line and exit status 130 and leaves",
+      "no temporary file (`test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_output`).",
       "",
       "What is cached (`cache_dir`, `OUT/cache` for the command): the synthetic data",
       "and the search result (sensitivity and plan), keyed by the model's fingerprint",

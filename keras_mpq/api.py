@@ -36,8 +36,11 @@ class QuantizationResult:
   """What `quantize` returns. Frozen; ``save`` and ``export`` write files.
 
   Attributes:
-    model: the quantized tf_keras model (tfmot wrappers, calibrated); usable
-      with ``evaluate``, ``fit`` and the callbacks in `keras_mpq.callbacks`.
+    model: the quantized tf_keras model (tfmot wrappers, calibrated), compiled
+      (cross-entropy, accuracy, Adam): ``evaluate(x, y)`` works as returned,
+      and so do ``fit`` and the callbacks in `keras_mpq.callbacks`. Save it
+      as ``.keras``, ``.h5`` or SavedModel; load it inside
+      `keras_mpq.quantize_scope`.
     plan: the chosen bits per layer (`QuantizationPlan`).
     sensitivity: the last measured `SensitivityTable`.
     report: budget, achieved costs, per-layer table, search rounds, timings.
@@ -304,12 +307,34 @@ def quantize(model, budget, data=None, target: str = "mobile",
                           {n: activation_bits for n in plan.weight_bits},
                           activation_bits, plan.info)
   qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False)
+  _compile_for_evaluation(qmodel, folded, x)
   lap("apply")
 
   report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
                         data_info, rounds_info, timings, settings)
   report["input_range"] = range_info
   return QuantizationResult(qmodel, plan, table, report, folded, x, cost_table)
+
+
+def _compile_for_evaluation(qmodel, folded, x) -> None:
+  """Compiles ``qmodel`` so ``evaluate(x, y)`` with integer labels works as returned.
+
+  Loss: sparse categorical cross-entropy (binary for one output unit), from
+  logits unless the float model's outputs are probabilities; metric:
+  accuracy; optimizer: Adam, for quantization-aware fine-tuning with ``fit``.
+  Compile again for another loss. Models whose output is not (batch, units)
+  are left uncompiled.
+  """
+  out = np.asarray(folded(x[:64], training=False), dtype=np.float64)
+  if out.ndim != 2:
+    return
+  probabilities = bool(np.all(out >= 0) and np.all(out <= 1 + 1e-6))
+  if out.shape[1] == 1:
+    loss = keras.losses.BinaryCrossentropy(from_logits=not probabilities)
+  else:
+    probabilities = probabilities and bool(np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+  qmodel.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss, metrics=["accuracy"])
 
 
 def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_info,

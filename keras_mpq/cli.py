@@ -6,50 +6,249 @@
 
 ``MODEL`` is a ``.keras``, ``.h5`` or SavedModel path. ``--data`` is an ``.npz``
 with arrays ``x`` (and ``y``), an ``.npy`` of inputs, or ``mnist`` / ``digits``
-for the built-in real data. Errors print one line and exit with status 2.
+for the built-in real data. ``keras-mpq COMMAND --help`` lists a command's
+flags. Errors print one line and exit with status 2; Ctrl-C exits with 130.
+
+The parser is argparse with one subparser per command, not absl: absl keeps
+one global flag namespace (every command would list every flag), its
+``--help`` exits 1 and lists absl's own ~60 logging flags, and it has no
+``-h``. To add a flag, add one ``add_argument`` line to the command's group
+in `build_parser` and read it as ``args.NAME`` in the command's function:
+
+    data.add_argument("--input_range", metavar="LO,HI", help="...")
+
+>>> build_parser().parse_args(["inspect", "m.tflite"]).plan is None
+True
+>>> build_parser().parse_args(["quantize", "m.keras", "--noprogress"]).progress
+False
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pathlib
 import sys
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("budget", None, "Budget: '48KB', '1.5MiB', '4bit', '2e8bops'.")
-flags.DEFINE_enum("target", "mobile", ["mobile", "mcu", "ethos-u"], "Export target.")
-flags.DEFINE_string("out", None, "Output directory for quantize.")
-flags.DEFINE_string("data", None,
-                    "quantize: calibration data (default: synthesized from the model). "
-                    "validate: labeled evaluation data. .npz (x, y), .npy, 'mnist' or 'digits'.")
-flags.DEFINE_string("eval_data", None,
-                    "quantize: labeled real data to validate the exported file on.")
-flags.DEFINE_list("bits", ["2", "4", "8"], "Candidate weight bit-widths.")
-flags.DEFINE_integer("activation_bits", 8, "Activation bits (8 or 16).")
-flags.DEFINE_string("metric", "task_interaction", "Sensitivity metric.")
-flags.DEFINE_string("synthesis", "labeled", "Synthetic data method: labeled, zeroq, noise.")
-flags.DEFINE_integer("samples", 256, "Synthetic samples.")
-flags.DEFINE_integer("rounds", 1, "Rounds of the sensitivity search (1: no refinement; "
-                     "see BENCHMARKS.md for why).")
-flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same run.")
-flags.DEFINE_list("pin", [], "Pinned layers, e.g. conv1=8,logits=8.")
-flags.DEFINE_string("runtime", "auto", "validate: auto, litert, tflm or tf.")
-flags.DEFINE_string("plan", None, "inspect: a plan.json to check the file against.")
-flags.DEFINE_boolean("progress", None, "Progress bars (default: when on a terminal).")
-flags.DEFINE_boolean("cache", True, "quantize: cache synthetic data and sensitivity in OUT.")
-flags.DEFINE_boolean("debug", False, "Show full tracebacks.")
-
-USAGE = __doc__
+PROG = "keras-mpq"
 
 
-class UsageError(Exception):
-  pass
+# --------------------------------------------------------------------------- the parser
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line (``keras-mpq: error: ...``) and exit status 2."""
+
+  def error(self, message):
+    command = self.prog[len(PROG):].strip()
+    hint = f"{PROG} {command} --help" if command else f"{PROG} --help"
+    self.exit(2, f"{PROG}: error: {message}. See '{hint}'.\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+
+  def __init__(self, prog):
+    super().__init__(prog, max_help_position=28, width=88)
+
+
+class _OnOff(argparse.Action):
+  """A boolean flag spelled ``--NAME`` / ``--noNAME`` (absl's spelling, kept)."""
+
+  def __init__(self, option_strings, dest, default=None, help=None):  # pylint: disable=redefined-builtin
+    super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, not option_string.startswith(f"--no{self.dest}"))
+
+  def format_usage(self):
+    return " | ".join(self.option_strings)
+
+
+def _bool_flag(group, name: str, default: Optional[bool], help: str):  # pylint: disable=redefined-builtin
+  group.add_argument(f"--{name}", f"--no{name}", dest=name, action=_OnOff, default=default,
+                     help=help)
+
+
+def _list_flag(text: str) -> List[str]:
+  return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _command(subparsers, name: str, usage: str, summary: str,
+             example: str) -> argparse.ArgumentParser:
+  import textwrap  # pylint: disable=g-import-not-at-top
+  return subparsers.add_parser(
+      name, help=summary, description=textwrap.fill(summary, 86),
+      usage=f"{PROG} {name} {usage}", epilog=f"example:\n  {example}",
+      formatter_class=_Formatter, allow_abbrev=False, add_help=False)
+
+
+def _general(parser) -> None:
+  group = parser.add_argument_group("general")
+  group.add_argument("-h", "--help", action="help", help="show this help and exit")
+  group.add_argument("--verbose", action="store_true",
+                     help="show TensorFlow's start-up and runtime log lines")
+  group.add_argument("--debug", action="store_true",
+                     help="show full tracebacks instead of one-line errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The ``keras-mpq`` parser: one subcommand per entry in `COMMANDS`."""
+  parser = _Parser(
+      prog=PROG, formatter_class=_Formatter, allow_abbrev=False,
+      description="Data-free mixed-precision post-training quantization for Keras models\n"
+                  "that ship as TFLite.",
+      epilog="example:\n  keras-mpq quantize model.keras --budget 4bit --target mcu --out out/\n"
+             f"\nRun '{PROG} COMMAND --help' for a command's flags.")
+  parser.add_argument("--version", action="version", version=_version())
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                              parser_class=_Parser)
+
+  q = _command(sub, "quantize", "MODEL --budget BUDGET --out DIR [flags]",
+               "Choose per-layer bits within a budget, export TFLite and "
+               "write the plan, sensitivity, report and plots.",
+               "keras-mpq quantize model.keras --budget 48KB --target mcu --out out/ "
+               "--eval_data mnist")
+  q.add_argument("model", metavar="MODEL", help=".keras, .h5 or SavedModel directory")
+  budget = q.add_argument_group("budget and target")
+  budget.add_argument("--budget", help="required: '48KB', '1.5MiB', '4bit' (average weight "
+                      "bits) or '2e8bops'")
+  budget.add_argument("--target", default="mobile", choices=["mobile", "mcu", "ethos-u"],
+                      help="export target (default: mobile)")
+  budget.add_argument("--bits", type=_list_flag, default=["2", "4", "8"], metavar="B,B,...",
+                      help="candidate weight bit-widths (default: 2,4,8)")
+  budget.add_argument("--activation_bits", type=int, default=8, metavar="N",
+                      help="activation bits, 8 or 16 (default: 8)")
+  budget.add_argument("--pin", type=_list_flag, action="extend", default=[],
+                      metavar="LAYER=B,...", help="fix these layers' bits, e.g. conv1=8,logits=8")
+  data = q.add_argument_group("data")
+  data.add_argument("--data", metavar="FILE", help="calibration data: .npz (x[, y]), .npy, "
+                    "'mnist' or 'digits' (default: synthesized from the model)")
+  data.add_argument("--eval_data", metavar="FILE",
+                    help="labeled real data to validate the exported file on")
+  data.add_argument("--synthesis", default="labeled", metavar="METHOD",
+                    help="synthetic data: labeled, zeroq or noise (default: labeled)")
+  data.add_argument("--samples", type=int, default=256, metavar="N",
+                    help="synthetic samples (default: 256)")
+  search = q.add_argument_group("sensitivity search")
+  search.add_argument("--metric", default="task_interaction",
+                      help="sensitivity metric (default: task_interaction)")
+  search.add_argument("--rounds", type=int, default=1, metavar="N",
+                      help="search rounds (default: 1, no refinement; see BENCHMARKS.md)")
+  search.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="random seed; the same seed gives the same run (default: 0)")
+  output = q.add_argument_group("output")
+  output.add_argument("--out", metavar="DIR", help="required: output directory")
+  _bool_flag(output, "cache", True,
+             "cache synthetic data and sensitivity in DIR/cache (default: on)")
+  _bool_flag(output, "progress", None, "progress bars (default: when on a terminal)")
+  _general(q)
+
+  v = _command(sub, "validate", "MODEL.tflite --data FILE [flags]",
+               "Run a .tflite file on labeled data (LiteRT or TFLite Micro) "
+               "and print its accuracy.",
+               "keras-mpq validate out/model_mcu.tflite --data test.npz --runtime tflm")
+  v.add_argument("tflite", metavar="MODEL.tflite", help="the file to run")
+  group = v.add_argument_group("validation")
+  group.add_argument("--data", metavar="FILE",
+                     help="required: labeled data, .npz (x, y), 'mnist' or 'digits'")
+  group.add_argument("--runtime", default="auto", choices=["auto", "litert", "tflm", "tf"],
+                     help="interpreter (default: auto, from the file)")
+  _general(v)
+
+  i = _command(sub, "inspect", "MODEL.tflite [--plan PLAN.json] [flags]",
+               "List a .tflite file's tensors (dtype, bits, bytes) and "
+               "optionally check them against a plan.",
+               "keras-mpq inspect out/model_mcu.tflite --plan out/plan.json")
+  i.add_argument("tflite", metavar="MODEL.tflite", help="the file to read")
+  group = i.add_argument_group("check")
+  group.add_argument("--plan", metavar="PLAN.json",
+                     help="a plan.json to check the file against (exit 1 on a mismatch)")
+  _general(i)
+  return parser
+
+
+def _version() -> str:
+  from keras_mpq import __version__  # pylint: disable=g-import-not-at-top
+  return f"{PROG} {__version__}"
+
+
+# --------------------------------------------------------------------------- quiet logs
+
+
+def quiet_logs(verbose: bool = False) -> None:
+  """Silences TensorFlow's start-up noise unless ``verbose``; call before TF is imported.
+
+  The C++ runtime's lines (``failed call to cuInit``, oneDNN notices, CPU
+  feature notes) go through TF_CPP_MIN_LOG_LEVEL; absl's "before
+  InitializeLog" line through ABSL_MIN_LOG_LEVEL / GLOG; Python-side
+  deprecation chatter through the tf/absl loggers and warnings.
+  """
+  if verbose:
+    return
+  # Log levels only: nothing here changes what TensorFlow computes (oneDNN stays on).
+  for key, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("ABSL_MIN_LOG_LEVEL", "3"),
+                     ("GLOG_minloglevel", "3"), ("GRPC_VERBOSITY", "ERROR")):
+    os.environ.setdefault(key, value)
+  import logging  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  warnings.filterwarnings("ignore", category=FutureWarning)
+  warnings.filterwarnings("ignore", category=UserWarning, module=r"(tf_keras|keras|tensorflow)")
+  for name in ("tensorflow", "absl", "tensorflow_model_optimization", "h5py"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _native_logs_muted(quiet: bool):
+  """Sends file descriptor 2 to /dev/null while Python's ``sys.stderr`` keeps the terminal.
+
+  TensorFlow's and LiteRT's C++ code print to fd 2 directly (``failed call
+  to cuInit``, ``Created TensorFlow Lite XNNPACK delegate``), some before any
+  log setting applies. Our own errors, warnings and progress bars go through
+  ``sys.stderr``, which is pointed at a duplicate of the real stderr. Only
+  done for a real process (``sys.stderr`` is the original one), not when a
+  caller has redirected it.
+  """
+  if not quiet or sys.stderr is not sys.__stderr__:
+    yield
+    return
+  try:
+    sys.stderr.flush()
+    fd = sys.stderr.fileno()
+    saved = os.dup(fd)
+  except (OSError, ValueError, AttributeError):
+    yield
+    return
+  original = sys.stderr
+  python_stderr = open(saved, "w", buffering=1, encoding=original.encoding,  # pylint: disable=consider-using-with
+                       errors="backslashreplace", closefd=False)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, fd)
+  os.close(devnull)
+  sys.stderr = python_stderr
+  try:
+    yield
+  finally:
+    python_stderr.flush()
+    sys.stderr = original
+    os.dup2(saved, fd)
+    python_stderr.close()
+    os.close(saved)
+
+
+def _import_tensorflow(quiet: bool) -> None:
+  """Imports TensorFlow and lists devices (where cuInit runs) with the loggers set quiet."""
+  import keras_mpq.compat  # pylint: disable=g-import-not-at-top,unused-import
+  if quiet:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.get_logger().setLevel("ERROR")
+    tf.config.list_physical_devices()
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def load_data(spec: str, need_labels: bool = False) -> Tuple:
@@ -86,10 +285,10 @@ def load_data(spec: str, need_labels: bool = False) -> Tuple:
   return x, y
 
 
-def _parse_pins():
+def _parse_pins(items: Sequence[str]):
   from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
   pins = {}
-  for item in FLAGS.pin:
+  for item in items:
     name, sep, bits = item.partition("=")
     if not sep or not bits.strip().isdigit():
       raise InvalidInputError(f"Expected --pin layer=bits, e.g. conv1=8. Received: {item!r}")
@@ -97,51 +296,79 @@ def _parse_pins():
   return pins
 
 
-def cmd_quantize(model_path: str) -> int:
-  import keras_mpq  # pylint: disable=g-import-not-at-top
-  from keras_mpq import report as report_lib, fileio  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
-  if not FLAGS.budget:
-    raise InvalidInputError("Expected --budget, e.g. --budget 4bit or --budget 48KB.")
-  if not FLAGS.out:
-    raise InvalidInputError("Expected --out DIR for the outputs.")
-  out = fileio.ensure_dir(FLAGS.out)
+@contextlib.contextmanager
+def _output_dir(path: str):
+  """Creates and locks ``--out``; on failure removes what this run created if it is empty.
+
+  Temporary files a killed run left there (and in its cache/) are removed
+  once the lock is held.
+  """
+  from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(path)
+  created = [p for p in (out / "cache", out, *out.parents) if not p.exists()]
+  ok = False
   try:
-    bits = [int(b) for b in FLAGS.bits]
+    with fileio.lock_dir(out):
+      for directory in (out, out / "cache"):
+        fileio.remove_stale_temps(directory)
+      yield out
+      ok = True
+  finally:
+    if not ok:
+      for directory in created:  # deepest first
+        with contextlib.suppress(OSError):
+          directory.rmdir()  # only if empty
+
+
+def cmd_quantize(args) -> int:
+  import keras_mpq  # pylint: disable=g-import-not-at-top
+  from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+  if not args.budget:
+    raise InvalidInputError("Expected --budget, e.g. --budget 4bit or --budget 48KB.")
+  if not args.out:
+    raise InvalidInputError("Expected --out DIR for the outputs.")
+  try:
+    bits = [int(b) for b in args.bits]
   except ValueError:
     raise InvalidInputError(f"Expected --bits as integers, e.g. 2,4,8. "
-                            f"Received: {','.join(FLAGS.bits)}") from None
-  data = load_data(FLAGS.data) if FLAGS.data else None
-  # Read the evaluation data now: a bad file should fail before the long run.
-  eval_data = load_data(FLAGS.eval_data, need_labels=True) if FLAGS.eval_data else None
-  if data is not None and data[1] is None:
-    data = data[0]
-  result = keras_mpq.quantize(
-      model_path, FLAGS.budget, data=data, target=FLAGS.target, weight_bits=bits,
-      activation_bits=FLAGS.activation_bits, metric=FLAGS.metric,
-      synthesis=FLAGS.synthesis, num_samples=FLAGS.samples, rounds=FLAGS.rounds,
-      pinned=_parse_pins(), seed=FLAGS.seed, progress=FLAGS.progress,
-      cache_dir=(out / "cache") if FLAGS.cache else None)
-  start = time.perf_counter()
-  tflite_path = out / f"model_{FLAGS.target.replace('-', '_')}.tflite"
-  exported = result.export(tflite_path, target=FLAGS.target)
-  report = dict(result.report)
-  report["export"] = _asdict(exported)
-  report["timings_s"] = {**report["timings_s"], "export": round(time.perf_counter() - start, 3)}
-  if eval_data is not None:
-    x, y = eval_data
+                            f"Received: {','.join(args.bits)}") from None
+  pins = _parse_pins(args.pin)
+  with _output_dir(args.out) as out:
+    data = load_data(args.data) if args.data else None
+    # Read the evaluation data now: a bad file should fail before the long run.
+    eval_data = load_data(args.eval_data, need_labels=True) if args.eval_data else None
+    if data is not None and data[1] is None:
+      data = data[0]
+    result = keras_mpq.quantize(
+        args.model, args.budget, data=data, target=args.target, weight_bits=bits,
+        activation_bits=args.activation_bits, metric=args.metric,
+        synthesis=args.synthesis, num_samples=args.samples, rounds=args.rounds,
+        pinned=pins, seed=args.seed, progress=args.progress,
+        cache_dir=(out / "cache") if args.cache else None)
     start = time.perf_counter()
-    report["validation"] = _asdict(keras_mpq.validate_tflite(
-        tflite_path, x, y, reference=result.model))
-    report["timings_s"]["validate"] = round(time.perf_counter() - start, 3)
-  result = _with_report(result, report)
-  files = result.save(out)
+    tflite_path = out / f"model_{args.target.replace('-', '_')}.tflite"
+    exported = result.export(tflite_path, target=args.target)
+    report = dict(result.report)
+    report["export"] = _asdict(exported)
+    report["timings_s"] = {**report["timings_s"],
+                           "export": round(time.perf_counter() - start, 3)}
+    if eval_data is not None:
+      x, y = eval_data
+      start = time.perf_counter()
+      report["validation"] = _asdict(keras_mpq.validate_tflite(
+          tflite_path, x, y, reference=result.model))
+      report["timings_s"]["validate"] = round(time.perf_counter() - start, 3)
+    result = _with_report(result, report)
+    files = result.save(out)
   print(report_lib.summary_table(report))
-  print(f"\nexported {tflite_path} ({tflite_path.stat().st_size} bytes, target {FLAGS.target})")
+  print(f"\nexported {tflite_path} ({report_lib.human_bytes(tflite_path.stat().st_size)}, "
+        f"target {args.target})")
   if "validation" in report:
     v = report["validation"]
-    print(f"validated in {v.get('runtime')}: accuracy {v.get('accuracy')}, "
-          f"agreement with Keras {v.get('agreement')}")
+    fraction = report_lib.fmt_fraction
+    print(f"validated in {v.get('runtime')}: accuracy {fraction(v.get('accuracy'))}, "
+          f"agreement with Keras {fraction(v.get('agreement'))}")
   print("wrote " + ", ".join(sorted(pathlib.Path(p).name for p in files.values())))
   return 0
 
@@ -161,27 +388,27 @@ def _with_report(result, report):
   return dataclasses.replace(result, report=report)
 
 
-def cmd_validate(tflite_path: str) -> int:
+def cmd_validate(args) -> int:
   import keras_mpq  # pylint: disable=g-import-not-at-top
   from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
-  if not FLAGS.data:
+  if not args.data:
     raise InvalidInputError("Expected --data with labeled inputs (.npz with x and y, "
                             "'mnist' or 'digits').")
-  x, y = load_data(FLAGS.data, need_labels=True)
-  result = keras_mpq.validate_tflite(tflite_path, x, y, runtime=FLAGS.runtime)
+  x, y = load_data(args.data, need_labels=True)
+  result = keras_mpq.validate_tflite(args.tflite, x, y, runtime=args.runtime)
   for key, value in _asdict(result).items():
     if not isinstance(value, (list, dict)):
       print(f"{key}: {value}")
   return 0
 
 
-def cmd_inspect(tflite_path: str) -> int:
+def cmd_inspect(args) -> int:
   from keras_mpq import tflite_inspect  # pylint: disable=g-import-not-at-top
-  rows = tflite_inspect.inspect_tflite(tflite_path)
-  plan = _read_plan(FLAGS.plan) if FLAGS.plan else None
-  print(tflite_inspect.format_rows(rows))
+  rows = tflite_inspect.inspect_tflite(args.tflite)
+  plan = _read_plan(args.plan) if args.plan else None
+  print(tflite_inspect.format_rows(rows, file_size=pathlib.Path(args.tflite).stat().st_size))
   if plan is not None:
-    problems = tflite_inspect.check_against_plan(tflite_path, plan)
+    problems = tflite_inspect.check_against_plan(args.tflite, plan)
     if problems:
       print("\nplan check FAILED:\n  " + "\n  ".join(str(p) for p in problems))
       return 1
@@ -194,8 +421,10 @@ def _read_plan(spec: str):
   from keras_mpq.types import InvalidInputError, KerasMpqError, QuantizationPlan  # pylint: disable=g-import-not-at-top
   try:
     return QuantizationPlan.from_json(pathlib.Path(spec).read_text())
-  except KerasMpqError:
-    raise
+  except KerasMpqError as e:
+    raise InvalidInputError(
+        f"Expected --plan to be a plan.json written by keras-mpq quantize. Received: "
+        f"{spec!r} ({e})") from None
   except Exception as e:  # pylint: disable=broad-except
     reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
     raise InvalidInputError(
@@ -206,39 +435,58 @@ def _read_plan(spec: str):
 COMMANDS = {"quantize": cmd_quantize, "validate": cmd_validate, "inspect": cmd_inspect}
 
 
-def main(argv) -> int:
-  args = argv[1:]
-  if len(args) != 2 or args[0] not in COMMANDS:
-    sys.stderr.write(USAGE + "\nkeras-mpq: error: expected a command "
-                     f"({', '.join(COMMANDS)}) and one path. Received: {' '.join(args) or 'nothing'}\n")
+def main(argv: Sequence[str]) -> int:
+  """Runs ``keras-mpq`` on ``argv`` (``argv[0]`` is the program name); returns the exit status."""
+  args_list = [str(a) for a in argv[1:]]
+  parser = build_parser()
+  if not args_list:
+    parser.print_help(sys.stderr)
     return 2
-  command, path = args
+  first = args_list[0]
+  if not first.startswith("-") and first not in COMMANDS:
+    sys.stderr.write(f"{PROG}: error: expected a command ({', '.join(COMMANDS)}). "
+                     f"Received: {first!r}. See '{PROG} --help'.\n")
+    return 2
   try:
-    return COMMANDS[command](path)
+    args, extra = parser.parse_known_args(args_list)
+  except SystemExit as e:  # --help, --version (0) or a usage error (2, already printed)
+    return e.code if isinstance(e.code, int) else 2
+  if extra:
+    where = f" {args.command}" if args.command else ""
+    sys.stderr.write(f"{PROG}: error: unrecognized arguments: {' '.join(extra)}. "
+                     f"See '{PROG}{where} --help'.\n")
+    return 2
+  if args.command is None:
+    parser.print_help(sys.stderr)
+    return 2
+  quiet_logs(args.verbose)
+  try:
+    with _native_logs_muted(quiet=not args.verbose):
+      if args.command != "inspect":  # inspect reads the flatbuffer without TensorFlow
+        _import_tensorflow(quiet=not args.verbose)
+      return COMMANDS[args.command](args)
+  except KeyboardInterrupt:
+    if args.debug:
+      raise
+    where = f" The cache in {args.out}/cache is kept: rerun to resume." if (
+        args.command == "quantize" and args.out and args.cache) else ""
+    sys.stderr.write(f"\n{PROG}: interrupted; no partial output was written.{where}\n")
+    return 130
   except Exception as e:  # pylint: disable=broad-except
     from keras_mpq.types import KerasMpqError  # pylint: disable=g-import-not-at-top
-    if FLAGS.debug:
+    if args.debug:
       raise
     if isinstance(e, KerasMpqError):
-      sys.stderr.write(f"keras-mpq: error: {e}\n")
+      sys.stderr.write(f"{PROG}: error: {e}\n")
       return 2
-    sys.stderr.write(f"keras-mpq: internal error ({type(e).__name__}): {e}\n"
+    sys.stderr.write(f"{PROG}: internal error ({type(e).__name__}): {e}\n"
                      "Rerun with --debug for the traceback, and please report it.\n")
     return 1
 
 
-def _parse_flags(argv):
-  """absl's parser, but a bad flag is a usage error: one line, exit status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"keras-mpq: error: {e}. See keras-mpq --helpshort.\n")
-    sys.exit(2)
-
-
 def run():
   """Console-script entry point (``keras-mpq``)."""
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+  sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -390,16 +391,38 @@ CUSTOM_OBJECTS = {
 }
 
 
+class QuantizeWrapperV2(tfmot.quantization.keras.QuantizeWrapperV2):
+  """tfmot's ``QuantizeWrapperV2`` that rebuilds with the variables it was saved with.
+
+  ``QuantizeWrapperV2.build`` tracks the inner layer's weights when that
+  layer is already built, as it is in a model from ``quantize_apply``, but
+  not when the wrapper is rebuilt from a config (its inner layer is built
+  later). The ``.keras`` format stores a layer's variables by position, so
+  such a model could be saved (9 variables for a Conv2D) but not loaded (7
+  expected). Building the inner layer first makes both the same. The class
+  keeps tfmot's name: ``.keras`` files name their variables' folders after it.
+  """
+
+  def build(self, input_shape):
+    if not self.layer.built:
+      self.layer.build(input_shape)
+    super().build(input_shape)
+
+
+@contextlib.contextmanager
 def quantize_scope():
-  """Scope to load models quantized by keras_mpq (``.h5`` or SavedModel).
+  """Scope to load models quantized by keras_mpq (``.keras``, ``.h5`` or SavedModel).
 
   Example:
 
   >>> import keras_mpq  # doctest: +SKIP
+  >>> result.model.save("quantized.keras")  # doctest: +SKIP
   >>> with keras_mpq.quantize_scope():  # doctest: +SKIP
-  ...   model = keras.models.load_model("quantized.h5")
+  ...   model = keras.models.load_model("quantized.keras")
   """
-  return tfmot.quantization.keras.quantize_scope(CUSTOM_OBJECTS)
+  with tfmot.quantization.keras.quantize_scope(CUSTOM_OBJECTS):
+    with keras.utils.custom_object_scope({"QuantizeWrapperV2": QuantizeWrapperV2}):
+      yield
 
 
 # --------------------------------------------------------------------------- scheme

@@ -3,8 +3,13 @@
 Example:
 
 >>> print(summary_table(result.report))  # doctest: +SKIP
-layer   type     params  bits  act  bytes   sensitivity
-conv1   Conv2D      144     8    8   ...
+layer  type    params  w_bits  a_bits   weights  sensitivity (nats)
+conv1  Conv2D     144       8       8     144 B               0.000
+...
+>>> human_bytes(10240)
+'10.0 KiB'
+>>> fmt_fraction(0.91349)
+'0.913'
 """
 
 from __future__ import annotations
@@ -17,55 +22,142 @@ import numpy as np
 from keras_mpq import fileio
 from keras_mpq.types import FLOAT_BITS, InvalidInputError, SensitivityTable
 
+# What a sensitivity score of each metric measures (the table's unit).
+METRIC_UNITS = {
+    "task_interaction": "nats",      # increase of the task cross-entropy
+    "task_float_context": "nats",
+    "zeroq_kl": "nats",              # KL divergence to the float outputs
+    "hessian_trace": "trace x MSE",
+    "weight_mse": "weight MSE",
+}
 
-def _fmt(v, digits=4) -> str:
+
+def human_bytes(n) -> str:
+  """``n`` bytes as people read them: '300 B', '10.0 KiB', '1.50 MiB'.
+
+  >>> [human_bytes(v) for v in (300, 1536, 3 * 2**20 / 2)]
+  ['300 B', '1.5 KiB', '1.5 MiB']
+  """
+  if n is None:
+    return ""
+  n = float(n)
+  if abs(n) < 1024:
+    return f"{n:.0f} B"
+  for unit in ("KiB", "MiB", "GiB"):
+    n /= 1024
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.1f} {unit}" if abs(n) < 100 else f"{n:.0f} {unit}"
+  raise AssertionError  # unreachable
+
+
+def _si(v: float) -> str:
+  """1.2e8 -> '120 M' (three digits and an SI prefix, for BOPs and MACs)."""
+  for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(v) >= scale:
+      return f"{v / scale:.3g} {prefix}"
+  return f"{v:.3g} "
+
+
+def fmt_fraction(v) -> str:
+  """An accuracy or agreement in [0, 1] with three digits ('0.913'); '' for None."""
+  return "" if v is None else f"{float(v):.3f}"
+
+
+def _fmt(v, digits=3) -> str:
   if v is None:
-    return "-"
-  if isinstance(v, float):
-    return f"{v:.{digits}g}"
+    return ""
+  if isinstance(v, (float, np.floating)):
+    return f"{float(v):.{digits}g}"
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return f"{int(v):,}"
   return str(v)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                 headers: Optional[Sequence[str]] = None) -> str:
-  """Plain-text table with aligned columns."""
+                 headers: Optional[Sequence[str]] = None,
+                 formats: Optional[Mapping[str, Any]] = None) -> str:
+  """Plain-text table with aligned columns; a missing value is a blank cell.
+
+  ``formats`` maps a column to a function of its value (default `_fmt`).
+  A column is right-aligned when all its cells are numbers or blank.
+
+  >>> print(format_table([{"a": 1, "b": "xy"}, {"a": 1234, "b": None}], ["a", "b"]))
+      a  b
+  -----  --
+      1  xy
+  1,234
+  """
   headers = list(headers or columns)
-  cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+  formats = dict(formats or {})
+  cells = [[formats.get(c, _fmt)(r.get(c)) for c in columns] for r in rows]
   widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-  lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-  lines.append("  ".join("-" * w for w in widths))
-  for row in cells:
-    lines.append("  ".join(c.rjust(w) if c.replace(".", "").replace("-", "").isdigit()
-                           else c.ljust(w) for c, w in zip(row, widths)))
+  numeric = [all(_numeric(row[i]) for row in cells) for i in range(len(headers))]
+  def line(values):
+    return "  ".join(v.rjust(w) if num else v.ljust(w)
+                     for v, w, num in zip(values, widths, numeric)).rstrip()
+  lines = [line(headers), "  ".join("-" * w for w in widths)]
+  lines += [line(row) for row in cells]
   return "\n".join(lines)
+
+
+def _numeric(cell: str) -> bool:
+  """A number, possibly with a unit ('1,234', '-0.5', '10.0 KiB'), or blank."""
+  head = cell.split(" ")[0].replace(",", "").replace(".", "").lstrip("-+")
+  return cell == "" or head.replace("e", "").replace("-", "").isdigit()
+
+
+def _achieved(kind: str, value) -> str:
+  if value is None:
+    return f"{kind} ?"
+  if kind == "bytes":
+    return f"{human_bytes(value)} of weights"
+  if kind == "avg_bits":
+    return f"{value:.2f} bits average"
+  if kind == "bops":
+    return f"{_si(value)}BOPs"
+  return f"{kind} {_fmt(value)}"
 
 
 def summary_table(report: Mapping[str, Any]) -> str:
   """The per-layer table and the totals of a `quantize` report."""
   rows = [r for r in report["layers"] if r["role"] == "weights"]
+  unit = METRIC_UNITS.get(report.get("metric"), "score")
   table = format_table(
       rows, ["layer", "type", "params", "weight_bits", "activation_bits",
              "weight_bytes", "sensitivity"],
-      ["layer", "type", "params", "w_bits", "a_bits", "bytes", "sensitivity"])
+      ["layer", "type", "params", "w_bits", "a_bits", "weights", f"sensitivity ({unit})"],
+      formats={"weight_bytes": human_bytes,
+               "sensitivity": lambda v: "" if v is None else f"{float(v):.3f}"
+               if abs(float(v)) >= 1e-3 or v == 0 else f"{float(v):.1e}"})
   achieved = report["achieved"]
   budget = report["budget"]
-  lines = [table, ""]
+  lines = [table]
+  metric = report.get("metric") or "the metric"
+  lines.append(f"(sensitivity: the loss increase {metric} measures for the layer at its "
+               f"chosen bits, in {unit})")
+  negative = [r["layer"] for r in rows if (r.get("sensitivity") or 0) < 0]
+  if negative:
+    lines.append(f"(negative for {', '.join(negative)}: at these bits the measured loss went "
+                 "down, not up; read it as no measurable harm)")
+  lines.append("")
   lines.append(f"budget {budget['text']}: achieved "
-               + ", ".join(f"{k}={_fmt(v)}" for k, v in achieved.items())
+               + ", ".join(_achieved(k, v) for k, v in achieved.items())
                + ("  (within budget)" if report["within_budget"] else "  (OVER BUDGET)"))
-  lines.append(f"float weights {report['float_weight_bytes']:.0f} B -> "
-               f"{achieved.get('bytes', float('nan')):.0f} B predicted "
-               f"({report['float_weight_bytes'] / max(achieved.get('bytes', 1), 1):.1f}x smaller)")
+  float_bytes = report["float_weight_bytes"]
+  predicted = achieved.get("bytes")
+  if predicted is not None:
+    lines.append(f"weights {human_bytes(float_bytes)} float -> {human_bytes(predicted)} "
+                 f"predicted ({float_bytes / max(predicted, 1):.1f}x smaller)")
   if report.get("unsupported_layers"):
     lines.append("left float (no quantizer supports them): "
                  + ", ".join(report["unsupported_layers"]))
   rounds = report.get("search_rounds") or []
   if rounds:
     lines.append("search rounds: " + "; ".join(
-        f"#{r.get('round')}: measured loss {_fmt(r.get('measured_loss'))}"
+        f"#{r.get('round')}: measured loss {_fmt(r.get('measured_loss'))} {unit}"
         for r in rounds))
-  lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}"
-                                          for k, v in report["timings_s"].items()))
+  lines.append("timings: " + ", ".join(f"{k} {v:.1f} s"
+                                       for k, v in report["timings_s"].items()))
   return "\n".join(lines)
 
 

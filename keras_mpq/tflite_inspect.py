@@ -58,8 +58,9 @@ WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV
 class TensorRow:
   """One tensor of a .tflite file as stored.
 
-  ``levels`` and ``bits_used`` are set for constant integer tensors (the
-  distinct stored values and ``ceil(log2(levels))``), else None.
+  ``levels`` and ``bits_used`` are set for constant integer tensors of at most
+  16 bits (the distinct stored values and ``ceil(log2(levels))``), else None:
+  INT32 biases have no bit-width to report.
   """
 
   index: int
@@ -252,7 +253,9 @@ def inspect_tflite(path_or_bytes) -> List[TensorRow]:
     raw = reader.buffer(t)
     values = reader.int_values(t)
     levels = bits_used = None
-    if values is not None and values.size:
+    # Levels and bits describe quantized weights (INT2/4/8/16, UINT8). INT32
+    # biases and INT64 shapes are stored at full width: no "bits" to report.
+    if values is not None and values.size and bits <= 16:
       levels = int(np.unique(values).size)
       bits_used = max(1, math.ceil(math.log2(levels))) if levels > 1 else 1
     rows.append(TensorRow(
@@ -353,8 +356,14 @@ def check_against_plan(path_or_bytes, plan: QuantizationPlan) -> List[str]:
   return problems
 
 
-def format_rows(rows: Sequence[TensorRow], constants_only: bool = True) -> str:
-  """A fixed-width text table of `inspect_tflite` rows."""
+def format_rows(rows: Sequence[TensorRow], constants_only: bool = True,
+                file_size: Optional[int] = None) -> str:
+  """A fixed-width text table of `inspect_tflite` rows.
+
+  The last lines give the bytes of the constant tensors and, with
+  ``file_size``, the file's real size (the rest is the graph, the
+  quantization parameters and metadata).
+  """
   rows = [r for r in rows if r.is_constant or not constants_only]
   header = f"{'tensor':<48} {'dtype':<8} {'shape':<18} {'bytes':>8} {'levels':>7} {'bits':>5}"
   lines = [header, "-" * len(header)]
@@ -363,6 +372,9 @@ def format_rows(rows: Sequence[TensorRow], constants_only: bool = True) -> str:
     lines.append(f"{name:<48} {r.dtype:<8} {str(list(r.shape)):<18} {r.bytes:>8} "
                  f"{'' if r.levels is None else r.levels:>7} "
                  f"{'' if r.bits_used is None else r.bits_used:>5}")
-  total = sum(r.bytes for r in rows)
-  lines.append(f"{'total constant bytes':<48} {'':<8} {'':<18} {total:>8}")
+  total = sum(r.bytes for r in rows if r.is_constant)
+  lines.append(f"{'constant tensor data':<48} {'':<8} {'':<18} {total:>8}")
+  if file_size is not None:
+    lines.append(f"{'file size (data + graph, scales, metadata)':<48} {'':<8} {'':<18} "
+                 f"{int(file_size):>8}")
   return "\n".join(lines)

@@ -284,19 +284,28 @@ class QuantizationPlan:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "QuantizationPlan":
-    if "weight_bits" not in d:
+    if not isinstance(d, Mapping) or "weight_bits" not in d:
+      received = f"keys {sorted(map(str, d))}" if isinstance(d, Mapping) else _kind(d)
       raise InvalidInputError(
-          "Expected a plan with a 'weight_bits' mapping. Received keys: "
-          f"{sorted(d)}")
-    return cls(d["weight_bits"], d.get("activation_bits", {}),
-               d.get("default_activation_bits", 8), d.get("info", {}))
+          "Expected a plan: an object with a 'weight_bits' mapping layer -> bits, as "
+          f"QuantizationPlan.to_json writes. Received: {received}")
+    return _build("plan", lambda: cls(
+        d["weight_bits"], d.get("activation_bits", {}) or {},
+        d.get("default_activation_bits", 8), d.get("info", {}) or {}))
 
   def to_json(self, indent: int = 2) -> str:
     return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
   @classmethod
   def from_json(cls, text: str) -> "QuantizationPlan":
-    return cls.from_dict(json.loads(text))
+    """The plan in ``text`` (what `to_json` wrote); `InvalidInputError` if it is not one.
+
+    >>> QuantizationPlan.from_json("{not json")
+    Traceback (most recent call last):
+    ...
+    keras_mpq.types.InvalidInputError: Expected a plan as JSON. Received text that is not valid JSON (line 1 column 2: Expecting property name enclosed in double quotes).
+    """
+    return cls.from_dict(_parse_json(text, "plan"))
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -367,15 +376,60 @@ class SensitivityTable:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "SensitivityTable":
-    return cls(tuple(d["layers"]), tuple(d["bits"]), np.asarray(d["scores"]),
-               d.get("metric", "task_interaction"), d.get("info", {}))
+    missing = ([k for k in ("layers", "bits", "scores") if k not in d]
+               if isinstance(d, Mapping) else None)
+    if missing is None or missing:
+      received = f"missing {missing}" if missing else _kind(d)
+      raise InvalidInputError(
+          "Expected a sensitivity table: an object with 'layers', 'bits' and 'scores', "
+          f"as SensitivityTable.to_json writes. Received: {received}")
+    return _build("sensitivity table", lambda: cls(
+        tuple(d["layers"]), tuple(d["bits"]), np.asarray(d["scores"], dtype=np.float64),
+        str(d.get("metric", "task_interaction")), d.get("info", {}) or {}))
 
   def to_json(self, indent: int = 2) -> str:
     return json.dumps(self.to_dict(), indent=indent)
 
   @classmethod
   def from_json(cls, text: str) -> "SensitivityTable":
-    return cls.from_dict(json.loads(text))
+    """The table in ``text`` (what `to_json` wrote); `InvalidInputError` if it is not one.
+
+    >>> SensitivityTable.from_json('{"layers": ["a"], "bits": [4]}')
+    Traceback (most recent call last):
+    ...
+    keras_mpq.types.InvalidInputError: Expected a sensitivity table: an object with 'layers', 'bits' and 'scores', as SensitivityTable.to_json writes. Received: missing ['scores']
+    """
+    return cls.from_dict(_parse_json(text, "sensitivity table"))
+
+
+def _kind(value) -> str:
+  return f"a JSON {type(value).__name__}: {str(value)[:60]!r}"
+
+
+def _parse_json(text, what: str):
+  """``json.loads``, but text that is not JSON is an `InvalidInputError`."""
+  if isinstance(text, (bytes, bytearray)):
+    text = bytes(text).decode("utf-8", "replace")
+  if not isinstance(text, str):
+    raise InvalidInputError(
+        f"Expected the JSON text of a {what} (a str). Received: {type(text).__name__}")
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise InvalidInputError(
+        f"Expected a {what} as JSON. Received text that is not valid JSON (line {e.lineno} "
+        f"column {e.colno}: {e.msg}).") from None
+
+
+def _build(what: str, make):
+  """``make()``; a wrong field type (a list where bits belong, ...) is an `InvalidInputError`."""
+  try:
+    return make()
+  except KerasMpqError:
+    raise
+  except (TypeError, ValueError, AttributeError) as e:
+    raise InvalidInputError(f"Expected a {what} as to_json writes it. Received a field of "
+                            f"the wrong type ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------- costs

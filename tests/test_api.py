@@ -35,6 +35,24 @@ def test_datafree_quantize_meets_budget_and_keeps_accuracy(datafree_result, trai
   assert apply.get_weight_bits(result.model) == dict(result.plan.weight_bits)
 
 
+def test_result_model_evaluates_as_returned_and_round_trips_as_keras(datafree_result,
+                                                                     small_data, tmp_path):
+  """The README's ``result.model.evaluate(x, y)`` used to raise 'You must compile your model'."""
+  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  _, _, x_test, y_test = small_data
+  loss, acc = datafree_result.model.evaluate(x_test, y_test, verbose=0)
+  assert acc == pytest.approx(_acc(datafree_result.model, x_test, y_test), abs=1e-6)
+  assert 0 < loss < 5
+  path = tmp_path / "q.keras"
+  datafree_result.model.save(path)
+  with keras_mpq.quantize_scope():
+    loaded = keras.models.load_model(path)
+  np.testing.assert_array_equal(loaded.predict(x_test, verbose=0),
+                                datafree_result.model.predict(x_test, verbose=0))
+  assert apply.get_weight_bits(loaded) == apply.get_weight_bits(datafree_result.model)
+  assert loaded.evaluate(x_test, y_test, verbose=0)[1] == pytest.approx(acc, abs=1e-6)
+
+
 def test_result_is_frozen_and_saves(datafree_result, tmp_path):
   with pytest.raises(Exception):
     datafree_result.plan = None

@@ -355,7 +355,7 @@ def test_range_tracking_switch():
 # --------------------------------------------------------------------------- save and load
 
 
-@pytest.mark.parametrize("fmt", ["h5", "savedmodel"])
+@pytest.mark.parametrize("fmt", ["keras", "h5", "savedmodel"])
 def test_save_and_load_round_trip(tmp_path, fmt):
   model = _randomize_batchnorm(_unfoldable_bn())
   x = _inputs(model)
@@ -363,7 +363,7 @@ def test_save_and_load_round_trip(tmp_path, fmt):
   apply.set_weight_bits(qmodel, {"c2": 2})  # state that lives only in variables
   apply.set_range_tracking(qmodel, False)
   ref = qmodel(x).numpy()
-  path = str(tmp_path / ("q.h5" if fmt == "h5" else "q_savedmodel"))
+  path = str(tmp_path / {"keras": "q.keras", "h5": "q.h5"}.get(fmt, "q_savedmodel"))
   qmodel.save(path)
   with quantizers.quantize_scope():
     loaded = keras.models.load_model(path)

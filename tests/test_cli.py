@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,8 @@ def test_quantize_keras3_file_end_to_end(keras3_file, tmp_path, dataset):
   assert report["within_budget"]
   assert report["validation"]["accuracy"] > 0.8  # ~91% float; LiteRT on real test images
   assert "w_bits" in proc.stdout and "exported" in proc.stdout
+  assert "e+" not in proc.stdout and "KiB" in proc.stdout  # bytes people read
+  assert re.search(r"accuracy 0\.\d{3},", proc.stdout), proc.stdout  # three digits
 
   proc = _run("inspect", str(out / "model_mobile.tflite"), "--plan", str(out / "plan.json"))
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -82,15 +85,64 @@ def test_errors_are_one_line_and_exit_2(args, match, keras3_file, tmp_path, caps
   subst = {"MODEL": str(keras3_file), "OUT": str(tmp_path / "o"), "GARBAGE": str(garbage),
            "DATA": str(data)}
   argv = ["keras-mpq"] + [subst.get(a, a) for a in args]
-  cli.FLAGS.unparse_flags()
-  remaining = cli.FLAGS(argv)
-  try:
-    code = cli.main(remaining)
-  finally:
-    cli.FLAGS.unparse_flags()
+  code = cli.main(argv)
   err = capsys.readouterr().err
   assert code == 2
   assert "Traceback" not in err
   assert "error" in err
-  import re
   assert re.search(match, err), err
+
+
+OWN_FLAGS = {"quantize": ["--budget", "--target", "--out", "--data", "--eval_data", "--pin",
+                          "--seed"],
+             "validate": ["--data", "--runtime"], "inspect": ["--plan"]}
+
+
+@pytest.mark.parametrize("command", sorted(OWN_FLAGS))
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_each_command_has_its_own_help(command, flag, capsys):
+  assert cli.main(["keras-mpq", command, flag]) == 0
+  text = capsys.readouterr().out
+  assert text.startswith(f"usage: keras-mpq {command}")
+  for own in OWN_FLAGS[command]:
+    assert own in text, own
+  for other, flags in OWN_FLAGS.items():
+    for foreign in set(flags) - set(OWN_FLAGS[command]):
+      assert foreign + " " not in text, (command, foreign)  # only its own flags
+  assert "example:\n  keras-mpq " + command in text
+  assert "general:" in text and "--verbose" in text
+  assert "--helpfull" not in text and "--logtostderr" not in text  # no absl flags
+
+
+def test_top_level_help_lists_the_commands(capsys):
+  for argv in (["--help"], ["-h"]):
+    assert cli.main(["keras-mpq", *argv]) == 0
+    text = capsys.readouterr().out
+    for command in OWN_FLAGS:
+      assert f"    {command}  " in text
+  assert cli.main(["keras-mpq"]) == 2  # no command: the same help, as a usage error
+  assert "quantize" in capsys.readouterr().err
+
+
+def test_help_in_a_real_process_exits_0():
+  proc = _run("quantize", "--help", timeout=120)
+  assert proc.returncode == 0 and "--budget" in proc.stdout and proc.stderr == ""
+
+
+def test_a_run_prints_no_tensorflow_start_up_lines(tmp_path):
+  """Before: ~8 lines, among them 'failed call to cuInit: INTERNAL: CUDA error'."""
+  import keras_mpq  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "m.tflite"
+  x = np.random.default_rng(0).random((8, 8, 8, 1)).astype(np.float32)
+  keras_mpq.export_tflite(model_zoo.tiny_conv_dense(seed=0), path,
+                          keras_mpq.QuantizationPlan({"conv": 8, "fc": 8}), "mobile",
+                          calibration_data=x)
+  data = tmp_path / "d.npz"
+  np.savez(data, x=x, y=np.arange(8) % 4)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "ABSL", "GLOG"))}
+  for argv in (["inspect", str(path)], ["validate", str(path), "--data", str(data)]):
+    proc = subprocess.run([sys.executable, "-m", "keras_mpq.cli", *argv], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr[-2000:]  # LiteRT's XNNPACK line included

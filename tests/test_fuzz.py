@@ -103,12 +103,8 @@ def write_cases(d, originals, n, seed) -> List[pathlib.Path]:
 def run_cli_in_process(argv: List[str]) -> Tuple[int, str]:
   """``keras-mpq ARGV`` through `cli.main` in this process: (exit code, stderr)."""
   err, out = io.StringIO(), io.StringIO()
-  cli.FLAGS.unparse_flags()
-  try:
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-      code = cli.main(cli.FLAGS(["keras-mpq", *argv]))
-  finally:
-    cli.FLAGS.unparse_flags()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    code = cli.main(["keras-mpq", *argv])
   return code, err.getvalue()
 
 
@@ -151,10 +147,8 @@ _CHILD = textwrap.dedent("""
     def cli(argv):
       from keras_mpq import cli
       err = io.StringIO()
-      cli.FLAGS.unparse_flags()
       with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(cli.FLAGS(["keras-mpq", *argv]))
-      cli.FLAGS.unparse_flags()
+        code = cli.main(["keras-mpq", *argv])
       if code == 1 or "Traceback" in err.getvalue():
         raise RuntimeError("cli exit %d: %s" % (code, err.getvalue()[-200:]))
       if code == 2:

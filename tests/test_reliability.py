@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import keras_mpq
-from keras_mpq import cli
+from keras_mpq import cli, fileio
 from keras_mpq.types import (BudgetInfeasibleError, InvalidInputError, KerasMpqError,
                              QuantizationPlan, UnsupportedModelError)
 
@@ -44,12 +44,8 @@ def run_cli(argv, timeout=600):
 def cli_in_process(argv):
   """``keras-mpq ARGV`` through `cli.main` in this process: (exit code, stdout, stderr)."""
   out, err = io.StringIO(), io.StringIO()
-  cli.FLAGS.unparse_flags()
-  try:
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-      code = cli.main(cli.FLAGS(["keras-mpq", *[str(a) for a in argv]]))
-  finally:
-    cli.FLAGS.unparse_flags()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(["keras-mpq", *[str(a) for a in argv]])
   return code, out.getvalue(), err.getvalue()
 
 
@@ -144,7 +140,7 @@ def test_validate_library_refuses_string_labels(files):
 
 
 @pytest.mark.parametrize("plan,match", [
-    ("plan_garbage", "JSONDecodeError"), ("plan_list", "weight_bits|plan"),
+    ("plan_garbage", "not valid JSON"), ("plan_list", "weight_bits|plan"),
     ("dir", "Is a directory"), ("missing", "No such file"),
 ])
 def test_inspect_refuses_bad_plan_files(files, plan, match):
@@ -359,23 +355,17 @@ def _outputs(directory):
           if p.is_file() and not p.name.startswith(".")}
 
 
-def _kill_when(argv, ready, timeout=300):
-  """Starts ``keras-mpq ARGV``, SIGKILLs it as soon as ``ready()`` is true; True if it did."""
-  proc = subprocess.Popen([sys.executable, "-m", "keras_mpq.cli", *argv], env=ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + timeout
-  try:
-    while proc.poll() is None and time.monotonic() < deadline:
-      if ready():
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        return proc.returncode == -signal.SIGKILL
-      time.sleep(0.002)
-    return False
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait(30)
+def _signal_at(argv, spec, timeout=300):
+  """Runs ``keras-mpq ARGV`` with fileio's test hook set to ``spec``: the child signals itself.
+
+  ``spec`` is "SIGNAL before|after GLOB" (see fileio.TEST_SIGNAL_ENV): e.g.
+  "KILL before report.json" kills the run exactly when report.json's
+  temporary file is written and not yet renamed. No polling, no race.
+  """
+  from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, "-m", "keras_mpq.cli", *argv],
+                        env={**ENV, fileio.TEST_SIGNAL_ENV: spec}, capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def _complete(path: pathlib.Path) -> bool:
@@ -400,35 +390,32 @@ def test_killed_run_leaves_outputs_whole_and_resumes_to_the_same_plan(trained_h5
   reference = _outputs(ref)
   assert {"plan.json", "report.json", "sensitivity.json", "model_mobile.tflite"} <= set(reference)
 
-  # 2. The same run into a directory holding the reference's outputs, killed as
-  #    soon as its synthetic data is cached: the outputs are untouched.
+  # 2. The same run into a directory holding the reference's outputs, killed
+  #    right after its synthetic data is cached: the outputs are untouched.
   run = tmp_path / "run"
   run.mkdir()
   for name, data in reference.items():
     (run / name).write_bytes(data)
-  killed = _kill_when(_quantize_argv(trained_h5, run),
-                      lambda: any((run / "cache").glob("synthetic-*.npz")))
-  assert killed, "the run finished before its synthetic cache appeared"
+  proc = _signal_at(_quantize_argv(trained_h5, run), "KILL after synthetic-*.npz")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert _outputs(run) == reference
   with np.load(next((run / "cache").glob("synthetic-*.npz"))) as z:  # whole, not half written
     assert z["x"].shape == (32, 28, 28, 1) and z["y"].shape == (32,)
 
-  # 3. Resumed, and killed again while it writes its outputs (a temporary file
-  #    is there): every visible file is the old one or a whole new one.
-  def writing():
-    return any(TEMP_NAME.match(n) for n in os.listdir(run))
-
-  killed_mid_write = _kill_when(_quantize_argv(trained_h5, run), writing)
+  # 3. Resumed, and killed again while it writes its outputs: report.json's
+  #    temporary file is whole on disk, the rename has not happened. Every
+  #    visible file is the old one or a whole new one; report.json is the old one.
+  proc = _signal_at(_quantize_argv(trained_h5, run), "KILL before report.json")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   after = _outputs(run)
   assert set(after) == set(reference)
   for name in after:
     assert after[name] == reference[name] or _complete(run / name), name
-  leftovers = [n for n in os.listdir(run) if n.startswith(".")]
-  assert all(TEMP_NAME.match(n) for n in leftovers), leftovers
-  if killed_mid_write:
-    assert leftovers, "killed while a temporary file existed, yet none is left"
-  print(f"killed mid-write: {killed_mid_write}; changed: "
-        f"{sorted(n for n in after if after[n] != reference[n])}; leftovers: {leftovers}")
+  assert after["report.json"] == reference["report.json"]
+  leftovers = sorted(n for n in os.listdir(run) if n.startswith("."))
+  temps = [n for n in leftovers if TEMP_NAME.match(n)]
+  assert len(temps) == 1 and temps[0].startswith(".report.json."), leftovers
+  assert set(leftovers) - set(temps) <= {fileio.LOCK_NAME}, leftovers  # a dead run's lock
 
   # 4. Resumed to completion: the same plan as the uninterrupted run.
   code, _, err = cli_in_process(_quantize_argv(trained_h5, run))
@@ -438,4 +425,72 @@ def test_killed_run_leaves_outputs_whole_and_resumes_to_the_same_plan(trained_h5
   report = json.loads((run / "report.json").read_text())
   assert "cached" in report["data"]  # it resumed from the cache
   assert report["within_budget"]
+  # the killed run's temporary file and lock were cleaned up by this one
+  assert [n for n in os.listdir(run) if n.startswith(".")] == []
+  assert [n for n in os.listdir(run / "cache") if n.startswith(".")] == []
   shutil.rmtree(ref)
+
+
+# --------------------------------------------------------------------------- Ctrl-C, lock, leftovers
+
+
+def _tiny_argv(files, out, *extra):
+  return ["quantize", str(files["model"]), "--budget", "4bit", "--out", str(out),
+          "--samples", "16", "--noprogress", *extra]
+
+
+@pytest.mark.parametrize("spec", ["INT after synthetic-*.npz", "INT before plan.json"])
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_output(files, tmp_path, spec):
+  out = tmp_path / "o"
+  proc = _signal_at(_tiny_argv(files, out), spec)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("keras-mpq: interrupted"), proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  visible = sorted(p.name for p in out.iterdir())
+  assert "plan.json" not in visible, visible  # no plan was published
+  assert not [p for p in out.rglob(".*")], list(out.rglob(".*"))  # no temp file, no lock
+  cached = list((out / "cache").glob("synthetic-*.npz"))
+  assert len(cached) == 1
+  with np.load(cached[0]) as z:  # the cache is whole and the rerun uses it
+    assert z["x"].shape == (16, 8, 8, 1)
+  code, _, err = cli_in_process(_tiny_argv(files, out))
+  assert code == 0, err[-2000:]
+  assert "cached" in json.loads((out / "report.json").read_text())["data"]
+
+
+def test_second_run_into_a_locked_out_dir_is_refused(files, tmp_path):
+  out = tmp_path / "o"
+  with fileio.lock_dir(out):
+    code, _, err = cli_in_process(_tiny_argv(files, out))
+    assert_clear(code, err, r"in use by another run \(process \d+\)")
+  assert list(out.iterdir()) == []  # the refused run wrote nothing
+
+
+def test_stale_lock_and_temp_files_are_taken_over_and_removed(files, tmp_path, no_synthesis):
+  """A lock file and temporary files from a killed run: the next run cleans them up."""
+  out = tmp_path / "o"
+  (out / "cache").mkdir(parents=True)
+  (out / fileio.LOCK_NAME).write_text("999999")  # a dead process; no flock is held
+  stale = [out / ".plan.json.k2x9q0ab.tmp.json", out / ".model_mobile.tflite.a1b2c3d4.tmp.tflite",
+           out / "cache" / ".synthetic-0123456789abcdef.npz.zz00yy11.tmp.npz"]
+  for path in stale:
+    path.write_text("half")
+  keep = out / ".my_notes"
+  keep.write_text("not ours")
+  code, _, err = cli_in_process(_tiny_argv(files, out, "--rounds", "0"))
+  assert_clear(code, err, "rounds")  # the lock was taken: the error is about the flag
+  assert not any(p.exists() for p in stale)
+  assert keep.exists() and not (out / fileio.LOCK_NAME).exists()
+
+
+def test_error_runs_leave_no_empty_output_dirs(files, tmp_path, no_synthesis):
+  out = tmp_path / "new" / "o"
+  code, _, err = cli_in_process(_tiny_argv(files, out, "--rounds", "0"))
+  assert_clear(code, err, "rounds")
+  assert not (tmp_path / "new").exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  code, _, err = cli_in_process(_tiny_argv(files, existing, "--metric", "nope"))
+  assert_clear(code, err, "metric")
+  assert existing.is_dir() and list(existing.iterdir()) == []  # the user's folder is kept

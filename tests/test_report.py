@@ -47,6 +47,33 @@ def test_summary_table_lists_weight_layers_and_totals():
   assert "synthesis 1.2" in text or "synthesis 1.3" in text
 
 
+def test_summary_table_reads_at_a_glance():
+  r = _report()
+  r["achieved"]["bytes"] = 10240.0
+  r["achieved"]["bops"] = 2.76e8
+  r["metric"] = "task_interaction"
+  r["layers"][2]["sensitivity"] = -0.0123456
+  r["layers"][2]["params"] = 123456
+  text = report.summary_table(r)
+  lines = text.splitlines()
+  assert "e+" not in text  # no scientific notation for bytes
+  assert "10.0 KiB of weights" in text and "8.4 KiB float" in text and "276 MBOPs" in text
+  assert "1.1 KiB" in text and "300 B" in text  # per-layer bytes with units
+  assert "sensitivity (nats)" in lines[0]
+  assert "-0.012" in text and "-0.0123456" not in text  # three digits, not fifteen
+  assert "negative for fc1" in text
+  assert "123,456" in text
+  # every row of the table is as wide as its header; columns line up
+  table = lines[:lines.index("") if "" in lines else 4]
+  rows = [l for l in table[2:] if not l.startswith("(")]
+  header_ends = [i + 1 for i, c in enumerate(lines[1]) if c == "-" and
+                 (i + 1 == len(lines[1]) or lines[1][i + 1] == " ")]
+  for row in rows:
+    for end in header_ends[2:]:  # right-aligned numeric columns end at the rule's end
+      assert row[end - 1] != " ", (row, end)
+  assert " - " not in " ".join(rows)
+
+
 def test_summary_table_flags_over_budget():
   r = _report()
   r["within_budget"] = False
@@ -71,4 +98,5 @@ def test_format_table_aligns_columns():
   text = report.format_table([{"a": 1, "b": "xy"}, {"a": 123, "b": None}], ["a", "b"])
   lines = text.splitlines()
   assert len({len(l.rstrip()) for l in lines[:2]}) == 1 or len(lines) == 4
-  assert lines[3].split() == ["123", "-"]
+  assert lines[3].split() == ["123"]  # a missing value is blank, not a column-breaking '-'
+  assert lines[2].index("1") == lines[3].index("3")  # numbers right-aligned

@@ -47,8 +47,24 @@ def test_check_against_plan(files):
 
 def test_format_rows(files):
   path, _ = files
-  text = tflite_inspect.format_rows(tflite_inspect.inspect_tflite(path))
-  assert "INT4" in text and "total constant bytes" in text
+  rows = tflite_inspect.inspect_tflite(path)
+  text = tflite_inspect.format_rows(rows, file_size=path.stat().st_size)
+  assert "INT4" in text and "constant tensor data" in text
+  total = text.splitlines()[-1]
+  assert "file size" in total and total.split()[-1] == str(path.stat().st_size)
+
+
+def test_int32_biases_have_no_bits(files):
+  """Biases are stored as INT32 at full width: a 'bits' value for them meant nothing."""
+  path, _ = files
+  rows = tflite_inspect.inspect_tflite(path)
+  biases = [r for r in rows if r.is_constant and r.dtype == "INT32" and len(r.shape) == 1]
+  assert biases  # conv and fc each have one
+  assert all(r.bits_used is None and r.levels is None for r in biases)
+  text = tflite_inspect.format_rows(rows)
+  for r in biases:
+    line = next(l for l in text.splitlines() if l.startswith(r.name[:45]))
+    assert line.rstrip().endswith(str(r.bytes)), line
 
 
 def test_unpack_int4_roundtrip():

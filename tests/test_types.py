@@ -90,3 +90,33 @@ def test_cost_table():
     costs.matrix("latency")
   with pytest.raises(InvalidInputError, match="shape"):
     CostTable(("a",), (2, 8), {"bytes": [[1, 2, 3]]})
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not valid JSON"), ("", "not valid JSON"), ("[8, 4]", "weight_bits"),
+    ('{"weight_bits": [8]}', "mapping"), ('{"weight_bits": {"a": "eight"}}', "integer"),
+    ('{"weight_bits": {"a": 8}, "activation_bits": 5}', "wrong type|mapping"),
+    (None, "str"),
+])
+def test_plan_from_json_errors_are_clear(text, match):
+  with pytest.raises(InvalidInputError, match=match):
+    QuantizationPlan.from_json(text)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not valid JSON"), ('"a string"', "sensitivity table"),
+    ('{"layers": ["a"], "bits": [4]}', "missing"),
+    ('{"layers": ["a"], "bits": [4], "scores": [[0.1, 0.2]]}', "shape"),
+    ('{"layers": ["a"], "bits": [4], "scores": [["x"]]}', "wrong type"),
+    ('{"layers": 3, "bits": [4], "scores": [[0.1]]}', "wrong type"),
+])
+def test_sensitivity_from_json_errors_are_clear(text, match):
+  with pytest.raises(InvalidInputError, match=match):
+    SensitivityTable.from_json(text)
+
+
+def test_from_json_round_trips():
+  t = SensitivityTable(("a", "b"), (4, 8), np.array([[0.5, 0.0], [0.1, 0.0]]), "zeroq_kl")
+  assert SensitivityTable.from_json(t.to_json()) == t
+  p = QuantizationPlan({"a": 4, "b": 8}, {"a": 16})
+  assert QuantizationPlan.from_json(p.to_json()) == p
