@@ -94,6 +94,22 @@ def _general(parser) -> None:
                      help="show full tracebacks instead of one-line errors")
 
 
+def _parse_range(text):
+  """``"lo,hi"`` -> ``(lo, hi)``; None stays None (quantize checks the values)."""
+  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+  if text is None:
+    return None
+  parts = text.split(",")
+  try:
+    if len(parts) != 2:
+      raise ValueError
+    return float(parts[0]), float(parts[1])
+  except ValueError:
+    raise InvalidInputError(
+        f"Expected --input_range=LO,HI with two numbers, e.g. -1,1. Received: {text!r}"
+    ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The ``keras-mpq`` parser: one subcommand per entry in `COMMANDS`."""
   parser = _Parser(
@@ -132,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic data: labeled, zeroq or noise (default: labeled)")
   data.add_argument("--samples", type=int, default=256, metavar="N",
                     help="synthetic samples (default: 256)")
+  data.add_argument("--input_range", metavar="LO,HI",
+                    help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
+                    "off a Rescaling/Normalization input layer, else 0,1, assumed)")
   search = q.add_argument_group("sensitivity search")
   search.add_argument("--metric", default="task_interaction",
                       help="sensitivity metric (default: task_interaction)")
@@ -345,7 +364,8 @@ def cmd_quantize(args) -> int:
         activation_bits=args.activation_bits, metric=args.metric,
         synthesis=args.synthesis, num_samples=args.samples, rounds=args.rounds,
         pinned=pins, seed=args.seed, progress=args.progress,
-        cache_dir=(out / "cache") if args.cache else None)
+        cache_dir=(out / "cache") if args.cache else None,
+        input_range=_parse_range(args.input_range))
     start = time.perf_counter()
     tflite_path = out / f"model_{args.target.replace('-', '_')}.tflite"
     exported = result.export(tflite_path, target=args.target)

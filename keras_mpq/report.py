@@ -132,6 +132,15 @@ def summary_table(report: Mapping[str, Any]) -> str:
   achieved = report["achieved"]
   budget = report["budget"]
   lines = [table]
+  in_range = report.get("input_range") or {}
+  if in_range.get("assumed"):
+    lines.insert(0, f"WARNING: input range ASSUMED [{in_range['low']:g}, {in_range['high']:g}]"
+                 " (no Rescaling/Normalization input layer, no --input_range). Synthetic "
+                 "data, the input quantizer and the exported file all follow it: pass "
+                 "--input_range=LO,HI if the model takes other inputs.\n")
+  elif in_range:
+    lines.append(f"input range [{in_range['low']:g}, {in_range['high']:g}] "
+                 f"({in_range['source']})")
   metric = report.get("metric") or "the metric"
   lines.append(f"(sensitivity: the loss increase {metric} measures for the layer at its "
                f"chosen bits, in {unit})")
