@@ -28,10 +28,7 @@ from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
                              UnsupportedModelError, check_weight_bits)
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
-_QuantizeLayer = tfmot.quantization.keras.QuantizeLayer if hasattr(
-    tfmot.quantization.keras, "QuantizeLayer") else None
-if _QuantizeLayer is None:  # pragma: no cover - tfmot 0.8 exports it under quantize_layer
-  from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer as _QuantizeLayer  # pylint: disable=g-import-not-at-top
+_QuantizeLayer = quantizers.TfmotQuantizeLayer  # tfmot 0.8 does not export it publicly
 
 INPUT_QUANTIZER = "input_quantizer"
 """Name of the layer that quantizes the model input, as the .tflite file does:
@@ -305,7 +302,7 @@ def _act_quant_vars(qmodel) -> List[Tuple[object, Dict[str, tf.Variable]]]:
   """
   found = []
   for layer in qmodel.layers:
-    if _QuantizeLayer is not None and isinstance(layer, _QuantizeLayer) and isinstance(
+    if isinstance(layer, _QuantizeLayer) and isinstance(
         layer.quantizer, quantizers.ActivationQuantizer):
       found.append((layer, layer.quantizer_vars))
     elif isinstance(layer, _QuantizeWrapper):

@@ -409,6 +409,25 @@ class QuantizeWrapperV2(tfmot.quantization.keras.QuantizeWrapperV2):
     super().build(input_shape)
 
 
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer as TfmotQuantizeLayer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+class QuantizeLayer(TfmotQuantizeLayer):
+  """tfmot's ``QuantizeLayer`` (the input quantizer) that builds its variables once.
+
+  ``QuantizeLayer.build`` never marks the layer built, so a layer rebuilt from
+  a ``.keras`` config is built again when first called and holds its range
+  variables twice (9 expected, 5 saved). The class keeps tfmot's name, as
+  `QuantizeWrapperV2` does.
+  """
+
+  def build(self, input_shape):
+    if self.built:
+      return
+    super().build(input_shape)
+    self.built = True
+
+
 @contextlib.contextmanager
 def quantize_scope():
   """Scope to load models quantized by keras_mpq (``.keras``, ``.h5`` or SavedModel).
@@ -421,7 +440,8 @@ def quantize_scope():
   ...   model = keras.models.load_model("quantized.keras")
   """
   with tfmot.quantization.keras.quantize_scope(CUSTOM_OBJECTS):
-    with keras.utils.custom_object_scope({"QuantizeWrapperV2": QuantizeWrapperV2}):
+    with keras.utils.custom_object_scope({"QuantizeWrapperV2": QuantizeWrapperV2,
+                                          "QuantizeLayer": QuantizeLayer}):
       yield
 
 
