@@ -224,27 +224,68 @@ def _maxabs_scales(w3: np.ndarray, qmax: float) -> np.ndarray:
 
 
 def clip_search(w3: np.ndarray, bits: int, hessian: Optional[np.ndarray] = None,
-                alphas: Sequence[float] = ALPHAS) -> Tuple[np.ndarray, np.ndarray]:
+                alphas: Sequence[float] = ALPHAS, refine: int = 2
+                ) -> Tuple[np.ndarray, np.ndarray]:
   """Per-channel clipping ``(G, d, n)`` -> (scales ``(G, n)``, their errors ``(G, n)``).
 
-  The error is the weight squared error, or ``dw^T H dw`` when ``hessian``
+  Scales ``alpha * max|w| / q``: every other alpha of ``alphas`` first, then
+  the ``refine`` neighbours on each side of each channel's best. The error
+  is the weight squared error, or ``dw^T H dw`` when ``hessian``
   (``(G, d, d)``) is given. ``alpha = 1`` (round to nearest) is always a
   candidate, so the result is never worse than it on that measure.
   """
   qmax = qmax_of(bits)
   w64 = np.asarray(w3, np.float64)
+  h32 = None if hessian is None else np.asarray(hessian, np.float32)
   base = _maxabs_scales(w64, qmax)
-  best_s = base.copy()
-  best_e = _channel_error(_fake(w64, base, qmax)[1] - w64, hessian)
-  for alpha in alphas:
-    if alpha >= 1.0:
-      continue
+  alphas = np.sort(np.asarray(alphas, np.float64))
+  if alphas[-1] < 1.0:
+    alphas = np.append(alphas, 1.0)
+
+  def error(alpha):  # alpha: (G, n)
     s = np.maximum(base * alpha, _TINY)
-    e = _channel_error(_fake(w64, s, qmax)[1] - w64, hessian)
+    dw = (_fake(w64, s, qmax)[1] - w64).astype(np.float32)
+    return _channel_error(dw, h32).astype(np.float64)
+
+  last = len(alphas) - 1
+  best_i = np.full(base.shape, last)
+  best_e = error(np.ones(base.shape))
+  coarse = list(range(last - 2, -1, -2)) if refine else list(range(last))
+  for i in coarse:
+    e = error(np.full(base.shape, alphas[i]))
     better = e < best_e
-    best_s = np.where(better, s, best_s)
+    best_i = np.where(better, i, best_i)
     best_e = np.where(better, e, best_e)
-  return best_s, best_e
+  if refine:
+    center = best_i.copy()
+    for off in range(-refine, refine + 1):
+      if off == 0:
+        continue
+      idx = center + off
+      valid = (idx >= 0) & (idx < last)
+      e = error(alphas[np.clip(idx, 0, last)])
+      better = valid & (e < best_e)
+      best_i = np.where(better, idx, best_i)
+      best_e = np.where(better, e, best_e)
+  return np.maximum(base * alphas[best_i], _TINY), best_e
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+  """Upper-triangular ``U`` with ``U^T U = H^-1`` per group, without forming ``H^-1``.
+
+  With ``J`` the reversal, ``J H J = M M^T`` (lower Cholesky) gives
+  ``H = R R^T`` with ``R = J M J`` upper triangular, so ``U = R^-1``.
+  """
+  from scipy import linalg  # pylint: disable=g-import-not-at-top
+  out = np.empty(h.shape, np.float64)
+  for g in range(h.shape[0]):
+    # float32, as GPTQ's reference code: half the time; the damping keeps it stable.
+    m = linalg.cholesky(np.ascontiguousarray(h[g, ::-1, ::-1], np.float32), lower=True)
+    r = np.ascontiguousarray(m[::-1, ::-1])
+    out[g] = linalg.solve_triangular(r, np.eye(h.shape[1], dtype=np.float32), lower=False)
+  if not np.all(np.isfinite(out)):
+    raise np.linalg.LinAlgError("non-finite inverse Hessian")
+  return out
 
 
 def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
@@ -275,9 +316,7 @@ def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
   w = np.take_along_axis(w, perm[:, :, None], axis=1)
   h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :],
                          axis=2)
-  hinv = np.linalg.inv(h)
-  hinv = 0.5 * (hinv + np.swapaxes(hinv, 1, 2))
-  upper = np.swapaxes(np.linalg.cholesky(hinv), 1, 2)  # U^T U = H^-1
+  upper = _upper_cholesky_of_inverse(h)  # U^T U = H^-1
   s = np.asarray(scales, np.float64)  # (G, n)
   ints = np.zeros_like(w)
   for i1 in range(0, d, block):
