@@ -425,7 +425,7 @@ DEFAULT_BIAS_CORRECTION = True
 _WEIGHT_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _check_weight_method(method, bias_correction) -> Tuple[str, bool]:
+def check_weight_method(method, bias_correction) -> Tuple[str, bool]:
   method = DEFAULT_WEIGHT_METHOD if method is None else method
   if method not in WEIGHT_METHODS:
     raise InvalidInputError(
@@ -435,6 +435,26 @@ def _check_weight_method(method, bias_correction) -> Tuple[str, bool]:
     raise InvalidInputError(
         f"Expected bias_correction True or False. Received: {bias_correction!r}")
   return method, bool(bias_correction)
+
+
+@contextlib.contextmanager
+def weight_defaults(weight_method: Optional[str] = None,
+                    bias_correction: Optional[bool] = None) -> Iterator[None]:
+  """Temporarily changes `DEFAULT_WEIGHT_METHOD` / `DEFAULT_BIAS_CORRECTION` (None keeps one).
+
+  What the sensitivity table's `WeightBank` and `apply_plan` use when not told.
+
+  >>> with weight_defaults("rtn", False):  # doctest: +SKIP
+  ...   table = keras_mpq.measure_sensitivity(model, (x, y))
+  """
+  global DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION  # pylint: disable=global-statement
+  method, correct = check_weight_method(weight_method, bias_correction)
+  saved = DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION
+  DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION = method, correct
+  try:
+    yield
+  finally:
+    DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION = saved
 
 
 def _weight_wrappers(qmodel) -> List:
@@ -491,7 +511,7 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
   >>> rows[0]["method"]  # doctest: +SKIP
   'gptq'
   """
-  method, correct = _check_weight_method(weight_method, bias_correction)
+  method, correct = check_weight_method(weight_method, bias_correction)
   wrappers = _weight_wrappers(qmodel)
   bits_now = {w.layer.name: get_weight_bits_of(w) for w in wrappers}
   todo = [w for w in wrappers if bits_now[w.layer.name] != FLOAT_BITS]
@@ -588,7 +608,7 @@ class WeightBank:
 
   def __init__(self, qmodel, x, weight_method: Optional[str] = None,
                bias_correction: Optional[bool] = None, batch_size: int = 64, seed: int = 0):
-    self.method, self.correct = _check_weight_method(weight_method, bias_correction)
+    self.method, self.correct = check_weight_method(weight_method, bias_correction)
     self.qmodel = qmodel
     self.wrappers = {w.layer.name: w for w in _weight_wrappers(qmodel)}
     self.originals = {name: ([v.numpy() for v, _ in _kernels_of(w)],

@@ -466,7 +466,7 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
   err = float(np.sum(np.take_along_axis(errors, choice[None], 0)))
   scales32 = scales.astype(np.float32)
   values = (ints * scales32[:, None, :]).astype(np.float32)
-  kernel_ints = back(ints).astype(np.int32)
+  kernel_ints = back(np.nan_to_num(ints, nan=0.0)).astype(np.int32)
   kernel_values = back(values)
   keep_shape = [1 if a in tuple(x % w.ndim for x in reduce_axes) else w.shape[a]
                 for a in range(w.ndim)]
@@ -496,7 +496,8 @@ def bias_correction(kernel, quantized, reduce_axes: Sequence[int], mean_float: n
   q3, _ = _to_groups(np.asarray(quantized, np.float64), reduce_axes, kind)
   mf = np.asarray(mean_float, np.float64)
   mq = mf if mean_quantized is None else np.asarray(mean_quantized, np.float64)
-  delta = np.einsum("gd,gdn->gn", mf, w3) - np.einsum("gd,gdn->gn", mq, q3)
+  with np.errstate(invalid="ignore", over="ignore"):
+    delta = np.einsum("gd,gdn->gn", mf, w3) - np.einsum("gd,gdn->gn", mq, q3)
   delta = delta.reshape(-1)
   if not np.all(np.isfinite(delta)):
     return np.zeros_like(delta), "non-finite bias correction: skipped"
