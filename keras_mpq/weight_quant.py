@@ -86,6 +86,7 @@ class InputStats:
   mean_sum: np.ndarray  # (1, d) or (C, k), float64
   rows: int = 0
   hessian_rows: int = 0
+  kept: Optional[list] = dataclasses.field(default_factory=list)  # rows, while fewer than d
 
   @classmethod
   def empty(cls, kind: str, groups: int, dim: int) -> "InputStats":
@@ -99,6 +100,20 @@ class InputStats:
     self.rows += len(columns)
     self.hessian_sum += np.einsum("ngi,ngj->gij", hcols, hcols, optimize=True)
     self.hessian_rows += len(hcols)
+    if self.kept is not None:
+      self.kept.append(hcols.astype(np.float32))
+      if self.hessian_rows >= self.dim:
+        self.kept = None
+
+  def factor(self) -> Optional[np.ndarray]:
+    """``F`` with ``F^T F = E[x x^T]`` per group ``(G, r, d)`` when ``r < d`` rows, else None.
+
+    Errors ``dw^T H dw`` then cost ``r d`` instead of ``d^2`` per channel.
+    """
+    if not self.kept:
+      return None
+    rows = np.concatenate(self.kept, axis=0)  # (r, G, d)
+    return np.ascontiguousarray(rows.transpose(1, 0, 2)) / np.sqrt(max(self.hessian_rows, 1))
 
   @property
   def mean(self) -> np.ndarray:
@@ -211,10 +226,19 @@ def _fake(w3: np.ndarray, scales: np.ndarray, qmax: float):
   return ints, ints * scales[:, None, :]
 
 
-def _channel_error(dw: np.ndarray, hessian: Optional[np.ndarray]) -> np.ndarray:
-  """Per channel ``(G, n)``: ``sum dw^2`` or ``dw^T H dw``."""
+@dataclasses.dataclass
+class _Factor:
+  """``F`` (``(G, r, d)``, r < d) standing for ``H = F^T F`` in error measures."""
+  f: np.ndarray
+
+
+def _channel_error(dw: np.ndarray, hessian) -> np.ndarray:
+  """Per channel ``(G, n)``: ``sum dw^2``, or ``dw^T H dw`` (``H`` an array or a `_Factor`)."""
   if hessian is None:
     return np.sum(dw * dw, axis=1)
+  if isinstance(hessian, _Factor):
+    fd = np.matmul(hessian.f.astype(dw.dtype, copy=False), dw)
+    return np.sum(fd * fd, axis=1)
   return np.sum(dw * np.matmul(hessian, dw), axis=1)
 
 
@@ -236,7 +260,8 @@ def clip_search(w3: np.ndarray, bits: int, hessian: Optional[np.ndarray] = None,
   """
   qmax = qmax_of(bits)
   w64 = np.asarray(w3, np.float64)
-  h32 = None if hessian is None else np.asarray(hessian, np.float32)
+  h32 = hessian if hessian is None or isinstance(hessian, _Factor) else np.asarray(
+      hessian, np.float32)
   base = _maxabs_scales(w64, qmax)
   alphas = np.sort(np.asarray(alphas, np.float64))
   if alphas[-1] < 1.0:
@@ -289,15 +314,24 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
 
 
 def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
-         damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = True) -> np.ndarray:
+         damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = True,
+         max_dim: int = 2048) -> np.ndarray:
   """GPTQ rounding of ``(G, d, n)`` weights on the given per-channel scales; returns integers.
 
   ``hessian`` is ``E[x x^T]`` per group ``(G, d, d)``. Inputs that were
   always zero get a unit diagonal; ``damp`` times the mean diagonal is added
-  for stability (raise it when there are fewer samples than inputs).
+  for stability (raise it when there are fewer samples than inputs). Layers
+  with more than ``max_dim`` inputs per channel are split into blocks of at
+  most ``max_dim`` inputs, each with its own Hessian block (the Cholesky
+  factorization then costs ``d * max_dim^2``, not ``d^3``).
   """
   qmax = qmax_of(bits)
   g, d, n = w3.shape
+  if d > max_dim:  # block-diagonal: each block of inputs on its own (cost d * max_dim^2)
+    cuts = np.linspace(0, d, -(-d // max_dim) + 1).astype(int)
+    return np.concatenate([
+        gptq(w3[:, a:b], scales, bits, np.asarray(hessian)[:, a:b, a:b], damp, block,
+             act_order, max_dim) for a, b in zip(cuts[:-1], cuts[1:])], axis=1)
   h = np.array(hessian, np.float64, copy=True)
   diag = np.einsum("gii->gi", h)
   dead = diag <= 0
@@ -417,19 +451,22 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
     else:
       hessian = stats.hessian
   measure = "output" if hessian is not None else "weight"
+  # Fewer rows than inputs: measure errors through the rows themselves (cheaper).
+  factor = stats.factor() if hessian is not None else None
+  metric = _Factor(factor) if factor is not None else hessian
 
   rtn_s = _maxabs_scales(w64, qmax)
   finite = np.all(np.isfinite(w64))
   if not finite:
     notes.append("non-finite kernel: round to nearest")
   rtn_i, rtn_q = _fake(w64, rtn_s, qmax)
-  rtn_e = _channel_error(rtn_q - w64, hessian) if finite else np.zeros(rtn_s.shape)
+  rtn_e = _channel_error(rtn_q - w64, metric) if finite else np.zeros(rtn_s.shape)
   cands = {"rtn": (rtn_i, rtn_s, rtn_e)}
   used = "rtn"
   if finite and method in ("mse", "gptq"):
-    s, _ = clip_search(w64, bits, hessian)
+    s, _ = clip_search(w64, bits, metric)
     i_c, q_c = _fake(w64, s, qmax)
-    cands["mse"] = (i_c, s, _channel_error(q_c - w64, hessian))
+    cands["mse"] = (i_c, s, _channel_error(q_c - w64, metric))
     used = "mse"
     if method == "gptq":
       if hessian is None:
@@ -444,7 +481,7 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
           i_g = gptq(w64, s, bits, hessian, damp=damp)
           i_g = _pin(i_g, w64 / s[:, None, :], s, qmax)
           q_g = i_g * s[:, None, :]
-          e_g = _channel_error(q_g - w64, hessian)
+          e_g = _channel_error(q_g - w64, metric)
           if np.all(np.isfinite(e_g)):
             cands["gptq"] = (i_g, s, e_g)
             used = "gptq"
