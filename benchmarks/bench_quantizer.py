@@ -157,27 +157,37 @@ def main():
   parser.add_argument("--jsonl", default=str(OUT / "rows.jsonl"),
                       help="rows appended as they are measured")
   parser.add_argument("--out", default=str(HERE / "results" / "quantizer.md"))
+  parser.add_argument("--assemble", nargs="*", default=None, metavar="JSONL",
+                      help="write the table from rows saved by earlier runs (no new runs)")
+  parser.add_argument("--commands", nargs="*", default=(),
+                      help="with --assemble: the commands that produced the rows")
   args = parser.parse_args()
   steps = [s for s in STEPS if s[0] in args.steps]
   start = time.perf_counter()
   fileio.ensure_dir(OUT)
-  jsonl = open(args.jsonl, "a")  # pylint: disable=consider-using-with
-
-  def log(line):
-    print(line, flush=True)
-    if line.startswith("{"):
-      jsonl.write(line + "\n")
-      jsonl.flush()
-
   rows = []
-  for name in args.models:
-    seeds = [1] if name == "mobilenet_v2" else args.seeds
-    for seed in seeds:
-      for source in args.data:
-        rows += run_group(name, seed, source, args.uniform, args.mixed, steps,
-                          not args.no_litert, log)
-  jsonl.close()
-  cmd = "benchmarks/bench_quantizer.py " + " ".join(sys.argv[1:])
+  if args.assemble is not None:
+    for path in args.assemble:
+      with open(path) as f:
+        rows += [json.loads(line) for line in f if line.strip()]
+    cmd = "; ".join(args.commands) or "(assembled)"
+  else:
+    jsonl = open(args.jsonl, "a")  # pylint: disable=consider-using-with
+
+    def log(line):
+      print(line, flush=True)
+      if line.startswith("{"):
+        jsonl.write(line + "\n")
+        jsonl.flush()
+
+    for name in args.models:
+      seeds = [1] if name == "mobilenet_v2" else args.seeds
+      for seed in seeds:
+        for source in args.data:
+          rows += run_group(name, seed, source, args.uniform, args.mixed, steps,
+                            not args.no_litert, log)
+    jsonl.close()
+    cmd = ".venv/bin/python benchmarks/bench_quantizer.py " + " ".join(sys.argv[1:])
   table = report.format_table(
       _fmt(rows), ["model", "data", "budget", "step", "float", "keras", "litert", "drop",
                    "time", "x_rtn", "plan"],
@@ -185,10 +195,10 @@ def main():
        "drop (pts)", "time (s)", "x rtn time", "plan"])
   text = "\n".join([
       "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ", "",
-      f"- Command: `.venv/bin/python {cmd.strip()}`",
+      f"- Command: `{cmd.strip()}`",
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
-      f"{os.cpu_count()} cores shared with other jobs, CPU only; took "
-      f"{time.perf_counter() - start:.0f}s",
+      f"{os.cpu_count()} cores shared with other jobs (load ~8-16), CPU only"
+      + ("" if args.assemble is not None else f"; took {time.perf_counter() - start:.0f}s"),
       "- Models: benchmarks/bench_models.py (MNIST CNNs seeds 1, 2; stock MobileNetV2 "
       "alpha 0.35 on 32x32x3 MNIST). Test: the 2,000 held-out MNIST images.",
       "- Data: 'real' = first 256 training images with labels; 'synthetic' = the "
