@@ -507,6 +507,10 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
   bias by the empirical bias correction. Layers planned float are left
   alone. Returns one row per layer (also kept for `weight_report`).
 
+  With 'mse' or 'gptq' the kernels then hold the optimized values, so
+  changing a layer's bits afterwards re-quantizes those (re-run `apply_plan`
+  for a different plan); with 'rtn' the float kernels stay.
+
   >>> rows = optimize_weights(qmodel, x[:256], "gptq")  # doctest: +SKIP
   >>> rows[0]["method"]  # doctest: +SKIP
   'gptq'
@@ -542,7 +546,8 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
         originals.append((kernel, axes))
         result = weight_quant.quantize_kernel(
             kernel, bits, axes, method, stats if method != "rtn" else None)
-        var.assign(result.values)
+        if method != "rtn":  # round to nearest is what the fake quantizer does already
+          var.assign(result.values)
         row.setdefault("method", result.method)
         row["measure"] = result.measure
         row["error"] = row.get("error", 0.0) + result.error
@@ -554,8 +559,9 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
       bias = _bias_of(w)
       if correct and stats is not None and bias is not None and name in float_means:
         kernel, axes = originals[0]
+        quantized = quantizers.quantize_array(_kernels_of(w)[0][0].numpy(), bits, axes)[0]
         delta, note = weight_quant.bias_correction(
-            kernel, _kernels_of(w)[0][0].numpy(), axes, float_means[name], stats.mean, kind)
+            kernel, quantized, axes, float_means[name], stats.mean, kind)
         if note:
           row["notes"].append(note)
         else:
