@@ -28,6 +28,7 @@ ROOT = HERE.parent
 SUITE = [
     ("bench_accuracy_size.py", "accuracy_size", [], ["--quick"]),
     ("bench_clipping.py", "clipping", [], None),
+    ("bench_quantizer.py", "quantizer", [], None),
     ("bench_sensitivity.py", "sensitivity", [], ["--quick"]),
     ("bench_rounds.py", "rounds", [], ["--quick"]),
     ("bench_synthesis.py", "synthesis", [], ["--quick"]),

@@ -13,7 +13,9 @@ export TFLite for phones and microcontrollers):
 
 Each stage is a public function too: `synthesize`, `measure_sensitivity`,
 `search`, `allocate`, `pareto_front`, `cost_table`, `apply_plan`,
-`export_tflite`, `validate_tflite`, `inspect_tflite`. Names are imported
+`export_tflite`, `validate_tflite`, `inspect_tflite`; the weight quantizer
+they share (clipping search, GPTQ, bias correction) is `quantize_kernel`
+(`keras_mpq.weight_quant`), applied layer by layer by `optimize_weights`. Names are imported
 lazily so ``import keras_mpq`` does not load TensorFlow until needed.
 """
 
@@ -40,6 +42,7 @@ _LAZY = {
     "allocate": "allocation", "pareto_front": "allocation",
     "cost_table": "costs", "layer_costs": "costs",
     "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
+    "optimize_weights": "apply", "quantize_kernel": "weight_quant",
     "quantize_scope": "quantizers",
     "export_tflite": "export",
     "validate_tflite": "validate", "benchmark_latency": "validate",

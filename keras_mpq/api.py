@@ -163,7 +163,9 @@ def quantize(model, budget, data=None, target: str = "mobile",
              num_samples: int = 256, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
              cache_dir=None, progress: Optional[bool] = None,
-             input_range: Optional[Tuple[float, float]] = None) -> QuantizationResult:
+             input_range: Optional[Tuple[float, float]] = None, *,
+             weight_method: Optional[str] = None,
+             bias_correction: Optional[bool] = None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -195,6 +197,11 @@ def quantize(model, budget, data=None, target: str = "mobile",
       off a Rescaling/Normalization layer at the input, else [0, 1], assumed
       (the summary and ``report["input_range"]`` say so). Synthetic data stays
       inside it; real ``data`` outside it is an error naming both ranges.
+    weight_method: how each layer's weights are quantized, in the sensitivity
+      table and in the returned model alike: 'rtn', 'mse' or 'gptq' (default
+      `keras_mpq.apply.DEFAULT_WEIGHT_METHOD`; see `keras_mpq.weight_quant`).
+    bias_correction: empirical bias correction on the calibration data
+      (default `keras_mpq.apply.DEFAULT_BIAS_CORRECTION`).
 
   Returns:
     A `QuantizationResult`.
@@ -247,7 +254,9 @@ def quantize(model, budget, data=None, target: str = "mobile",
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
   lap("load")
 
+  weight_method, bias_correction = apply_lib.check_weight_method(weight_method, bias_correction)
   settings = {"bits": bits, "activation_bits": activation_bits, "metric": metric,
+              "weight_method": weight_method, "bias_correction": bias_correction,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
               "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
               "input_range": [low, high]}
@@ -292,9 +301,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
   if hit is not None:
     plan, table, rounds_info = hit
   else:
-    found = sens_lib.search(folded, (x, y), budget, weight_bits=bits, rounds=rounds,
-                            metric=metric, pinned=pinned, costs=cost_table, seed=seed,
-                            activation_bits=activation_bits, progress=progress)
+    with apply_lib.weight_defaults(weight_method, bias_correction):
+      found = sens_lib.search(folded, (x, y), budget, weight_bits=bits, rounds=rounds,
+                              metric=metric, pinned=pinned, costs=cost_table, seed=seed,
+                              activation_bits=activation_bits, progress=progress)
     plan, table, rounds_info = found.plan, found.sensitivity, list(found.rounds)
     if cached_search is not None:
       fileio.write_json(cached_search, {"plan": plan.to_dict(),
@@ -306,7 +316,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
   plan = QuantizationPlan(plan.weight_bits,
                           {n: activation_bits for n in plan.weight_bits},
                           activation_bits, plan.info)
-  qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False)
+  qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False, weight_method=weight_method,
+                                bias_correction=bias_correction)
   _compile_for_evaluation(qmodel, folded, x)
   lap("apply")
 

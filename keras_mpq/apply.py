@@ -18,11 +18,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from keras_mpq import model_io, quantizers
+from keras_mpq import model_io, quantizers, weight_quant
 from keras_mpq.compat import keras, tf, tfmot
 from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
                              UnsupportedModelError, check_weight_bits)
@@ -418,15 +419,22 @@ def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]
 
 
 def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = True,
-               batch_size: int = 64):
+               batch_size: int = 64, weight_method: Optional[str] = None,
+               bias_correction: Optional[bool] = None):
   """Quantizes ``model`` per ``plan`` with tfmot and calibrates its activation ranges.
 
   Args:
     model: a tf_keras Sequential or functional model.
     plan: bits per quantizable layer (names of ``model``'s layers).
-    calibration_data: inputs ``x`` (N, ...) used to set activation ranges.
+    calibration_data: inputs ``x`` (N, ...) used to set activation ranges and,
+      layer by layer, to optimize the weights (`optimize_weights`).
     fold_bn: fold BatchNorm into the preceding layers first (as TFLite does).
     batch_size: calibration batch size.
+    weight_method: 'rtn' (round to nearest on the max-abs grid), 'mse'
+      (per-channel clipping search) or 'gptq' (clipping, then GPTQ rounding);
+      default `DEFAULT_WEIGHT_METHOD`.
+    bias_correction: correct each layer's mean output shift on the
+      calibration data (default `DEFAULT_BIAS_CORRECTION`).
 
   Returns:
     A tf_keras model of tfmot ``QuantizeWrapperV2`` layers, compiled-ready:
@@ -443,8 +451,262 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
         f"Expected a keras_mpq.QuantizationPlan. Received: {type(plan).__name__}")
   base = fold_batchnorm(model) if fold_bn else model
   qmodel = quantize_model(base, plan)
-  calibrate(qmodel, calibration_data, batch_size=batch_size)
+  x = check_data(qmodel, calibration_data, "calibration data")
+  optimize_weights(qmodel, x, weight_method, bias_correction, batch_size=batch_size)
+  calibrate(qmodel, x, batch_size=batch_size)
   return qmodel
+
+
+# --------------------------------------------------------------------------- weight optimization
+
+WEIGHT_METHODS = weight_quant.METHODS
+DEFAULT_WEIGHT_METHOD = "gptq"
+DEFAULT_BIAS_CORRECTION = True
+_WEIGHT_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_weight_method(method, bias_correction) -> Tuple[str, bool]:
+  method = DEFAULT_WEIGHT_METHOD if method is None else method
+  if method not in WEIGHT_METHODS:
+    raise InvalidInputError(
+        f"Expected weight_method in {WEIGHT_METHODS}. Received: weight_method={method!r}")
+  bias_correction = DEFAULT_BIAS_CORRECTION if bias_correction is None else bias_correction
+  if not isinstance(bias_correction, (bool, np.bool_)):
+    raise InvalidInputError(
+        f"Expected bias_correction True or False. Received: {bias_correction!r}")
+  return method, bool(bias_correction)
+
+
+@contextlib.contextmanager
+def weight_defaults(weight_method: Optional[str] = None,
+                    bias_correction: Optional[bool] = None) -> Iterator[None]:
+  """Temporarily changes `DEFAULT_WEIGHT_METHOD` / `DEFAULT_BIAS_CORRECTION` (None keeps one).
+
+  What the sensitivity table's `WeightBank` and `apply_plan` use when not told.
+
+  >>> with weight_defaults("rtn", False):  # doctest: +SKIP
+  ...   table = keras_mpq.measure_sensitivity(model, (x, y))
+  """
+  global DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION  # pylint: disable=global-statement
+  method, correct = check_weight_method(weight_method, bias_correction)
+  saved = DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION
+  DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION = method, correct
+  try:
+    yield
+  finally:
+    DEFAULT_WEIGHT_METHOD, DEFAULT_BIAS_CORRECTION = saved
+
+
+def _weight_wrappers(qmodel) -> List:
+  return [l for l in qmodel.layers if isinstance(l, _QuantizeWrapper)
+          and isinstance(l.quantize_config, quantizers.MixedPrecisionConfig)]
+
+
+def _kernels_of(wrapper) -> List[Tuple[tf.Variable, Tuple[int, ...]]]:
+  return [(var, q.reduce_axes) for var, q, _ in wrapper._weight_vars  # pylint: disable=protected-access
+          if isinstance(q, quantizers.WeightQuantizer)]
+
+
+def _bias_of(wrapper) -> Optional[tf.Variable]:
+  inner = wrapper.layer
+  return inner.bias if getattr(inner, "use_bias", False) and inner.bias is not None else None
+
+
+def _stats_kind(wrapper) -> Optional[str]:
+  """'matrix' / 'depthwise' for single-kernel layers whose inputs give a Hessian, else None."""
+  return weight_quant.stats_kind(wrapper.layer) if len(_kernels_of(wrapper)) == 1 else None
+
+
+def _input_stats(qmodel, wrappers, x, batch_size: int, seed: int = 0):
+  """`weight_quant.InputStats` of each wrapper's inputs in ``qmodel`` as it stands; one pass."""
+  wrappers = [w for w in wrappers if _stats_kind(w) is not None]
+  if not wrappers:
+    return {}
+  outs = [w.input for w in wrappers]
+  probe = keras.Model(qmodel.inputs, outs)
+  rng = np.random.default_rng(seed)
+  stats: Dict[str, Any] = {}
+  for batch in _as_batches(x, batch_size):
+    values = probe(tf.constant(batch), training=False)
+    values = values if isinstance(values, (list, tuple)) else [values]
+    for w, v in zip(wrappers, values):
+      name = w.layer.name
+      stats[name] = weight_quant.accumulate(stats.get(name), w.layer, np.asarray(v), rng=rng)
+  return stats
+
+
+def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
+                     bias_correction: Optional[bool] = None, batch_size: int = 64,
+                     seed: int = 0) -> List[Dict[str, Any]]:
+  """Optimizes each quantized kernel (and bias) of ``qmodel`` in place, layer by layer.
+
+  In model order, each layer's inputs come from the model with the layers
+  before it already quantized (activations float). Its kernel is replaced by
+  `weight_quant.quantize_kernel`'s dequantized values at the layer's bits
+  (so the max-abs fake quantizer reproduces those integers exactly) and its
+  bias by the empirical bias correction. Layers planned float are left
+  alone. Returns one row per layer (also kept for `weight_report`).
+
+  With 'mse' or 'gptq' the kernels then hold the optimized values, so
+  changing a layer's bits afterwards re-quantizes those (re-run `apply_plan`
+  for a different plan); with 'rtn' the float kernels stay.
+
+  >>> rows = optimize_weights(qmodel, x[:256], "gptq")  # doctest: +SKIP
+  >>> rows[0]["method"]  # doctest: +SKIP
+  'gptq'
+  """
+  method, correct = check_weight_method(weight_method, bias_correction)
+  wrappers = _weight_wrappers(qmodel)
+  bits_now = {w.layer.name: get_weight_bits_of(w) for w in wrappers}
+  todo = [w for w in wrappers if bits_now[w.layer.name] != FLOAT_BITS]
+  rows: List[Dict[str, Any]] = []
+  if not todo:
+    _WEIGHT_REPORTS[qmodel] = rows
+    return rows
+  needs_data = method != "rtn" or correct
+  acts = [v["on"].numpy() for _, v in _act_quant_vars(qmodel)]
+  set_activation_quantization(qmodel, False)
+  try:
+    float_means = {}
+    if correct:
+      with weight_bits_override(qmodel, {w.layer.name: FLOAT_BITS for w in todo}):
+        float_means = {k: s.mean for k, s in _input_stats(qmodel, todo, x, batch_size,
+                                                          seed).items()}
+    for w in todo:
+      name = w.layer.name
+      bits = bits_now[name]
+      kind = _stats_kind(w)
+      stats = (_input_stats(qmodel, [w], x, batch_size, seed).get(name)
+               if needs_data and kind is not None else None)
+      row: Dict[str, Any] = {"layer": name, "bits": bits, "requested": method,
+                             "bias_corrected": False, "notes": []}
+      originals = []
+      for var, axes in _kernels_of(w):
+        kernel = var.numpy()
+        originals.append((kernel, axes))
+        result = weight_quant.quantize_kernel(
+            kernel, bits, axes, method, stats if method != "rtn" else None)
+        if method != "rtn":  # round to nearest is what the fake quantizer does already
+          var.assign(result.values)
+        row.setdefault("method", result.method)
+        row["measure"] = result.measure
+        row["error"] = row.get("error", 0.0) + result.error
+        row["rtn_error"] = row.get("rtn_error", 0.0) + result.rtn_error
+        row["channels"] = result.channels
+        row["notes"].extend(result.notes)
+      if kind is None and method != "rtn":
+        row["notes"].append(f"{type(w.layer).__name__}: weight error only (no input Hessian)")
+      bias = _bias_of(w)
+      if correct and stats is not None and bias is not None and name in float_means:
+        kernel, axes = originals[0]
+        quantized = quantizers.quantize_array(_kernels_of(w)[0][0].numpy(), bits, axes)[0]
+        delta, note = weight_quant.bias_correction(
+            kernel, quantized, axes, float_means[name], stats.mean, kind)
+        if note:
+          row["notes"].append(note)
+        else:
+          bias.assign(bias.numpy() + delta.reshape(bias.shape))
+          row["bias_corrected"] = True
+      elif correct and bias is None:
+        row["notes"].append("no bias to correct")
+      rows.append(row)
+  finally:
+    for (_, v), on in zip(_act_quant_vars(qmodel), acts):
+      v["on"].assign(on)
+  _WEIGHT_REPORTS[qmodel] = rows
+  return rows
+
+
+def weight_report(qmodel) -> List[Dict[str, Any]]:
+  """The rows `optimize_weights` produced for ``qmodel`` (empty when it never ran)."""
+  return list(_WEIGHT_REPORTS.get(qmodel, []))
+
+
+def weight_integers(qmodel) -> Dict[str, Dict[str, np.ndarray]]:
+  """The integers each quantized kernel of ``qmodel`` holds now: ``{layer: {attr: ints}}``.
+
+  What the fake quantizer computes (max-abs per channel at the layer's bits),
+  in Keras kernel layout; layers at FLOAT_BITS are left out.
+  """
+  out: Dict[str, Dict[str, np.ndarray]] = {}
+  for w in _weight_wrappers(qmodel):
+    bits = get_weight_bits_of(w)
+    if bits == FLOAT_BITS:
+      continue
+    out[w.layer.name] = {_short_name(var): quantizers.quantize_array(var.numpy(), bits, axes)[1]
+                         for var, axes in _kernels_of(w)}
+  return out
+
+
+class WeightBank:
+  """Optimized kernels and biases per (layer, bits), swapped into a model's variables.
+
+  Built once on a quantized model whose kernels are still the float ones: the
+  inputs of every layer are measured with all layers float, and each
+  (layer, bits) is quantized with `weight_quant.quantize_kernel` (and bias
+  corrected) the first time it is asked for. `set_weight_bits` writes the
+  bits variable and the matching kernel and bias: variable assignments, no
+  retracing. FLOAT_BITS restores the float values.
+
+  >>> bank = WeightBank(qmodel, x, "gptq")  # doctest: +SKIP
+  >>> bank.set_weight_bits({"conv2": 3})  # doctest: +SKIP
+  """
+
+  def __init__(self, qmodel, x, weight_method: Optional[str] = None,
+               bias_correction: Optional[bool] = None, batch_size: int = 64, seed: int = 0):
+    self.method, self.correct = check_weight_method(weight_method, bias_correction)
+    self.qmodel = qmodel
+    self.wrappers = {w.layer.name: w for w in _weight_wrappers(qmodel)}
+    self.originals = {name: ([v.numpy() for v, _ in _kernels_of(w)],
+                             None if _bias_of(w) is None else _bias_of(w).numpy())
+                      for name, w in self.wrappers.items()}
+    self.stats = {}
+    if self.method != "rtn" or self.correct:
+      acts = [v["on"].numpy() for _, v in _act_quant_vars(qmodel)]
+      set_activation_quantization(qmodel, False)
+      try:
+        with weight_bits_override(qmodel, {n: FLOAT_BITS for n in self.wrappers}):
+          self.stats = _input_stats(qmodel, list(self.wrappers.values()), x, batch_size, seed)
+      finally:
+        for (_, v), on in zip(_act_quant_vars(qmodel), acts):
+          v["on"].assign(on)
+    self._cache: Dict[Tuple[str, int], Tuple[List[np.ndarray], Optional[np.ndarray]]] = {}
+
+  def values(self, name: str, bits: int):
+    """(kernels, bias) of ``name`` at ``bits`` (computed once, then cached)."""
+    if bits == FLOAT_BITS:
+      return self.originals[name]
+    key = (name, int(bits))
+    if key not in self._cache:
+      wrapper = self.wrappers[name]
+      kernels0, bias0 = self.originals[name]
+      stats = self.stats.get(name)
+      kernels = []
+      for k0, (_, axes) in zip(kernels0, _kernels_of(wrapper)):
+        r = weight_quant.quantize_kernel(k0, bits, axes, self.method,
+                                         stats if self.method != "rtn" else None)
+        kernels.append(r.values)
+      bias = bias0
+      if self.correct and stats is not None and bias0 is not None:
+        delta, note = weight_quant.bias_correction(
+            kernels0[0], kernels[0], _kernels_of(wrapper)[0][1], stats.mean, None, stats.kind)
+        if note is None:
+          bias = bias0 + delta.reshape(bias0.shape)
+      self._cache[key] = (kernels, bias)
+    return self._cache[key]
+
+  def set_weight_bits(self, bits: Mapping[str, int]) -> None:
+    """`set_weight_bits` plus the matching optimized kernel and bias of each layer."""
+    set_weight_bits(self.qmodel, bits)
+    for name, b in bits.items():
+      if name not in self.wrappers:
+        continue
+      kernels, bias = self.values(name, int(b))
+      wrapper = self.wrappers[name]
+      for (var, _), value in zip(_kernels_of(wrapper), kernels):
+        var.assign(value)
+      if bias is not None:
+        _bias_of(wrapper).assign(bias)
 
 
 # --------------------------------------------------------------------------- bits access

@@ -7,13 +7,16 @@ converted to a float flatbuffer with ``tf.lite.TFLiteConverter``, then
 quantized by ai-edge-quantizer with one recipe rule per Keras layer (matched
 through the op's output tensor name, which carries the layer's name scope).
 ai-edge-quantizer's max-abs symmetric channelwise weight quantization computes
-scale = max|w| / (2^(n-1)-1) too, so it re-derives the same integers.
+scale = max|w| / (2^(n-1)-1) too, so it re-derives the same integers; the
+exporter reads them back from the file and compares them, value for value,
+with the Keras model's (`check_weight_integers`), and fails naming the tensor
+if they differ.
 
 How each planned bit-width is stored depends on what the target's runtime
 runs (``CAPABILITIES``, checked against ``export/targets_probe.json``):
 
-* 4 bits: packed INT4 where the runtime runs it for that operator, else INT8
-  holding 15 levels.
+* 4 bits: packed INT4 where the runtime runs it for that operator, else the
+  same INT4 integers unpacked into INT8 (15 levels, exact).
 * 2 and 3 bits: an INT4 container holding 3 or 7 levels where allowed, else
   INT8 holding them. The 2-bit grid nests exactly in INT4's (levels -7, 0, 7);
   3-bit weights are quantized at 3 bits (INT8, levels -3..3) and then
@@ -229,6 +232,7 @@ class _Decision:
   request_bits: int  # num_bits given to ai-edge-quantizer
   repack_int4: bool
   note: str
+  unpack_int8: bool = False  # 4-bit grid quantized as INT4, then stored as INT8
 
 
 def decide(layer: str, op: str, bits: int, act: int, target: str,
@@ -258,13 +262,11 @@ def decide(layer: str, op: str, bits: int, act: int, target: str,
   if bits <= 4:
     notes.append(f"packed int4 {op} does not run on {RUNTIME_OF_TARGET[target]}"
                  f"{' with int16 activations' if act == 16 else ''}; int8 holds the levels")
-  # 2 bits nest exactly in the 3-bit grid; 4 bits would come out as INT4, so
-  # they take the int8 grid (15 levels, within max|w|/254 of the 4-bit grid).
-  request = {2: 3, 4: 8}.get(bits, bits)
-  if bits == 4:
-    notes.append("int8 grid holding 15 levels (within max|w|/254 of the 4-bit grid)")
+  # 2 bits nest exactly in the 3-bit grid; 4 bits are quantized on the 4-bit
+  # grid (INT4) and then unpacked into INT8, keeping the exact integers.
+  request = {2: 3}.get(bits, bits)
   return _Decision(layer, op, output_name, bits, act, "int8", request, False,
-                   "; ".join(notes))
+                   "; ".join(notes), unpack_int8=bits == 4)
 
 
 def build_recipe(decisions: Sequence[_Decision], target: str) -> List[Dict[str, Any]]:
@@ -378,6 +380,114 @@ def repack_int4(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
   return bytes(model.build())
 
 
+def unpack_int8(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
+  """Rewrites packed INT4 weight tensors as INT8 holding the same values.
+
+  Scales and zero points are unchanged: a 4-bit grid on a target whose
+  runtime has no INT4 kernel for the operator keeps its exact integers.
+  """
+  from tflite_micro.tensorflow.lite.micro.compression import model_editor  # pylint: disable=g-import-not-at-top
+  from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  wanted = set(tensor_names)
+  model = model_editor.read(model_bytes)
+  done = False
+  for sg in model.subgraphs:
+    for tensor in sg.tensors:
+      if tensor.name in wanted and tensor.dtype == schema.TensorType.INT4 and tensor.buffer:
+        n = int(np.prod(tensor.shape, dtype=np.int64))
+        values = tflite_inspect.unpack_int4(np.frombuffer(bytes(tensor.buffer.data), np.uint8), n)
+        tensor.buffer.data = values.astype(np.int8).tobytes()
+        tensor.dtype = schema.TensorType.INT8
+        done = True
+  return bytes(model.build()) if done else model_bytes
+
+
+def _kernel_for_op(layer, op: str):
+  """(kernel, reduce_axes) of ``layer`` that TFLite op ``op`` carries, or None."""
+  spec = quantizers.weight_spec(layer)
+  if len(spec) > 1:  # separable: the depthwise and the 1x1 op
+    spec = [s for s in spec if (s[0] == "depthwise_kernel") == (op == "DEPTHWISE_CONV_2D")]
+  if len(spec) != 1:
+    return None
+  attr, axes = spec[0]
+  return getattr(layer, attr).numpy(), axes
+
+
+def _layout_mismatch(expected: np.ndarray, got: np.ndarray) -> Tuple[int, int]:
+  """(differing values, max |difference|) under the best axis order of ``expected``.
+
+  TFLite stores kernels transposed (conv OHWI, fully connected (out, in),
+  depthwise (1, H, W, C*M)): every permutation of the Keras axes that
+  reshapes to the stored shape is tried.
+  """
+  import itertools  # pylint: disable=g-import-not-at-top
+  best = (got.size, int(np.max(np.abs(got))) if got.size else 0)
+  if expected.size != got.size:
+    return best
+  for perm in itertools.permutations(range(expected.ndim)):
+    cand = expected.transpose(perm).reshape(got.shape)
+    diff = np.abs(cand.astype(np.int64) - got.astype(np.int64))
+    n = int(np.count_nonzero(diff))
+    if n < best[0]:
+      best = (n, int(diff.max()))
+      if n == 0:
+        break
+  return best
+
+
+def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
+                          float_ops) -> List[str]:
+  """Problems: exported weight tensors whose integers or scales differ from the model's.
+
+  For each quantized layer, the integers the Keras side holds (max-abs per
+  channel at the planned bits, `keras_mpq.quantizers.quantize_array`, which
+  reproduces `keras_mpq.apply`'s optimized integers exactly) are compared
+  value for value with the file's, after the container's exact multiple
+  (2-bit levels stored as +-7 in INT4 or +-3 in INT8), and the scales to
+  1e-5 relative. Returns one line per mismatching tensor, naming it.
+  """
+  reader = tflite_inspect.parse(qbytes)
+  index = {reader.name(t): t for t in range(reader.n_tensors)}
+  problems = []
+  for d in decisions:
+    if d.container == "float":
+      continue
+    bits = 8 if d.planned_bits == FLOAT_BITS else d.planned_bits
+    names = [e["weight_name"] for e in float_ops[d.layer] if e["output_name"] == d.output_name]
+    found = _kernel_for_op(model.get_layer(d.layer), d.op)
+    if not names or found is None:
+      continue
+    t = index.get(names[0])
+    got = reader.int_values(t) if t is not None else None
+    if got is None:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): no integer tensor in the file")
+      continue
+    kernel, axes = found
+    _, ints, scales = quantizers.quantize_array(kernel, bits, axes)
+    ratio = (2 ** (d.request_bits - 1) - 1) / (2 ** (bits - 1) - 1)
+    if ratio != int(ratio):
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): {bits}-bit grid stored at "
+                      f"{d.request_bits} bits is not an exact multiple")
+      continue
+    got = got.reshape(reader.shape(t))
+    n_bad, worst = _layout_mismatch(ints * int(ratio), got)
+    if n_bad:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}, {bits} bits): {n_bad} of {got.size} "
+                      f"integers differ from the Keras model's (max difference {worst})")
+      continue
+    q = reader.tensors[t].Quantization()
+    stored = np.sort(q.ScaleAsNumpy()) if q is not None and q.ScaleLength() else None
+    want = np.sort(np.asarray(scales, np.float64).reshape(-1) / ratio)
+    nonzero = np.max(np.abs(kernel), axis=tuple(axes)).reshape(-1) > 0
+    if stored is None or stored.size != want.size:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): {0 if stored is None else stored.size} "
+                      f"scales stored, expected {want.size}")
+    elif np.all(nonzero) and not np.allclose(stored, want, rtol=1e-5, atol=0):
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): scales differ from the Keras model's "
+                      f"(max relative {np.max(np.abs(stored / want - 1)):.2e})")
+  return problems
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -443,6 +553,16 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
       qbytes = repack_int4(qbytes, weight_names)
     except Exception as e:  # pylint: disable=broad-except
       notes.append(f"3-bit layers kept in int8 (int4 repacking failed: {e})")
+  unpack = [d for d in decisions if d.unpack_int8]
+  if unpack:
+    qbytes = unpack_int8(qbytes, [e["weight_name"] for d in unpack for e in ops[d.layer]
+                                  if e["output_name"] == d.output_name])
+  problems = check_weight_integers(qbytes, snapped, decisions, ops)
+  if problems:
+    raise KerasMpqError(
+        "Expected the exported weight integers to equal the Keras model's. Received "
+        f"{len(problems)} mismatching tensor(s): " + "; ".join(problems[:5]) +
+        ". Nothing was written; please report this with the model.")
   layers = _read_back(qbytes, decisions, ops)
   for l in layers:
     if l.note:

@@ -11,6 +11,11 @@ weight passes through unquantized.
 Weights: per-output-channel, symmetric, narrow range (levels -q..q with
 q = 2^(b-1) - 1), scale = max|w| / q per channel: the grid TFLite and
 ai-edge-quantizer use, so a baked weight re-quantizes to the same integers.
+The error-minimizing quantizer (`keras_mpq.weight_quant`: clipping, GPTQ)
+tells this quantizer its scales through the kernel itself: `keras_mpq.apply`
+stores each optimized kernel dequantized, with +-q in every channel, so the
+max-abs rule here re-derives exactly its scales and integers at every step
+(fake quantization, `bake`, export).
 Activations: asymmetric 8-bit or symmetric 16-bit fake quantization with
 min/max variables set by calibration and tracked by EMA while fine-tuning.
 

@@ -367,6 +367,16 @@ class _Evaluator:
     self._evaluate_fn = None
     self._dummies: List[tf.Tensor] = []
     apply_lib.set_activation_quantization(self.qmodel, False)
+    # Each (layer, bits) is measured with the weights apply_plan would give it
+    # (apply_lib.DEFAULT_WEIGHT_METHOD): kernel and bias swapped in, no retrace.
+    self.bank = apply_lib.WeightBank(self.qmodel, x, batch_size=batch_size) \
+        if x is not None else None
+
+  def _set_bits(self, bits: Mapping[str, int]) -> None:
+    if self.bank is not None:
+      self.bank.set_weight_bits(bits)
+    else:
+      apply_lib.set_weight_bits(self.qmodel, bits)
 
   # --- graph cuts and segments
 
@@ -490,7 +500,7 @@ class _Evaluator:
 
   def set_context(self, bits: Mapping[str, int], activations: bool) -> None:
     """Sets every layer's bits; calibrates activation ranges when they are quantized."""
-    apply_lib.set_weight_bits(self.qmodel, bits)
+    self._set_bits(bits)
     self.context = {n: int(bits[n]) for n in self.layers}
     if activations:
       apply_lib.calibrate(self.qmodel, self.x, batch_size=self.batch_size)
@@ -510,12 +520,12 @@ class _Evaluator:
   def float_loss(self, reuse_prefix: bool = True) -> float:
     """Loss with every layer float and activations float; the context is restored."""
     saved, acts = dict(self.context), self.activations
-    apply_lib.set_weight_bits(self.qmodel, {n: FLOAT_BITS for n in self.layers})
+    self._set_bits({n: FLOAT_BITS for n in self.layers})
     apply_lib.set_activation_quantization(self.qmodel, False)
     try:
       return self.loss(reuse_prefix)
     finally:
-      apply_lib.set_weight_bits(self.qmodel, saved)
+      self._set_bits(saved)
       apply_lib.set_activation_quantization(self.qmodel, acts)
 
   # --- the (layer, bits) loop
@@ -558,12 +568,12 @@ class _Evaluator:
                 if b == ctx_bits:
                   totals[i, j] += ref_value
                   continue
-                apply_lib.set_weight_bits(self.qmodel, {name: b})
+                self._set_bits({name: b})
                 totals[i, j] += objective_fn(self.run(start, hs), yb, ref)
                 if bar is not None:
                   bar.update(1)
             finally:
-              apply_lib.set_weight_bits(self.qmodel, {name: ctx_bits})
+              self._set_bits({name: ctx_bits})
     finally:
       if bar is not None:
         bar.close()

@@ -434,3 +434,78 @@ def test_efficientnet_b0():
   assert roles["Multiply"] == "output" and roles["Rescaling"] == "output"
   assert roles["Normalization"] == "output"
   assert apply.unsupported_layers(model) == []
+
+
+# --------------------------------------------------------------------------- weight optimization
+
+
+def _accuracy(model, x, y):
+  return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=500), -1) == y))
+
+
+def test_error_minimizing_weights_beat_round_to_nearest(trained_separable, small_data):
+  """Seeded: GPTQ + clipping + bias correction beats round to nearest at 3 bits (loose)."""
+  x_cal, _, x_test, y_test = small_data
+  folded = apply.fold_batchnorm(trained_separable)
+  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 3)
+  accs, rows = {}, {}
+  for method, bc in (("rtn", False), ("gptq", True)):
+    q = apply.apply_plan(folded, plan, x_cal[:256], fold_bn=False, weight_method=method,
+                         bias_correction=bc)
+    accs[method], rows[method] = _accuracy(q, x_test, y_test), apply.weight_report(q)
+  assert accs["gptq"] >= accs["rtn"] + 0.03, accs
+  assert [r["layer"] for r in rows["gptq"]] == list(plan.weight_bits)
+  assert all(r["method"] == "rtn" and not r["bias_corrected"] for r in rows["rtn"])
+  assert any(r["method"] == "gptq" for r in rows["gptq"])
+  assert all(r["bias_corrected"] for r in rows["gptq"])
+  assert all(r["error"] <= r["rtn_error"] * (1 + 1e-9) for r in rows["gptq"])
+
+
+def test_bake_writes_the_optimized_integers():
+  model = _randomize_batchnorm(CASES["depthwise_separable"][0]())
+  x = _inputs(model, n=32)
+  plan = _mixed_plan(model)
+  q = apply.apply_plan(model, plan, x, weight_method="gptq")
+  ints = apply.weight_integers(q)
+  baked = apply.bake(q)
+  assert ints
+  for name, by_attr in ints.items():
+    layer = baked.get_layer(name)
+    for attr, axes in quantizers.weight_spec(layer):
+      got = quantizers.quantize_array(getattr(layer, attr).numpy(),
+                                      plan.weight_bits[name], axes)[1]
+      np.testing.assert_array_equal(got, by_attr[attr])
+      # The wrapper's fake quantizer computes exactly these values (no re-rounding).
+      np.testing.assert_allclose(getattr(layer, attr).numpy(),
+                                 quantizers.quantize_array(getattr(layer, attr).numpy(),
+                                                           plan.weight_bits[name], axes)[0],
+                                 rtol=0, atol=0)
+
+
+def test_weight_bank_swaps_and_restores_kernels():
+  model = apply.fold_batchnorm(_randomize_batchnorm(CASES["sequential_cnn"][0]()))
+  x = _inputs(model, n=32)
+  names = apply.plan_layers(model)
+  q = apply.quantize_model(model, QuantizationPlan.uniform(names, FLOAT_BITS))
+  bank = apply.WeightBank(q, x, "gptq", True)
+  wrapper = bank.wrappers[names[0]]
+  kernel = apply._kernels_of(wrapper)[0][0]  # pylint: disable=protected-access
+  original = kernel.numpy().copy()
+  bank.set_weight_bits({names[0]: 2})
+  assert apply.get_weight_bits(q)[names[0]] == 2
+  assert not np.array_equal(kernel.numpy(), original)
+  axes = apply._kernels_of(wrapper)[0][1]  # pylint: disable=protected-access
+  np.testing.assert_array_equal(quantizers.quantize_array(kernel.numpy(), 2, axes)[0],
+                                kernel.numpy())
+  bank.set_weight_bits({names[0]: FLOAT_BITS})
+  np.testing.assert_array_equal(kernel.numpy(), original)
+
+
+def test_weight_method_errors():
+  model = CASES["sequential_cnn"][0]()
+  x = _inputs(model, n=4)
+  plan = QuantizationPlan.uniform(apply.plan_layers(model), 4)
+  with pytest.raises(InvalidInputError, match="weight_method"):
+    apply.apply_plan(model, plan, x, weight_method="adaround")
+  with pytest.raises(InvalidInputError, match="bias_correction"):
+    apply.apply_plan(model, plan, x, bias_correction="yes")

