@@ -324,7 +324,9 @@ def render(results, costs, args, started, elapsed):
   lines = [
       f"## Sensitivity metrics ({mode} mode)", "",
       f"- Command: `.venv/bin/python benchmarks/bench_sensitivity.py"
-      f"{' --quick' if args.quick else ''} --seed {args.seed}`",
+      f"{' --quick' if args.quick else ''} --seed {args.seed}"
+      f"{'' if args.quick else ' --model-seeds ' + ','.join(map(str, args.model_seeds))}"
+      f"{' --no-cost' if args.no_cost else ''}`",
       f"- Date: {started:%Y-%m-%d %H:%M} (took {elapsed / 60:.1f} min)",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
       f"jobs (load average {os.getloadavg()[0]:.1f} at end), {platform.system()} "
@@ -419,7 +421,10 @@ def render(results, costs, args, started, elapsed):
     lines.append(f"- {res['name']}: {TI_LABEL} {_f(ti['spearman'])} "
                  f"({'met' if ti['spearman'] >= 0.9 else 'NOT met'}); best row "
                  f"{best['metric']} {_f(best['spearman'])}.")
-  lines += ["", "### Cost of one task_interaction measurement", "",
+  lines.append("")
+  if not costs:
+    return "\n".join(lines)
+  lines += ["### Cost of one task_interaction measurement", "",
             "Floor = evaluations x one forward pass of the quantized model over the "
             "same data (median of 5, same run). Wall time includes quantizing the "
             "model, calibration and tracing. `no reuse`: the same measurement "
@@ -445,6 +450,10 @@ def main(argv=None):
                       help="30 configurations, 128 samples, one model (plain_cnn)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=str(RESULTS))
+  parser.add_argument("--model-seeds", default=",".join(str(s) for s in MODEL_SEEDS),
+                      help="bench_models copies to study, e.g. 1 or 1,2")
+  parser.add_argument("--no-cost", action="store_true",
+                      help="skip the cost table (MobileNetV2 timing)")
   args = parser.parse_args(argv)
   args.num_samples = 128 if args.quick else 256
   k = 30 if args.quick else 100
@@ -452,22 +461,24 @@ def main(argv=None):
   t0 = time.perf_counter()
   ds = demo_data.load_default()
   names = ("plain_cnn",) if args.quick else ("plain_cnn", "separable_cnn")
-  args.model_seeds = (1,) if args.quick else MODEL_SEEDS
+  args.model_seeds = (1,) if args.quick else tuple(
+      int(v) for v in args.model_seeds.split(","))
   results = []
   for name in names:
     for model_seed in args.model_seeds:
       res = bench_model(name, ds, k, args.num_samples, args.seed, model_seed)
       res["dataset"] = f"{ds.name} ({ds.split})"
       results.append(res)
-  costs = [bench_cost("plain_cnn (MNIST, labeled synthetic)", results[0]["model"],
-                      *results[0]["data_xy"])]
-  mnv2 = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None,
-                                        classes=10)
-  rng = np.random.default_rng(args.seed)
-  n = 64 if args.quick else 128
-  x = rng.uniform(-1, 1, (n, 96, 96, 3)).astype(np.float32)
-  y = rng.integers(0, 10, n)
-  costs.append(bench_cost("MobileNetV2 0.35, 96x96 (random data)", mnv2, x, y))
+  costs = [] if args.no_cost else [bench_cost(
+      "plain_cnn (MNIST, labeled synthetic)", results[0]["model"], *results[0]["data_xy"])]
+  if not args.no_cost:
+    mnv2 = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3),
+                                          weights=None, classes=10)
+    rng = np.random.default_rng(args.seed)
+    n = 64 if args.quick else 128
+    x = rng.uniform(-1, 1, (n, 96, 96, 3)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    costs.append(bench_cost("MobileNetV2 0.35, 96x96 (random data)", mnv2, x, y))
   text = render(results, costs, args, started, time.perf_counter() - t0)
   fileio.write_text(args.out, "# Sensitivity benchmark\n\n" + text)
   print(text)
