@@ -71,8 +71,6 @@ METRICS = (
     ("task_interaction (ce)", "task_interaction", {"objective": "cross_entropy"}),
     ("task_interaction (ce, raw)", "task_interaction",
      {"objective": "cross_entropy", "clean": False}),
-    ("task_interaction (ce, context 4-bit)", "task_interaction",
-     {"objective": "cross_entropy", "context": "ctx4"}),
     ("task_float_context (ce)", "task_float_context", {"objective": "cross_entropy"}),
     ("zeroq_kl", "zeroq_kl", {}),
     ("hessian_trace", "hessian_trace", {}),
@@ -171,7 +169,7 @@ def plan_accuracies(table, costs, harness):
 # --------------------------------------------------------------------------- per model
 
 
-def bench_model(name, ds, k, num_samples, seed, model_seed):
+def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False):
   log(f"{name} seed {model_seed}: loading")
   t0 = time.perf_counter()
   model = bench_models.get(name, model_seed)
@@ -237,7 +235,7 @@ def bench_model(name, ds, k, num_samples, seed, model_seed):
   res["metrics"] = metric_rows
 
   data_rows = []
-  for label, _, kwargs in (METRICS[0], METRICS[3]):
+  for label, _, kwargs in (METRICS[0],):
     for source in ("labeled", "zeroq", "noise", "real"):
       log(f"{name}: {label} on {source} data")
       key = (label, source)
@@ -251,6 +249,10 @@ def bench_model(name, ds, k, num_samples, seed, model_seed):
       data_rows.append(row)
   res["data"] = data_rows
 
+  res["model"], res["data_xy"] = model, data["labeled"]
+  if no_search:
+    res["search"] = None
+    return res
   log(f"{name}: iterative search at 3 bits")
   t = time.perf_counter()
   found = sensitivity.search(model, data["labeled"], Budget.avg_bits(3.0), rounds=3,
@@ -326,7 +328,8 @@ def render(results, costs, args, started, elapsed):
       f"- Command: `.venv/bin/python benchmarks/bench_sensitivity.py"
       f"{' --quick' if args.quick else ''} --seed {args.seed}"
       f"{'' if args.quick else ' --model-seeds ' + ','.join(map(str, args.model_seeds))}"
-      f"{' --no-cost' if args.no_cost else ''}`",
+      f"{'' if args.quick else f' --k {args.k} --names {args.names}'}"
+      f"{' --no-search' if args.no_search else ''}{' --no-cost' if args.no_cost else ''}`",
       f"- Date: {started:%Y-%m-%d %H:%M} (took {elapsed / 60:.1f} min)",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
       f"jobs (load average {os.getloadavg()[0]:.1f} at end), {platform.system()} "
@@ -404,6 +407,9 @@ def render(results, costs, args, started, elapsed):
     order = ", ".join(f"{r['source']} {_f(r['spearman'])}" for r in by_source)
     order = f"({TI_LABEL}) " + order
     lines += ["", f"By Spearman against test loss: {order}."]
+    if res["search"] is None:
+      lines.append("")
+      continue
     lines += ["", f"Iterative search at 3 bits average on labeled synthetic data "
               f"({res['search_s']:.1f} s; chosen: round {res['search']['chosen']}):", "",
               "| round | bits | predicted | loss (synthetic) | avg bits | test loss | "
@@ -452,21 +458,26 @@ def main(argv=None):
   parser.add_argument("--out", default=str(RESULTS))
   parser.add_argument("--model-seeds", default=",".join(str(s) for s in MODEL_SEEDS),
                       help="bench_models copies to study, e.g. 1 or 1,2")
+  parser.add_argument("--k", type=int, default=100, help="random configurations")
+  parser.add_argument("--names", default="plain_cnn,separable_cnn")
+  parser.add_argument("--no-search", action="store_true",
+                      help="skip the iterative-search table (bench_rounds.py has it)")
   parser.add_argument("--no-cost", action="store_true",
                       help="skip the cost table (MobileNetV2 timing)")
   args = parser.parse_args(argv)
   args.num_samples = 128 if args.quick else 256
-  k = 30 if args.quick else 100
+  k = 30 if args.quick else args.k
   started = datetime.datetime.now()
   t0 = time.perf_counter()
   ds = demo_data.load_default()
-  names = ("plain_cnn",) if args.quick else ("plain_cnn", "separable_cnn")
+  names = ("plain_cnn",) if args.quick else tuple(args.names.split(","))
   args.model_seeds = (1,) if args.quick else tuple(
       int(v) for v in args.model_seeds.split(","))
   results = []
   for name in names:
     for model_seed in args.model_seeds:
-      res = bench_model(name, ds, k, args.num_samples, args.seed, model_seed)
+      res = bench_model(name, ds, k, args.num_samples, args.seed, model_seed,
+                        args.no_search)
       res["dataset"] = f"{ds.name} ({ds.split})"
       results.append(res)
   costs = [] if args.no_cost else [bench_cost(
