@@ -1,7 +1,8 @@
 """Claims 1 and 2 of METHOD.md section 4: how well each sensitivity metric ranks configurations.
 
 For the zoo's plain_cnn and separable_cnn trained on real MNIST (the project's
-split: first 8,000 images train and calibrate, last 2,000 test):
+split: first 8,000 images train and calibrate, last 2,000 test), the
+`bench_models` copies trained with seeds 1 and 2:
 
 1. Sample K random per-layer configurations from {2, 4, 8} bits spread over
    sizes (per configuration a probability ``p`` of low bits is drawn, then
@@ -9,7 +10,10 @@ split: first 8,000 images train and calibrate, last 2,000 test):
    measure each one's real test loss and accuracy with fake quantization (the
    model is quantized once with tfmot and calibrated on 512 real training
    images, then only the bits variables change).
-2. For each metric, with the sensitivity measured on 256 LABELED SYNTHETIC
+2. For each metric (and the task-interaction metric with each objective,
+   KL from the float model or cross-entropy on labels, cleaned by
+   `sensitivity.respect_known` or raw, in the all-8-bit context or at a 4-bit
+   context), with the sensitivity measured on 256 LABELED SYNTHETIC
    samples (`keras_mpq.synthesize`, no real data), the Spearman and Kendall
    correlation between the predicted cost ``sum_i Omega_i(b_i)`` and the
    measured test loss (and, beside it, the test error); and the real test
@@ -43,20 +47,37 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 from scipy import stats  # pylint: disable=g-import-not-at-top
 
+import bench_models  # pylint: disable=g-import-not-at-top
 from keras_mpq import allocation, apply, demo_data, fileio  # pylint: disable=g-import-not-at-top
 from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq import model_zoo, sensitivity, synthesis  # pylint: disable=g-import-not-at-top
+from keras_mpq import sensitivity, synthesis  # pylint: disable=g-import-not-at-top
 from keras_mpq.compat import keras, tf  # pylint: disable=g-import-not-at-top
 from keras_mpq.types import Budget, QuantizationPlan  # pylint: disable=g-import-not-at-top
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sensitivity.md"
 BITS = (2, 4, 8)
-METRICS = ("task_interaction", "task_float_context", "zeroq_kl", "hessian_trace",
-           "weight_mse")
+# (label, metric, measure_sensitivity keyword arguments); "ctx4" is replaced by
+# every layer at 4 bits (the context at a 4-bit budget).
+METRICS = (
+    ("task_interaction (kl)", "task_interaction", {"objective": "kl"}),
+    ("task_interaction (kl, raw)", "task_interaction", {"objective": "kl", "clean": False}),
+    ("task_interaction (kl, context 4-bit)", "task_interaction",
+     {"objective": "kl", "context": "ctx4"}),
+    ("task_interaction (ce)", "task_interaction", {"objective": "cross_entropy"}),
+    ("task_interaction (ce, raw)", "task_interaction",
+     {"objective": "cross_entropy", "clean": False}),
+    ("task_float_context (ce)", "task_float_context", {"objective": "cross_entropy"}),
+    ("zeroq_kl", "zeroq_kl", {}),
+    ("hessian_trace", "hessian_trace", {}),
+    ("weight_mse", "weight_mse", {}),
+)
+TI_LABEL = METRICS[0][0]
+MODEL_SEEDS = (1, 2)
 BUDGETS = (3.0, 4.0)
 CALIBRATION = 512
 
@@ -127,11 +148,11 @@ def bootstrap(rows, losses, rng, resamples=1000):
   idx = [rng.integers(0, k, k) for _ in range(resamples)]
   rhos = {r["metric"]: np.array([stats.spearmanr(r["pred"][i], losses[i])[0] for i in idx])
           for r in rows}
-  ti = rhos["task_interaction"]
+  ti = rhos[TI_LABEL]
   for r in rows:
     rho = rhos[r["metric"]]
     r["ci"] = (float(np.nanpercentile(rho, 2.5)), float(np.nanpercentile(rho, 97.5)))
-    r["ti_wins"] = float(np.mean(ti > rho)) if r["metric"] != "task_interaction" else None
+    r["ti_wins"] = float(np.mean(ti > rho)) if r["metric"] != TI_LABEL else None
 
 
 def plan_accuracies(table, costs, harness):
@@ -148,16 +169,16 @@ def plan_accuracies(table, costs, harness):
 # --------------------------------------------------------------------------- per model
 
 
-def bench_model(name, ds, k, num_samples, seed):
-  log(f"{name}: training")
+def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False):
+  log(f"{name} seed {model_seed}: loading")
   t0 = time.perf_counter()
-  model = model_zoo.build_and_train(name, ds, seed=seed)
+  model = bench_models.get(name, model_seed)
   folded = apply.fold_batchnorm(model)
   layers = apply.plan_layers(folded)
   costs = costs_lib.cost_table(folded, bits=BITS)
   float_acc = float(np.mean(model.predict(ds.x_test, verbose=0).argmax(-1) == ds.y_test))
   harness = TestHarness(folded, layers, ds.x_train[:CALIBRATION], ds.x_test, ds.y_test)
-  res = {"name": name, "layers": layers, "float_acc": float_acc,
+  res = {"name": f"{name} seed {model_seed}", "layers": layers, "float_acc": float_acc,
          "params": {c.name: c.n_params for c in costs.layer_costs},
          "train_s": time.perf_counter() - t0}
 
@@ -188,21 +209,25 @@ def bench_model(name, ds, k, num_samples, seed):
   # Real-data task_interaction predictions: the reference ranking for claim 2.
   tables = {}
   t = time.perf_counter()
-  tables[("task_interaction", "real")] = sensitivity.measure_sensitivity(
-      model, data["real"], metric="task_interaction", seed=seed, progress=False)
-  _, ref_pred = correlations(tables[("task_interaction", "real")], configs, losses, errors)
+  tables[(TI_LABEL, "real")] = sensitivity.measure_sensitivity(
+      model, data["real"], metric="task_interaction", seed=seed, progress=False,
+      **METRICS[0][2])
+  _, ref_pred = correlations(tables[(TI_LABEL, "real")], configs, losses, errors)
 
   metric_rows = []
-  for metric in METRICS:
-    log(f"{name}: metric {metric} on labeled synthetic data")
+  for label, metric, kwargs in METRICS:
+    log(f"{name}: metric {label} on labeled synthetic data")
+    kwargs = dict(kwargs)
+    if kwargs.get("context") == "ctx4":
+      kwargs["context"] = {n: 4 for n in layers}
     t = time.perf_counter()
     table = sensitivity.measure_sensitivity(
         model, None if metric == "weight_mse" else data["labeled"], metric=metric,
-        seed=seed, progress=False)
+        seed=seed, progress=False, **kwargs)
     seconds = time.perf_counter() - t
-    tables[(metric, "labeled")] = table
+    tables[(label, "labeled")] = table
     row, pred = correlations(table, configs, losses, errors, ref_pred)
-    row.update({"metric": metric, "seconds": seconds, "pred": pred,
+    row.update({"metric": label, "seconds": seconds, "pred": pred,
                 "evaluations": table.info.get("evaluations", 0),
                 "plans": plan_accuracies(table, costs, harness)})
     metric_rows.append(row)
@@ -210,17 +235,24 @@ def bench_model(name, ds, k, num_samples, seed):
   res["metrics"] = metric_rows
 
   data_rows = []
-  for source in ("labeled", "zeroq", "noise", "real"):
-    log(f"{name}: task_interaction on {source} data")
-    key = ("task_interaction", source)
-    if key not in tables:
-      tables[key] = sensitivity.measure_sensitivity(
-          model, data[source], metric="task_interaction", seed=seed, progress=False)
-    row, _ = correlations(tables[key], configs, losses, errors, ref_pred)
-    row.update({"source": source, "plans": plan_accuracies(tables[key], costs, harness)})
-    data_rows.append(row)
+  for label, _, kwargs in (METRICS[0],):
+    for source in ("labeled", "zeroq", "noise", "real"):
+      log(f"{name}: {label} on {source} data")
+      key = (label, source)
+      if key not in tables:
+        tables[key] = sensitivity.measure_sensitivity(
+            model, data[source], metric="task_interaction", seed=seed, progress=False,
+            **kwargs)
+      row, _ = correlations(tables[key], configs, losses, errors, ref_pred)
+      row.update({"source": source, "metric": label,
+                  "plans": plan_accuracies(tables[key], costs, harness)})
+      data_rows.append(row)
   res["data"] = data_rows
 
+  res["model"], res["data_xy"] = model, data["labeled"]
+  if no_search:
+    res["search"] = None
+    return res
   log(f"{name}: iterative search at 3 bits")
   t = time.perf_counter()
   found = sensitivity.search(model, data["labeled"], Budget.avg_bits(3.0), rounds=3,
@@ -294,15 +326,18 @@ def render(results, costs, args, started, elapsed):
   lines = [
       f"## Sensitivity metrics ({mode} mode)", "",
       f"- Command: `.venv/bin/python benchmarks/bench_sensitivity.py"
-      f"{' --quick' if args.quick else ''} --seed {args.seed}`",
+      f"{' --quick' if args.quick else ''} --seed {args.seed}"
+      f"{'' if args.quick else ' --model-seeds ' + ','.join(map(str, args.model_seeds))}"
+      f"{'' if args.quick else f' --k {args.k} --names {args.names}'}"
+      f"{' --no-search' if args.no_search else ''}{' --no-cost' if args.no_cost else ''}`",
       f"- Date: {started:%Y-%m-%d %H:%M} (took {elapsed / 60:.1f} min)",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
       f"jobs (load average {os.getloadavg()[0]:.1f} at end), {platform.system()} "
       f"{platform.release()}; Python {platform.python_version()}, TensorFlow "
       f"{tf.__version__}, CPU only",
       f"- Data: {results[0]['dataset']}; models trained on the first 8,000 images "
-      "(zoo settings, seed "
-      f"{args.seed}); every loss/accuracy below is on the last 2,000 (test), with "
+      "(`bench_models` copies, seeds "
+      f"{', '.join(str(s) for s in args.model_seeds)}); every loss/accuracy below is on the last 2,000 (test), with "
       f"activations calibrated on the first {CALIBRATION} training images.",
       f"- Sensitivities: on {args.num_samples} labeled synthetic samples "
       "(`synthesize(method='labeled')`) unless the data table says otherwise; "
@@ -342,34 +377,39 @@ def render(results, costs, args, started, elapsed):
           f"{p[4.0]['acc']:.4f} ({_bits(p[4.0]['bits'], layers)}) | "
           f"{row['seconds']:.1f} | {row['evaluations']} |")
     ranked = sorted(res["metrics"], key=lambda r: -np.nan_to_num(r["spearman"], nan=-9))
-    pos = [r["metric"] for r in ranked].index("task_interaction") + 1
+    pos = [r["metric"] for r in ranked].index(TI_LABEL) + 1
     best = ranked[0]
-    ti_row = next(r for r in res["metrics"] if r["metric"] == "task_interaction")
-    best_other = next(r for r in ranked if r["metric"] != "task_interaction")
+    ti_row = next(r for r in res["metrics"] if r["metric"] == TI_LABEL)
+    best_other = next(r for r in ranked if r["metric"] != TI_LABEL)
     acc3 = {r["metric"]: r["plans"][3.0]["acc"] for r in res["metrics"]}
     top3 = max(acc3.values())
     best3 = " = ".join(m for m, a in acc3.items() if a == top3)
     lines += ["", f"Plan bits are listed in layer order ({' '.join(layers)}).  ",
               f"**Verdict (measured, not tuned):** by Spearman against test loss, "
-              f"task_interaction ranks {pos} of {len(ranked)} (best: {best['metric']}, "
-              f"{_f(best['spearman'])}; task_interaction {_f(ti_row['spearman'])}; in "
+              f"{TI_LABEL} ranks {pos} of {len(ranked)} (best: {best['metric']}, "
+              f"{_f(best['spearman'])}; {TI_LABEL} {_f(ti_row['spearman'])}; in "
               f"{_f(100 * (1 - best_other['ti_wins']), 0)}% of bootstrap resamples "
               f"{best_other['metric']} scores at least as high). Best 3-bit plan: {best3} "
-              f"({top3:.4f}); task_interaction's: {acc3['task_interaction']:.4f}. "
+              f"({top3:.4f}); {TI_LABEL}'s: {acc3[TI_LABEL]:.4f}. "
               f"One test image is 0.0005 of accuracy.", "",
               "Task-interaction sensitivity by data source:", "",
-              "| data | Spearman | Kendall | rho(err) | rho(real) | acc @3 bit | "
-              "acc @4 bit |", "|---|---|---|---|---|---|---|"]
+              "| objective | data | Spearman | Kendall | rho(err) | rho(real) | acc @3 bit | "
+              "acc @4 bit |", "|---|---|---|---|---|---|---|---|"]
     for row in res["data"]:
       p = row["plans"]
       lines.append(
-          f"| {row['source']} | {_f(row['spearman'])} | {_f(row['kendall'])} | "
+          f"| {row['metric']} | {row['source']} | {_f(row['spearman'])} | {_f(row['kendall'])} | "
           f"{_f(row['spearman_err'])} | {_f(row.get('spearman_real_pred'))} | "
           f"{p[3.0]['acc']:.4f} ({_bits(p[3.0]['bits'], layers)}) | "
           f"{p[4.0]['acc']:.4f} ({_bits(p[4.0]['bits'], layers)}) |")
-    by_source = sorted(res["data"], key=lambda r: -np.nan_to_num(r["spearman"], nan=-9))
+    by_source = sorted([r for r in res["data"] if r["metric"] == TI_LABEL],
+                       key=lambda r: -np.nan_to_num(r["spearman"], nan=-9))
     order = ", ".join(f"{r['source']} {_f(r['spearman'])}" for r in by_source)
+    order = f"({TI_LABEL}) " + order
     lines += ["", f"By Spearman against test loss: {order}."]
+    if res["search"] is None:
+      lines.append("")
+      continue
     lines += ["", f"Iterative search at 3 bits average on labeled synthetic data "
               f"({res['search_s']:.1f} s; chosen: round {res['search']['chosen']}):", "",
               "| round | bits | predicted | loss (synthetic) | avg bits | test loss | "
@@ -380,6 +420,16 @@ def render(results, costs, args, started, elapsed):
           f"{_f(r['measured_loss'], 4)} | {r['cost']:.3f} | {_f(r['test_loss'], 4)} | "
           f"{r['test_acc']:.4f} | {r['changed']} |")
     lines.append("")
+  lines += ["### Goal: Spearman >= 0.9 with synthetic data", ""]
+  for res in results:
+    ti = next(r for r in res["metrics"] if r["metric"] == TI_LABEL)
+    best = max(res["metrics"], key=lambda r: np.nan_to_num(r["spearman"], nan=-9))
+    lines.append(f"- {res['name']}: {TI_LABEL} {_f(ti['spearman'])} "
+                 f"({'met' if ti['spearman'] >= 0.9 else 'NOT met'}); best row "
+                 f"{best['metric']} {_f(best['spearman'])}.")
+  lines.append("")
+  if not costs:
+    return "\n".join(lines)
   lines += ["### Cost of one task_interaction measurement", "",
             "Floor = evaluations x one forward pass of the quantized model over the "
             "same data (median of 5, same run). Wall time includes quantizing the "
@@ -406,27 +456,40 @@ def main(argv=None):
                       help="30 configurations, 128 samples, one model (plain_cnn)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=str(RESULTS))
+  parser.add_argument("--model-seeds", default=",".join(str(s) for s in MODEL_SEEDS),
+                      help="bench_models copies to study, e.g. 1 or 1,2")
+  parser.add_argument("--k", type=int, default=100, help="random configurations")
+  parser.add_argument("--names", default="plain_cnn,separable_cnn")
+  parser.add_argument("--no-search", action="store_true",
+                      help="skip the iterative-search table (bench_rounds.py has it)")
+  parser.add_argument("--no-cost", action="store_true",
+                      help="skip the cost table (MobileNetV2 timing)")
   args = parser.parse_args(argv)
   args.num_samples = 128 if args.quick else 256
-  k = 30 if args.quick else 100
+  k = 30 if args.quick else args.k
   started = datetime.datetime.now()
   t0 = time.perf_counter()
   ds = demo_data.load_default()
-  names = ("plain_cnn",) if args.quick else ("plain_cnn", "separable_cnn")
+  names = ("plain_cnn",) if args.quick else tuple(args.names.split(","))
+  args.model_seeds = (1,) if args.quick else tuple(
+      int(v) for v in args.model_seeds.split(","))
   results = []
   for name in names:
-    res = bench_model(name, ds, k, args.num_samples, args.seed)
-    res["dataset"] = f"{ds.name} ({ds.split})"
-    results.append(res)
-  costs = [bench_cost("plain_cnn (MNIST, labeled synthetic)", results[0]["model"],
-                      *results[0]["data_xy"])]
-  mnv2 = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None,
-                                        classes=10)
-  rng = np.random.default_rng(args.seed)
-  n = 64 if args.quick else 256
-  x = rng.uniform(-1, 1, (n, 96, 96, 3)).astype(np.float32)
-  y = rng.integers(0, 10, n)
-  costs.append(bench_cost("MobileNetV2 0.35, 96x96 (random data)", mnv2, x, y))
+    for model_seed in args.model_seeds:
+      res = bench_model(name, ds, k, args.num_samples, args.seed, model_seed,
+                        args.no_search)
+      res["dataset"] = f"{ds.name} ({ds.split})"
+      results.append(res)
+  costs = [] if args.no_cost else [bench_cost(
+      "plain_cnn (MNIST, labeled synthetic)", results[0]["model"], *results[0]["data_xy"])]
+  if not args.no_cost:
+    mnv2 = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3),
+                                          weights=None, classes=10)
+    rng = np.random.default_rng(args.seed)
+    n = 64 if args.quick else 128
+    x = rng.uniform(-1, 1, (n, 96, 96, 3)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    costs.append(bench_cost("MobileNetV2 0.35, 96x96 (random data)", mnv2, x, y))
   text = render(results, costs, args, started, time.perf_counter() - t0)
   fileio.write_text(args.out, "# Sensitivity benchmark\n\n" + text)
   print(text)

@@ -30,6 +30,7 @@ SUITE = [
     ("bench_clipping.py", "clipping", [], None),
     ("bench_quantizer.py", "quantizer", [], None),
     ("bench_sensitivity.py", "sensitivity", [], ["--quick"]),
+    ("bench_plans.py", "plans", [], ["--quick"]),
     ("bench_rounds.py", "rounds", [], ["--quick"]),
     ("bench_synthesis.py", "synthesis", [], ["--quick"]),
     ("bench_allocation.py", "allocation", [], ["--runs", "1", "--pareto-runs", "1"]),

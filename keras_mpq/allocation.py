@@ -50,11 +50,38 @@ _RTOL = 1e-9
 # Budget-row right-hand sides tried in turn (the row is scaled to slack 1):
 # the exact one first, then ones tighter than HiGHS' feasibility tolerances.
 _RHS_TRIES = (1.0, 1.0 - 1e-5, 1.0 - 1e-3)
+# Second (tie-breaking) solve: plans whose normalized score sum is within this
+# of the optimum count as ties, and the one spending the most budget wins.
+_TIE_TOL = 1e-9
 _UNITS = {BudgetKind.BYTES: "B", BudgetKind.AVG_BITS: " bits avg",
           BudgetKind.BOPS: " BOPs", BudgetKind.LATENCY: " ms"}
 
 
 # --------------------------------------------------------------------------- public
+
+
+DEFAULT_WEIGHT_BITS = (2, 4, 8)
+"""Default candidate weight bit-widths for byte and latency budgets."""
+
+DEFAULT_WEIGHT_BITS_LOW = (2, 3, 4, 8)
+"""Default candidates for average-bit and BOPs budgets (3 bits measured to help there)."""
+
+
+def default_weight_bits(budget) -> Tuple[int, ...]:
+  """The default candidate bit-widths for ``budget``'s kind.
+
+  Average-bit and BOPs budgets get 3 bits too; byte budgets do not, because
+  TFLite stores 3-bit weights in the same INT4 container as 4-bit ones
+  (`keras_mpq.types.LayerCost.weight_bytes`), so 3 bits would cost as much
+  as 4 and measure worse; latency tables list their own bit-widths.
+
+  >>> default_weight_bits("4bit"), default_weight_bits("48KB")
+  ((2, 3, 4, 8), (2, 4, 8))
+  """
+  kind = Budget.parse(budget).kind
+  if kind in (BudgetKind.AVG_BITS, BudgetKind.BOPS):
+    return DEFAULT_WEIGHT_BITS_LOW
+  return DEFAULT_WEIGHT_BITS
 
 
 def allocate(sensitivity: SensitivityTable, budget, costs: CostTable,
@@ -323,9 +350,9 @@ def _solve(problem: _Problem, matrix: np.ndarray, limit: float,
   max_delta = np.where(allowed, delta, 0.0).max(axis=1)
   if math.fsum(max_delta) <= slack:
     # The budget cannot bind among the options left: each layer takes its
-    # lowest-score option (ties to the cheaper one). Exact without a solver.
+    # lowest-score option (ties to the costlier one: more bits). Exact without a solver.
     choice = np.array([min(np.flatnonzero(allowed[i]),
-                           key=lambda j, i=i: (scores[i, j], matrix[i, j]))
+                           key=lambda j, i=i: (scores[i, j], -matrix[i, j]))
                        for i in range(n_layers)])
     return choice, {"status": "closed form", "optimal": True,
                     "time_s": round(time.perf_counter() - start, 6)}
@@ -361,14 +388,102 @@ def _solve(problem: _Problem, matrix: np.ndarray, limit: float,
       if x[v] > best[rows[v]]:
         best[rows[v]], choice[rows[v]] = x[v], cols[v]
     if _total(matrix, choice) <= limit:
-      return choice, {"status": int(res.status), "message": str(res.message),
-                      "optimal": res.status == 0, "rhs_tightened": attempt > 0,
-                      "variables": int(n_vars),
-                      "objective": float(res.fun) * obj_scale + math.fsum(score_min),
-                      "time_s": round(time.perf_counter() - start, 6)}
+      info = {"status": int(res.status), "message": str(res.message),
+              "optimal": res.status == 0, "rhs_tightened": attempt > 0,
+              "variables": int(n_vars),
+              "objective": float(res.fun) * obj_scale + math.fsum(score_min),
+              "time_s": round(time.perf_counter() - start, 6)}
+      if res.status == 0:
+        choice = _prefer_more_bits(choice, obj, rows, cols, one_hot, row, rhs, matrix,
+                                   limit, info, time_limit)
+      info["time_s"] = round(time.perf_counter() - start, 6)
+      return choice, info
   raise KerasMpqError(
       f"Internal error: HiGHS kept returning plans over the budget {limit} "
       f"(last status {status}). Please report it with the cost table.")
+
+
+def _prefer_more_bits(choice, obj, rows, cols, one_hot, row, rhs, matrix, limit,
+                      info, time_limit) -> np.ndarray:
+  """Ties go to more bits: among plans as good as ``choice``, one that spends the most.
+
+  A second, lexicographic solve: the score sum (normalized) may not exceed
+  the optimum by more than ``_TIE_TOL``; maximize the budget spent. Falls back
+  to ``choice`` if HiGHS does not return a plan within the budget.
+  """
+  n_layers = one_hot.shape[0]
+  best = float(np.sum(obj[[np.flatnonzero((rows == i) & (cols == choice[i]))[0]
+                            for i in range(n_layers)]]))
+  spend = -row[0]
+  with _quiet_c_stdout():
+    res = optimize.milp(
+        spend, integrality=np.ones(len(obj)), bounds=optimize.Bounds(0, 1),
+        constraints=[optimize.LinearConstraint(one_hot, 1, 1),
+                     optimize.LinearConstraint(row, -np.inf, rhs),
+                     optimize.LinearConstraint(obj[None, :], -np.inf, best + _TIE_TOL)],
+        options={"mip_rel_gap": 0.0, "time_limit": float(time_limit), "presolve": True})
+  if res.x is None:
+    return choice
+  x = np.asarray(res.x).reshape(-1)
+  tied = np.array(choice, copy=True)
+  top = np.full(n_layers, -1.0)
+  for v in range(len(x)):
+    if x[v] > top[rows[v]]:
+      top[rows[v]], tied[rows[v]] = x[v], cols[v]
+  score = float(np.sum(obj[[np.flatnonzero((rows == i) & (cols == tied[i]))[0]
+                             for i in range(n_layers)]]))
+  if _total(matrix, tied) <= limit and score <= best + _TIE_TOL:
+    if not np.array_equal(tied, choice):
+      info["tie_break"] = "more bits"
+    return tied
+  return choice
+
+
+def greedy(sensitivity: SensitivityTable, budget, costs: CostTable,
+           pinned: Optional[Mapping[str, int]] = None) -> QuantizationPlan:
+  """The greedy plan: from every layer at its highest bits, lower the cheapest harm first.
+
+  Each step moves one layer to a lower candidate bit-width, the move with the
+  smallest score increase per unit of cost saved (ties: the larger saving),
+  until the plan fits the budget. Not optimal (`allocate` is); the safeguard
+  of `keras_mpq.sensitivity.search` measures it beside the exact plan.
+
+  >>> import numpy as np
+  >>> from keras_mpq.types import CostTable, SensitivityTable
+  >>> sens = SensitivityTable(("a", "b"), (4, 8), np.array([[1.0, 0.0], [0.2, 0.0]]))
+  >>> costs = CostTable(("a", "b"), (4, 8), {"bytes": np.array([[50, 100], [50, 100]])})
+  >>> greedy(sens, "150B", costs).weight_bits
+  {'a': 8, 'b': 4}
+  """
+  budget = Budget.parse(budget)
+  problem = _Problem(sensitivity, costs, pinned)
+  kind = budget.kind
+  matrix = problem.matrix(kind)
+  limit = budget.value * (1 + _RTOL)
+  smallest = problem.cheapest_cost(matrix)
+  if smallest > limit:
+    raise BudgetInfeasibleError(
+        f"Expected a budget of at least {_fmt(kind, smallest)}. Received: "
+        f"budget={budget.describe()}.", smallest)
+  choice = problem.highest_choice()
+  scores = problem.scores
+  while _total(matrix, choice) > limit:
+    best = None
+    for i in range(len(choice)):
+      j0 = choice[i]
+      for j in np.flatnonzero(problem.allowed[i]):
+        saved = matrix[i, j0] - matrix[i, j]
+        if saved <= 0:
+          continue
+        key = ((scores[i, j] - scores[i, j0]) / saved, -saved, i, j)
+        if best is None or key < best:
+          best = key
+    if best is None:  # nothing cheaper left (cannot happen above the cheapest plan)
+      break
+    choice[best[2]] = best[3]
+  plan = problem.plan(choice, budget, {"status": "greedy", "optimal": False,
+                                       "time_s": 0.0})
+  return dataclasses.replace(plan, info=dict(plan.info, method="greedy"))
 
 
 @contextlib.contextmanager

@@ -158,14 +158,16 @@ def _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data) ->
 
 
 def quantize(model, budget, data=None, target: str = "mobile",
-             weight_bits: Sequence[int] = (2, 4, 8), activation_bits: int = 8,
+             weight_bits: Optional[Sequence[int]] = None, activation_bits: int = 8,
              metric: str = "task_interaction", synthesis: str = "labeled",
              num_samples: int = 256, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
              cache_dir=None, progress: Optional[bool] = None,
              input_range: Optional[Tuple[float, float]] = None, *,
              weight_method: Optional[str] = None,
-             bias_correction: Optional[bool] = None) -> QuantizationResult:
+             bias_correction: Optional[bool] = None,
+             objective: Optional[str] = None,
+             context: str = "highest") -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -178,7 +180,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
       float model).
     target: 'mobile', 'mcu' or 'ethos-u' (what `QuantizationResult.export`
       writes by default; recorded in the report).
-    weight_bits: candidate weight bit-widths per layer (2..8).
+    weight_bits: candidate weight bit-widths per layer (2..8). None: the
+      default for the budget's kind (`keras_mpq.allocation.default_weight_bits`).
     activation_bits: 8 or 16.
     metric: sensitivity metric (see `keras_mpq.sensitivity`).
     synthesis: 'labeled' (the paper's), 'zeroq' or 'noise' when data is None.
@@ -202,6 +205,17 @@ def quantize(model, budget, data=None, target: str = "mobile",
       `keras_mpq.apply.DEFAULT_WEIGHT_METHOD`; see `keras_mpq.weight_quant`).
     bias_correction: empirical bias correction on the calibration data
       (default `keras_mpq.apply.DEFAULT_BIAS_CORRECTION`).
+    objective: task loss the sensitivity and the plan check measure: ``"kl"``
+      (divergence from the float model's outputs; default) or
+      ``"cross_entropy"`` (against the labels).
+    context: first context of the task-interaction metric, ``"highest"`` or
+      ``"budget"`` (see `keras_mpq.sensitivity.search`).
+
+  The plan is checked by measurement before it is returned: the allocated
+  plan, every uniform plan that fits the budget and a greedy plan are
+  measured on a held-out part of the calibration data (half of it, when it
+  has at least 64 samples), and the best measured one is kept;
+  ``report["plan_selection"]`` says which won and by how much.
 
   Returns:
     A `QuantizationResult`.
@@ -229,11 +243,14 @@ def quantize(model, budget, data=None, target: str = "mobile",
 
   if target not in TARGETS:
     raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
+  budget = Budget.parse(budget)
+  if weight_bits is None:
+    from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
+    weight_bits = allocation.default_weight_bits(budget)
   bits = tuple(sorted({check_weight_bits(b, "weight_bits") for b in weight_bits}))
   if FLOAT_BITS in bits:
     raise InvalidInputError("weight_bits are candidate integer bit-widths (2..8).")
   activation_bits = check_activation_bits(activation_bits)
-  budget = Budget.parse(budget)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise InvalidInputError(f"Expected seed to be an integer >= 0. Received: seed={seed!r}")
   set_global_seed(seed)
@@ -259,7 +276,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
               "weight_method": weight_method, "bias_correction": bias_correction,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
               "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
-              "input_range": [low, high]}
+              "input_range": [low, high], "objective": objective, "context": context}
   cache = fileio.ensure_dir(cache_dir) if cache_dir is not None else None
 
   # 1. Calibration data: synthesized from the model, or the user's.
@@ -304,7 +321,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
     with apply_lib.weight_defaults(weight_method, bias_correction):
       found = sens_lib.search(folded, (x, y), budget, weight_bits=bits, rounds=rounds,
                               metric=metric, pinned=pinned, costs=cost_table, seed=seed,
-                              activation_bits=activation_bits, progress=progress)
+                              activation_bits=activation_bits, progress=progress,
+                              objective=objective, context=context)
     plan, table, rounds_info = found.plan, found.sensitivity, list(found.rounds)
     if cached_search is not None:
       fileio.write_json(cached_search, {"plan": plan.to_dict(),
@@ -379,6 +397,11 @@ def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_i
       "data": data_info,
       "metric": table.metric,
       "search_rounds": rounds_info,
+      "plan_selection": plan.info.get("selection"),
+      "notes": [n for n in (plan.info.get("note"),
+                            (plan.info.get("selection") or {}).get("note"),
+                            ((plan.info.get("search") or {}).get("holdout") or {}).get("note"))
+                if n],
       "layers": rows,
       "unsupported_layers": apply_lib.unsupported_layers(folded),
       "timings_s": dict(timings),

@@ -165,6 +165,17 @@ def summary_table(report: Mapping[str, Any]) -> str:
     lines.append("search rounds: " + "; ".join(
         f"#{r.get('round')}: measured loss {_fmt(r.get('measured_loss'))} {unit}"
         for r in rounds))
+  sel = report.get("plan_selection")
+  if sel and sel.get("candidates"):
+    measured = ", ".join(f"{c['name']} {_fmt(c['measured_loss'])}" for c in sel["candidates"])
+    verdict = (f"{sel['winner']} kept" if sel["winner"] == "allocated" else
+               f"{sel['winner']} returned"
+               + (f", {_fmt(sel['gain_over_allocated'])} below the allocated plan"
+                  if sel.get("gain_over_allocated") is not None else ""))
+    lines.append(f"plan check ({sel['objective']} on {sel['measured_on']}): {measured}"
+                 f" -> {verdict}")
+  for note in report.get("notes") or []:
+    lines.append(f"note: {note}")
   lines.append("timings: " + ", ".join(f"{k} {v:.1f} s"
                                        for k, v in report["timings_s"].items()))
   return "\n".join(lines)

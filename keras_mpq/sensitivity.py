@@ -61,6 +61,18 @@ from keras_mpq.types import (FLOAT_BITS, MAX_WEIGHT_BITS, MIN_WEIGHT_BITS, Budge
 HUTCHINSON_PROBES = 16
 """Rademacher probes of the ``hessian_trace`` metric's trace estimate."""
 
+DEFAULT_OBJECTIVE = "kl"
+"""Task loss of the task-loss metrics unless told otherwise (`OBJECTIVES`)."""
+
+HOLDOUT = 0.5
+"""Share of the data held out from range calibration for measuring losses."""
+
+MIN_HOLDOUT_SAMPLES = 32
+"""Fewest samples in each part (calibration, held-out); below twice this no part is held out."""
+
+NOISE_Z = 2.0
+"""Score differences within this many standard errors count as zero."""
+
 
 # --------------------------------------------------------------------------- registry
 
@@ -146,6 +158,12 @@ class _Job:
   labels: Optional[str] = None  # "given", "float model argmax" or None
   reuse_prefix: bool = True
   evaluator: Optional["_Evaluator"] = None
+  objective: str = DEFAULT_OBJECTIVE
+  x_calib: Optional[np.ndarray] = None  # range calibration part (None: x itself)
+  x_all: Optional[np.ndarray] = None  # every sample (x and x_calib together)
+  y_all: Optional[np.ndarray] = None
+  holdout: Optional[Dict[str, Any]] = None
+  clean: bool = True
 
 
 def _check_bits(weight_bits) -> Tuple[int, ...]:
@@ -294,8 +312,64 @@ def _prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bit
       y = np.argmax(folded.predict(x, batch_size=batch_size, verbose=0),
                     axis=-1).astype(np.int64)
       labels = "float model argmax"
-  return _Job(folded, layers, bits, x, y, from_logits, ctx, activation_bits, layer_act,
-              int(batch_size), int(seed), _show_progress(progress), default_act, labels)
+  job = _Job(folded, layers, bits, x, y, from_logits, ctx, activation_bits, layer_act,
+             int(batch_size), int(seed), _show_progress(progress), default_act, labels)
+  job.x_all, job.y_all = x, y
+  return job
+
+
+def _check_objective(objective) -> str:
+  if objective is None:
+    return DEFAULT_OBJECTIVE
+  if objective not in _OBJECTIVES:
+    raise InvalidInputError(
+        f"Expected objective in {list(OBJECTIVES)} (or None for {DEFAULT_OBJECTIVE!r}). "
+        f"Received: objective={objective!r}")
+  return str(objective)
+
+
+def split_holdout(n: int, holdout: float = HOLDOUT, seed: int = 0
+                  ) -> Tuple[Optional[np.ndarray], np.ndarray, Dict[str, Any]]:
+  """Indices ``(calibration, held_out, info)`` of a data set of ``n`` samples.
+
+  Activation ranges are calibrated on the first part and losses measured on
+  the held-out part, so a measured loss is not fitted to its own samples.
+  Each part needs `MIN_HOLDOUT_SAMPLES` (32), so the split needs at least 64
+  samples; with fewer (or ``holdout=0``) nothing is held out: ``calibration``
+  is None, every sample serves both, and ``info["note"]`` says so.
+
+  >>> cal, held, info = split_holdout(256)
+  >>> len(cal), len(held), info["held_out"]
+  (128, 128, 128)
+  >>> split_holdout(40)[2]["held_out"]
+  0
+  """
+  if isinstance(holdout, bool) or not isinstance(holdout, (int, float, np.floating)) or not (
+      0.0 <= float(holdout) < 1.0):
+    raise InvalidInputError(
+        f"Expected holdout as a share in [0, 1), such as 0.5. Received: holdout={holdout!r}")
+  held = int(round(n * float(holdout)))
+  if holdout == 0 or held < MIN_HOLDOUT_SAMPLES or n - held < MIN_HOLDOUT_SAMPLES:
+    note = ("nothing held out: " + ("holdout=0" if holdout == 0 else
+            f"{n} samples are fewer than the {2 * MIN_HOLDOUT_SAMPLES} a held-out part "
+            f"needs ({MIN_HOLDOUT_SAMPLES} to calibrate ranges, {MIN_HOLDOUT_SAMPLES} "
+            "to measure); losses are measured on the calibration samples"))
+    return None, np.arange(n), {"samples": n, "held_out": 0, "calibration": n,
+                                "note": note}
+  order = np.random.default_rng(seed).permutation(n)
+  return (np.sort(order[held:]), np.sort(order[:held]),
+          {"samples": n, "held_out": held, "calibration": n - held})
+
+
+def _apply_holdout(job: _Job, holdout: float) -> None:
+  if job.x is None:
+    return
+  cal, held, info = split_holdout(len(job.x_all), holdout, job.seed)
+  job.holdout = info
+  if cal is not None:
+    job.x_calib = job.x_all[cal]
+    job.x = job.x_all[held]
+    job.y = None if job.y_all is None else job.y_all[held]
 
 
 # --------------------------------------------------------------------------- evaluator
@@ -306,18 +380,22 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
     yield slice(start, min(n, start + batch_size))
 
 
-def _cross_entropy(log_probs: np.ndarray, y: np.ndarray, ref: np.ndarray) -> float:
+def _cross_entropy(log_probs: np.ndarray, y: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """Per-sample cross-entropy against the labels ``y`` (``ref`` unused)."""
   del ref
-  return float(-np.sum(log_probs[np.arange(len(y)), y], dtype=np.float64))
+  return -log_probs[np.arange(len(y)), y].astype(np.float64)
 
 
-def _kl(log_probs: np.ndarray, y: np.ndarray, ref: np.ndarray) -> float:
+def _kl(log_probs: np.ndarray, y: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """Per-sample ``KL(float || model)``; ``ref`` holds the float model's log-probabilities."""
   del y
   ref = ref.astype(np.float64)
-  return float(np.sum(np.exp(ref) * (ref - log_probs.astype(np.float64))))
+  return np.sum(np.exp(ref) * (ref - log_probs.astype(np.float64)), axis=-1)
 
 
 _OBJECTIVES = {"cross_entropy": _cross_entropy, "kl": _kl}
+OBJECTIVES = tuple(_OBJECTIVES)
+"""Task-loss objectives: ``cross_entropy`` against the labels, ``kl`` from the float model."""
 
 
 class _Evaluator:
@@ -343,9 +421,12 @@ class _Evaluator:
 
   def __init__(self, folded, layers: Sequence[str], x: np.ndarray, y: Optional[np.ndarray],
                from_logits: bool, batch_size: int, layer_activation_bits: Mapping[str, int],
-               default_activation_bits: int = 8):
+               default_activation_bits: int = 8, x_calib: Optional[np.ndarray] = None):
     self.layers = tuple(layers)
-    self.x, self.y = x, y
+    self.x, self.y = x, y  # what losses are measured on (the held-out part)
+    self.x_calib = x if x_calib is None else x_calib  # what activation ranges see
+    self._float_ref: Optional[List[np.ndarray]] = None
+    self.last_stderr: Optional[np.ndarray] = None
     self.from_logits = from_logits
     self.batch_size = batch_size
     build_plan = QuantizationPlan({n: FLOAT_BITS for n in self.layers},
@@ -369,7 +450,7 @@ class _Evaluator:
     apply_lib.set_activation_quantization(self.qmodel, False)
     # Each (layer, bits) is measured with the weights apply_plan would give it
     # (apply_lib.DEFAULT_WEIGHT_METHOD): kernel and bias swapped in, no retrace.
-    self.bank = apply_lib.WeightBank(self.qmodel, x, batch_size=batch_size) \
+    self.bank = apply_lib.WeightBank(self.qmodel, self.x_calib, batch_size=batch_size) \
         if x is not None else None
 
   def _set_bits(self, bits: Mapping[str, int]) -> None:
@@ -503,7 +584,7 @@ class _Evaluator:
     self._set_bits(bits)
     self.context = {n: int(bits[n]) for n in self.layers}
     if activations:
-      apply_lib.calibrate(self.qmodel, self.x, batch_size=self.batch_size)
+      apply_lib.calibrate(self.qmodel, self.x_calib, batch_size=self.batch_size)
     else:
       apply_lib.set_activation_quantization(self.qmodel, False)
     self.activations = activations
@@ -511,11 +592,36 @@ class _Evaluator:
   def loss(self, reuse_prefix: bool = True) -> float:
     """Mean cross-entropy of the model as it stands, over the data."""
     self._split(reuse_prefix)
+    return self.mean_objective("cross_entropy", reuse_prefix)
+
+  def mean_objective(self, objective: str, reuse_prefix: bool = True) -> float:
+    """Mean of ``objective`` (see `OBJECTIVES`) of the model as it stands, over the data."""
+    self._split(reuse_prefix)
+    objective_fn = _OBJECTIVES[objective]
+    refs = self.float_reference(reuse_prefix) if objective == "kl" else None
     total = 0.0
-    for s in _batches(len(self.x), self.batch_size):
-      total += _cross_entropy(self.prefix(tf.constant(self.x[s]))[1], self.y[s], None)
+    for k, s in enumerate(_batches(len(self.x), self.batch_size)):
+      out = self.prefix(tf.constant(self.x[s]))[1]
+      total += float(np.sum(objective_fn(out, None if self.y is None else self.y[s],
+                                         None if refs is None else refs[k])))
     self.evaluations += 1
     return total / len(self.x)
+
+  def float_reference(self, reuse_prefix: bool = True) -> List[np.ndarray]:
+    """The float model's log-probabilities per batch (computed once; the context is kept)."""
+    if self._float_ref is None:
+      self._split(reuse_prefix)
+      saved, acts = dict(self.context), self.activations
+      self._set_bits({n: FLOAT_BITS for n in self.layers})
+      apply_lib.set_activation_quantization(self.qmodel, False)
+      try:
+        self._float_ref = [self.prefix(tf.constant(self.x[s]))[1]
+                           for s in _batches(len(self.x), self.batch_size)]
+      finally:
+        self._set_bits(saved)
+        apply_lib.set_activation_quantization(self.qmodel, acts)
+      self.evaluations += 1
+    return self._float_ref
 
   def float_loss(self, reuse_prefix: bool = True) -> float:
     """Loss with every layer float and activations float; the context is restored."""
@@ -539,6 +645,9 @@ class _Evaluator:
     ``context_value`` is the objective's mean at the context itself (the
     context loss for cross-entropy). A bit-width equal to the layer's context
     bits is not evaluated: its score is 0.
+    The standard error of each score (from the per-sample
+    differences, which pair every sample with itself at the context) is left
+    in ``self.last_stderr``.
     """
     self._split(reuse_prefix)
     objective_fn = _OBJECTIVES[objective]
@@ -550,15 +659,18 @@ class _Evaluator:
              if b != self.context[name]]
     bar = _progress_bar(len(pairs) * len(range(0, n, self.batch_size)), progress,
                         f"sensitivity ({objective})")
+    refs = self.float_reference(reuse_prefix) if objective == "kl" else None
     base = 0.0
     totals = np.zeros((len(self.layers), len(bits)))
+    squares = np.zeros((len(self.layers), len(bits)))
     try:
-      for s in _batches(n, self.batch_size):
+      for k, s in enumerate(_batches(n, self.batch_size)):
         xb = tf.constant(self.x[s])
         yb = self.y[s] if self.y is not None else None
-        cut_values, ref = self.prefix(xb)  # cuts and output at the context
-        ref_value = objective_fn(ref, yb, ref)
-        base += ref_value
+        cut_values, out = self.prefix(xb)  # cuts and output at the context
+        ref = out if refs is None else refs[k]
+        ref_rows = objective_fn(out, yb, ref)
+        base += float(np.sum(ref_rows))
         for start, idxs in groups.items():
           hs = self._inputs(start, xb, cut_values)
           for i in idxs:
@@ -566,10 +678,11 @@ class _Evaluator:
             try:
               for j, b in enumerate(bits):
                 if b == ctx_bits:
-                  totals[i, j] += ref_value
                   continue
                 self._set_bits({name: b})
-                totals[i, j] += objective_fn(self.run(start, hs), yb, ref)
+                diff = objective_fn(self.run(start, hs), yb, ref) - ref_rows
+                totals[i, j] += float(np.sum(diff))
+                squares[i, j] += float(np.sum(diff * diff))
                 if bar is not None:
                   bar.update(1)
             finally:
@@ -581,7 +694,11 @@ class _Evaluator:
     cut_of = {name: (self._cut_names[self._layer_start[name] - 1]
                      if self._layer_start[name] else None) for name in self.layers}
     reuse = {name: cut is not None for name, cut in cut_of.items()}
-    return (totals - base) / n, base / n, reuse, cut_of
+    mean = totals / n
+    with np.errstate(invalid="ignore", over="ignore"):
+      var = np.maximum(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)
+      self.last_stderr = np.sqrt(var / n)
+    return mean, base / n, reuse, cut_of
 
 
 def _progress_bar(total: int, show: bool, desc: str):
@@ -595,7 +712,7 @@ def _evaluator_for(job: _Job) -> _Evaluator:
   if job.evaluator is None:
     job.evaluator = _Evaluator(job.folded, job.layers, job.x, job.y, job.from_logits,
                                job.batch_size, job.layer_activation_bits,
-                               job.default_activation_bits)
+                               job.default_activation_bits, x_calib=job.x_calib)
   return job.evaluator
 
 
@@ -609,6 +726,7 @@ def _task_metric(job: _Job, context: Mapping[str, int], activations: bool,
   t_calib = time.perf_counter() - t0
   scores, context_value, reuse, cuts = ev.layer_scores(job.bits, objective,
                                                        job.reuse_prefix, job.progress)
+  stderr = ev.last_stderr
   is_float = not activations and all(b == FLOAT_BITS for b in context.values())
   context_loss = float_loss = None
   if objective == "cross_entropy":
@@ -621,6 +739,8 @@ def _task_metric(job: _Job, context: Mapping[str, int], activations: bool,
       "context": dict(context),
       "activations_quantized": activations,
       "objective": objective,
+      "context_objective": context_value,
+      "stderr": stderr,
       "context_loss": context_loss,
       "float_loss": float_loss,
       "evaluations": ev.evaluations - evals_before,
@@ -642,12 +762,12 @@ def _task_metric(job: _Job, context: Mapping[str, int], activations: bool,
 @register_metric(Metric.TASK_INTERACTION.value, uses_context=True)
 def _task_interaction(job: _Job):
   context = job.context or {n: max(job.bits) for n in job.layers}
-  return _task_metric(job, context, True, "cross_entropy")
+  return _task_metric(job, context, True, job.objective)
 
 
 @register_metric(Metric.TASK_FLOAT_CONTEXT.value)
 def _task_float_context(job: _Job):
-  return _task_metric(job, {n: FLOAT_BITS for n in job.layers}, False, "cross_entropy")
+  return _task_metric(job, {n: FLOAT_BITS for n in job.layers}, False, job.objective)
 
 
 @register_metric(Metric.ZEROQ_KL.value, needs_labels=False)
@@ -726,7 +846,7 @@ def hessian_traces(folded, x: np.ndarray, y: np.ndarray, layers: Sequence[str],
 
 @register_metric(Metric.HESSIAN_TRACE.value)
 def _hessian_trace(job: _Job):
-  traces = hessian_traces(job.folded, job.x, job.y, job.layers, job.from_logits,
+  traces = hessian_traces(job.folded, job.x_all, job.y_all, job.layers, job.from_logits,
                           HUTCHINSON_PROBES, job.batch_size, job.seed)
   scores = np.zeros((len(job.layers), len(job.bits)))
   for i, name in enumerate(job.layers):
@@ -737,6 +857,68 @@ def _hessian_trace(job: _Job):
                   "evaluations": HUTCHINSON_PROBES}
 
 
+# --------------------------------------------------------------------------- what is known
+
+
+def respect_known(scores, bits: Sequence[int], stderr=None, z: float = NOISE_Z
+                  ) -> Tuple[np.ndarray, Dict[str, Any]]:
+  """Scores made consistent with what is known about quantization, before allocation.
+
+  Per layer (row; columns are ascending ``bits``):
+
+  1. NaN or infinite scores (a layer whose loss diverges at those bits) are
+     replaced by a penalty above every finite score (10 x the largest
+     magnitude + 1), so the allocator takes them only when nothing else fits.
+  2. Scores are taken relative to the layer's highest bit-width.
+  3. A difference within ``z`` standard errors (``stderr``, same shape; the
+     errors of the two bit-widths combined) counts as zero: the measurement
+     cannot tell it from noise.
+  4. More bits are never predicted worse: going down the bit-widths, each
+     score is at least the one above it (a running maximum), so every score
+     is >= 0 and the highest bit-width scores 0.
+
+  Returns ``(clean, info)``; ``info`` counts what each step changed.
+
+  >>> clean, info = respect_known([[0.5, -0.2, 0.0], [0.01, 0.3, 0.0]], (2, 4, 8),
+  ...                             stderr=[[0.1, 0.1, 0.0], [0.1, 0.1, 0.0]])
+  >>> clean.tolist(), info["zeroed_as_noise"], info["raised_for_monotonicity"]
+  ([[0.5, 0.0, 0.0], [0.3, 0.3, 0.0]], 2, 1)
+  """
+  raw = np.array(scores, dtype=np.float64)
+  order = np.argsort(np.asarray(bits))
+  if raw.ndim != 2 or raw.shape[1] != len(order):
+    raise InvalidInputError(
+        f"Expected scores of shape (layers, {len(order)}). Received: shape {raw.shape}")
+  s = raw[:, order]
+  bad = ~np.isfinite(s)
+  info: Dict[str, Any] = {"non_finite": int(bad.sum()), "noise_z": float(z)}
+  if bad.all():
+    raise InvalidInputError(
+        "Expected finite sensitivity scores. Received: every score is NaN or infinite "
+        "(the model's loss diverges at every measured bit-width). Check that the float "
+        "model's outputs are finite on the data.")
+  if bad.any():
+    penalty = 10.0 * float(np.max(np.abs(s[~bad]))) + 1.0
+    s[bad] = penalty
+    info["non_finite_penalty"] = penalty
+  rel = s - s[:, -1:]
+  zeroed = 0
+  if stderr is not None:
+    se = np.array(stderr, dtype=np.float64)[:, order]
+    se = np.where(np.isfinite(se), se, 0.0)
+    se_rel = np.sqrt(se * se + se[:, -1:] ** 2)
+    noise = (np.abs(rel) <= z * se_rel) & ~bad & (rel != 0)
+    zeroed = int(noise.sum())
+    rel[noise] = 0.0
+  mono = np.maximum.accumulate(rel[:, ::-1], axis=1)[:, ::-1]
+  raised = int(np.sum(mono > rel + 1e-15))
+  clean = np.empty_like(mono)
+  clean[:, order] = mono
+  info.update({"zeroed_as_noise": zeroed, "raised_for_monotonicity": raised,
+               "all_zero": bool(np.all(clean == 0))})
+  return clean, info
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -744,7 +926,8 @@ def measure_sensitivity(model, data, weight_bits: Sequence[int] = (2, 4, 8),
                         metric: str = "task_interaction", context=None,
                         activation_bits: int = 8, batch_size: int = 128, seed: int = 0,
                         progress: Optional[bool] = None, *,
-                        reuse_prefix: bool = True) -> SensitivityTable:
+                        reuse_prefix: bool = True, objective: Optional[str] = None,
+                        holdout: float = HOLDOUT, clean: bool = True) -> SensitivityTable:
   """Scores every (quantizable layer, candidate weight bit-width) of ``model``.
 
   Args:
@@ -761,11 +944,20 @@ def measure_sensitivity(model, data, weight_bits: Sequence[int] = (2, 4, 8),
       layers at ``max(weight_bits)``.
     activation_bits: activation bits (8 or 16) of the quantized context.
     batch_size: evaluation batch size.
-    seed: seeds the Hutchinson probes (the other metrics are deterministic).
+    seed: seeds the Hutchinson probes and the held-out split.
     progress: progress bar (None: only when stderr is a terminal).
     reuse_prefix: compute the layers before each layer once per batch for all
       its bit-widths (False evaluates the full model each time: same numbers,
       slower; for checking).
+    objective: task loss of ``task_interaction`` / ``task_float_context``:
+      ``"kl"`` (divergence from the float model's soft outputs, the default)
+      or ``"cross_entropy"`` (against the labels).
+    holdout: share of ``data`` held out from range calibration; losses are
+      measured on it (`split_holdout`: needs >= 64 samples, else nothing is
+      held out and ``info["holdout"]["note"]`` says so).
+    clean: pass the scores through `respect_known` (monotone in bits, noise
+      counted as zero, NaN/Inf as a penalty); the measured scores stay in
+      ``info["raw_scores"]``.
 
   Returns:
     A `SensitivityTable` (rows in model order, columns ascending bits). Its
@@ -783,9 +975,13 @@ def measure_sensitivity(model, data, weight_bits: Sequence[int] = (2, 4, 8),
   (('fc',), (2, 4, 8), True)
   """
   spec = get_metric(metric)
+  objective = _check_objective(objective)
   job = _prepare(model, data, weight_bits, spec, context, activation_bits, batch_size,
                  seed, progress)
   job.reuse_prefix = bool(reuse_prefix)
+  job.objective = objective
+  job.clean = bool(clean)
+  _apply_holdout(job, holdout)
   return _measure(job, spec)
 
 
@@ -794,29 +990,75 @@ def _measure(job: _Job, spec: MetricSpec) -> SensitivityTable:
   scores, info = spec.fn(job)
   seconds = time.perf_counter() - t0
   info = dict(info)
+  scores = np.asarray(scores, dtype=np.float64)
+  if job.clean:
+    raw = scores
+    scores, known = respect_known(raw, job.bits, info.get("stderr"))
+    info["cleaning"] = known
+    info["raw_scores"] = [[float(v) if np.isfinite(v) else None for v in row]
+                          for row in raw]
   info.update({"metric_seconds": {spec.name: round(seconds, 4)},
                "wall_seconds": round(seconds, 4),
-               "num_samples": 0 if job.x is None else int(len(job.x)),
+               "num_samples": 0 if job.x_all is None else int(len(job.x_all)),
+               "holdout": job.holdout,
                "labels": job.labels,
                "seed": job.seed, "batch_size": job.batch_size})
   info.setdefault("evaluations", 0)
   return SensitivityTable(job.layers, job.bits, scores, spec.name, to_jsonable(info))
 
 
+def budget_context(bits: Sequence[int], layers: Sequence[str], budget, costs: CostTable,
+                   pinned: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
+  """The highest uniform plan that fits ``budget`` (pinned layers as pinned).
+
+  The context at the budget for ``search(context="budget")``: for a 4.5-bit
+  average and candidates (2, 4, 8), every layer at 4 bits.
+
+  >>> from keras_mpq.types import CostTable
+  >>> costs = CostTable(("a", "b"), (2, 4, 8), {"avg_bits": np.array([[1, 2, 4]] * 2)})
+  >>> budget_context((2, 4, 8), ("a", "b"), "4.5bit", costs)
+  {'a': 4, 'b': 4}
+  """
+  budget = Budget.parse(budget)
+  pinned = dict(pinned or {})
+  for b in sorted(bits, reverse=True):
+    plan = QuantizationPlan({n: int(pinned.get(n, b)) for n in layers})
+    if budget.is_satisfied_by(plan, costs):
+      return dict(plan.weight_bits)
+  return {n: int(pinned.get(n, min(bits))) for n in layers}
+
+
+CONTEXTS = ("highest", "budget")
+"""Named first contexts of `search`: every other layer at the highest bits, or at the budget."""
+
+
 def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: int = 3,
            metric: str = "task_interaction", pinned: Optional[Mapping[str, int]] = None,
            costs: Optional[CostTable] = None, seed: int = 0, activation_bits: int = 8,
-           batch_size: int = 128, progress: Optional[bool] = None) -> SearchResult:
-  """Sensitivity, allocation and re-measurement in rounds (METHOD.md section 2).
+           batch_size: int = 128, progress: Optional[bool] = None, *,
+           objective: Optional[str] = None, context="highest", holdout: float = HOLDOUT,
+           safeguard: bool = True, table: Optional[SensitivityTable] = None
+           ) -> SearchResult:
+  """Sensitivity, allocation, re-measurement in rounds, and a measured safeguard.
 
-  Round 0 measures ``metric`` with the default context and allocates
-  (`keras_mpq.allocation.allocate`, exact); each plan's loss ``L(plan)`` is
-  measured on ``data`` with the model quantized and calibrated as planned.
-  Round ``k`` re-measures with the context set to round ``k-1``'s plan and
-  re-allocates. It stops when the plan no longer changes, or after
-  ``rounds``, or when a plan comes back from an earlier round (the rounds
-  would cycle); metrics without a context stop after round 0. The returned
-  plan has the lowest measured loss among the plans that meet the budget.
+  Round 0 measures ``metric`` in the first context and allocates
+  (`keras_mpq.allocation.allocate`, exact, on scores cleaned by
+  `respect_known`); each plan's loss ``L(plan)`` (``objective``) is measured
+  on the held-out part of ``data`` with activation ranges calibrated on the
+  rest. Round ``k`` re-measures with the context set to round ``k-1``'s plan
+  and re-allocates. It stops when the plan no longer changes, or after
+  ``rounds``, or when a plan comes back from an earlier round; metrics
+  without a context stop after round 0. The allocated plan is the round
+  with the lowest measured loss among those that meet the budget.
+
+  The safeguard (``safeguard=True``) then measures, the same way, every
+  uniform plan that fits the budget (pinned layers as pinned) and one greedy
+  plan (`keras_mpq.allocation.greedy`) and returns the best measured of all;
+  ``plan.info["selection"]`` names the winner, every candidate's measured
+  loss and the margins. When every cleaned score is zero (no layer measured
+  worse than its highest bits beyond the noise) the scores carry no
+  information: the best measured uniform plan that fits is returned, with a
+  note (also without the safeguard).
 
   Args:
     model: float tf_keras classifier (BatchNorm folded here).
@@ -828,6 +1070,17 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
     pinned: ``{layer: bits}`` fixed before allocation.
     costs: a `CostTable` (default: `keras_mpq.costs.cost_table` of the model).
     seed, activation_bits, batch_size, progress: as in `measure_sensitivity`.
+    objective: ``"kl"`` or ``"cross_entropy"`` (as in `measure_sensitivity`);
+      also what plans are measured by.
+    context: first context of a context metric: ``"highest"`` (every other
+      layer at the highest candidate bits), ``"budget"`` (at the highest
+      uniform bits that fit the budget, `budget_context`), or a plan /
+      ``{layer: bits}``.
+    holdout: share of ``data`` held out from range calibration (`split_holdout`).
+    safeguard: compare the allocated plan with the uniform and greedy plans.
+    table: a `SensitivityTable` already measured for this model, data and
+      first context (same layers and bits): round 0 uses it instead of
+      measuring again (sweeping budgets over one measurement).
 
   Returns:
     A `SearchResult`.
@@ -835,42 +1088,124 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
   Example:
 
   >>> found = search(model, (x, y), "4bit", rounds=3)  # doctest: +SKIP
-  >>> [r["measured_loss"] for r in found.rounds]  # doctest: +SKIP
-  [0.071, 0.064]
+  >>> found.plan.info["selection"]["winner"]  # doctest: +SKIP
+  'allocated'
+  """
+  return search_budgets(model, data, [budget], weight_bits, rounds, metric, pinned, costs,
+                        seed, activation_bits, batch_size, progress, objective=objective,
+                        context=context, holdout=holdout, safeguard=safeguard,
+                        table=table)[0]
+
+
+def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[int] = (2, 4, 8),
+                   rounds: int = 3, metric: str = "task_interaction",
+                   pinned: Optional[Mapping[str, int]] = None,
+                   costs: Optional[CostTable] = None, seed: int = 0,
+                   activation_bits: int = 8, batch_size: int = 128,
+                   progress: Optional[bool] = None, *, objective: Optional[str] = None,
+                   context="highest", holdout: float = HOLDOUT, safeguard: bool = True,
+                   table: Optional[SensitivityTable] = None) -> List[SearchResult]:
+  """`search` at each of ``budgets``, sharing one quantized model and every measurement.
+
+  A sensitivity table measured in a context, and a plan's measured loss, are
+  measured once and reused by every budget that needs them (a budget sweep
+  over the default context measures the sensitivity once). Arguments as for
+  `search`; returns one `SearchResult` per budget, in order.
+
+  >>> results = search_budgets(model, (x, y), ["6bit", "4bit"])  # doctest: +SKIP
   """
   from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
   from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
   spec = get_metric(metric)
+  objective = _check_objective(objective)
   if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
     raise InvalidInputError(f"Expected rounds >= 1. Received: rounds={rounds!r}")
-  budget = Budget.parse(budget)
+  budgets = [Budget.parse(b) for b in budgets]
   # Labels are needed to measure L(plan), whatever the metric.
   job = _prepare(model, data, weight_bits, get_metric(Metric.TASK_INTERACTION.value),
                  None, activation_bits, batch_size, seed, progress)
+  job.objective = objective
+  _apply_holdout(job, holdout)
   if costs is None:
     costs = costs_lib.cost_table(job.folded, bits=job.bits,
                                  activation_bits=job.activation_bits)
   elif not isinstance(costs, CostTable):
     raise InvalidInputError(
         f"Expected costs as a keras_mpq.CostTable. Received: {type(costs).__name__}")
+  if isinstance(context, str):
+    if context not in CONTEXTS:
+      raise InvalidInputError(
+          f"Expected context in {list(CONTEXTS)}, a QuantizationPlan or a mapping "
+          f"layer -> bits. Received: context={context!r}")
+    given_context = None
+  else:
+    given_context, _ = _check_context(context, job.layers, job.bits)
+  if table is not None and (
+      not isinstance(table, SensitivityTable) or table.layers != job.layers
+      or table.bits != job.bits):
+    raise InvalidInputError(
+        f"Expected table as a SensitivityTable of layers {list(job.layers)} and bits "
+        f"{list(job.bits)}. Received: "
+        + (f"layers {list(table.layers)}, bits {list(table.bits)}"
+           if isinstance(table, SensitivityTable) else type(table).__name__))
   evaluator = _evaluator_for(job)
+  measured_cache: Dict[Tuple[int, ...], float] = {}
+  table_cache: Dict[Any, SensitivityTable] = {}
+
+  def measure(weight_bits_: Mapping[str, int]) -> float:
+    key = tuple(int(weight_bits_[n]) for n in job.layers)
+    if key not in measured_cache:
+      evaluator.set_context(weight_bits_, True)
+      measured_cache[key] = evaluator.mean_objective(objective)
+    return measured_cache[key]
+
+  def table_at(context_k, k: int) -> SensitivityTable:
+    if k == 0 and table is not None:
+      return table
+    key = None if context_k is None else tuple(int(context_k[n]) for n in job.layers)
+    if key not in table_cache:
+      job.context = context_k
+      table_cache[key] = _measure(job, spec)
+    return table_cache[key]
+
+  results = []
+  for budget in budgets:
+    if context == "budget":
+      first = budget_context(job.bits, job.layers, budget, costs, pinned)
+    else:
+      first = given_context
+    if not spec.uses_context:
+      first = None
+    label = ("highest" if first is None else
+             "budget" if context == "budget" else "given")
+    results.append(_search_one(job, spec, budget, costs, pinned, rounds, first, table_at,
+                               measure, safeguard, evaluator, allocation, label))
+  return results
+
+
+def _search_one(job: _Job, spec: MetricSpec, budget: Budget, costs: CostTable, pinned,
+                rounds: int, first, table_at, measure, safeguard: bool, evaluator,
+                allocation, context_label: str) -> SearchResult:
+  """One budget of `search_budgets`: the rounds, then the safeguard."""
   history: List[Dict[str, Any]] = []
   plans: List[QuantizationPlan] = []
+  tables: List[SensitivityTable] = []
   table = None
-  context = None
+  context_k = first
   for k in range(int(rounds)):
     t0 = time.perf_counter()
-    job.context = context
-    table = _measure(job, spec)
+    table = table_at(context_k, k)
+    tables.append(table)
     plan = allocation.allocate(table, budget, costs, pinned)
-    evaluator.set_context(plan.weight_bits, True)
-    measured = evaluator.loss()
+    measured = measure(plan.weight_bits)
     changed = not plans or plan.weight_bits != plans[-1].weight_bits
     seen = [p.weight_bits for p in plans]
     repeat_of = seen.index(plan.weight_bits) if plan.weight_bits in seen else None
     history.append({
         "round": k, "weight_bits": dict(plan.weight_bits),
+        "context": dict(context_k) if context_k else "highest",
         "predicted": table.predicted(plan), "measured_loss": measured,
+        "objective": job.objective,
         "cost": costs.plan_cost(plan, budget.kind), "budget": budget.to_dict(),
         "within_budget": budget.is_satisfied_by(plan, costs), "changed": changed,
         "repeat_of": repeat_of,
@@ -878,13 +1213,81 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
     plans.append(plan)
     if repeat_of is not None or not spec.uses_context:
       break  # the plan no longer changes (or cycles back): more rounds repeat it
-    context = dict(plan.weight_bits)
+    context_k = dict(plan.weight_bits)
   ok = [r for r in history if r["within_budget"]]
   best = min(ok or history, key=lambda r: (r["measured_loss"], r["round"]))
-  chosen = plans[best["round"]]
-  info = dict(chosen.info)
+  allocated = plans[best["round"]]
+  all_zero = bool(np.all(tables[0].scores == 0))
+  selection = _select(allocated, tables[0], budget, costs, pinned, job, measure,
+                      safeguard, all_zero, best["measured_loss"])
+  chosen = selection.pop("plan")
+  info = dict(allocated.info)
+  if selection["winner"] != "allocated":
+    info.pop("note", None)
+    info.update({"method": selection["winner"],
+                 "achieved": {kind: costs.plan_cost(chosen, kind) for kind in costs.table},
+                 "predicted_loss": tables[0].predicted(chosen)})
   info["search"] = {"round": best["round"], "measured_loss": best["measured_loss"],
-                    "rounds": len(history), "metric": spec.name,
+                    "rounds": len(history), "metric": spec.name, "objective": job.objective,
+                    "context": context_label, "holdout": job.holdout,
                     "traces": dict(evaluator.traces)}
-  chosen = dataclasses.replace(chosen, info=to_jsonable(info))
+  info["selection"] = selection
+  chosen = QuantizationPlan(dict(chosen.weight_bits), info=to_jsonable(info))
   return SearchResult(chosen, table, tuple(to_jsonable(history)))
+
+
+def _select(allocated: QuantizationPlan, table: SensitivityTable, budget: Budget,
+            costs: CostTable, pinned, job: _Job, measure, safeguard: bool,
+            all_zero: bool, allocated_loss: float) -> Dict[str, Any]:
+  """The safeguard: the best measured of the allocated, uniform and greedy plans."""
+  from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
+  pinned = dict(pinned or {})
+  candidates: List[Tuple[str, QuantizationPlan]] = []
+  if not all_zero:
+    candidates.append(("allocated", allocated))
+  if safeguard or all_zero:
+    for b in sorted(job.bits, reverse=True):
+      plan = QuantizationPlan({n: int(pinned.get(n, b)) for n in job.layers})
+      if budget.is_satisfied_by(plan, costs):
+        candidates.append((f"uniform {b}-bit", plan))
+  if safeguard and not all_zero:
+    candidates.append(("greedy", allocation.greedy(table, budget, costs, pinned)))
+  rows, seen = [], {}
+  for rank, (name, plan) in enumerate(candidates):
+    key = tuple(plan.weight_bits[n] for n in job.layers)
+    if key in seen:
+      seen[key]["also"].append(name)
+      continue
+    loss = allocated_loss if name == "allocated" else measure(plan.weight_bits)
+    row = {"name": name, "also": [], "weight_bits": dict(plan.weight_bits),
+           "cost": costs.plan_cost(plan, budget.kind), "measured_loss": float(loss),
+           "predicted": table.predicted(plan), "_rank": rank, "_plan": plan}
+    seen[key] = row
+    rows.append(row)
+  if not rows:  # cannot happen: the cheapest uniform plan fits any feasible budget
+    rows = [{"name": "allocated", "also": [], "weight_bits": dict(allocated.weight_bits),
+             "cost": costs.plan_cost(allocated, budget.kind),
+             "measured_loss": float(allocated_loss), "predicted": 0.0, "_rank": 0,
+             "_plan": allocated}]
+  finite = [r for r in rows if np.isfinite(r["measured_loss"])] or rows
+  ranked = sorted(finite, key=lambda r: (r["measured_loss"], r["_rank"]))
+  win = ranked[0]
+  alloc_row = next((r for r in rows if "allocated" in [r["name"]] + r["also"]), None)
+  out: Dict[str, Any] = {
+      "winner": win["name"], "objective": job.objective,
+      "measured_on": (f"{job.holdout['held_out']} held-out samples" if job.holdout
+                      and job.holdout.get("held_out") else "the calibration samples"),
+      "winner_loss": win["measured_loss"],
+      "allocated_loss": None if alloc_row is None else alloc_row["measured_loss"],
+      "gain_over_allocated": (None if alloc_row is None
+                              else alloc_row["measured_loss"] - win["measured_loss"]),
+      "runner_up": ranked[1]["name"] if len(ranked) > 1 else None,
+      "margin": (ranked[1]["measured_loss"] - win["measured_loss"]
+                 if len(ranked) > 1 else None),
+      "candidates": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+      "safeguard": bool(safeguard), "plan": win["_plan"]}
+  if all_zero:
+    out["note"] = ("Every sensitivity score is zero within the measurement noise, so the "
+                   "scores cannot rank layers: the plan is the best measured uniform plan "
+                   "that fits the budget.")
+  return out

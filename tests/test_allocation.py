@@ -333,7 +333,78 @@ def test_over_budget_solver_answer_is_never_returned(monkeypatch):
                     {"bytes": np.array([[10, 20], [10, 20], [10, 20]])})
   monkeypatch.setattr(allocation.optimize, "milp", sloppy_milp)
   plan = allocation.allocate(sens, "45B", costs)
-  assert len(calls) == 2 and calls[1][0] < calls[0][0]
+  # the over-budget answer, the tightened re-solve, then the tie-break solve
+  assert len(calls) == 3 and calls[1][0] < calls[0][0] and calls[2][0] == calls[1][0]
   assert plan.info["solver"]["rhs_tightened"] is True
   assert costs.plan_cost(plan, "bytes") <= 45
   assert plan.weight_bits == {"a": 8, "b": 4, "c": 4}
+
+
+# --------------------------------------------------------------------------- ties, greedy, defaults
+
+
+def test_ties_go_to_more_bits():
+  # a and b are harmless at 4 bits and at 8; c is harmed below 8.
+  sens = SensitivityTable(("a", "b", "c"), BITS,
+                          np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [3.0, 1.0, 0.0]]))
+  costs = CostTable(("a", "b", "c"), BITS,
+                    {"avg_bits": np.tile([2 / 3, 4 / 3, 8 / 3], (3, 1))})
+  # 6 bits: (4, 4, 8) is the only harmless plan that fits
+  assert allocation.allocate(sens, "6bit", costs).weight_bits == {"a": 4, "b": 4, "c": 8}
+  # 20/3 bits: (4, 4, 8), (8, 4, 8) and (4, 8, 8) all score 0; the tie goes to more bits
+  plan = allocation.allocate(sens, Budget.avg_bits(20 / 3), costs)
+  assert plan.weight_bits["c"] == 8
+  assert sorted([plan.weight_bits["a"], plan.weight_bits["b"]]) == [4, 8]
+  assert plan.info["predicted_loss"] == 0.0
+
+
+def test_ties_go_to_more_bits_in_the_solver_and_the_closed_form():
+  rng = np.random.default_rng(5)
+  names = tuple(f"l{i}" for i in range(6))
+  scores = np.zeros((6, 3))
+  scores[:, 0] = rng.uniform(1, 2, 6)  # 2 bits harmful, 4 and 8 bits tied at zero
+  sens = SensitivityTable(names, BITS, scores)
+  n = rng.integers(100, 1000, 6)
+  costs = CostTable(names, BITS, {"bytes": np.outer(n, BITS) / 8.0})
+  total8 = float(np.sum(n))
+  for frac in (0.55, 0.7, 0.85, 0.99):
+    budget = Budget.bytes(total8 * frac)
+    plan = allocation.allocate(sens, budget, costs)
+    assert all(b >= 4 for b in plan.weight_bits.values())  # never buys harm
+    assert plan.info["predicted_loss"] == 0.0
+    # no layer left at 4 bits could go to 8 within the budget: the spare is spent
+    spare = budget.value - costs.plan_cost(plan, "bytes")
+    at4 = [i for i, l in enumerate(names) if plan.weight_bits[l] == 4]
+    assert all(n[i] * 4 / 8.0 > spare + 1e-9 for i in at4)
+
+
+def test_greedy_fits_and_is_never_better_than_exact():
+  rng = np.random.default_rng(3)
+  for _ in range(20):
+    sens, costs = _instance(rng, int(rng.integers(3, 7)))
+    m = costs.matrix("bytes")
+    value = float(rng.uniform(m[:, 0].sum(), m[:, -1].sum() * 0.999))
+    exact = allocation.allocate(sens, Budget.bytes(value), costs)
+    greedy = allocation.greedy(sens, Budget.bytes(value), costs)
+    assert costs.plan_cost(greedy, "bytes") <= value * (1 + 1e-9)
+    assert sens.predicted(greedy) >= sens.predicted(exact) - 1e-9
+    assert greedy.info["method"] == "greedy"
+  with pytest.raises(BudgetInfeasibleError, match="at least"):
+    allocation.greedy(sens, Budget.bytes(1.0), costs)
+
+
+def test_greedy_respects_pins():
+  sens = SensitivityTable(("a", "b"), (4, 8), np.array([[1.0, 0.0], [0.2, 0.0]]))
+  costs = CostTable(("a", "b"), (4, 8), {"bytes": np.array([[50, 100], [50, 100]])})
+  assert allocation.greedy(sens, "150B", costs).weight_bits == {"a": 8, "b": 4}
+  assert allocation.greedy(sens, "150B", costs, pinned={"b": 8}).weight_bits == {
+      "a": 4, "b": 8}
+
+
+def test_default_candidates_by_budget_kind():
+  assert allocation.default_weight_bits("4bit") == (2, 3, 4, 8)
+  assert allocation.default_weight_bits("2e8bops") == (2, 3, 4, 8)
+  assert allocation.default_weight_bits("48KB") == (2, 4, 8)
+  # 3 bits are stored like 4 in bytes, so they would only cost accuracy there
+  cost = LayerCost("c", "Conv2D", 1000, 8, 8, 1000)
+  assert cost.weight_bytes(3) == cost.weight_bytes(4)

@@ -164,3 +164,32 @@ def test_real_data_on_the_wrong_scale_is_refused_naming_both_ranges(trained_cnn,
   x, _, _, _ = small_data
   with pytest.raises(keras_mpq.InvalidInputError, match=r"\[0, 1\].*\[0, 255\]"):
     keras_mpq.quantize(trained_cnn, "4bit", data=x[:64] * 255.0, progress=False)
+
+
+def test_report_says_which_plan_won(datafree_result):
+  from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
+  report = datafree_result.report
+  sel = report["plan_selection"]
+  names = [c["name"] for c in sel["candidates"]]
+  every = set(names + sum((c["also"] for c in sel["candidates"]), []))  # incl. duplicates
+  assert names[0] == "allocated"
+  assert {"greedy", "uniform 4-bit", "uniform 3-bit", "uniform 2-bit"} <= every
+  assert "uniform 8-bit" not in every  # over the budget
+  assert sel["winner_loss"] == min(c["measured_loss"] for c in sel["candidates"])
+  assert sel["gain_over_allocated"] >= 0
+  assert datafree_result.plan.info["selection"]["winner"] == sel["winner"]
+  assert report["settings"]["bits"] == (2, 3, 4, 8)  # the default for a 4-bit budget
+  json.dumps(report)
+  assert "plan check (kl on " in report_lib.summary_table(report)
+
+
+def test_mixed_is_not_worse_than_uniform_at_4_bits(datafree_result, trained_cnn, small_data):
+  """Seeded regression: the returned plan against uniform 4-bit on 500 MNIST test images."""
+  _, _, x_test, y_test = small_data
+  uniform = apply.apply_plan(
+      datafree_result.float_model,
+      keras_mpq.QuantizationPlan.uniform(datafree_result.plan.weight_bits, 4),
+      datafree_result.calibration_data, fold_bn=False)
+  mixed_acc = _acc(datafree_result.model, x_test, y_test)
+  uniform_acc = _acc(uniform, x_test, y_test)
+  assert mixed_acc >= uniform_acc - 0.02, (mixed_acc, uniform_acc)

@@ -90,9 +90,13 @@ def test_register_metric_adds_a_metric(trained_cnn):
     return np.full((len(job.layers), len(job.bits)), 0.5), {"note": "constant"}
 
   try:
-    table = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_constant")
+    table = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_constant",
+                                            clean=False)
     assert table.metric == "test_constant"
     assert np.all(table.scores == 0.5) and table.info["note"] == "constant"
+    # cleaned: relative to the highest bits, so a constant carries nothing
+    cleaned = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_constant")
+    assert np.all(cleaned.scores == 0) and cleaned.info["cleaning"]["all_zero"]
   finally:
     sensitivity._METRICS.pop("test_constant")  # pylint: disable=protected-access
 
@@ -113,7 +117,7 @@ def test_task_interaction_low_bits_hurt_most_layers(ti_table):
 def test_weight_mse_matches_numpy_quantizer(trained_cnn):
   from keras_mpq import quantizers  # pylint: disable=g-import-not-at-top
   table = sensitivity.measure_sensitivity(trained_cnn, None, metric="weight_mse",
-                                          weight_bits=(3,))
+                                          weight_bits=(3,), clean=False)
   folded = apply.fold_batchnorm(trained_cnn)
   w = folded.get_layer("fc1").kernel.numpy()
   q = quantizers.quantize_array(w, 3, (0,))[0]
@@ -140,9 +144,10 @@ def test_no_retracing_across_evaluations(ti_table):
   # Two compiled functions, each traced exactly once, served all evaluations.
   assert ti_table.info["traces"] == {"evaluate": 1, "prefix": 1}
   assert ti_table.info["concrete_functions"] == {"evaluate": 1, "prefix": 1}
-  # 5 layers x 2 non-context bit-widths, the context pass, the float pass.
+  # 5 layers x 2 non-context bit-widths, the context pass, the float reference
+  # (the KL objective's), the context's and the float model's cross-entropy.
   assert ti_table.info["pair_evaluations"] == 10
-  assert ti_table.info["evaluations"] == 12
+  assert ti_table.info["evaluations"] == 14
 
 
 def test_evaluator_reused_across_contexts_does_not_retrace(trained_cnn, data):
@@ -188,12 +193,14 @@ def test_prefix_reuse_on_residual_graph():
 
 def test_context_changes_the_scores(trained_cnn, data, ti_table):
   at4 = sensitivity.measure_sensitivity(trained_cnn, data,
-                                        context={n: 4 for n in CNN_LAYERS})
+                                        context={n: 4 for n in CNN_LAYERS}, clean=False)
   assert at4.info["context"] == {n: 4 for n in CNN_LAYERS}
   assert np.all(at4.scores[:, 1] == 0.0)  # 4 bits is the context now
   assert not np.allclose(at4.scores, ti_table.scores, atol=1e-4)
+  cleaned, _ = sensitivity.respect_known(at4.scores, at4.bits, at4.info["stderr"])
+  assert np.all(cleaned[:, 2] == 0) and np.all(cleaned >= 0)  # relative to 8 bits again
   plan = QuantizationPlan({"conv1": 2})  # missing layers default to max(bits)
-  partial = sensitivity.measure_sensitivity(trained_cnn, data, context=plan)
+  partial = sensitivity.measure_sensitivity(trained_cnn, data, context=plan, clean=False)
   assert partial.info["context"]["conv1"] == 2 and partial.info["context"]["fc1"] == 8
   assert partial.score("conv1", 2) == 0.0
   assert not np.allclose(partial.scores[1:], ti_table.scores[1:], atol=1e-5)
@@ -235,14 +242,26 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
   best = min(r["measured_loss"] for r in found.rounds)
   chosen = found.plan.info["search"]
   assert chosen["measured_loss"] == best
-  assert found.rounds[chosen["round"]]["weight_bits"] == found.plan.weight_bits
-  # The plan's loss is what it measures: apply it and compare. The search's
-  # weights are optimized per layer on the float model's inputs (WeightBank),
-  # apply_plan's layer by layer on the quantized model's: close, not equal.
-  qmodel = apply.apply_plan(trained_cnn, found.plan, data[0])
-  out = qmodel.predict(data[0], verbose=0)
-  loss = keras.losses.sparse_categorical_crossentropy(data[1], out, from_logits=True)
-  assert float(np.mean(loss)) == pytest.approx(chosen["measured_loss"], rel=2e-2)
+  sel = found.plan.info["selection"]
+  assert sel["winner_loss"] <= best  # the safeguard never returns a worse measured plan
+  allocated = found.rounds[chosen["round"]]["weight_bits"]
+  if sel["winner"] == "allocated":
+    assert allocated == found.plan.weight_bits
+  # The plan's loss is what it measures: apply it with ranges from the
+  # calibration part, KL from the float model on the held-out part. The
+  # search's weights are optimized per layer on the float model's inputs
+  # (WeightBank), apply_plan's layer by layer on the quantized model's: close,
+  # not equal.
+  cal, held, _ = sensitivity.split_holdout(len(data[0]), seed=0)
+  qmodel = apply.apply_plan(trained_cnn, found.plan, data[0][cal])
+  logits = qmodel.predict(data[0][held], verbose=0).astype(np.float64)
+  ref = trained_cnn.predict(data[0][held], verbose=0).astype(np.float64)
+  logq = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1,
+                                keepdims=True)) - logits.max(1, keepdims=True)
+  logp = ref - np.log(np.sum(np.exp(ref - ref.max(1, keepdims=True)), 1,
+                             keepdims=True)) - ref.max(1, keepdims=True)
+  kl = np.mean(np.sum(np.exp(logp) * (logp - logq), axis=1))
+  assert kl == pytest.approx(sel["winner_loss"], rel=2e-2, abs=1e-4)
   # The search goes on only while each plan is new.
   assert all(r["repeat_of"] is None for r in found.rounds[:-1])
   if len(found.rounds) < 3:
@@ -253,14 +272,15 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
   assert json.loads(json.dumps(found.to_dict()))["plan"]["weight_bits"]
 
 
-def test_search_stops_when_plans_cycle():
-  # On this tiny model the plan alternates between two allocations.
+def test_search_stops_when_plans_repeat():
   x, y = _tiny_data((6, 6, 1), n=64)
   found = sensitivity.search(_tiny(), (x, y), "5bit", rounds=6)
   plans = [r["weight_bits"] for r in found.rounds]
+  # every round's plan is new, except the last one when it repeats (and stops)
   assert all(p not in plans[:i] for i, p in enumerate(plans[:-1]))
-  assert len(found.rounds) == 3 and found.rounds[-1]["repeat_of"] == 0
-  assert found.plan.weight_bits in plans
+  assert len(found.rounds) == 6 or found.rounds[-1]["repeat_of"] is not None
+  assert found.rounds[-1]["repeat_of"] is None or plans[-1] in plans[:-1]
+  assert found.plan.info["search"]["round"] < len(found.rounds)
 
 
 def test_search_with_a_context_free_metric_stops_after_one_round(trained_cnn):
@@ -329,3 +349,183 @@ def test_one_hot_labels_are_accepted():
   a = sensitivity.measure_sensitivity(model, (x, y), metric="task_float_context")
   b = sensitivity.measure_sensitivity(model, (x, np.eye(4)[y]), metric="task_float_context")
   np.testing.assert_array_equal(a.scores, b.scores)
+
+
+# --------------------------------------------------------------------------- what is known
+
+
+def test_respect_known_is_monotone_nonnegative_and_zeroes_noise():
+  raw = np.array([[0.50, -0.20, 0.0],   # 4 bits "better" than 8: noise or not, -> 0
+                  [0.01, 0.30, 0.0],    # 2 bits within noise, 4 bits not: 2 raised to 0.3
+                  [0.90, 0.40, 0.05]])  # highest bits not 0 (another context): relative
+  se = np.array([[0.1, 0.1, 0.0], [0.1, 0.1, 0.0], [0.01, 0.01, 0.01]])
+  clean, info = sensitivity.respect_known(raw, (2, 4, 8), se)
+  np.testing.assert_allclose(clean, [[0.5, 0.0, 0.0], [0.3, 0.3, 0.0], [0.85, 0.35, 0.0]])
+  assert info["zeroed_as_noise"] == 2 and info["raised_for_monotonicity"] == 1
+  assert not info["all_zero"]
+  # columns in any order: the same answer, in that order
+  shuffled, _ = sensitivity.respect_known(raw[:, [2, 0, 1]], (8, 2, 4), se[:, [2, 0, 1]])
+  np.testing.assert_allclose(shuffled, clean[:, [2, 0, 1]])
+  # without stderr nothing is zeroed as noise, and it is still monotone
+  plain, info = sensitivity.respect_known(raw, (2, 4, 8))
+  assert info["zeroed_as_noise"] == 0
+  assert np.all(np.diff(plain, axis=1) <= 0) and np.all(plain >= 0)
+
+
+def test_respect_known_all_noise_is_all_zero():
+  clean, info = sensitivity.respect_known([[0.01, 0.005, 0.0]], (2, 4, 8),
+                                          [[0.1, 0.1, 0.0]])
+  assert np.all(clean == 0) and info["all_zero"]
+
+
+def test_non_finite_scores_become_the_worst_and_all_non_finite_is_an_error():
+  clean, info = sensitivity.respect_known([[np.nan, 0.2, 0.0], [np.inf, 1.0, 0.0]],
+                                          (2, 4, 8))
+  assert np.all(np.isfinite(clean)) and info["non_finite"] == 2
+  assert clean[0, 0] > max(clean[0, 1:].max(), clean[1, 1:].max())
+  assert clean[0, 0] == clean[1, 0] == info["non_finite_penalty"] > 10 * 1.0
+  with pytest.raises(InvalidInputError, match="every score is NaN or infinite"):
+    sensitivity.respect_known([[np.nan, np.inf]], (4, 8))
+
+
+def test_a_diverging_metric_gives_a_finite_table_with_a_penalty(trained_cnn):
+  @sensitivity.register_metric("test_diverging", needs_data=False, needs_labels=False)
+  def _diverging(job):
+    scores = np.tile([0.3, 0.1, 0.0], (len(job.layers), 1))
+    scores[0, 0] = np.nan
+    return scores, {}
+
+  try:
+    table = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_diverging")
+  finally:
+    sensitivity._METRICS.pop("test_diverging")  # pylint: disable=protected-access
+  assert np.all(np.isfinite(table.scores))
+  assert table.score("conv1", 2) == table.scores.max() > 0.3
+  assert table.info["cleaning"]["non_finite"] == 1
+  assert table.info["raw_scores"][0][0] is None
+
+
+def test_measured_scores_are_monotone_nonnegative_with_noise(ti_table):
+  assert np.all(ti_table.scores >= 0)
+  assert np.all(np.diff(ti_table.scores, axis=1) <= 0)  # more bits never worse
+  raw = np.array(ti_table.info["raw_scores"], dtype=float)
+  stderr = np.array(ti_table.info["stderr"], dtype=float)
+  assert raw.shape == stderr.shape == ti_table.scores.shape
+  assert np.all(stderr >= 0) and np.all(stderr[:, 2] == 0)  # the context: no noise
+  # a raw score clearly above its noise survives unchanged
+  clear = raw[:, 0] > 3 * stderr[:, 0] + raw[:, 1].clip(0)
+  assert np.any(clear)
+  np.testing.assert_allclose(ti_table.scores[clear, 0], raw[clear, 0])
+  assert ti_table.info["objective"] == sensitivity.DEFAULT_OBJECTIVE == "kl"
+  assert ti_table.info["holdout"] == {"samples": 256, "held_out": 128, "calibration": 128}
+
+
+def test_kl_and_cross_entropy_objectives(trained_cnn, data, ti_table):
+  ce = sensitivity.measure_sensitivity(trained_cnn, data, objective="cross_entropy",
+                                       clean=False)
+  assert ce.info["objective"] == "cross_entropy"
+  assert ce.info["context_objective"] == pytest.approx(ce.info["context_loss"])
+  # KL from the float model: the context (8-bit) is already a little away from float
+  assert 0 < ti_table.info["context_objective"] < ce.info["context_loss"]
+  assert not np.allclose(ce.scores, ti_table.scores)
+  with pytest.raises(InvalidInputError, match=r"objective in \['cross_entropy', 'kl'\]"):
+    sensitivity.measure_sensitivity(trained_cnn, data, objective="mse")
+
+
+def test_split_holdout_sizes_and_fallback():
+  cal, held, info = sensitivity.split_holdout(200, 0.5, seed=1)
+  assert len(cal) == len(held) == 100 and not set(cal) & set(held)
+  assert sorted(np.concatenate([cal, held]).tolist()) == list(range(200))
+  again = sensitivity.split_holdout(200, 0.5, seed=1)
+  np.testing.assert_array_equal(again[1], held)
+  cal, held, info = sensitivity.split_holdout(63)
+  assert cal is None and len(held) == 63 and info["held_out"] == 0
+  assert "fewer than the 64" in info["note"]
+  assert sensitivity.split_holdout(100, 0)[0] is None
+  with pytest.raises(InvalidInputError, match=r"holdout as a share in \[0, 1\)"):
+    sensitivity.split_holdout(100, 1.5)
+
+
+# --------------------------------------------------------------------------- safeguard
+
+
+def _constant_metric(name, scores_fn):
+  @sensitivity.register_metric(name, needs_data=False, needs_labels=False)
+  def _metric(job):
+    return scores_fn(job), {}
+  return _metric
+
+
+def test_safeguard_returns_uniform_when_it_measures_better(trained_cnn, data):
+  from keras_mpq.types import CostTable  # pylint: disable=g-import-not-at-top
+  # A misleading metric: fc1 must stay at 8 bits, every other layer is "free"
+  # at 2 bits. With equal-weight costs a 4-bit budget then puts several
+  # small layers at 2 bits, which measures worse than uniform 4-bit.
+  def misleading(job):
+    scores = np.zeros((len(job.layers), len(job.bits)))
+    scores[job.layers.index("fc1")] = [100.0, 50.0, 0.0]
+    return scores
+  _constant_metric("test_misleading", misleading)
+  costs = CostTable(CNN_LAYERS, (2, 4, 8),
+                    {"avg_bits": np.tile([2 / 5, 4 / 5, 8 / 5], (5, 1))})
+  try:
+    found = sensitivity.search(trained_cnn, data, "4bit", metric="test_misleading",
+                               costs=costs, progress=False)
+    unguarded = sensitivity.search(trained_cnn, data, "4bit", metric="test_misleading",
+                                   costs=costs, progress=False, safeguard=False)
+  finally:
+    sensitivity._METRICS.pop("test_misleading")  # pylint: disable=protected-access
+  sel = found.plan.info["selection"]
+  allocated = found.rounds[0]["weight_bits"]
+  assert allocated["fc1"] == 8 and sorted(allocated.values()).count(2) >= 2
+  names = [c["name"] for c in sel["candidates"]]
+  assert names[0] == "allocated" and "uniform 4-bit" in names and "uniform 2-bit" in names
+  assert "uniform 8-bit" not in names  # over the budget
+  losses = {c["name"]: c["measured_loss"] for c in sel["candidates"]}
+  assert losses["uniform 4-bit"] < losses["allocated"]
+  assert sel["winner"] != "allocated"
+  assert sel["winner_loss"] == min(losses.values())
+  assert sel["gain_over_allocated"] == pytest.approx(losses["allocated"] - sel["winner_loss"])
+  assert found.plan.weight_bits != allocated
+  assert found.plan.info["method"] == sel["winner"]
+  assert Budget.avg_bits(4).is_satisfied_by(found.plan, costs)
+  # without the safeguard the allocated plan comes back
+  assert unguarded.plan.weight_bits == allocated
+  assert [c["name"] for c in unguarded.plan.info["selection"]["candidates"]] == ["allocated"]
+
+
+def test_all_zero_scores_fall_back_to_the_best_uniform_plan(trained_cnn, data):
+  _constant_metric("test_zero", lambda job: np.zeros((len(job.layers), len(job.bits))))
+  try:
+    found = sensitivity.search(trained_cnn, data, "5bit", metric="test_zero",
+                               progress=False, safeguard=False)
+  finally:
+    sensitivity._METRICS.pop("test_zero")  # pylint: disable=protected-access
+  sel = found.plan.info["selection"]
+  assert sel["winner"].startswith("uniform")
+  assert "cannot rank layers" in sel["note"]
+  assert all(c["name"].startswith("uniform") for c in sel["candidates"])
+  assert {c["name"] for c in sel["candidates"]} == {"uniform 4-bit", "uniform 2-bit"}
+  assert len(set(found.plan.weight_bits.values())) == 1
+
+
+def test_non_binding_budget_returns_all_highest_with_a_note(trained_cnn, data):
+  found = sensitivity.search(trained_cnn, data, "8bit", progress=False)
+  assert found.plan.weight_bits == {n: 8 for n in CNN_LAYERS}
+  assert "not binding" in found.plan.info["note"]
+  assert found.plan.info["selection"]["winner"] == "allocated"
+
+
+def test_search_context_at_the_budget_and_a_given_table(trained_cnn, data, ti_table):
+  found = sensitivity.search(trained_cnn, data, "4.5bit", rounds=1, context="budget",
+                             progress=False)
+  assert found.rounds[0]["context"] == {n: 4 for n in CNN_LAYERS}
+  assert found.sensitivity.info["context"] == {n: 4 for n in CNN_LAYERS}
+  assert found.plan.info["search"]["context"] == "budget"
+  reused = sensitivity.search(trained_cnn, data, "4bit", rounds=1, table=ti_table,
+                              progress=False)
+  assert reused.sensitivity is ti_table
+  with pytest.raises(InvalidInputError, match="Expected context in"):
+    sensitivity.search(trained_cnn, data, "4bit", context="middle")
+  with pytest.raises(InvalidInputError, match="Expected table as a SensitivityTable"):
+    sensitivity.search(trained_cnn, data, "4bit", weight_bits=(2, 8), table=ti_table)
