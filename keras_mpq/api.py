@@ -223,6 +223,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
 
   model = model_io.load_model(model)
   model_io.check_model(model)
+  model_io.check_token_input(model)
+  model_io.classifier_head(model)  # refuses regression heads before the slow stages
   folded = apply_lib.fold_batchnorm(model)
   cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
@@ -255,7 +257,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
     x, y = _parse_data(model, data)
     data_info = {"source": "user", "labeled": y is not None}
     if y is None:
-      y = np.argmax(model.predict(x, verbose=0, batch_size=256), axis=-1).astype(np.int64)
+      y = sens_lib.predicted_labels(model, x, not sens_lib._outputs_are_probabilities(  # pylint: disable=protected-access
+          model, x), batch_size=256)
   data_info["num_samples"] = int(len(x))
   lap("synthesis")
 
