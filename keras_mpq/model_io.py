@@ -639,10 +639,10 @@ def _translate_layer_config(config: Dict[str, Any], tfk_cls,
   if "activation" in config:
     activation = config["activation"]
     name = activation if isinstance(activation, str) else None
-    if name in _BLOCK_ACTIVATIONS:
-      config["activation"], post = "linear", _BLOCK_ACTIVATIONS[name]
-    elif name in _SAME_ACTIVATIONS:
+    if name in _SAME_ACTIVATIONS:
       config["activation"] = _SAME_ACTIVATIONS[name]
+    elif name in _BLOCK_ACTIVATIONS:
+      config["activation"], post = "linear", _BLOCK_ACTIVATIONS[name]
     else:
       raise UnsupportedModelError(
           f"Expected a standard activation with the same meaning in tf_keras "
