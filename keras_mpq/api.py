@@ -80,6 +80,34 @@ class QuantizationResult:
     return {k: str(v) for k, v in files.items()}
 
 
+class _StageBar:
+  """One line per finished pipeline stage and its seconds (stages with their own
+  bars, synthesis and sensitivity, show those inside), when progress is shown."""
+
+  STAGES = ("load", "synthesis", "sensitivity+allocation", "apply")
+
+  def __init__(self, progress: Optional[bool]):
+    from keras_mpq import sensitivity as sens_lib  # pylint: disable=g-import-not-at-top
+    self.bar = None
+    if sens_lib._show_progress(progress):  # pylint: disable=protected-access
+      from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm_auto.tqdm(total=len(self.STAGES), desc="keras_mpq: load", leave=False,
+                                bar_format="{desc} [{n_fmt}/{total_fmt} stages, {elapsed}]")
+
+  def done(self, stage: str, seconds: float) -> None:
+    if self.bar is None:
+      return
+    index = self.STAGES.index(stage) if stage in self.STAGES else len(self.STAGES) - 1
+    following = self.STAGES[index + 1] if index + 1 < len(self.STAGES) else "report"
+    self.bar.write(f"keras_mpq: {stage} took {seconds:.1f}s")
+    self.bar.set_description_str(f"keras_mpq: {following}")
+    self.bar.update(1)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 def _parse_data(model, data) -> Tuple[np.ndarray, Optional[np.ndarray]]:
   if isinstance(data, (tuple, list)) and len(data) == 2:
     x, y = data
@@ -204,11 +232,14 @@ def quantize(model, budget, data=None, target: str = "mobile",
   timings: Dict[str, float] = {}
   clock = time.perf_counter()
 
+  stages = _StageBar(progress)
+
   def lap(stage):
     nonlocal clock
     now = time.perf_counter()
     timings[stage] = round(now - clock, 3)
     clock = now
+    stages.done(stage, timings[stage])
 
   if target not in TARGETS:
     raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
@@ -287,6 +318,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
   qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False)
   lap("apply")
 
+  stages.close()
   report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
                         data_info, rounds_info, timings, settings)
   return QuantizationResult(qmodel, plan, table, report, folded, x, cost_table)
