@@ -780,8 +780,8 @@ def check_graph_model(model) -> None:
       if calls > 1:
         raise UnsupportedModelError(
             f"Expected each layer to be called once. Received: layer {layer.name!r} "
-            f"({type(layer).__name__}) is shared: model {model.name!r} calls it "
-            f"{calls} times. Shared layers are not supported (one layer, one "
+            f"({type(layer).__name__}) is shared: it is called {calls} times in "
+            f"model {model.name!r}. Shared layers are not supported (one layer, one "
             "bit-width, one activation range); give each call its own layer.")
 
 

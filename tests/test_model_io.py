@@ -699,5 +699,5 @@ def test_shared_layer_is_refused():
   inp = keras.Input((4,))
   shared = keras.layers.Dense(4, name="twice")
   model = keras.Model(inp, keras.layers.Dense(2)(shared(shared(inp))))
-  with pytest.raises(UnsupportedModelError, match="'twice'.*shared.*2 times"):
+  with pytest.raises(UnsupportedModelError, match="'twice'.*shared.*called 2 times"):
     model_io.check_model(model)
