@@ -37,6 +37,7 @@ SUITE = [
     ("bench_apply.py", "apply", [], None),
     ("bench_export.py", "export", [], None),
     ("bench_stages.py", "stages", [], ["--quick"]),
+    ("bench_applications.py", "applications", [], None),
 ]
 
 HEADER = """# keras_mpq benchmarks

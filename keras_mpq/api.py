@@ -84,6 +84,34 @@ class QuantizationResult:
     return {k: str(v) for k, v in files.items()}
 
 
+class _StageBar:
+  """One line per finished pipeline stage and its seconds (stages with their own
+  bars, synthesis and sensitivity, show those inside), when progress is shown."""
+
+  STAGES = ("load", "synthesis", "sensitivity+allocation", "apply")
+
+  def __init__(self, progress: Optional[bool]):
+    from keras_mpq import sensitivity as sens_lib  # pylint: disable=g-import-not-at-top
+    self.bar = None
+    if sens_lib._show_progress(progress):  # pylint: disable=protected-access
+      from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm_auto.tqdm(total=len(self.STAGES), desc="keras_mpq: load", leave=False,
+                                bar_format="{desc} [{n_fmt}/{total_fmt} stages, {elapsed}]")
+
+  def done(self, stage: str, seconds: float) -> None:
+    if self.bar is None:
+      return
+    index = self.STAGES.index(stage) if stage in self.STAGES else len(self.STAGES) - 1
+    following = self.STAGES[index + 1] if index + 1 < len(self.STAGES) else "report"
+    self.bar.write(f"keras_mpq: {stage} took {seconds:.1f}s")
+    self.bar.set_description_str(f"keras_mpq: {following}")
+    self.bar.update(1)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 def _parse_data(model, data) -> Tuple[np.ndarray, Optional[np.ndarray]]:
   if isinstance(data, (tuple, list)) and len(data) == 2:
     x, y = data
@@ -235,11 +263,14 @@ def quantize(model, budget, data=None, target: str = "mobile",
   timings: Dict[str, float] = {}
   clock = time.perf_counter()
 
+  stages = _StageBar(progress)
+
   def lap(stage):
     nonlocal clock
     now = time.perf_counter()
     timings[stage] = round(now - clock, 3)
     clock = now
+    stages.done(stage, timings[stage])
 
   if target not in TARGETS:
     raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
@@ -257,6 +288,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
 
   model = model_io.load_model(model)
   model_io.check_model(model)
+  model_io.check_token_input(model)
+  model_io.classifier_head(model)  # refuses regression heads before the slow stages
   low, high, range_source, range_assumed = input_range_lib.resolve_input_range(model, input_range)
   range_info = {"low": low, "high": high, "source": range_source, "assumed": range_assumed}
   if range_assumed and data is None:
@@ -306,7 +339,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
                                                  "data"))
     data_info = {"source": "user", "labeled": y is not None}
     if y is None:
-      y = np.argmax(model.predict(x, verbose=0, batch_size=256), axis=-1).astype(np.int64)
+      y = sens_lib.predicted_labels(model, x, not sens_lib._outputs_are_probabilities(  # pylint: disable=protected-access
+          model, x), batch_size=256)
   data_info["num_samples"] = int(len(x))
   lap("synthesis")
 
@@ -339,6 +373,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
   _compile_for_evaluation(qmodel, folded, x)
   lap("apply")
 
+  stages.close()
   report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
                         data_info, rounds_info, timings, settings)
   report["input_range"] = range_info

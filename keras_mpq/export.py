@@ -311,6 +311,25 @@ def _widen_collapsed_ranges(calib) -> None:
       qsv["max"] = np.where(narrow, np.maximum(hi, center + MIN_RANGE_WIDTH / 2), hi)
 
 
+def _fill_fused_ranges(calib, interp) -> None:
+  """Gives tensors of the batch-1 file that the dynamic-batch file lacks their range.
+
+  With a fixed batch the converter fuses more, e.g. a GlobalAveragePooling
+  MEAN and the RESHAPE after it (squeeze-excite blocks) into one op whose
+  output is named ``'<reshape>;;<mean>'``; the dynamic-batch model used for
+  calibration keeps both tensors. The fused output holds the same values as
+  its parts, so it takes the range of the first part calibrated.
+  """
+  for detail in interp.get_tensor_details():
+    name = detail["name"]
+    if name in calib or ";" not in name:
+      continue
+    for part in (p for p in re.split(r";+", name) if p):
+      if part in calib:
+        calib[name] = dict(calib[part])
+        break
+
+
 def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
                          max_samples: int = 256, seed: int = 0,
                          calibration_model: Optional[bytes] = None) -> bytes:
@@ -347,6 +366,8 @@ def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarra
     calib = (calibrator.calibrate({key: samples}, num_threads=1)
              if calibrator.need_calibration else None)
     if calib:
+      if calibration_model is not None:
+        _fill_fused_ranges(calib, Interpreter(model_content=float_bytes))
       _widen_collapsed_ranges(calib)
     q = aeq.Quantizer(bytearray(float_bytes), recipe)
     result = q.quantize(calib)

@@ -51,14 +51,22 @@ _WHAT_TO_DO = ("Rebuild the model with standard Keras layers, or pass a tf_keras
 
 # Keras 3 activation names whose tf_keras function computes the same thing.
 # (Keras 3 'hard_sigmoid' is relu6(x + 3) / 6, tf_keras' is a different line,
-# so it is deliberately absent; 'relu6' has no tf_keras activation and becomes
-# a ReLU(max_value=6) layer.)
+# so it is deliberately absent here and rebuilt from layers below, as are
+# 'relu6', 'hard_silu' and 'leaky_relu', which tf_keras lacks.)
 _SAME_ACTIVATIONS = {
     "linear": "linear", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh",
     "softmax": "softmax", "silu": "swish", "swish": "swish", "elu": "elu",
     "selu": "selu", "softplus": "softplus", "softsign": "softsign",
     "exponential": "exponential", "gelu": "gelu", "mish": "mish",
 }
+# Keras 3 activations without a same-named tf_keras function, rebuilt from
+# standard layers (`_ActivationBlock`): name -> block kind.
+_BLOCK_ACTIVATIONS = {
+    "relu6": "relu6", "hard_sigmoid": "hard_sigmoid", "hard_silu": "hard_silu",
+    "hard_swish": "hard_silu", "leaky_relu": "leaky_relu",
+}
+# Raw keras.ops arithmetic rebuilt as layers (`_Converter.call_arithmetic`).
+_ARITHMETIC_OPS = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 # Base-layer keyword arguments tf_keras accepts on every layer.
 _BASE_LAYER_KWARGS = {"name", "dtype", "trainable", "dynamic", "activity_regularizer",
                       "input_shape", "batch_input_shape", "batch_size", "input_dim"}
@@ -440,6 +448,8 @@ class _Converter:
       return outs[0] if len(outs) == 1 else outs
     if isinstance(op, keras3.layers.InputLayer):
       return args[0] if args else None
+    if not isinstance(op, keras3.layers.Layer) and type(op).__name__ in _ARITHMETIC_OPS:
+      return self.call_arithmetic(op, args, kwargs)
     if not isinstance(op, keras3.layers.Layer):
       raise UnsupportedModelError(
           f"Expected a graph of Keras layers. Received: operation {op.name!r} "
@@ -462,6 +472,58 @@ class _Converter:
           f"{_first_line(e)}. " + _WHAT_TO_DO) from None
     return out
 
+  def call_arithmetic(self, op, args, kwargs):
+    """``x + c``, ``x * c``, ``x - y``, ... (raw keras.ops arithmetic) as tf_keras layers.
+
+    With one tensor and one scalar constant: a ``Rescaling`` (``x * scale +
+    offset``), as keras.applications' MobileNetV3 writes ``x + 3.0`` and
+    ``x * (1 / 6)``. With two tensors: ``Add``, ``Subtract`` or ``Multiply``.
+    """
+    kind = type(op).__name__
+    operands = list(args) + [kwargs[k] for k in ("x1", "x2") if k in kwargs]
+    if len(operands) != 2 or len(kwargs) > 2:
+      raise self.raw_op_error(op, "with two operands")
+    tensors = [hasattr(v, "shape") and not isinstance(v, (np.ndarray, np.generic))
+               for v in operands]
+    key = id(op)
+    if all(tensors):
+      if kind not in ("Add", "Subtract", "Multiply"):
+        raise self.raw_op_error(op, "between two tensors")
+      if key not in self.layers:
+        self.layers[key] = (getattr(keras.layers, kind)(name=self.unique(op.name)), None)
+      return self.layers[key][0](operands)
+    if not any(tensors):
+      raise self.raw_op_error(op, "on a tensor")
+    const = operands[1] if tensors[0] else operands[0]
+    try:
+      c = float(np.asarray(const, dtype=np.float64))
+    except (TypeError, ValueError):
+      raise self.raw_op_error(op, "with a scalar constant") from None
+    x = operands[0] if tensors[0] else operands[1]
+    tensor_first = tensors[0]
+    if kind == "Add":
+      scale, offset = 1.0, c
+    elif kind == "Subtract":
+      scale, offset = (1.0, -c) if tensor_first else (-1.0, c)
+    elif kind == "Multiply":
+      scale, offset = c, 0.0
+    elif tensor_first and c != 0.0:  # Divide / TrueDivide by a constant
+      scale, offset = 1.0 / c, 0.0
+    else:
+      raise self.raw_op_error(op, "dividing by a nonzero scalar constant")
+    if key not in self.layers:
+      self.layers[key] = (keras.layers.Rescaling(scale, offset=offset,
+                                                 name=self.unique(op.name)), None)
+    return self.layers[key][0](x)
+
+  @staticmethod
+  def raw_op_error(op, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"Expected a graph of Keras layers, or keras.ops arithmetic ({', '.join(_ARITHMETIC_OPS)}) "
+        f"{what}. Received: operation {op.name!r} ({type(op).__name__}), a raw keras.ops "
+        "call keras_mpq cannot rebuild. Replace it with the matching layer (e.g. "
+        "keras.layers.Add instead of keras.ops.add), or pass a tf_keras model.")
+
   def make_layer(self, op, scope):
     """The tf_keras layer (and an optional activation layer after it) for ``op``."""
     cls_name = type(op).__name__
@@ -483,21 +545,22 @@ class _Converter:
     name = self.unique(str(config.get("name", op.name)), scope)
     config["name"] = name
     config, post_activation = _translate_layer_config(config, tfk_cls, op)
-    if cls_name == "Activation" and post_activation == "relu6":
-      layer, post_activation = keras.layers.ReLU(
-          max_value=6.0, name=name, dtype=config.get("dtype")), None
-    else:
-      try:
-        layer = tfk_cls.from_config(config)
-      except Exception as e:  # pylint: disable=broad-except
-        raise UnsupportedModelError(
-            f"Could not rebuild layer {op.name!r} ({cls_name}) in tf_keras from its "
-            f"config: {_first_line(e)}. " + _WHAT_TO_DO) from None
+    if cls_name == "Activation" and post_activation is not None:
+      # The whole layer is the activation: its block, the last layer keeping the name.
+      return _ActivationBlock(post_activation, name, self.unique), None
+    try:
+      layer = tfk_cls.from_config(config)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnsupportedModelError(
+          f"Could not rebuild layer {op.name!r} ({cls_name}) in tf_keras from its "
+          f"config: {_first_line(e)}. " + _WHAT_TO_DO) from None
     post = None
-    if post_activation == "relu6":
-      post = keras.layers.ReLU(max_value=6.0, name=self.unique(f"{name}_relu6"))
+    if post_activation is not None:
+      post = _ActivationBlock(post_activation, self.unique(f"{name}_{post_activation}"),
+                              self.unique)
     self.pairs.append((op, layer))
     return layer, post
+
 
   def copy_weights(self) -> None:
     for op, layer in self.pairs:
@@ -511,6 +574,43 @@ class _Converter:
       layer.set_weights(weights)
       if hasattr(layer, "finalize_state") and weights:
         layer.finalize_state()  # e.g. Normalization recomputes mean/variance
+
+
+class _ActivationBlock:
+  """A Keras 3 activation tf_keras lacks, as standard tf_keras layers.
+
+  ``relu6``: ``ReLU(max_value=6)``. ``hard_sigmoid`` (Keras 3's:
+  ``relu6(x + 3) / 6``): ``Rescaling(1, 3)``, ``ReLU(6)``, ``Rescaling(1/6)``.
+  ``hard_silu``: ``x * hard_sigmoid(x)`` with a ``Multiply``; TFLite's converter
+  fuses that pattern into one HARD_SWISH operator. ``leaky_relu``: Keras 3's
+  default slope 0.2. The last layer gets ``name`` (the Keras 3 layer's), so
+  the layer that consumers see keeps its name; helper layers are suffixed.
+  Calls after the first reuse the same layers (a shared Keras 3 layer stays
+  shared).
+  """
+
+  def __init__(self, kind: str, name: str, unique):
+    self.kind, self.name = kind, name
+    if kind == "relu6":
+      self.parts = [keras.layers.ReLU(max_value=6.0, name=name)]
+    elif kind == "leaky_relu":
+      self.parts = [keras.layers.LeakyReLU(alpha=0.2, name=name)]
+    elif kind in ("hard_sigmoid", "hard_silu"):
+      last = name if kind == "hard_sigmoid" else unique(f"{name}_hard_sigmoid")
+      self.parts = [keras.layers.Rescaling(1.0, offset=3.0, name=unique(f"{name}_add3")),
+                    keras.layers.ReLU(max_value=6.0, name=unique(f"{name}_relu6")),
+                    keras.layers.Rescaling(1.0 / 6.0, name=last)]
+      if kind == "hard_silu":
+        self.parts.append(keras.layers.Multiply(name=name))
+    else:  # pragma: no cover - _translate_layer_config only returns the kinds above
+      raise ValueError(kind)
+
+  def __call__(self, x, **kwargs):
+    del kwargs  # activations take no training/mask arguments
+    h = x
+    for part in self.parts:
+      h = part([x, h]) if isinstance(part, keras.layers.Multiply) else part(h)
+    return h
 
 
 def _translate_layer_config(config: Dict[str, Any], tfk_cls,
@@ -539,14 +639,14 @@ def _translate_layer_config(config: Dict[str, Any], tfk_cls,
   if "activation" in config:
     activation = config["activation"]
     name = activation if isinstance(activation, str) else None
-    if name == "relu6":
-      config["activation"], post = "linear", "relu6"
-    elif name in _SAME_ACTIVATIONS:
+    if name in _SAME_ACTIVATIONS:
       config["activation"] = _SAME_ACTIVATIONS[name]
+    elif name in _BLOCK_ACTIVATIONS:
+      config["activation"], post = "linear", _BLOCK_ACTIVATIONS[name]
     else:
       raise UnsupportedModelError(
           f"Expected a standard activation with the same meaning in tf_keras "
-          f"({sorted(_SAME_ACTIVATIONS) + ['relu6']}). Received: layer {op.name!r} "
+          f"({sorted(set(_SAME_ACTIVATIONS) | set(_BLOCK_ACTIVATIONS))}). Received: layer {op.name!r} "
           f"({type(op).__name__}) with activation={activation!r}. " + _WHAT_TO_DO)
   accepted = _init_parameters(tfk_cls) | _BASE_LAYER_KWARGS
   for key in list(config):
@@ -666,12 +766,23 @@ def check_graph_model(model) -> None:
         f"Received: model {model.name!r} of type {type(model).__name__}, which is "
         "subclassed or not built. Rebuild it with the functional API "
         "(keras.Model(inputs, outputs)) or give a Sequential model keras.Input(shape).")
+  network_nodes = getattr(model, "_network_nodes", None)
   for layer in model.layers:
     if isinstance(layer, keras.Model):
       raise UnsupportedModelError(
           f"Expected a flat model. Received: layer {layer.name!r} is a nested model "
           f"({type(layer).__name__}). Rebuild the model with the sub-model's layers "
-          "inlined.")
+          "inlined, or pass it as a Keras 3 model (keras_mpq.load_model inlines "
+          "nested Keras 3 models).")
+    if network_nodes is not None:
+      calls = sum(1 for i in range(len(layer._inbound_nodes))  # pylint: disable=protected-access
+                  if f"{layer.name}_ib-{i}" in network_nodes)
+      if calls > 1:
+        raise UnsupportedModelError(
+            f"Expected each layer to be called once. Received: layer {layer.name!r} "
+            f"({type(layer).__name__}) is shared: it is called {calls} times in "
+            f"model {model.name!r}. Shared layers are not supported (one layer, one "
+            "bit-width, one activation range); give each call its own layer.")
 
 
 def check_model(model) -> "keras.Model":
@@ -715,6 +826,93 @@ def check_model(model) -> "keras.Model":
             f"Expected finite weights. Received: layer {layer.name!r} has {bad} NaN or "
             f"Inf values in {weight.name!r}. Retrain or reload the model.")
   return model
+
+
+# Final activations of a classifier head (logits are 'linear').
+_CLASSIFIER_ACTIVATIONS = ("linear", "softmax", "sigmoid")
+
+
+def classifier_head(model) -> str:
+  """What a checked model's output is: 'classes' (logits or softmax) or 'binary'.
+
+  ``keras_mpq.quantize`` measures sensitivity as a classification loss, so it
+  takes classifiers only: logits or softmax over two or more classes, or one
+  sigmoid unit (a binary classifier, handled as two classes). Called before
+  the slow stages; refuses regression-like heads (one linear unit, or a last
+  activation such as relu or tanh) with what to do instead.
+
+  >>> from keras_mpq.compat import keras
+  >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+  >>> classifier_head(m)
+  'binary'
+  """
+  out = model.outputs[0]
+  units = out.shape[-1]
+  layer = getattr(getattr(out, "_keras_history", None), "layer", None)
+  act = _final_activation(layer)
+  if units == 1 and act == "sigmoid":
+    return "binary"
+  if units == 1 or act not in _CLASSIFIER_ACTIVATIONS + (None,):
+    what = (f"one output unit with activation {act!r}" if units == 1
+            else f"{units} outputs with final activation {act!r}")
+    raise UnsupportedModelError(
+        "Expected a classifier: logits or softmax over 2 or more classes, or one "
+        "sigmoid unit (a binary classifier). Received: model "
+        f"{model.name!r} ends in layer {getattr(layer, 'name', '?')!r} with {what}, a "
+        "regression (non-classification) head. keras_mpq.quantize measures "
+        "sensitivity with a classification loss, with synthetic or real data, so it "
+        "does not quantize such a model. If it is a binary classifier that outputs "
+        "a logit, end it with keras.layers.Activation('sigmoid'). For a regression "
+        "model, use the stages that need no labels, with real inputs x: "
+        "table = keras_mpq.measure_sensitivity(model, None, metric='weight_mse'); "
+        "plan = keras_mpq.allocate(table, budget, keras_mpq.cost_table(model)); "
+        "keras_mpq.export_tflite(model, path, plan, calibration_data=x).")
+  if act == "sigmoid":
+    raise UnsupportedModelError(
+        "Expected a single-label classifier (softmax or logits over classes, or one "
+        f"sigmoid unit). Received: {units} sigmoid units in layer {layer.name!r} "
+        "(multi-label); keras_mpq needs one class per sample.")
+  return "classes"
+
+
+def _final_activation(layer) -> Optional[str]:
+  """Name of the activation a layer applies last ('softmax' for Softmax), or None."""
+  if layer is None:
+    return None
+  if isinstance(layer, keras.layers.Softmax):
+    return "softmax"
+  if isinstance(layer, keras.layers.ReLU):
+    return "relu"
+  act = getattr(layer, "activation", None)
+  if act is None:
+    return None
+  try:
+    name = keras.activations.serialize(act)
+  except (ValueError, TypeError):
+    name = getattr(act, "__name__", None)
+  return name if isinstance(name, str) else None
+
+
+def check_token_input(model) -> None:
+  """Refuses, before synthesis, a model whose input is token ids (no synthetic data).
+
+  >>> from keras_mpq.compat import keras
+  >>> m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+  >>> check_token_input(m)
+  """
+  inp = model.inputs[0]
+  embeddings = [l.name for l in model.layers if isinstance(l, keras.layers.Embedding)]
+  integer = not tf.as_dtype(inp.dtype).is_floating
+  if embeddings or integer:
+    what = (f"an Embedding layer ({embeddings[0]!r})" if embeddings
+            else f"an integer input ({inp.dtype})")
+    raise UnsupportedModelError(
+        "Expected a model with a continuous input (images, audio, sensor values) "
+        f"for synthetic calibration data. Received: model {model.name!r} takes "
+        f"token ids ({what}); synthesis shapes inputs by gradient descent and "
+        "cannot make discrete tokens. Quantizing models with token inputs is not "
+        "supported yet: Embedding layers are kept float and integer inputs cannot "
+        "be calibrated. Pass a model whose input is a float tensor.")
 
 
 # --------------------------------------------------------------------------- fingerprint

@@ -236,10 +236,48 @@ def _check_labels(y, n: int, num_classes: int) -> np.ndarray:
 
 
 def _outputs_are_probabilities(model, x) -> bool:
-  """True when the model ends in a softmax (rows >= 0 summing to 1), else logits."""
+  """True when the model ends in a softmax (rows >= 0 summing to 1), else logits.
+
+  A one-unit output (a binary classifier) is a sigmoid probability when it
+  lies in [0, 1], else its logit.
+  """
   out = np.asarray(model(x[:64], training=False), dtype=np.float64)
-  return bool(np.all(out >= 0) and np.all(out <= 1 + 1e-6)
-              and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
+  in_unit = bool(np.all(out >= 0) and np.all(out <= 1 + 1e-6))
+  if out.ndim == 2 and out.shape[1] == 1:
+    return in_unit
+  return in_unit and bool(np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
+
+
+def num_classes_of(model) -> int:
+  """Classes of a classifier's output: its units, or 2 for one sigmoid/logit unit."""
+  return max(2, int(model.outputs[0].shape[-1]))
+
+
+def to_log_probs(out, from_logits: bool):
+  """``(batch, classes)`` log-probabilities of a classifier output (a tensor).
+
+  Softmax probabilities or logits over classes; one unit is a binary
+  classifier's sigmoid probability (or logit) of class 1, so it becomes two
+  columns, ``log(1 - p)`` and ``log(p)``.
+  """
+  out = tf.cast(out, tf.float32)
+  if out.shape[-1] == 1:
+    if from_logits:
+      return tf.concat([tf.math.log_sigmoid(-out), tf.math.log_sigmoid(out)], axis=-1)
+    p = tf.clip_by_value(out, 1e-12, 1.0 - 1e-7)
+    return tf.concat([tf.math.log(1.0 - p), tf.math.log(p)], axis=-1)
+  if from_logits:
+    return tf.nn.log_softmax(out, axis=-1)
+  return tf.math.log(tf.clip_by_value(out, 1e-12, 1.0))
+
+
+def predicted_labels(model, x: np.ndarray, from_logits: bool,
+                     batch_size: int = 128) -> np.ndarray:
+  """The float model's class for each input (argmax; for one unit: p > 0.5)."""
+  out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+  if out.ndim == 2 and out.shape[1] == 1:
+    return (out[:, 0] > (0.0 if from_logits else 0.5)).astype(np.int64)
+  return np.argmax(out, axis=-1).astype(np.int64)
 
 
 def _check_context(context, layers: Sequence[str], bits: Tuple[int, ...]
@@ -305,12 +343,11 @@ def _prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bit
           "Received: data=None. Use keras_mpq.synthesize(model) when you have none.")
     x = apply_lib.check_data(folded, x_raw, "data")
     from_logits = not _outputs_are_probabilities(folded, x)
-    num_classes = int(folded.outputs[0].shape[-1])
+    num_classes = num_classes_of(folded)
     if y_raw is not None:
       y, labels = _check_labels(y_raw, len(x), num_classes), "given"
     elif spec.needs_labels:
-      y = np.argmax(folded.predict(x, batch_size=batch_size, verbose=0),
-                    axis=-1).astype(np.int64)
+      y = predicted_labels(folded, x, from_logits, batch_size)
       labels = "float model argmax"
   job = _Job(folded, layers, bits, x, y, from_logits, ctx, activation_bits, layer_act,
              int(batch_size), int(seed), _show_progress(progress), default_act, labels)
@@ -549,10 +586,7 @@ class _Evaluator:
     self._prefix_fn = tf.function(prefix, input_signature=[specs[0]])
 
   def _log_probs(self, out):
-    out = tf.cast(out, tf.float32)
-    if self.from_logits:
-      return tf.nn.log_softmax(out, axis=-1)
-    return tf.math.log(tf.clip_by_value(out, 1e-12, 1.0))
+    return to_log_probs(out, self.from_logits)
 
   def prefix(self, xb) -> Tuple[List[Any], np.ndarray]:
     """The cut tensors and the output log-probabilities of one batch, at the context."""
@@ -822,8 +856,12 @@ def hessian_traces(folded, x: np.ndarray, y: np.ndarray, layers: Sequence[str],
       with tf.GradientTape() as inner:
         inner.watch(variables)
         out = folded(xb, training=False)
-        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-            yb, out, from_logits=from_logits))
+        if out.shape[-1] == 1:  # binary: two-column log-probabilities
+          log_probs = to_log_probs(out, from_logits)
+          loss = -tf.reduce_sum(tf.gather(log_probs, yb, axis=1, batch_dims=1))
+        else:
+          loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+              yb, out, from_logits=from_logits))
       grads = inner.gradient(loss, variables)
       gv = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vs)])
     hv = outer.gradient(gv, variables)

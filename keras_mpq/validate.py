@@ -349,18 +349,29 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
         f"Expected one output row per input. Received: {len(out)} output rows (shape "
         f"{out.shape}) for {len(np.asarray(x))} inputs; the file's output shape is damaged "
         "or not a classifier's. Re-export the model.")
-  pred = out.reshape(len(out), -1).argmax(axis=1)
+  pred = _classes(out)
   acc = float(np.mean(pred == y)) if y is not None else None
   agreement = max_err = mean_err = None
   if reference is not None:
     ref = np.asarray(reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256))
     ref = ref.reshape(out.shape)
-    agreement = float(np.mean(pred == ref.reshape(len(ref), -1).argmax(axis=1)))
+    agreement = float(np.mean(pred == _classes(ref)))
     diff = np.abs(out - ref)
     max_err, mean_err = float(diff.max()), float(diff.mean())
   return ValidationResult(runtime=used, n=len(out), seconds=time.perf_counter() - start,
                           accuracy=acc, agreement=agreement, max_abs_error=max_err,
                           mean_abs_error=mean_err, layer_errors=layer_errors)
+
+
+def _classes(out: np.ndarray) -> np.ndarray:
+  """Class per row: argmax; one column is a binary classifier's sigmoid (p > 0.5)
+  or, when outside [0, 1], its logit (> 0)."""
+  out = out.reshape(len(out), -1)
+  if out.shape[1] == 1:
+    col = out[:, 0]
+    in_unit = bool(np.all((col >= 0) & (col <= 1)))
+    return (col > (0.5 if in_unit else 0.0)).astype(np.int64)
+  return out.argmax(axis=1)
 
 
 def _layer_errors(interp, data, float_model, x) -> Dict[str, float]:

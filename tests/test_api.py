@@ -193,3 +193,121 @@ def test_mixed_is_not_worse_than_uniform_at_4_bits(datafree_result, trained_cnn,
   mixed_acc = _acc(datafree_result.model, x_test, y_test)
   uniform_acc = _acc(uniform, x_test, y_test)
   assert mixed_acc >= uniform_acc - 0.02, (mixed_acc, uniform_acc)
+
+
+# --------------------------------------------------------------------------- stock-model layers, binary, refusals
+
+
+def _keras3_applications_blocks(size=16):
+  """A tiny plain-Keras-3 model with the layers keras.applications uses.
+
+  Rescaling and Normalization preprocessing, ZeroPadding, hard_silu, swish,
+  a squeeze-excite block (GlobalAveragePooling, 1x1 convs, hard_sigmoid written
+  with keras.ops arithmetic as in MobileNetV3, Multiply), an inverted residual
+  Add, hard_sigmoid as an Activation, and a softmax head.
+  """
+  import keras as k3  # Keras 3
+  L = k3.layers
+  inp = k3.Input((size, size, 3))
+  x = L.Rescaling(1 / 255.0)(inp)
+  x = L.Normalization(mean=[0.5, 0.5, 0.5], variance=[0.25, 0.25, 0.25])(x)
+  x = L.ZeroPadding2D(1)(x)
+  x = L.Conv2D(8, 3, strides=2, use_bias=False)(x)
+  x = L.BatchNormalization()(x)
+  x = L.Activation("hard_silu")(x)
+  y = L.DepthwiseConv2D(3, padding="same", activation="swish")(x)
+  se = L.GlobalAveragePooling2D(keepdims=True)(y)
+  se = L.Conv2D(4, 1, activation="relu")(se)
+  se = L.Conv2D(8, 1)(se)
+  se = L.ReLU(6.0)(se + 3.0) * (1.0 / 6.0)
+  y = L.Multiply()([y, se])
+  x = L.Add()([x, L.Conv2D(8, 1)(y)])
+  x = L.Activation("hard_sigmoid")(x)
+  x = L.GlobalAveragePooling2D()(x)
+  return k3.Model(inp, L.Dense(4, activation="softmax")(x))
+
+
+def test_applications_layers_quantize_and_export_for_both_runtimes(tmp_path):
+  from keras_mpq.compat import tf
+  model = _keras3_applications_blocks()
+  result = keras_mpq.quantize(model, "4bit", num_samples=16, seed=0, progress=False)
+  assert result.report["unsupported_layers"] == []
+  x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+  for target, runtime in (("mobile", "litert"), ("mcu", "tflm")):
+    path = tmp_path / f"{target}.tflite"
+    result.export(path, target=target)
+    ops = {d["op_name"] for d in tf.lite.Interpreter(model_path=str(path))._get_ops_details()}
+    assert {"MEAN", "HARD_SWISH", "MUL"} <= ops, (target, ops)
+    checked = keras_mpq.validate_tflite(path, x, reference=result.float_model,
+                                        runtime=runtime)
+    assert checked.runtime == runtime and checked.n == len(x)
+    assert checked.mean_abs_error < 0.1, (target, checked)
+
+
+@pytest.fixture(scope="module")
+def binary_cnn(dataset):
+  """A small CNN told MNIST 0s from 1s, with one sigmoid output unit."""
+  from keras_mpq.compat import keras, set_global_seed
+  set_global_seed(0)
+  pick = np.isin(dataset.y_train, (0, 1))
+  x, y = dataset.x_train[pick][:1000], dataset.y_train[pick][:1000]
+  model = keras.Sequential([
+      keras.Input(x.shape[1:]), keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="conv"),
+      keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid", name="p")])
+  model.compile("adam", "binary_crossentropy")
+  model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+  test = np.isin(dataset.y_test, (0, 1))
+  return model, dataset.x_test[test][:300], dataset.y_test[test][:300]
+
+
+def test_binary_sigmoid_classifier_goes_through_as_two_classes(binary_cnn, tmp_path):
+  model, x_test, y_test = binary_cnn
+  float_acc = float(np.mean((model.predict(x_test, verbose=0)[:, 0] > 0.5) == y_test))
+  result = keras_mpq.quantize(model, "4bit", num_samples=32, seed=0, progress=False)
+  assert result.sensitivity.scores.shape == (2, 3)
+  q_acc = float(np.mean((result.model.predict(x_test, verbose=0)[:, 0] > 0.5) == y_test))
+  assert float_acc > 0.9 and q_acc > float_acc - 0.05, (float_acc, q_acc)
+  path = tmp_path / "binary.tflite"
+  result.export(path, target="mobile")
+  checked = keras_mpq.validate_tflite(path, x_test, y_test)
+  assert checked.accuracy > float_acc - 0.05, (float_acc, checked.accuracy)
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda k: k.Sequential([k.Input((8, 8, 1)), k.layers.Flatten(), k.layers.Dense(1, name="price")]),
+     "regression"),
+    (lambda k: k.Sequential([k.Input((6,), dtype="int32"), k.layers.Embedding(20, 4),
+                             k.layers.Flatten(), k.layers.Dense(3)]), "token ids"),
+])
+def test_non_classifiers_are_refused_before_synthesis(build, match, monkeypatch):
+  from keras_mpq import synthesis
+  from keras_mpq.compat import keras
+
+  def never(*args, **kwargs):
+    raise AssertionError("synthesis ran")
+
+  monkeypatch.setattr(synthesis, "synthesize_with_info", never)
+  with pytest.raises(keras_mpq.UnsupportedModelError, match=match):
+    keras_mpq.quantize(build(keras), "4bit", progress=False)
+
+
+APPLICATIONS = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
+                "EfficientNetB0", "ResNet50", "DenseNet121", "NASNetMobile")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", APPLICATIONS)
+def test_keras_applications_quantize_and_export_run_in_their_runtimes(name, tmp_path):
+  import keras as k3  # plain Keras 3, as a user has it
+  model = getattr(k3.applications, name)(weights=None, input_shape=(32, 32, 3), classes=10)
+  result = keras_mpq.quantize(model, "4bit", num_samples=16, seed=0, progress=False)
+  assert result.report["within_budget"]
+  assert result.report["unsupported_layers"] == []
+  x = result.calibration_data[:4]
+  for target, runtime in (("mobile", "litert"), ("mcu", "tflm")):
+    path = tmp_path / f"{target}.tflite"
+    exported = result.export(path, target=target)
+    assert exported.size == path.stat().st_size > 0
+    checked = keras_mpq.validate_tflite(path, x, reference=result.float_model, runtime=runtime)
+    assert checked.runtime == runtime and checked.n == len(x)
+    assert np.isfinite(checked.max_abs_error)

@@ -295,10 +295,51 @@ def test_keras3_custom_layer_is_refused_with_advice():
 
 def test_keras3_raw_ops_in_graph_are_refused():
   inp = keras3.Input((4,))
-  x = keras3.ops.add(inp, 1.0)
+  x = keras3.ops.sin(inp)
   k3 = keras3.Model(inp, L3.Dense(2)(x))
   with pytest.raises(UnsupportedModelError, match="raw keras.ops call"):
     model_io.keras3_to_tf_keras(k3)
+
+
+def test_keras3_ops_arithmetic_becomes_layers():
+  # keras.applications' MobileNetV3 writes hard_sigmoid as ReLU(6)(x + 3) * (1 / 6).
+  inp = keras3.Input((6,), name="x")
+  h = L3.Dense(6, name="fc1")(inp)
+  g = L3.ReLU(6.0, name="r6")(h + 3.0) * (1.0 / 6.0)
+  y = (2.0 - g) / 4.0 + h * g - h
+  k3 = _randomize(keras3.Model(inp, L3.Dense(3, name="fc2")(y)))
+  tfk = model_io.keras3_to_tf_keras(k3)
+  kinds = [type(l).__name__ for l in tfk.layers]
+  assert kinds.count("Rescaling") == 4 and "Multiply" in kinds and "Subtract" in kinds
+  x = _inputs(k3)
+  assert _max_diff(k3, tfk, x) < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["hard_silu", "hard_swish", "hard_sigmoid",
+                                        "relu6", "leaky_relu"])
+def test_keras3_activations_without_tf_keras_twin(activation):
+  inp = keras3.Input((8,))
+  x = L3.Dense(8, activation=activation, name="fc")(inp)  # as a layer option
+  x = L3.Activation(activation, name="act")(x)  # and as its own layer
+  k3 = _randomize(keras3.Model(inp, L3.Dense(2, name="out")(x)))
+  tfk = model_io.keras3_to_tf_keras(k3)
+  x = np.random.default_rng(0).normal(0, 4, (16, 8)).astype(np.float32)  # all pieces
+  assert _max_diff(k3, tfk, x) < 1e-5
+  names = [l.name for l in tfk.layers]
+  assert "act" in names and "out" in names  # consumers see the original name
+  for layer in tfk.layers:
+    assert model_io.quantizers.layer_role(layer) != "unsupported", layer.name
+
+
+def test_hard_silu_converts_to_one_hard_swish_op():
+  inp = keras3.Input((6, 6, 2))
+  x = L3.Conv2D(4, 3, name="conv")(inp)
+  x = L3.Activation("hard_silu", name="hs")(x)
+  k3 = _randomize(keras3.Model(inp, L3.Dense(2)(L3.GlobalAveragePooling2D()(x))))
+  tfk = model_io.keras3_to_tf_keras(k3)
+  flat = tf.lite.TFLiteConverter.from_keras_model(tfk).convert()
+  ops = {d["op_name"] for d in tf.lite.Interpreter(model_content=flat)._get_ops_details()}
+  assert "HARD_SWISH" in ops, ops
 
 
 def test_keras3_subclassed_model_is_refused():
@@ -318,10 +359,10 @@ def test_keras3_subclassed_model_is_refused():
     model_io.load_model(net)
 
 
-def test_keras3_activation_with_other_meaning_is_refused():
+def test_keras3_activation_without_equivalent_is_refused():
   inp = keras3.Input((4,))
-  k3 = keras3.Model(inp, L3.Dense(2, activation="hard_sigmoid", name="hs")(inp))
-  with pytest.raises(UnsupportedModelError, match="'hs'.*hard_sigmoid"):
+  k3 = keras3.Model(inp, L3.Dense(2, activation="hard_tanh", name="ht")(inp))
+  with pytest.raises(UnsupportedModelError, match="'ht'.*hard_tanh"):
     model_io.keras3_to_tf_keras(k3)
 
 
@@ -616,3 +657,47 @@ def test_fingerprint_of_converted_keras3_model_is_repeatable():
   k3 = _small_keras3_cnn()
   assert (model_io.fingerprint(model_io.load_model(k3))
           == model_io.fingerprint(model_io.load_model(k3)))
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def _head_model(head, input_dtype="float32"):
+  inp = keras.Input((6,), dtype=input_dtype)
+  return keras.Model(inp, head(keras.layers.Dense(4, activation="relu")(inp)))
+
+
+def test_classifier_head_kinds():
+  D = keras.layers.Dense
+  assert model_io.classifier_head(_head_model(lambda x: D(1, activation="sigmoid")(x))) == "binary"
+  assert model_io.classifier_head(_head_model(lambda x: D(3)(x))) == "classes"
+  assert model_io.classifier_head(
+      _head_model(lambda x: keras.layers.Softmax()(D(3)(x)))) == "classes"
+
+
+@pytest.mark.parametrize("head,match", [
+    (lambda x: keras.layers.Dense(1, name="price")(x), r"'price' with one output unit.*regression"),
+    (lambda x: keras.layers.Dense(3, activation="relu", name="boxes")(x), r"'boxes'.*'relu'"),
+    (lambda x: keras.layers.Dense(3, activation="sigmoid", name="tags")(x), "multi-label"),
+])
+def test_non_classifier_heads_are_refused_with_advice(head, match):
+  with pytest.raises(UnsupportedModelError, match=match) as err:
+    model_io.classifier_head(_head_model(head))
+  if "regression" in match:
+    assert "metric='weight_mse'" in str(err.value) and "Activation('sigmoid')" in str(err.value)
+
+
+def test_token_inputs_are_refused_with_a_fitting_message():
+  model = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 4, name="tok"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+  with pytest.raises(UnsupportedModelError, match=r"token ids.*Embedding layer \('tok'\)"):
+    model_io.check_token_input(model)
+  model_io.check_token_input(_head_model(lambda x: keras.layers.Dense(3)(x)))
+
+
+def test_shared_layer_is_refused():
+  inp = keras.Input((4,))
+  shared = keras.layers.Dense(4, name="twice")
+  model = keras.Model(inp, keras.layers.Dense(2)(shared(shared(inp))))
+  with pytest.raises(UnsupportedModelError, match="'twice'.*shared.*called 2 times"):
+    model_io.check_model(model)

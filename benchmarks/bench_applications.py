@@ -1,0 +1,198 @@
+"""Stock keras.applications models end to end: time per stage against the floor, sizes, runtimes.
+
+Each architecture is built in plain Keras 3 (``import keras``) with
+``weights=None`` at a small input and run through ``keras_mpq.quantize``
+(data-free: synthetic calibration data) and both exports ('mobile' checked in
+LiteRT, 'mcu' in TFLite Micro). Each model runs in its own process so its peak
+RSS is its own. The floor is measured in the same process: one forward pass of
+the folded float model over the calibration set, times weight layers times
+candidate bit-widths (what any per-(layer, bits) sensitivity needs at least).
+Agreement: float versus quantized predictions on real inputs (MNIST test
+images resized to the model's input and tiled to 3 channels). The models are
+untrained (no weights are downloaded), so agreement says how faithfully the
+quantized model follows the float one, not accuracy.
+
+    .venv/bin/python benchmarks/bench_applications.py            # all 8, 32 px
+    .venv/bin/python benchmarks/bench_applications.py --models EfficientNetB0 --size 96
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+MODELS = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
+          "EfficientNetB0", "ResNet50", "DenseNet121", "NASNetMobile")
+BITS = (2, 4, 8)
+
+
+def real_inputs(size: int, n: int):
+  """MNIST test images resized to size x size, tiled to 3 channels, in 0..255."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from keras_mpq import demo_data  # pylint: disable=g-import-not-at-top
+  data = demo_data.load_default()
+  x = np.asarray(data.x_test[:n], np.float32)
+  if x.max() <= 1.0:
+    x = x * 255.0
+  x = tf.image.resize(x, (size, size)).numpy()
+  return np.repeat(x, 3, axis=-1).astype(np.float32), data.split
+
+
+def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
+  """Runs one architecture; returns its row (called in a child process)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import keras  # Keras 3  # pylint: disable=g-import-not-at-top
+  import keras_mpq  # pylint: disable=g-import-not-at-top
+  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  row = {"model": name, "size": size}
+  t0 = time.perf_counter()
+  k3 = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                         classes=10)
+  row["build_s"] = time.perf_counter() - t0
+  row["params"] = int(k3.count_params())
+  t0 = time.perf_counter()
+  result = keras_mpq.quantize(k3, budget, num_samples=samples, weight_bits=BITS, seed=0,
+                              progress=False)
+  row["quantize_s"] = time.perf_counter() - t0
+  timings = result.report["timings_s"]
+  row.update({f"{k}_s": v for k, v in timings.items()})
+  folded = result.float_model
+  layers = apply.plan_layers(folded)
+  row["weight_layers"] = len(layers)
+  x = result.calibration_data
+  folded.predict(x[:2], verbose=0)  # warm up (tracing is not part of the floor)
+  t0 = time.perf_counter()
+  folded.predict(x, verbose=0, batch_size=128)
+  row["forward_s"] = time.perf_counter() - t0
+  row["floor_s"] = row["forward_s"] * len(layers) * len(BITS)
+  info = result.sensitivity.info
+  row["evaluations"] = info.get("evaluations")
+  row["prefix_reuse"] = f"{sum(bool(v) for v in info.get('prefix_reuse', {}).values())}/{len(layers)}"
+  row["traces"] = json.dumps(info.get("traces"))
+  row["avg_bits"] = result.report["achieved"].get("avg_bits")
+  xr, split = real_inputs(size, n_real)
+  row["split"] = split
+  fp = folded.predict(xr, verbose=0).argmax(-1)
+  qp = result.model.predict(xr, verbose=0).argmax(-1)
+  row["keras_agree"] = float(np.mean(fp == qp))
+  with tempfile.TemporaryDirectory() as tmp:
+    for target, runtime in (("mobile", "litert"), ("mcu", "tflm")):
+      path = os.path.join(tmp, f"{target}.tflite")
+      t0 = time.perf_counter()
+      try:
+        exported = result.export(path, target=target)
+        row[f"{target}_export_s"] = time.perf_counter() - t0
+        row[f"{target}_kb"] = exported.size / 1024
+        checked = keras_mpq.validate_tflite(path, xr, reference=folded, runtime=runtime)
+        row[f"{target}_ran"] = checked.runtime == runtime
+        row[f"{target}_agree"] = checked.agreement
+      except Exception as e:  # pylint: disable=broad-except  # reported in the table
+        row[f"{target}_export_s"] = time.perf_counter() - t0
+        row[f"{target}_ran"] = False
+        row[f"{target}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", nargs="*", default=list(MODELS))
+  parser.add_argument("--size", type=int, default=32)
+  parser.add_argument("--samples", type=int, default=32)
+  parser.add_argument("--real", type=int, default=200, help="real MNIST inputs for agreement")
+  parser.add_argument("--budget", default="4bit")
+  parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "applications.md"))
+  args = parser.parse_args()
+  if args.child:
+    row = one(args.child, args.size, args.samples, args.real, args.budget)
+    print("ROW " + json.dumps(row), flush=True)
+    return 0
+  from keras_mpq import fileio, report  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  rows = []
+  for name in args.models:
+    cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size),
+           "--samples", str(args.samples), "--real", str(args.real), "--budget", args.budget]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = [l[4:] for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+    if found:
+      rows.append(json.loads(found[-1]))
+    else:
+      tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      rows.append({"model": name, "size": args.size, "mobile_ran": False, "mcu_ran": False,
+                   "mobile_error": f"exit {proc.returncode}: {tail[:200]}"})
+    print(json.dumps(rows[-1]), flush=True)
+  split = next((r["split"] for r in rows if "split" in r), "MNIST test")
+
+  def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+  timing_rows, out_rows = [], []
+  for r in rows:
+    timing_rows.append({
+        "model": r["model"], "params": fmt(r.get("params"), ","),
+        "layers": r.get("weight_layers", "-"),
+        "load": fmt(r.get("load_s"), ".1f"), "synth": fmt(r.get("synthesis_s"), ".1f"),
+        "sens": fmt(r.get("sensitivity+allocation_s"), ".1f"),
+        "apply": fmt(r.get("apply_s"), ".1f"), "quantize": fmt(r.get("quantize_s"), ".1f"),
+        "floor": fmt(r.get("floor_s"), ".1f"),
+        "ratio": (fmt(r["sensitivity+allocation_s"] / r["floor_s"], ".1f")
+                  if r.get("floor_s") else "-"),
+        "evals": r.get("evaluations", "-"), "reuse": r.get("prefix_reuse", "-"),
+        "rss": fmt(r.get("peak_rss_mb"), ".0f")})
+    out_rows.append({
+        "model": r["model"], "avg_bits": fmt(r.get("avg_bits"), ".2f"),
+        "mobile_kb": fmt(r.get("mobile_kb"), ".0f"), "mobile_s": fmt(r.get("mobile_export_s"), ".1f"),
+        "mobile_ran": "yes" if r.get("mobile_ran") else "no",
+        "mcu_kb": fmt(r.get("mcu_kb"), ".0f"), "mcu_s": fmt(r.get("mcu_export_s"), ".1f"),
+        "mcu_ran": "yes" if r.get("mcu_ran") else "no",
+        "keras_agree": fmt(r.get("keras_agree"), ".2f"),
+        "mobile_agree": fmt(r.get("mobile_agree"), ".2f"),
+        "mcu_agree": fmt(r.get("mcu_agree"), ".2f")})
+  errors = [f"- {r['model']} {k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")]
+  command = ("`.venv/bin/python benchmarks/bench_applications.py"
+             + (f" --models {' '.join(args.models)}" if list(args.models) != list(MODELS) else "")
+             + f" --size {args.size} --samples {args.samples}`")
+  text = "\n".join([
+      "## Stock keras.applications models: time per stage, sizes, runtimes", "",
+      f"- Command: {command}",
+      f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
+      f"{os.cpu_count()} cores, CPU only, shared; took {time.perf_counter() - start:.0f}s",
+      f"- Models: plain Keras 3, `weights=None` (untrained), {args.size}x{args.size}x3 input, "
+      f"10 classes; `keras_mpq.quantize(model, {args.budget!r}, num_samples={args.samples})` "
+      "(synthetic calibration data), candidate bits 2/4/8.",
+      "- Floor: one forward pass of the float model over the calibration set x weight "
+      "layers x 3 candidate bit-widths, measured in the same process; ratio = "
+      "sensitivity+allocation / floor.",
+      f"- Agreement: argmax of float versus quantized on {args.real} real inputs ({split}, "
+      "resized, tiled to 3 channels); Keras (tfmot model) and each file in its runtime "
+      "(LiteRT for mobile, TFLite Micro for mcu). Untrained models: agreement, not accuracy.",
+      "", "Time per stage (seconds) and peak RSS (MB):", "",
+      "```", report.format_table(timing_rows, list(timing_rows[0]),
+                                 ["model", "params", "weight layers", "load", "synthesis",
+                                  "sens+alloc", "apply", "quantize", "floor", "ratio",
+                                  "evaluations", "prefix reuse", "peak RSS"]), "```", "",
+      "Exports:", "",
+      "```", report.format_table(out_rows, list(out_rows[0]),
+                                 ["model", "avg bits", "mobile KB", "mobile s", "LiteRT ran",
+                                  "mcu KB", "mcu s", "TFLM ran", "agree Keras",
+                                  "agree mobile", "agree mcu"]), "```", ""]
+      + (["Failures:", ""] + errors + [""] if errors else []))
+  fileio.write_text(args.out, text)
+  print(text)
+  return 0 if all(r.get("mobile_ran") and r.get("mcu_ran") for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
