@@ -23,7 +23,8 @@ import numpy as np
 from keras_mpq import apply as apply_lib
 from keras_mpq import fileio
 from keras_mpq.compat import keras, set_global_seed
-from keras_mpq.types import (Budget, CostTable, FLOAT_BITS, InvalidInputError,
+from keras_mpq.types import (Budget, BudgetInfeasibleError, BudgetKind, CostTable,
+                             FLOAT_BITS, InvalidInputError, KerasMpqError,
                              QuantizationPlan, SensitivityTable, check_activation_bits,
                              check_weight_bits, to_jsonable)
 
@@ -60,11 +61,48 @@ class QuantizationResult:
 
     >>> result.export("model.tflite", target="mcu")  # doctest: +SKIP
     """
+    from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
     from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-    plan = apply_lib.current_plan(self.model, **dict(self.plan.info))
-    return export_lib.export_tflite(apply_lib.bake(self.model), path, plan,
-                                    target=target,
-                                    calibration_data=self.calibration_data, **kwargs)
+    from keras_mpq.types import FileOverBudgetError  # pylint: disable=g-import-not-at-top
+    settings = self.report.get("settings", {})
+    kwargs.setdefault("ram", settings.get("ram"))
+    if settings.get("strip") is not None:
+      kwargs.setdefault("strip", settings.get("strip"))
+    budget = Budget.from_dict(self.report["budget"]) if "budget" in self.report else None
+    file_budget = (budget is not None and budget.kind == BudgetKind.BYTES
+                   and self.costs.target == target)
+    if file_budget:
+      kwargs.setdefault("max_bytes", budget.value)
+    model, plan = self.model, apply_lib.current_plan(self.model, **dict(self.plan.info))
+    notes = []
+    for attempt in range(4):
+      try:
+        result = export_lib.export_tflite(apply_lib.bake(model), path, plan, target=target,
+                                          calibration_data=self.calibration_data, **kwargs)
+        break
+      except FileOverBudgetError as e:
+        if not file_budget or attempt == 3:
+          raise
+        # Re-plan: tighten the allocator's budget by the overshoot, and allocate again.
+        limit = budget.value - (e.size - e.limit) * (attempt + 1) - 16 * (attempt + 1)
+        try:
+          found = allocation.allocate(self.sensitivity, Budget.bytes(max(limit, 1.0)),
+                                      self.costs, settings.get("pinned") or None)
+        except KerasMpqError:
+          raise e from None
+        new_plan = found.plan if hasattr(found, "plan") else found
+        notes.append(f"file {e.size} B > budget {e.limit:.0f} B: re-planned with the "
+                     f"allocator's budget at {limit:.0f} B")
+        plan = QuantizationPlan(new_plan.weight_bits,
+                                {n: self.plan.act_bits(n) for n in new_plan.weight_bits},
+                                self.plan.default_activation_bits, new_plan.info)
+        model = apply_lib.apply_plan(self.float_model, plan, self.calibration_data,
+                                     fold_bn=False)
+    if notes:
+      result = dataclasses.replace(result, notes=tuple(notes) + tuple(result.notes) + (
+          "re-planned weight bits: " + ", ".join(f"{k}={v}" for k, v in
+                                                  plan.weight_bits.items()),))
+    return result
 
   def save(self, directory, plots: bool = True) -> Dict[str, str]:
     """Writes plan.json, sensitivity.json, report.json and PNG plots into ``directory``."""
@@ -158,7 +196,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
              metric: str = "task_interaction", synthesis: str = "labeled",
              num_samples: int = 256, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
-             cache_dir=None, progress: Optional[bool] = None) -> QuantizationResult:
+             cache_dir=None, progress: Optional[bool] = None,
+             ram: Optional[float] = None, strip=None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -186,6 +225,16 @@ def quantize(model, budget, data=None, target: str = "mobile",
     cache_dir: where to cache synthetic data and sensitivity so a killed run
       resumes (None: no cache).
     progress: progress bars (None: only when stderr is a terminal).
+    ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u');
+      `QuantizationResult.export` raises `RamLimitError` above it.
+    strip: what the export strips (see `keras_mpq.export.export_tflite`);
+      None: the target's default (everything TFLite Micro ignores, for mcu).
+
+  A byte budget (``"48KB"``) is the size of the exported file for
+  ``target``: one cheap export measures the file's fixed part, the costs come
+  from the exporter's storage rules for that target, and
+  `QuantizationResult.export` checks the written file against the budget
+  (re-planning if it came out larger).
 
   Returns:
     A `QuantizationResult`.
@@ -224,13 +273,20 @@ def quantize(model, budget, data=None, target: str = "mobile",
   model = model_io.load_model(model)
   model_io.check_model(model)
   folded = apply_lib.fold_batchnorm(model)
-  cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
+  if ram is not None and (isinstance(ram, bool) or not isinstance(ram, (int, float))
+                          or not np.isfinite(ram) or ram <= 0):
+    raise InvalidInputError(f"Expected ram as a positive number of bytes. Received: ram={ram!r}")
+  if budget.kind == BudgetKind.BYTES:
+    cost_table = _file_costs(folded, target, bits, activation_bits, strip, seed, budget)
+  else:
+    cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
   lap("load")
 
   settings = {"bits": bits, "activation_bits": activation_bits, "metric": metric,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
-              "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict()}
+              "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
+              "target": target, "ram": ram, "strip": strip}
   cache = fileio.ensure_dir(cache_dir) if cache_dir is not None else None
 
   # 1. Calibration data: synthesized from the model, or the user's.
@@ -289,6 +345,27 @@ def quantize(model, budget, data=None, target: str = "mobile",
   return QuantizationResult(qmodel, plan, table, report, folded, x, cost_table)
 
 
+def _file_costs(folded, target, bits, activation_bits, strip, seed, budget) -> CostTable:
+  """Byte costs of ``target``'s file; refuses a budget below its fixed part, before synthesis."""
+  from keras_mpq import costs as costs_lib, export as export_lib  # pylint: disable=g-import-not-at-top
+  profile = export_lib.measure_storage(folded, target, activation_bits=activation_bits,
+                                       strip=strip, seed=seed)
+  table = costs_lib.file_cost_table(folded, profile, bits=bits, activation_bits=activation_bits)
+  smallest = float(table.matrix("bytes").min(axis=1).sum())
+  m = table.matrix("bytes")
+  fixed_rows = [n for n, row in zip(table.layers, m) if np.ptp(row) == 0]
+  flat = (f" On {target}, layers {fixed_rows} cost the same at every bit-width (their "
+          "operators run only with int8 weights there)." if fixed_rows else "")
+  if budget.value < smallest:
+    raise BudgetInfeasibleError(
+        f"Expected a byte budget of at least {smallest:.0f} B for target={target!r}: that is "
+        f"the smallest file (every layer at {min(bits)} bits), of which {table.fixed_bytes:.0f} B "
+        "is the file's fixed part (graph, activation scales, structure), measured by "
+        f"exporting this model.{flat} Received: budget={budget.describe()}. Raise the "
+        "budget, or add lower candidate bit-widths.", smallest)
+  return table
+
+
 def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_info,
                  rounds_info, timings, settings) -> Dict[str, Any]:
   """The JSON-able report of a run: what was asked, what was chosen, what it costs."""
@@ -309,10 +386,30 @@ def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_i
   achieved = {kind: cost_table.plan_cost(plan, kind) for kind in cost_table.table}
   total_params = sum(c.n_params for c in cost_table.layer_costs)
   float_bytes = sum(c.weight_bytes(FLOAT_BITS) for c in cost_table.layer_costs)
+  if cost_table.target is not None:
+    for row in rows:
+      b = plan.weight_bits.get(row["layer"])
+      if row["layer"] in cost_table.layers and b in cost_table.bits:
+        row["weight_bytes"] = cost_table.layer_bytes(row["layer"], b)
+  top = QuantizationPlan({n: max(cost_table.bits) for n in cost_table.layers})
+  top_cost = cost_table.plan_cost(top, budget.kind) if cost_table.has(budget.kind) else None
+  binds = not (top_cost is not None and top_cost <= budget.value
+               and all(plan.weight_bits.get(n) == max(cost_table.bits) for n in cost_table.layers))
+  note = None
+  if not binds:
+    note = (f"budget {budget.describe()} does not bind: the all-{max(cost_table.bits)}-bit plan "
+            f"costs {top_cost:.6g} ({budget.kind.value}), so every layer got "
+            f"{max(cost_table.bits)} bits")
   return {
       "budget": {**budget.to_dict(), "text": budget.describe()},
       "achieved": achieved,
       "within_budget": achieved[budget.kind.value] <= budget.value * (1 + 1e-9),
+      "within_budget_basis": ("predicted file bytes for target " + str(cost_table.target)
+                              if cost_table.target else "predicted costs"),
+      "budget_binds": binds,
+      "budget_note": note,
+      "fixed_file_bytes": cost_table.fixed_bytes if cost_table.target else None,
+      "cost_target": cost_table.target,
       "float_weight_bytes": float_bytes,
       "total_params": total_params,
       "predicted_loss_increase": table.predicted(plan),

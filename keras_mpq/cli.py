@@ -2,7 +2,7 @@
 
     keras-mpq quantize MODEL --budget 4bit --target mcu --out DIR [--data data.npz]
     keras-mpq validate MODEL.tflite --data data.npz [--runtime tflm]
-    keras-mpq inspect MODEL.tflite [--plan DIR/plan.json]
+    keras-mpq inspect MODEL.tflite [--plan DIR/plan.json] [--view deploy]
 
 ``MODEL`` is a ``.keras``, ``.h5`` or SavedModel path. ``--data`` is an ``.npz``
 with arrays ``x`` (and ``y``), an ``.npy`` of inputs, or ``mnist`` / ``digits``
@@ -44,6 +44,11 @@ flags.DEFINE_string("plan", None, "inspect: a plan.json to check the file agains
 flags.DEFINE_boolean("progress", None, "Progress bars (default: when on a terminal).")
 flags.DEFINE_boolean("cache", True, "quantize: cache synthetic data and sensitivity in OUT.")
 flags.DEFINE_boolean("debug", False, "Show full tracebacks.")
+flags.DEFINE_string("ram", None, "quantize: RAM limit for the TFLite Micro arena, e.g. 64KB "
+                    "(mcu, ethos-u); an export whose arena exceeds it fails.")
+flags.DEFINE_enum("view", "tensors", ["tensors", "deploy"],
+                  "inspect: 'tensors' (per-tensor storage) or 'deploy' (flash, TFLite Micro "
+                  "arena RAM, latency).")
 
 USAGE = __doc__
 
@@ -121,18 +126,20 @@ def cmd_quantize(model_path: str) -> int:
       activation_bits=FLAGS.activation_bits, metric=FLAGS.metric,
       synthesis=FLAGS.synthesis, num_samples=FLAGS.samples, rounds=FLAGS.rounds,
       pinned=_parse_pins(), seed=FLAGS.seed, progress=FLAGS.progress,
-      cache_dir=(out / "cache") if FLAGS.cache else None)
+      cache_dir=(out / "cache") if FLAGS.cache else None, ram=_parse_ram())
   start = time.perf_counter()
   tflite_path = out / f"model_{FLAGS.target.replace('-', '_')}.tflite"
   exported = result.export(tflite_path, target=FLAGS.target)
   report = dict(result.report)
   report["export"] = _asdict(exported)
+  _file_vs_budget(report, exported)
   report["timings_s"] = {**report["timings_s"], "export": round(time.perf_counter() - start, 3)}
   if eval_data is not None:
     x, y = eval_data
     start = time.perf_counter()
-    report["validation"] = _asdict(keras_mpq.validate_tflite(
-        tflite_path, x, y, reference=result.model))
+    report["validation"] = _asdict(keras_mpq.validate_tflite(  # mcu: in TFLite Micro itself
+        tflite_path, x, y, reference=result.model,
+        runtime="tflm" if FLAGS.target == "mcu" else "auto"))
     report["timings_s"]["validate"] = round(time.perf_counter() - start, 3)
   result = _with_report(result, report)
   files = result.save(out)
@@ -144,6 +151,29 @@ def cmd_quantize(model_path: str) -> int:
           f"agreement with Keras {v.get('agreement')}")
   print("wrote " + ", ".join(sorted(pathlib.Path(p).name for p in files.values())))
   return 0
+
+
+def _parse_ram():
+  from keras_mpq.types import Budget, BudgetKind, InvalidInputError  # pylint: disable=g-import-not-at-top
+  if not FLAGS.ram:
+    return None
+  try:
+    budget = Budget.parse(FLAGS.ram)
+  except InvalidInputError:
+    budget = None
+  if budget is None or budget.kind != BudgetKind.BYTES:
+    raise InvalidInputError(f"Expected --ram as a size such as 64KB or 20000B. "
+                            f"Received: --ram={FLAGS.ram}")
+  return budget.value
+
+
+def _file_vs_budget(report, exported) -> None:
+  """Judges a byte budget by the written file (not the prediction) when it is the file's."""
+  budget = report.get("budget", {})
+  report["file_bytes"] = exported.size
+  if budget.get("kind") == "bytes" and report.get("cost_target") == exported.target:
+    report["within_budget"] = exported.size <= budget["value"]
+    report["within_budget_basis"] = f"written file ({exported.size} B)"
 
 
 def _asdict(obj):
@@ -177,6 +207,12 @@ def cmd_validate(tflite_path: str) -> int:
 
 def cmd_inspect(tflite_path: str) -> int:
   from keras_mpq import tflite_inspect  # pylint: disable=g-import-not-at-top
+  if FLAGS.view == "deploy":
+    from keras_mpq import validate  # pylint: disable=g-import-not-at-top
+    micro = validate.is_full_integer_batch1(tflite_path)
+    print(validate.format_deployment(validate.deployment_report(
+        tflite_path, "mcu" if micro else "mobile")))
+    return 0
   rows = tflite_inspect.inspect_tflite(tflite_path)
   plan = _read_plan(FLAGS.plan) if FLAGS.plan else None
   print(tflite_inspect.format_rows(rows))

@@ -819,6 +819,64 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
                       deployment=report, other_layers=other)
 
 
+@dataclasses.dataclass(frozen=True)
+class StorageProfile:
+  """What a real export of a model for a target measured, for `keras_mpq.costs.file_cost_table`.
+
+  ``size``: the file's bytes with every planned layer at ``reference_bits``;
+  ``ops``: per layer, its weight operators and their weight counts;
+  ``zero_points_stripped``: whether the file's per-channel zero points were
+  cut (the mcu default).
+  """
+
+  target: str
+  size: int
+  ops: Mapping[str, Tuple[Tuple[str, int], ...]]
+  reference_bits: int = 8
+  zero_points_stripped: bool = False
+  strip: Tuple[str, ...] = ()
+
+  def to_dict(self) -> Dict[str, Any]:
+    return to_jsonable(dataclasses.asdict(self))
+
+
+def measure_storage(model, target: str = "mobile", layers: Optional[Sequence[str]] = None,
+                    activation_bits: int = 8, strip=None, seed: int = 0) -> StorageProfile:
+  """Exports ``model`` once for ``target`` at 8 bits and measures its file (one cheap export).
+
+  Calibration uses two random inputs: ranges do not change a file's size.
+  The same stripping as the final export (``strip``) is applied, so the
+  fixed part measured is the fixed part of the file that will be written.
+
+  Example:
+
+  >>> p = measure_storage(model, "mcu")                     # doctest: +SKIP
+  >>> p.size, p.ops["fc1"]                                  # doctest: +SKIP
+  (55280, (('FULLY_CONNECTED', 50176),))
+  """
+  if target not in TARGETS:
+    raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
+  if layers is None:
+    layers = [l.name for l in quantizers.quantizable_layers(model)]
+  steps = _resolve_strip(strip, target)
+  plan = QuantizationPlan({n: 8 for n in layers}, {n: activation_bits for n in layers},
+                          activation_bits)
+  shape = (2,) + tuple(int(d) for d in model.inputs[0].shape[1:])
+  x = np.random.default_rng(seed).uniform(0.0, 1.0, shape).astype(np.float32)
+  with tempfile.TemporaryDirectory(prefix="keras_mpq_measure_") as tmp:
+    r = export_tflite(model, os.path.join(tmp, "m.tflite"), plan, target, x, strip=steps,
+                      deployment=False, seed=seed)
+  ops: Dict[str, List[Tuple[str, int]]] = {n: [] for n in layers}
+  for l in r.layers:
+    if l.stored_type != "INT8":
+      raise UnsupportedModelError(
+          f"Expected every layer stored int8 in an 8-bit export. Received: {l.layer} "
+          f"stored {l.stored_type}")
+    ops[l.layer].append((l.op, int(l.bytes)))
+  return StorageProfile(target, int(r.size), {k: tuple(v) for k, v in ops.items()}, 8,
+                        "zero_points" in steps, tuple(steps))
+
+
 def _explain_warnings(caught, qbytes: bytes) -> List[str]:
   """Notes for RuntimeWarnings ai-edge-quantizer raised; the scales were checked already."""
   out = []
