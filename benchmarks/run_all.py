@@ -35,6 +35,7 @@ SUITE = [
     ("bench_apply.py", "apply", [], None),
     ("bench_export.py", "export", [], None),
     ("bench_stages.py", "stages", [], ["--quick"]),
+    ("bench_deploy.py", "deploy", [], ["--models", "digits_mlp,plain_cnn"]),
 ]
 
 HEADER = """# keras_mpq benchmarks

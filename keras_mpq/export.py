@@ -427,12 +427,11 @@ def replace_gelu(model) -> Tuple[Any, List[str]]:
   changed: List[str] = []
 
   def clone(layer):
-    cfg = layer.get_config()
+    new = layer.__class__.from_config(layer.get_config())
     if _is_gelu(getattr(layer, "activation", None)):
-      cfg["activation"] = gelu_tanh_form
+      new.activation = gelu_tanh_form
       changed.append(layer.name)
-      return layer.__class__.from_config(cfg)
-    return layer.__class__.from_config(cfg)
+    return new
 
   if not any(_is_gelu(getattr(l, "activation", None)) for l in model.layers):
     return model, []
@@ -527,7 +526,10 @@ that are all zero (symmetric weights and biases), cut to one entry. LiteRT
 refuses a file whose zero points are cut (it wants one per scale), so
 'zero_points' is for TFLite Micro only."""
 
-DEFAULT_STRIP = {"mobile": (), "mcu": STRIP_STEPS, "ethos-u": ()}
+DEFAULT_STRIP = {"mobile": (), "mcu": ("signatures", "metadata", "zero_points"), "ethos-u": ()}
+"""mcu strips by default what no keras_mpq tool reads. Tensor names stay by
+default: `keras-mpq inspect --plan`, `check_against_plan` and the per-layer
+read-back find a layer's tensors by name; ``strip=True`` removes them too."""
 _KEEP_METADATA = (b"OfflineMemoryAllocation",)
 
 
@@ -686,7 +688,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
       activation ranges; at most ``max_calibration_samples`` are used.
     seed: picks the calibration subset repeatably.
     strip: what to remove that the runtime does not read (`STRIP_STEPS`):
-      None = the target's default (all steps for 'mcu', none otherwise),
+      None = the target's default (`DEFAULT_STRIP`: signatures, metadata and
+      zero points for 'mcu', nothing otherwise),
       True = all the target allows, False = nothing, or a list of steps. A
       stripped mcu file is checked to give the same outputs in TFLite Micro.
     lut: 'mcu' only: TFLite Micro lookup-table compression of 2- and 3-bit
