@@ -407,6 +407,7 @@ GELU_TANH_COEFF = 0.044715
 _SQRT_2_OVER_PI_X2 = 2.0 * math.sqrt(2.0 / math.pi)
 
 
+@keras.utils.register_keras_serializable(package="keras_mpq")
 def gelu_tanh_form(x):
   """GELU's tanh form, ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))``, from MUL/ADD/LOGISTIC.
 

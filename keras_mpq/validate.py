@@ -327,10 +327,8 @@ def _tflm_interpreter(Interpreter, data: bytes, arena_size: Optional[int] = None
     if isinstance(e, MissingDependencyError):
       raise
     text = str(e).strip()
-    hint = ("TFLite Micro has no kernel for an operator in it: export with target='mcu', "
-            "which checks every operator against TFLite Micro's kernels before exporting."
-            if "find op" in text else
-            "Export it with target='mcu' (full integer, batch 1).")
+    hint = ("Export it with target='mcu' (full integer, batch 1; every operator is checked "
+            "against TFLite Micro's kernels before export).")
     raise InvalidInputError(
         f"TFLite Micro could not allocate this model: {text[:200]}. {hint}") from None
 
