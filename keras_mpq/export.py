@@ -525,7 +525,9 @@ the converter's metadata (``CONVERSION_METADATA``, ``min_runtime_version``;
 an ``OfflineMemoryAllocation`` entry is kept); and per-channel zero points
 that are all zero (symmetric weights and biases), cut to one entry. LiteRT
 refuses a file whose zero points are cut (it wants one per scale), so
-'zero_points' is for TFLite Micro only."""
+'zero_points' is for TFLite Micro only; keras_mpq's own LiteRT paths
+(`validate_tflite`, `benchmark_latency`) restore them in memory first
+(`tflite_inspect.restore_zero_points`)."""
 
 DEFAULT_STRIP = {"mobile": (), "mcu": ("signatures", "metadata", "zero_points"), "ethos-u": ()}
 """mcu strips by default what no keras_mpq tool reads. Tensor names stay by

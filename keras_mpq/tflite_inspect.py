@@ -389,6 +389,16 @@ def align(model_bytes: bytes) -> bytes:
       return f.read()
 
 
+def has_cut_zero_points(path_or_bytes) -> bool:
+  """True if some tensor has one zero point for several scales (an mcu file's 'zero_points' strip)."""
+  reader = path_or_bytes if isinstance(path_or_bytes, _Reader) else parse(path_or_bytes)
+  for tensor in reader.tensors:
+    q = tensor.Quantization()
+    if q is not None and q.ScaleLength() > 1 and q.ZeroPointLength() == 1:
+      return True
+  return False
+
+
 def restore_zero_points(model_bytes: bytes) -> bytes:
   """Undoes the 'zero_points' strip step (one zero per scale again), for LiteRT's checks."""
   from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top

@@ -163,6 +163,8 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   _check_references(tflite_inspect.parse(data))  # a damaged file fails here, clearly
   if runtime == "tflm":
     return _run_tflm(data, x)
+  if tflite_inspect.has_cut_zero_points(data):  # an mcu file: LiteRT wants one per scale
+    data = tflite_inspect.restore_zero_points(data)
   Interpreter, name = _litert_class(runtime)  # pylint: disable=invalid-name
   try:
     kwargs = {"model_content": data, "num_threads": 1}
@@ -482,6 +484,8 @@ def benchmark_latency(path_or_bytes, runs: int = 50, threads: int = 1, warmup: i
   """
   data = tflite_inspect.read_bytes(path_or_bytes)
   _check_references(tflite_inspect.parse(data))
+  if tflite_inspect.has_cut_zero_points(data):
+    data = tflite_inspect.restore_zero_points(data)
   Interpreter, _ = _litert_class("auto")  # pylint: disable=invalid-name
   try:
     interp = Interpreter(model_content=data, num_threads=threads)
@@ -540,7 +544,7 @@ def deployment_report(path_or_bytes, target: str, tflm_bytes=None, x=None,
   if target in ("mcu", "ethos-u"):
     report["arena_bytes"] = tflm_arena_bytes(micro, x)
     report["ram_runtime"] = "tflm"
-  runnable = data if target == "mobile" else tflite_inspect.restore_zero_points(micro)
+  runnable = data if target == "mobile" else micro
   try:
     report["latency_ms"] = round(benchmark_latency(runnable, runs=latency_runs), 4)
     report["latency_runtime"] = "litert (this machine's CPU, 1 thread)"
