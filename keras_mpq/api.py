@@ -25,6 +25,7 @@ from keras_mpq import fileio
 from keras_mpq.compat import keras, set_global_seed
 from keras_mpq.types import (Budget, BudgetInfeasibleError, BudgetKind, CostTable,
                              FLOAT_BITS, InvalidInputError, KerasMpqError,
+                             MissingDependencyError,
                              QuantizationPlan, SensitivityTable, check_activation_bits,
                              check_weight_bits, to_jsonable)
 
@@ -276,9 +277,13 @@ def quantize(model, budget, data=None, target: str = "mobile",
   if ram is not None and (isinstance(ram, bool) or not isinstance(ram, (int, float))
                           or not np.isfinite(ram) or ram <= 0):
     raise InvalidInputError(f"Expected ram as a positive number of bytes. Received: ram={ram!r}")
+  cost_table = None
   if budget.kind == BudgetKind.BYTES:
-    cost_table = _file_costs(folded, target, bits, activation_bits, strip, seed, budget)
-  else:
+    try:
+      cost_table = _file_costs(folded, target, bits, activation_bits, strip, seed, budget)
+    except MissingDependencyError:  # no exporter installed: weight bytes only (report says so)
+      cost_table = None
+  if cost_table is None:
     cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
   lap("load")
