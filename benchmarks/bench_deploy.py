@@ -96,16 +96,35 @@ def run_model(name, out_dir, lines):
                  f"{lut.deployment['arena_bytes']} | {'yes' if used else 'no: ' + '; '.join(n for n in lut.notes if 'lookup' in n)[:80]} |")
       print(LUT[-1], flush=True)
     print(f"{name} {target}: {time.perf_counter() - t0:.0f} s", flush=True)
+  if args_vela[0]:
+    rows = {}
+    for bits in (8, 4, 2):
+      plan = QuantizationPlan({n: bits for n in table.layers})
+      try:
+        r = export_lib.export_tflite(folded, os.path.join(out_dir, "v.tflite"), plan, "ethos-u", x)
+      except keras_mpq.KerasMpqError as e:
+        VELA.append(f"| {name} | {bits} | Vela failed: {str(e)[:80]} | | | |")
+        continue
+      mcu = os.path.getsize(r.mcu_path)
+      rows[bits] = r.size
+      npu = r.deployment.get("npu") or {}
+      VELA.append(f"| {name} | {bits} | {mcu} | {r.size} | {npu.get('flash_kib', '-')} | "
+                  f"{npu.get('sram_kib', '-')} | {npu.get('npu_cycles', '-')} |")
+      print(VELA[-1], flush=True)
 
 
 LUT = []
+VELA = []
+args_vela = [True]
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", default="digits_mlp,plain_cnn,separable_cnn,mobilenet_v2")
   parser.add_argument("--out", default="benchmarks/results/deploy.md")
+  parser.add_argument("--no-vela", action="store_true")
   args = parser.parse_args()
+  args_vela[0] = not args.no_vela
   start = time.perf_counter()
   out_dir = fileio.ensure_dir("bench_out/deploy")
   lines = []
@@ -127,7 +146,11 @@ def main():
       "TFLite Micro lookup-table compression (all layers planned 2 bits, mcu; DECODE "
       "decodes into the arena):", "",
       "| model | mcu file B | with LUT B | arena B | arena with LUT B | used |",
-      "|---|---:|---:|---:|---:|---|", *LUT, ""]
+      "|---|---:|---:|---:|---:|---|", *LUT, "",
+      "Vela's weight compression (ethos-u, ethos-u55-128; every layer at the given bits, "
+      "stored int8 holding 2^b-1 levels):", "",
+      "| model | bits | mcu file B (Vela input) | Vela file B | Vela flash KiB | "
+      "SRAM KiB | NPU cycles |", "|---|---:|---:|---:|---:|---:|---:|", *VELA, ""]
   fileio.write_text(args.out, "\n".join(text))
   print(f"wrote {args.out}")
 
