@@ -391,11 +391,14 @@ def align(model_bytes: bytes) -> bytes:
 
 def has_cut_zero_points(path_or_bytes) -> bool:
   """True if some tensor has one zero point for several scales (an mcu file's 'zero_points' strip)."""
-  reader = path_or_bytes if isinstance(path_or_bytes, _Reader) else parse(path_or_bytes)
-  for tensor in reader.tensors:
-    q = tensor.Quantization()
-    if q is not None and q.ScaleLength() > 1 and q.ZeroPointLength() == 1:
-      return True
+  try:
+    reader = path_or_bytes if isinstance(path_or_bytes, _Reader) else parse(path_or_bytes)
+    for tensor in reader.tensors:
+      q = tensor.Quantization()
+      if q is not None and q.ScaleLength() > 1 and q.ZeroPointLength() == 1:
+        return True
+  except Exception:  # pylint: disable=broad-except  # a damaged file: the runtime's checks say so
+    return False
   return False
 
 
