@@ -164,7 +164,10 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   if runtime == "tflm":
     return _run_tflm(data, x)
   if tflite_inspect.has_cut_zero_points(data):  # an mcu file: LiteRT wants one per scale
-    data = tflite_inspect.restore_zero_points(data)
+    try:
+      data = tflite_inspect.restore_zero_points(data)
+    except Exception:  # pylint: disable=broad-except  # damaged: LiteRT refuses it below
+      pass
   Interpreter, name = _litert_class(runtime)  # pylint: disable=invalid-name
   try:
     kwargs = {"model_content": data, "num_threads": 1}
