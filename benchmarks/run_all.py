@@ -38,6 +38,7 @@ SUITE = [
     ("bench_export.py", "export", [], None),
     ("bench_stages.py", "stages", [], ["--quick"]),
     ("bench_applications.py", "applications", [], None),
+    ("bench_deploy.py", "deploy", [], ["--models", "digits_mlp,plain_cnn"]),
 ]
 
 HEADER = """# keras_mpq benchmarks

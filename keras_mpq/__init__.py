@@ -24,7 +24,8 @@ import importlib
 __version__ = "0.1.0"
 
 from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasibleError,
-                             BudgetKind, CostTable, ExportResult, InvalidInputError,
+                             BudgetKind, CostTable, ExportResult, FileOverBudgetError,
+                             InvalidInputError, RamLimitError,
                              KerasMpqError, LayerCost, LayerExport, MissingDependencyError,
                              ParetoPoint, QuantizationPlan, SearchResult,
                              SensitivityTable, SynthesisResult, UnsupportedModelError, ValidationResult)
@@ -46,6 +47,8 @@ _LAZY = {
     "quantize_scope": "quantizers",
     "export_tflite": "export",
     "validate_tflite": "validate", "benchmark_latency": "validate",
+    "tflm_arena_bytes": "validate", "deployment_report": "validate",
+    "file_cost_table": "costs",
     "inspect_tflite": "tflite_inspect",
     "load_model": "model_io",
     "FreezeRanges": "callbacks", "FreezeBatchNorm": "callbacks",
@@ -54,7 +57,7 @@ _LAZY = {
 
 __all__ = sorted(list(_LAZY) + [
     "ACTIVATION_BITS", "FLOAT_BITS", "Budget", "BudgetInfeasibleError", "BudgetKind",
-    "CostTable", "ExportResult", "InvalidInputError", "KerasMpqError", "LayerCost",
+    "CostTable", "ExportResult", "FileOverBudgetError", "InvalidInputError", "RamLimitError", "KerasMpqError", "LayerCost",
     "LayerExport", "MissingDependencyError", "ParetoPoint", "QuantizationPlan", "SearchResult",
     "SensitivityTable", "SynthesisResult", "UnsupportedModelError", "ValidationResult"])
 

@@ -24,7 +24,9 @@ import numpy as np
 from keras_mpq import apply as apply_lib
 from keras_mpq import fileio
 from keras_mpq.compat import keras, set_global_seed
-from keras_mpq.types import (Budget, CostTable, FLOAT_BITS, InvalidInputError,
+from keras_mpq.types import (Budget, BudgetInfeasibleError, BudgetKind, CostTable,
+                             FLOAT_BITS, InvalidInputError, KerasMpqError,
+                             MissingDependencyError,
                              QuantizationPlan, SensitivityTable, check_activation_bits,
                              check_weight_bits, to_jsonable)
 
@@ -64,11 +66,48 @@ class QuantizationResult:
 
     >>> result.export("model.tflite", target="mcu")  # doctest: +SKIP
     """
+    from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
     from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-    plan = apply_lib.current_plan(self.model, **dict(self.plan.info))
-    return export_lib.export_tflite(apply_lib.bake(self.model), path, plan,
-                                    target=target,
-                                    calibration_data=self.calibration_data, **kwargs)
+    from keras_mpq.types import FileOverBudgetError  # pylint: disable=g-import-not-at-top
+    settings = self.report.get("settings", {})
+    kwargs.setdefault("ram", settings.get("ram"))
+    if settings.get("strip") is not None:
+      kwargs.setdefault("strip", settings.get("strip"))
+    budget = Budget.from_dict(self.report["budget"]) if "budget" in self.report else None
+    file_budget = (budget is not None and budget.kind == BudgetKind.BYTES
+                   and self.costs.target == target)
+    if file_budget:
+      kwargs.setdefault("max_bytes", budget.value)
+    model, plan = self.model, apply_lib.current_plan(self.model, **dict(self.plan.info))
+    notes = []
+    for attempt in range(4):
+      try:
+        result = export_lib.export_tflite(apply_lib.bake(model), path, plan, target=target,
+                                          calibration_data=self.calibration_data, **kwargs)
+        break
+      except FileOverBudgetError as e:
+        if not file_budget or attempt == 3:
+          raise
+        # Re-plan: tighten the allocator's budget by the overshoot, and allocate again.
+        limit = budget.value - (e.size - e.limit) * (attempt + 1) - 16 * (attempt + 1)
+        try:
+          found = allocation.allocate(self.sensitivity, Budget.bytes(max(limit, 1.0)),
+                                      self.costs, settings.get("pinned") or None)
+        except KerasMpqError:
+          raise e from None
+        new_plan = found.plan if hasattr(found, "plan") else found
+        notes.append(f"file {e.size} B > budget {e.limit:.0f} B: re-planned with the "
+                     f"allocator's budget at {limit:.0f} B")
+        plan = QuantizationPlan(new_plan.weight_bits,
+                                {n: self.plan.act_bits(n) for n in new_plan.weight_bits},
+                                self.plan.default_activation_bits, new_plan.info)
+        model = apply_lib.apply_plan(self.float_model, plan, self.calibration_data,
+                                     fold_bn=False)
+    if notes:
+      result = dataclasses.replace(result, notes=tuple(notes) + tuple(result.notes) + (
+          "re-planned weight bits: " + ", ".join(f"{k}={v}" for k, v in
+                                                  plan.weight_bits.items()),))
+    return result
 
   def save(self, directory, plots: bool = True) -> Dict[str, str]:
     """Writes plan.json, sensitivity.json, report.json and PNG plots into ``directory``."""
@@ -195,7 +234,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
              weight_method: Optional[str] = None,
              bias_correction: Optional[bool] = None,
              objective: Optional[str] = None,
-             context: str = "highest") -> QuantizationResult:
+             context: str = "highest"),
+             ram: Optional[float] = None, strip=None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -238,12 +278,22 @@ def quantize(model, budget, data=None, target: str = "mobile",
       ``"cross_entropy"`` (against the labels).
     context: first context of the task-interaction metric, ``"highest"`` or
       ``"budget"`` (see `keras_mpq.sensitivity.search`).
+    ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u');
+      `QuantizationResult.export` raises `RamLimitError` above it.
+    strip: what the export strips (see `keras_mpq.export.export_tflite`);
+      None: the target's default (everything TFLite Micro ignores, for mcu).
 
   The plan is checked by measurement before it is returned: the allocated
   plan, every uniform plan that fits the budget and a greedy plan are
   measured on a held-out part of the calibration data (half of it, when it
   has at least 64 samples), and the best measured one is kept;
   ``report["plan_selection"]`` says which won and by how much.
+
+  A byte budget (``"48KB"``) is the size of the exported file for
+  ``target``: one cheap export measures the file's fixed part, the costs come
+  from the exporter's storage rules for that target, and
+  `QuantizationResult.export` checks the written file against the budget
+  (re-planning if it came out larger).
 
   Returns:
     A `QuantizationResult`.
@@ -300,7 +350,17 @@ def quantize(model, budget, data=None, target: str = "mobile",
         "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another.",
         stacklevel=2)
   folded = apply_lib.fold_batchnorm(model)
-  cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
+  if ram is not None and (isinstance(ram, bool) or not isinstance(ram, (int, float))
+                          or not np.isfinite(ram) or ram <= 0):
+    raise InvalidInputError(f"Expected ram as a positive number of bytes. Received: ram={ram!r}")
+  cost_table = None
+  if budget.kind == BudgetKind.BYTES:
+    try:
+      cost_table = _file_costs(folded, target, bits, activation_bits, strip, seed, budget)
+    except MissingDependencyError:  # no exporter installed: weight bytes only (report says so)
+      cost_table = None
+  if cost_table is None:
+    cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
   lap("load")
 
@@ -309,7 +369,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
               "weight_method": weight_method, "bias_correction": bias_correction,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
               "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
-              "input_range": [low, high], "objective": objective, "context": context}
+              "input_range": [low, high], "objective": objective, "context": context,
+              "target": target, "ram": ram, "strip": strip}
   cache = fileio.ensure_dir(cache_dir) if cache_dir is not None else None
 
   # 1. Calibration data: synthesized from the model, or the user's.
@@ -401,6 +462,27 @@ def _compile_for_evaluation(qmodel, folded, x) -> None:
   qmodel.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss, metrics=["accuracy"])
 
 
+def _file_costs(folded, target, bits, activation_bits, strip, seed, budget) -> CostTable:
+  """Byte costs of ``target``'s file; refuses a budget below its fixed part, before synthesis."""
+  from keras_mpq import costs as costs_lib, export as export_lib  # pylint: disable=g-import-not-at-top
+  profile = export_lib.measure_storage(folded, target, activation_bits=activation_bits,
+                                       strip=strip, seed=seed)
+  table = costs_lib.file_cost_table(folded, profile, bits=bits, activation_bits=activation_bits)
+  smallest = float(table.matrix("bytes").min(axis=1).sum())
+  m = table.matrix("bytes")
+  fixed_rows = [n for n, row in zip(table.layers, m) if np.ptp(row) == 0]
+  flat = (f" On {target}, layers {fixed_rows} cost the same at every bit-width (their "
+          "operators run only with int8 weights there)." if fixed_rows else "")
+  if budget.value < smallest:
+    raise BudgetInfeasibleError(
+        f"Expected a byte budget of at least {smallest:.0f} B for target={target!r}: that is "
+        f"the smallest file (every layer at {min(bits)} bits), of which {table.fixed_bytes:.0f} B "
+        "is the file's fixed part (graph, activation scales, structure), measured by "
+        f"exporting this model.{flat} Received: budget={budget.describe()}. Raise the "
+        "budget, or add lower candidate bit-widths.", smallest)
+  return table
+
+
 def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_info,
                  rounds_info, timings, settings) -> Dict[str, Any]:
   """The JSON-able report of a run: what was asked, what was chosen, what it costs."""
@@ -421,10 +503,30 @@ def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_i
   achieved = {kind: cost_table.plan_cost(plan, kind) for kind in cost_table.table}
   total_params = sum(c.n_params for c in cost_table.layer_costs)
   float_bytes = sum(c.weight_bytes(FLOAT_BITS) for c in cost_table.layer_costs)
+  if cost_table.target is not None:
+    for row in rows:
+      b = plan.weight_bits.get(row["layer"])
+      if row["layer"] in cost_table.layers and b in cost_table.bits:
+        row["weight_bytes"] = cost_table.layer_bytes(row["layer"], b)
+  top = QuantizationPlan({n: max(cost_table.bits) for n in cost_table.layers})
+  top_cost = cost_table.plan_cost(top, budget.kind) if cost_table.has(budget.kind) else None
+  binds = not (top_cost is not None and top_cost <= budget.value
+               and all(plan.weight_bits.get(n) == max(cost_table.bits) for n in cost_table.layers))
+  note = None
+  if not binds:
+    note = (f"budget {budget.describe()} does not bind: the all-{max(cost_table.bits)}-bit plan "
+            f"costs {top_cost:.6g} ({budget.kind.value}), so every layer got "
+            f"{max(cost_table.bits)} bits")
   return {
       "budget": {**budget.to_dict(), "text": budget.describe()},
       "achieved": achieved,
       "within_budget": achieved[budget.kind.value] <= budget.value * (1 + 1e-9),
+      "within_budget_basis": ("predicted file bytes for target " + str(cost_table.target)
+                              if cost_table.target else "predicted costs"),
+      "budget_binds": binds,
+      "budget_note": note,
+      "fixed_file_bytes": cost_table.fixed_bytes if cost_table.target else None,
+      "cost_target": cost_table.target,
       "float_weight_bytes": float_bytes,
       "total_params": total_params,
       "predicted_loss_increase": table.predicted(plan),

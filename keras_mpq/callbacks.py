@@ -235,7 +235,8 @@ class ExportAndValidate(keras.callbacks.Callback):
     result = export.export_tflite(baked, path, plan, target=self.target,
                                   calibration_data=self.calibration_data)
     written = os.fspath(getattr(result, "path", None) or path)
-    checked = validate.validate_tflite(written, self.x_val, self.y_val)
+    checked = validate.validate_tflite(written, self.x_val, self.y_val,
+                                       runtime="tflm" if self.target == "mcu" else "auto")
     accuracy = float(checked.accuracy)
     size = int(os.path.getsize(written))
     self.results.append((epoch + 1, accuracy, size, written))

@@ -2,7 +2,7 @@
 
     keras-mpq quantize MODEL --budget 4bit --target mcu --out DIR [--data data.npz]
     keras-mpq validate MODEL.tflite --data data.npz [--runtime tflm]
-    keras-mpq inspect MODEL.tflite [--plan DIR/plan.json]
+    keras-mpq inspect MODEL.tflite [--plan DIR/plan.json] [--view deploy]
 
 ``MODEL`` is a ``.keras``, ``.h5`` or SavedModel path. ``--data`` is an ``.npz``
 with arrays ``x`` (and ``y``), an ``.npy`` of inputs, or ``mnist`` / ``digits``
@@ -133,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "bits) or '2e8bops'")
   budget.add_argument("--target", default="mobile", choices=["mobile", "mcu", "ethos-u"],
                       help="export target (default: mobile)")
-  budget.add_argument("--bits", type=_list_flag, default=["2", "4", "8"], metavar="B,B,...",
-                      help="candidate weight bit-widths (default: 2,4,8)")
+  budget.add_argument("--bits", type=_list_flag, default=None, metavar="B,B,...",
+                      help="candidate weight bit-widths (default: 2,3,4,8 for bit and BOPs "
+                      "budgets, 2,4,8 for byte budgets)")
+  budget.add_argument("--ram", metavar="SIZE",
+                      help="RAM limit for the TFLite Micro arena, e.g. 64KB (mcu, ethos-u); "
+                      "an export whose arena exceeds it fails")
   budget.add_argument("--activation_bits", type=int, default=8, metavar="N",
                       help="activation bits, 8 or 16 (default: 8)")
   budget.add_argument("--pin", type=_list_flag, action="extend", default=[],
@@ -185,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
   group = i.add_argument_group("check")
   group.add_argument("--plan", metavar="PLAN.json",
                      help="a plan.json to check the file against (exit 1 on a mismatch)")
+  group.add_argument("--view", choices=("tensors", "deploy"), default="tensors",
+                     help="tensors: per-tensor storage (default); deploy: flash, TFLite "
+                     "Micro arena RAM, latency")
   _general(i)
   return parser
 
@@ -348,7 +355,7 @@ def cmd_quantize(args) -> int:
   if not args.out:
     raise InvalidInputError("Expected --out DIR for the outputs.")
   try:
-    bits = [int(b) for b in args.bits]
+    bits = None if args.bits is None else [int(b) for b in args.bits]
   except ValueError:
     raise InvalidInputError(f"Expected --bits as integers, e.g. 2,4,8. "
                             f"Received: {','.join(args.bits)}") from None
@@ -365,19 +372,21 @@ def cmd_quantize(args) -> int:
         synthesis=args.synthesis, num_samples=args.samples, rounds=args.rounds,
         pinned=pins, seed=args.seed, progress=args.progress,
         cache_dir=(out / "cache") if args.cache else None,
-        input_range=_parse_range(args.input_range))
+        input_range=_parse_range(args.input_range), ram=_parse_ram(args.ram))
     start = time.perf_counter()
     tflite_path = out / f"model_{args.target.replace('-', '_')}.tflite"
     exported = result.export(tflite_path, target=args.target)
     report = dict(result.report)
     report["export"] = _asdict(exported)
+    _file_vs_budget(report, exported)
     report["timings_s"] = {**report["timings_s"],
                            "export": round(time.perf_counter() - start, 3)}
     if eval_data is not None:
       x, y = eval_data
       start = time.perf_counter()
-      report["validation"] = _asdict(keras_mpq.validate_tflite(
-          tflite_path, x, y, reference=result.model))
+      report["validation"] = _asdict(keras_mpq.validate_tflite(  # mcu: in TFLite Micro itself
+          tflite_path, x, y, reference=result.model,
+          runtime="tflm" if args.target == "mcu" else "auto"))
       report["timings_s"]["validate"] = round(time.perf_counter() - start, 3)
     result = _with_report(result, report)
     files = result.save(out)
@@ -391,6 +400,29 @@ def cmd_quantize(args) -> int:
           f"agreement with Keras {fraction(v.get('agreement'))}")
   print("wrote " + ", ".join(sorted(pathlib.Path(p).name for p in files.values())))
   return 0
+
+
+def _parse_ram(text):
+  from keras_mpq.types import Budget, BudgetKind, InvalidInputError  # pylint: disable=g-import-not-at-top
+  if not text:
+    return None
+  try:
+    budget = Budget.parse(text)
+  except InvalidInputError:
+    budget = None
+  if budget is None or budget.kind != BudgetKind.BYTES:
+    raise InvalidInputError(f"Expected --ram as a size such as 64KB or 20000B. "
+                            f"Received: --ram={text}")
+  return budget.value
+
+
+def _file_vs_budget(report, exported) -> None:
+  """Judges a byte budget by the written file (not the prediction) when it is the file's."""
+  budget = report.get("budget", {})
+  report["file_bytes"] = exported.size
+  if budget.get("kind") == "bytes" and report.get("cost_target") == exported.target:
+    report["within_budget"] = exported.size <= budget["value"]
+    report["within_budget_basis"] = f"written file ({exported.size} B)"
 
 
 def _asdict(obj):
@@ -424,6 +456,12 @@ def cmd_validate(args) -> int:
 
 def cmd_inspect(args) -> int:
   from keras_mpq import tflite_inspect  # pylint: disable=g-import-not-at-top
+  if args.view == "deploy":
+    from keras_mpq import validate  # pylint: disable=g-import-not-at-top
+    micro = validate.is_full_integer_batch1(args.tflite)
+    print(validate.format_deployment(validate.deployment_report(
+        args.tflite, "mcu" if micro else "mobile")))
+    return 0
   rows = tflite_inspect.inspect_tflite(args.tflite)
   plan = _read_plan(args.plan) if args.plan else None
   print(tflite_inspect.format_rows(rows, file_size=pathlib.Path(args.tflite).stat().st_size))

@@ -227,6 +227,102 @@ def cost_table(model_or_layer_costs, bits: Sequence[int] = (2, 4, 8),
   return CostTable(tuple(names), bits, table, tuple(costs))
 
 
+# --------------------------------------------------------------------------- file bytes per target
+
+
+REPACK_ALLOWANCE = 256
+"""Bytes charged per 3-bit layer repacked into int4: the repacking rebuilds
+the flatbuffer, which moved a digits MLP's file by 152 bytes (once per file;
+charged per layer, so the prediction errs on the large side)."""
+
+
+def container_bytes(container: str, n: int) -> int:
+  """Bytes of ``n`` weights in a TFLite ``container`` ('int4' packs two per byte).
+
+  >>> container_bytes("int4", 9), container_bytes("int8", 9), container_bytes("float", 9)
+  (5, 9, 36)
+  """
+  if container == "int4":
+    return (int(n) + 1) // 2
+  if container == "int8":
+    return int(n)
+  if container == "float":
+    return 4 * int(n)
+  raise InvalidInputError(f"Expected a container int4, int8 or float. Received: {container!r}")
+
+
+def storage_bytes(cost: LayerCost, ops: Sequence[Tuple[str, int]], bits: int,
+                  activation_bits: int, target: str, zero_points_stripped: bool = False
+                  ) -> float:
+  """One layer's bytes in ``target``'s file at ``bits``, by the exporter's own storage rules.
+
+  ``ops`` are the layer's weight operators and their weight counts, as
+  measured in an export (`StorageProfile.ops`). Per operator, the container
+  comes from `keras_mpq.export.decide` (int4 packed where that target runs
+  it, else int8; float on mobile only). Integer layers add a float32 scale and
+  an int64 zero point per channel (one zero point in all when stripped), and
+  their int32 biases with the biases' own scales and zero points; float layers
+  add float32 biases.
+  """
+  from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top  # the storage rules
+  total = 0.0
+  integer = False
+  for op, n in ops:
+    d = export_lib.decide(cost.name, op, bits, activation_bits, target)
+    total += container_bytes(d.container, n)
+    if d.repack_int4:  # TFLite Micro's model editor rebuilds the file (measured +152 B)
+      total += REPACK_ALLOWANCE
+    integer = integer or d.container != "float"
+  if not integer:
+    return total + 4.0 * cost.n_bias
+  zp = (lambda k: 8.0 if k else 0.0) if zero_points_stripped else (lambda k: 8.0 * k)
+  total += 4.0 * cost.n_scales + zp(cost.n_scales)
+  if cost.n_bias:
+    total += 4.0 * cost.n_bias + 4.0 * cost.n_bias + zp(cost.n_bias)
+  return total
+
+
+def file_cost_table(model, profile, bits: Sequence[int] = (2, 4, 8),
+                    activation_bits: Union[int, Mapping[str, int]] = 8) -> CostTable:
+  """`cost_table` whose ``bytes`` are the exported file's bytes for ``profile.target``.
+
+  Each layer costs what `storage_bytes` says; the rest of the file (graph,
+  activation tensors' quantization, names, signature, metadata) is
+  ``profile.fixed_bytes``, measured from a real export of this model
+  (`keras_mpq.export.measure_storage`). A plan's ``bytes`` is then the
+  predicted size of its file.
+
+  Example:
+
+  >>> profile = export.measure_storage(model, "mcu")       # doctest: +SKIP
+  >>> t = file_cost_table(model, profile)                  # doctest: +SKIP
+  >>> t.plan_cost(plan, "bytes")                           # predicted file size  # doctest: +SKIP
+  """
+  base = cost_table(model, bits=bits, activation_bits=activation_bits)
+  act = _activation_bits(activation_bits, base.layers)
+  by_name = {c.name: c for c in base.layer_costs}
+  missing = [n for n in base.layers if n not in profile.ops]
+  if missing:
+    raise InvalidInputError(
+        f"Expected a storage profile of this model. Received: one without layers {missing}")
+  rows = []
+  for name, a in zip(base.layers, act):
+    rows.append([storage_bytes(by_name[name], profile.ops[name], b, a, profile.target,
+                               profile.zero_points_stripped) for b in base.bits])
+  layer_bytes = np.array(rows, dtype=np.float64)
+  at_reference = sum(storage_bytes(by_name[n], profile.ops[n], profile.reference_bits, a,
+                                   profile.target, profile.zero_points_stripped)
+                     for n, a in zip(base.layers, act))
+  fixed = float(profile.size - at_reference)
+  if fixed < 0:
+    raise InvalidInputError(
+        f"Expected a measured file ({profile.size} bytes) at least as large as its layers' "
+        f"storage ({at_reference:.0f} bytes). Received: a profile of another model?")
+  table = dict(base.table)
+  table[BudgetKind.BYTES.value] = layer_bytes + fixed / len(base.layers)
+  return CostTable(base.layers, base.bits, table, base.layer_costs, fixed, profile.target)
+
+
 def _check_bits(bits) -> Tuple[int, ...]:
   if isinstance(bits, (int, np.integer)):
     bits = (bits,)

@@ -57,8 +57,9 @@ from keras_mpq import fileio
 from keras_mpq import quantizers
 from keras_mpq import tflite_inspect
 from keras_mpq.compat import keras, tf
-from keras_mpq.types import (FLOAT_BITS, InvalidInputError, KerasMpqError,
-                             MissingDependencyError, QuantizationPlan,
+from keras_mpq.types import (FLOAT_BITS, FileOverBudgetError, InvalidInputError,
+                             KerasMpqError, MissingDependencyError, QuantizationPlan,
+                             RamLimitError,
                              UnsupportedModelError, to_jsonable, ExportResult, LayerExport)
 
 TARGETS = ("mobile", "mcu", "ethos-u")
@@ -509,13 +510,304 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
   return problems
 
 
+
+# --------------------------------------------------------------------------- runtime operators
+
+# The builtin operators the installed TFLite Micro Python runtime registers
+# (tflite-micro 0.dev20261023: the tflite::micro::Register_* kernels linked
+# into its _runtime.so, listed with `nm -C`). An mcu or ethos-u file may use
+# only these; Vela runs every operator it cannot place on the NPU through
+# TFLite Micro too. tests/test_export.py checks entries against the runtime.
+TFLM_KERNELS = frozenset("""
+ABS ADD ADD_N ARG_MAX ARG_MIN ASSIGN_VARIABLE AVERAGE_POOL_2D BATCH_MATMUL
+BATCH_TO_SPACE_ND BROADCAST_ARGS BROADCAST_TO CALL_ONCE CAST CEIL CONCATENATION
+CONV_2D COS CUMSUM DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE DETECTION_POSTPROCESS
+DIV DYNAMIC_UPDATE_SLICE ELU EMBEDDING_LOOKUP EQUAL EXP EXPAND_DIMS FILL FLOOR
+FLOOR_DIV FLOOR_MOD FULLY_CONNECTED GATHER GATHER_ND GREATER GREATER_EQUAL
+HARD_SWISH IF L2_NORMALIZATION L2_POOL_2D LEAKY_RELU LESS LESS_EQUAL LOG
+LOGICAL_AND LOGICAL_NOT LOGICAL_OR LOGISTIC LOG_SOFTMAX MAXIMUM MAX_POOL_2D MEAN
+MINIMUM MIRROR_PAD MUL NEG NOT_EQUAL PACK PAD PADV2 PRELU QUANTIZE READ_VARIABLE
+REDUCE_MAX REDUCE_MIN RELU RELU6 RESHAPE RESIZE_BILINEAR RESIZE_NEAREST_NEIGHBOR
+REVERSE_V2 ROUND RSQRT SELECT_V2 SHAPE SIN SLICE SOFTMAX SPACE_TO_BATCH_ND
+SPACE_TO_DEPTH SPLIT SPLIT_V SQRT SQUARE SQUARED_DIFFERENCE SQUEEZE STRIDED_SLICE
+SUB SUM SVDF TANH TRANSPOSE TRANSPOSE_CONV UNIDIRECTIONAL_SEQUENCE_LSTM UNPACK
+VAR_HANDLE WHILE ZEROS_LIKE
+""".split())
+
+GELU_TANH_COEFF = 0.044715
+_SQRT_2_OVER_PI_X2 = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+@keras.utils.register_keras_serializable(package="keras_mpq")
+def gelu_tanh_form(x):
+  """GELU's tanh form, ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))``, from MUL/ADD/LOGISTIC.
+
+  Equal to ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; written with
+  the sigmoid so that the converter does not fuse it back into a GELU op
+  (which TFLite Micro has no kernel for).
+  """
+  return x * tf.sigmoid(_SQRT_2_OVER_PI_X2 * (x + GELU_TANH_COEFF * x * x * x))
+
+
+def _is_gelu(fn) -> bool:
+  name = getattr(fn, "__name__", "") or ""
+  return name == "gelu"
+
+
+def replace_gelu(model) -> Tuple[Any, List[str]]:
+  """A copy of ``model`` whose GELU activations use `gelu_tanh_form`; and the layers changed."""
+  changed: List[str] = []
+
+  def clone(layer):
+    new = layer.__class__.from_config(layer.get_config())
+    if _is_gelu(getattr(layer, "activation", None)):
+      new.activation = gelu_tanh_form
+      changed.append(layer.name)
+    return new
+
+  if not any(_is_gelu(getattr(l, "activation", None)) for l in model.layers):
+    return model, []
+  copy = keras.models.clone_model(model, clone_function=clone)
+  copy.set_weights(model.get_weights())
+  return copy, changed
+
+
+GELU_MATCH_TOLERANCE = 1e-2
+"""Largest output change, relative to the output's range, for the GELU
+replacement to count as equivalent (the tanh form differs from the erf form
+by at most ~1e-3 per activation)."""
+
+
+def _layer_of_tensor(name: str, layer_names: Sequence[str]) -> Optional[str]:
+  for layer in layer_names:
+    if tflite_inspect.name_has_layer(name, layer):
+      return layer
+  return None
+
+
+def check_runtime_ops(float_bytes: bytes, target: str, layer_names: Sequence[str]) -> None:
+  """Raises `UnsupportedModelError` naming the layer of each operator ``target``'s runtime lacks.
+
+  'mcu' and 'ethos-u' files run in TFLite Micro (`TFLM_KERNELS`); 'mobile'
+  (LiteRT) runs every builtin operator.
+
+  >>> check_runtime_ops(b"", "mobile", [])
+  """
+  if target == "mobile":
+    return
+  reader = tflite_inspect.parse(float_bytes)
+  missing: Dict[str, List[str]] = {}
+  for op in reader.ops:
+    if op.op in TFLM_KERNELS:
+      continue
+    where = "?"
+    for t in list(op.outputs) + list(op.inputs):
+      if t >= 0:
+        where = _layer_of_tensor(reader.name(t), layer_names) or where
+        if where != "?":
+          break
+    missing.setdefault(op.op, []).append(where)
+  if missing:
+    parts = [f"{op} (layer{'s' if len(set(ls)) > 1 else ''} {', '.join(sorted(set(ls)))})"
+             for op, ls in sorted(missing.items())]
+    raise UnsupportedModelError(
+        f"Expected only operators TFLite Micro has kernels for (target={target!r}). "
+        f"Received: {'; '.join(parts)}. Replace those layers with supported ones "
+        "(see keras_mpq.export.TFLM_KERNELS), or export with target='mobile'.")
+
+
+# --------------------------------------------------------------------------- scale checks
+
+
+def check_scales(model_bytes: bytes) -> List[str]:
+  """Problems with the quantization parameters of a file: NaN/Inf or non-positive scales.
+
+  A zero, negative, NaN or infinite scale makes a tensor's integers
+  meaningless (a zero-width range). Returns one line per bad tensor, naming
+  it; an empty list when every scale is finite and > 0.
+  """
+  reader = tflite_inspect.parse(model_bytes)
+  problems = []
+  for t, tensor in enumerate(reader.tensors):
+    q = tensor.Quantization()
+    if q is None or q.ScaleLength() == 0:
+      continue
+    scales = q.ScaleAsNumpy()
+    bad = ~np.isfinite(scales) | (scales <= 0)
+    if np.any(bad):
+      kinds = []
+      if np.any(np.isnan(scales)):
+        kinds.append("NaN")
+      if np.any(np.isinf(scales)):
+        kinds.append("infinite")
+      if np.any(np.isfinite(scales) & (scales <= 0)):
+        kinds.append("zero-width (scale <= 0)")
+      problems.append(f"tensor {t} {reader.name(t)!r}: {int(bad.sum())} of {scales.size} "
+                      f"scales {' / '.join(kinds)}")
+  return problems
+
+
+# --------------------------------------------------------------------------- stripping
+
+STRIP_STEPS = ("names", "signatures", "metadata", "zero_points")
+"""What `strip_model` can remove, in order. TFLite Micro reads none of it:
+tensor and subgraph names and the model description; the signature defs;
+the converter's metadata (``CONVERSION_METADATA``, ``min_runtime_version``;
+an ``OfflineMemoryAllocation`` entry is kept); and per-channel zero points
+that are all zero (symmetric weights and biases), cut to one entry. LiteRT
+refuses a file whose zero points are cut (it wants one per scale), so
+'zero_points' is for TFLite Micro only; keras_mpq's own LiteRT paths
+(`validate_tflite`, `benchmark_latency`) restore them in memory first
+(`tflite_inspect.restore_zero_points`)."""
+
+DEFAULT_STRIP = {"mobile": (), "mcu": ("signatures", "metadata", "zero_points"), "ethos-u": ()}
+"""mcu strips by default what no keras_mpq tool reads. Tensor names stay by
+default: `keras-mpq inspect --plan`, `check_against_plan` and the per-layer
+read-back find a layer's tensors by name; ``strip=True`` removes them too."""
+_KEEP_METADATA = (b"OfflineMemoryAllocation",)
+
+
+def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS
+                ) -> Tuple[bytes, Dict[str, int]]:
+  """Removes what TFLite Micro does not read; returns the file and the bytes each step saved.
+
+  Steps are applied in `STRIP_STEPS` order; each saving is measured on the
+  rebuilt (aligned) file. See `STRIP_STEPS` for what each step removes.
+  """
+  unknown = sorted(set(steps) - set(STRIP_STEPS))
+  if unknown:
+    raise InvalidInputError(
+        f"Expected strip steps from {STRIP_STEPS}. Received: {unknown}")
+  if not steps:
+    return model_bytes, {}
+  from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
+  model = fu.read_model_from_bytearray(bytearray(model_bytes))
+  saved: Dict[str, int] = {}
+  current = tflite_inspect.align(bytes(fu.convert_object_to_bytearray(model)))
+  saved["rebuild"] = len(model_bytes) - len(current)
+  for step in STRIP_STEPS:
+    if step not in steps:
+      continue
+    if step == "names":
+      model.description = None
+      for sg in model.subgraphs:
+        sg.name = None
+        for t in sg.tensors:
+          t.name = None
+    elif step == "signatures":
+      model.signatureDefs = None
+    elif step == "metadata":
+      keep = [m for m in (model.metadata or []) if m.name in _KEEP_METADATA]
+      for m in model.metadata or []:
+        if m not in keep:
+          model.buffers[m.buffer].data = None
+      model.metadata = keep or None
+    elif step == "zero_points":
+      for sg in model.subgraphs:
+        for t in sg.tensors:
+          q = t.quantization
+          zp = getattr(q, "zeroPoint", None) if q is not None else None
+          if zp is not None and len(zp) > 1 and not np.any(zp):
+            q.zeroPoint = np.zeros(1, np.int64)
+    rebuilt = tflite_inspect.align(bytes(fu.convert_object_to_bytearray(model)))
+    saved[step] = len(current) - len(rebuilt)
+    current = rebuilt
+  return current, saved
+
+
+
 # --------------------------------------------------------------------------- main
+
+
+def _resolve_strip(strip, target) -> Tuple[str, ...]:
+  if strip is None:
+    return tuple(DEFAULT_STRIP[target])
+  if strip is True:
+    return STRIP_STEPS if target == "mcu" else tuple(s for s in STRIP_STEPS if s != "zero_points")
+  if strip is False:
+    return ()
+  steps = (strip,) if isinstance(strip, str) else tuple(strip)
+  unknown = sorted(set(steps) - set(STRIP_STEPS))
+  if unknown:
+    raise InvalidInputError(
+        f"Expected strip=True, False, None or steps from {STRIP_STEPS}. Received: {strip!r}")
+  if "zero_points" in steps and target != "mcu":
+    raise InvalidInputError(
+        "Expected strip step 'zero_points' only for target='mcu' (LiteRT and Vela want one "
+        f"zero point per scale). Received: target={target!r}")
+  return steps
+
+
+def prepare_for_target(model, target: str, x: np.ndarray) -> Tuple[Any, List[str]]:
+  """The model as it will be converted for ``target``, and notes on what was replaced.
+
+  For 'mcu' and 'ethos-u', GELU activations (no TFLite Micro kernel) become
+  `gelu_tanh_form` when the model's outputs on ``x`` then change by at most
+  `GELU_MATCH_TOLERANCE` of their range; otherwise the layer is refused.
+  """
+  if target == "mobile":
+    return model, []
+  replaced, changed = replace_gelu(model)
+  if not changed:
+    return model, []
+  sample = x[:256]
+  before = np.asarray(model.predict(sample, verbose=0, batch_size=256), np.float64)
+  after = np.asarray(replaced.predict(sample, verbose=0, batch_size=256), np.float64)
+  span = float(before.max() - before.min()) or 1.0
+  change = float(np.max(np.abs(after - before))) / span
+  if not np.isfinite(change) or change > GELU_MATCH_TOLERANCE:
+    raise UnsupportedModelError(
+        f"Expected operators TFLite Micro runs (target={target!r}). Received: GELU in "
+        f"layers {changed}; its tanh form changes the outputs by {change:.2%} of their "
+        f"range (more than {GELU_MATCH_TOLERANCE:.0%}). Use another activation, or "
+        "export with target='mobile'.")
+  return replaced, [f"{name}: GELU (no TFLite Micro kernel) written in its tanh form "
+                    f"from MUL/ADD/LOGISTIC; outputs change by {change:.2e} of their range"
+                    for name in changed]
+
+
+def _same_tflm_outputs(a: bytes, b: bytes, x: np.ndarray, n: int = 8) -> bool:
+  from keras_mpq import validate  # pylint: disable=g-import-not-at-top
+  sample = x[:n]
+  ya = validate.run_tflite(a, sample, runtime="tflm")
+  yb = validate.run_tflite(b, sample, runtime="tflm")
+  return ya.shape == yb.shape and bool(np.array_equal(ya, yb))
+
+
+def lut_compress(model_bytes: bytes, layers: Sequence[LayerExport], ops,
+                 ) -> Tuple[bytes, List[str]]:
+  """TFLite Micro lookup-table compression of 2- to 4-bit layers stored as int8.
+
+  Each weight tensor becomes ``bits``-wide indices into a per-channel table
+  of its int8 values, decoded at run time by a DECODE operator (into the
+  arena: flash shrinks, RAM grows by the decoded tensor). Returns the file
+  and the layers compressed.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  spec = importlib.import_module("tflite_micro.tensorflow.lite.micro.compression.spec")
+  compress = importlib.import_module("tflite_micro.tensorflow.lite.micro.compression.compress")
+  axis = {"FULLY_CONNECTED": 0, "CONV_2D": 0, "DEPTHWISE_CONV_2D": 3}
+  specs, done = [], []
+  for l in layers:
+    if l.planned_bits not in (2, 3, 4) or l.stored_type != "INT8" or l.op not in axis:
+      continue
+    for entry in ops.get(l.layer, []):
+      specs.append(spec.Tensor(0, entry["weight_tensor"], [
+          spec.LookUpTableCompression(l.planned_bits, spec.PerChannel(axis[l.op]))]))
+    done.append(l.layer)
+  if not specs:
+    return model_bytes, []
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return bytes(compress.compress(model_bytes, specs)), done
 
 
 def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
                   calibration_data=None, *, accelerator: str = DEFAULT_VELA_ACCELERATOR,
                   max_calibration_samples: int = 256, seed: int = 0,
-                  vela_options: Sequence[str] = ()) -> ExportResult:
+                  vela_options: Sequence[str] = (), strip=None, lut: bool = False,
+                  max_bytes: Optional[float] = None, ram: Optional[float] = None,
+                  deployment: bool = True) -> ExportResult:
   """Writes ``model`` quantized as ``plan`` to a .tflite file for ``target``.
 
   Args:
@@ -529,6 +821,19 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     calibration_data: typical inputs (numpy, model input shape) for the
       activation ranges; at most ``max_calibration_samples`` are used.
     seed: picks the calibration subset repeatably.
+    strip: what to remove that the runtime does not read (`STRIP_STEPS`):
+      None = the target's default (`DEFAULT_STRIP`: signatures, metadata and
+      zero points for 'mcu', nothing otherwise),
+      True = all the target allows, False = nothing, or a list of steps. A
+      stripped mcu file is checked to give the same outputs in TFLite Micro.
+    lut: 'mcu' only: TFLite Micro lookup-table compression of 2- and 3-bit
+      layers stored as int8 (kept only where the compressed file gives the
+      same outputs in TFLite Micro; DECODE puts the weights in the arena).
+    max_bytes: the file's byte budget: a larger file raises
+      `FileOverBudgetError` and nothing is written.
+    ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u'):
+      a larger arena raises `RamLimitError` and nothing is written.
+    deployment: measure the deployment report (arena, latency); needed for ``ram``.
 
   Returns:
     An `ExportResult` read back from the written file.
@@ -541,11 +846,20 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
   'int4 packed'
   """
   x = _check_args(model, plan, target, calibration_data)
+  steps = _resolve_strip(strip, target)
+  if lut and target != "mcu":
+    raise InvalidInputError(f"Expected lut=True only for target='mcu'. Received: target={target!r}")
+  if ram is not None and not (isinstance(ram, (int, float)) and math.isfinite(ram) and ram > 0):
+    raise InvalidInputError(f"Expected ram as a positive number of bytes. Received: ram={ram!r}")
   path = os.fspath(path)
   notes: List[str] = []
+  model, replaced = prepare_for_target(model, target, x)
+  notes.extend(replaced)
   snapped = snap_to_plan(model, plan)
   batch = None if target == "mobile" else 1
   float_bytes = to_float_tflite(snapped, batch)
+  # Before the slow stages: every operator must have a kernel in the target's runtime.
+  check_runtime_ops(float_bytes, target, [l.name for l in model.layers])
   calib_bytes = to_float_tflite(snapped, None) if batch is not None else None
   reader = tflite_inspect.parse(float_bytes)
   ops = tflite_inspect.layer_weight_ops(reader, plan.layers)
@@ -559,8 +873,10 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
                               plan.act_bits(layer), target, entry["output_name"]))
   recipe = build_recipe(decisions, target)
   try:
-    qbytes = quantize_with_recipe(float_bytes, recipe, x, max_calibration_samples, seed,
-                                  calib_bytes)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", RuntimeWarning)
+      qbytes = quantize_with_recipe(float_bytes, recipe, x, max_calibration_samples, seed,
+                                    calib_bytes)
   except KerasMpqError:
     raise
   except Exception as e:
@@ -584,22 +900,156 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
         "Expected the exported weight integers to equal the Keras model's. Received "
         f"{len(problems)} mismatching tensor(s): " + "; ".join(problems[:5]) +
         ". Nothing was written; please report this with the model.")
+  bad_scales = check_scales(qbytes)
+  if bad_scales:
+    raise UnsupportedModelError(
+        "Expected finite, positive quantization scales in the exported file. Received: "
+        + "; ".join(bad_scales[:5]) + ". Nothing was written; check the layer's weights "
+        "and calibration data for constant or non-finite values.")
+  notes.extend(_explain_warnings(caught, qbytes))
   layers = _read_back(qbytes, decisions, ops)
   for l in layers:
     if l.note:
       notes.append(f"{l.layer}: {l.note}")
+  other = _other_layer_storage(qbytes, [l.name for l in model.layers], plan.layers)
+  steps_saved: Dict[str, int] = {"quantized_file": len(qbytes)}
+  if lut:
+    try:
+      packed, done = lut_compress(qbytes, layers, tflite_inspect.layer_weight_ops(qbytes, plan.layers))
+    except Exception as e:  # pylint: disable=broad-except
+      packed, done = qbytes, []
+      notes.append(f"lookup-table compression not used: {type(e).__name__}: {str(e)[:160]}")
+    if done and _same_tflm_outputs(qbytes, packed, x):
+      steps_saved["lut"] = len(qbytes) - len(packed)
+      notes.append(f"lookup-table compressed in TFLite Micro (DECODE): {', '.join(done)}")
+      qbytes = packed
+    elif done:
+      notes.append("lookup-table compression not used: TFLite Micro outputs changed")
+  if steps:
+    stripped, saved = strip_model(qbytes, steps)
+    if target == "mcu" and not _same_tflm_outputs(qbytes, stripped, x):
+      raise UnsupportedModelError(
+          f"The stripped file ({', '.join(steps)}) gave other outputs in TFLite Micro than "
+          "the full one. Export with strip=False and please report it.")
+    steps_saved.update(saved)
+    qbytes = stripped
   vela_summary = None
   mcu_path = None
+  mcu_bytes = qbytes if target != "mobile" else None
   if target == "ethos-u":
-    root, ext = os.path.splitext(path)
-    mcu_path = root + "_mcu" + (ext or ".tflite")
-    fileio.write_bytes(mcu_path, qbytes)
     qbytes, vela_summary = compile_vela(qbytes, accelerator, vela_options)
     notes.append(f"Vela ({accelerator}): {vela_summary.get('npu_op_share', 0):.0%} of ops on "
                  "the NPU")
+  report = None
+  if deployment or ram is not None:
+    from keras_mpq import validate  # pylint: disable=g-import-not-at-top
+    report = validate.deployment_report(qbytes, target, tflm_bytes=mcu_bytes, x=x,
+                                        vela=vela_summary, steps=steps_saved)
+    arena = report.get("arena_bytes")
+    if ram is not None and arena is not None and arena > ram:
+      raise RamLimitError(
+          f"Expected a TFLite Micro arena of at most {ram:.0f} bytes (ram). Received: this "
+          f"model needs {arena} bytes (measured by TFLite Micro's interpreter); nothing was "
+          "written. Use fewer or narrower activations, activation_bits=8, or a larger limit.",
+          arena, ram)
+  if max_bytes is not None and len(qbytes) > max_bytes:
+    raise FileOverBudgetError(
+        f"Expected a file of at most {max_bytes:.0f} bytes (the budget). Received: the "
+        f"{target} file is {len(qbytes)} bytes; nothing was written.", len(qbytes), max_bytes)
+  if target == "ethos-u":
+    root, ext = os.path.splitext(path)
+    mcu_path = root + "_mcu" + (ext or ".tflite")
+    fileio.write_bytes(mcu_path, mcu_bytes)
   fileio.write_bytes(path, qbytes)
   return ExportResult(path=path, target=target, size=len(qbytes), layers=tuple(layers),
-                      notes=tuple(notes), vela=vela_summary, mcu_path=mcu_path)
+                      notes=tuple(notes), vela=vela_summary, mcu_path=mcu_path,
+                      deployment=report, other_layers=other)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageProfile:
+  """What a real export of a model for a target measured, for `keras_mpq.costs.file_cost_table`.
+
+  ``size``: the file's bytes with every planned layer at ``reference_bits``;
+  ``ops``: per layer, its weight operators and their weight counts;
+  ``zero_points_stripped``: whether the file's per-channel zero points were
+  cut (the mcu default).
+  """
+
+  target: str
+  size: int
+  ops: Mapping[str, Tuple[Tuple[str, int], ...]]
+  reference_bits: int = 8
+  zero_points_stripped: bool = False
+  strip: Tuple[str, ...] = ()
+
+  def to_dict(self) -> Dict[str, Any]:
+    return to_jsonable(dataclasses.asdict(self))
+
+
+def measure_storage(model, target: str = "mobile", layers: Optional[Sequence[str]] = None,
+                    activation_bits: int = 8, strip=None, seed: int = 0) -> StorageProfile:
+  """Exports ``model`` once for ``target`` at 8 bits and measures its file (one cheap export).
+
+  Calibration uses two random inputs: ranges do not change a file's size.
+  The same stripping as the final export (``strip``) is applied, so the
+  fixed part measured is the fixed part of the file that will be written.
+
+  Example:
+
+  >>> p = measure_storage(model, "mcu")                     # doctest: +SKIP
+  >>> p.size, p.ops["fc1"]                                  # doctest: +SKIP
+  (55280, (('FULLY_CONNECTED', 50176),))
+  """
+  if target not in TARGETS:
+    raise InvalidInputError(f"Expected target in {TARGETS}. Received: target={target!r}")
+  if layers is None:
+    layers = [l.name for l in quantizers.quantizable_layers(model)]
+  steps = _resolve_strip(strip, target)
+  plan = QuantizationPlan({n: 8 for n in layers}, {n: activation_bits for n in layers},
+                          activation_bits)
+  shape = (2,) + tuple(int(d) for d in model.inputs[0].shape[1:])
+  x = np.random.default_rng(seed).uniform(0.0, 1.0, shape).astype(np.float32)
+  with tempfile.TemporaryDirectory(prefix="keras_mpq_measure_") as tmp:
+    r = export_tflite(model, os.path.join(tmp, "m.tflite"), plan, target, x, strip=steps,
+                      deployment=False, seed=seed)
+  ops: Dict[str, List[Tuple[str, int]]] = {n: [] for n in layers}
+  for l in r.layers:
+    if l.stored_type != "INT8":
+      raise UnsupportedModelError(
+          f"Expected every layer stored int8 in an 8-bit export. Received: {l.layer} "
+          f"stored {l.stored_type}")
+    ops[l.layer].append((l.op, int(l.bytes)))
+  return StorageProfile(target, int(r.size), {k: tuple(v) for k, v in ops.items()}, 8,
+                        "zero_points" in steps, tuple(steps))
+
+
+def _explain_warnings(caught, qbytes: bytes) -> List[str]:
+  """Notes for RuntimeWarnings ai-edge-quantizer raised; the scales were checked already."""
+  out = []
+  for w in caught:
+    if issubclass(w.category, RuntimeWarning):
+      out.append(f"ai-edge-quantizer warned '{w.message}' "
+                 f"({os.path.basename(str(w.filename))}:{w.lineno}); every scale in the "
+                 "file was checked finite and > 0 afterwards")
+  return sorted(set(out))
+
+
+def _other_layer_storage(qbytes: bytes, layer_names: Sequence[str],
+                         planned: Sequence[str]) -> Dict[str, str]:
+  """Each unplanned layer with operators -> the types of its operators' outputs in the file."""
+  reader = tflite_inspect.parse(qbytes)
+  found: Dict[str, set] = {}
+  others = [n for n in layer_names if n not in set(planned)]
+  for op in reader.ops:
+    for t in op.outputs:
+      if t < 0:
+        continue
+      layer = _layer_of_tensor(reader.name(t), others)
+      if layer is not None:
+        type_name = tflite_inspect._TYPE_INFO.get(reader.tensors[t].Type(), ("?",))[0]  # pylint: disable=protected-access
+        found.setdefault(layer, set()).add(type_name.lower())
+  return {k: "+".join(sorted(v)) for k, v in found.items()}
 
 
 def _read_back(qbytes: bytes, decisions: Sequence[_Decision], float_ops) -> List[LayerExport]:

@@ -151,7 +151,30 @@ def summary_table(report: Mapping[str, Any]) -> str:
   lines.append("")
   lines.append(f"budget {budget['text']}: achieved "
                + ", ".join(_achieved(k, v) for k, v in achieved.items())
-               + ("  (within budget)" if report["within_budget"] else "  (OVER BUDGET)"))
+               + ("  (within budget" if report["within_budget"] else "  (OVER BUDGET")
+               + (f", {report['within_budget_basis']})" if report.get("within_budget_basis")
+                  else ")"))
+  if report.get("cost_target"):
+    written = report.get("file_bytes")
+    lines.append(f"file for {report['cost_target']}: predicted "
+                 f"{achieved.get('bytes', float('nan')):.0f} B (fixed part "
+                 f"{report.get('fixed_file_bytes') or 0:.0f} B)"
+                 + (f", written {written} B" if written is not None else ""))
+  if report.get("budget_note"):
+    lines.append(report["budget_note"])
+  deploy = (report.get("export") or {}).get("deployment")
+  if deploy:
+    lines.append(f"deployment: flash {deploy.get('flash_bytes')} B"
+                 + (f", RAM (TFLite Micro arena) {deploy['arena_bytes']} B"
+                    if deploy.get("arena_bytes") is not None else "")
+                 + (f", LiteRT latency {deploy['latency_ms']} ms"
+                    if deploy.get("latency_ms") is not None else ""))
+  other = (report.get("export") or {}).get("other_layers") or {}
+  unsupported = report.get("unsupported_layers") or []
+  if unsupported and other:
+    report = dict(report, unsupported_layers=[])
+    lines.append("layers the search does not quantize, as stored in the file: "
+                 + ", ".join(f"{n} ({other.get(n, 'no operators')})" for n in unsupported))
   float_bytes = report["float_weight_bytes"]
   predicted = achieved.get("bytes")
   if predicted is not None:

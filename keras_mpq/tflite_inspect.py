@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import struct
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -167,14 +168,16 @@ class _Reader:
     code = self.model.OperatorCodes(op.OpcodeIndex())
     builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
     name = _OP_NAMES.get(builtin, f"OP_{builtin}")
-    if name == "CUSTOM" and code.CustomCode():
+    if code.CustomCode() and (name == "CUSTOM" or builtin == 0):  # TFLM_DECODE has code 0
       name = code.CustomCode().decode()
     ins = tuple(int(op.Inputs(j)) for j in range(op.InputsLength()))
     outs = tuple(int(op.Outputs(j)) for j in range(op.OutputsLength()))
     return OpInfo(i, name, ins, outs)
 
   def name(self, t: int) -> str:
-    return self.tensors[t].Name().decode("utf-8", "replace")
+    """The tensor's name; '' when it has none (a file stripped for TFLite Micro)."""
+    raw = self.tensors[t].Name()
+    return raw.decode("utf-8", "replace") if raw is not None else ""
 
   def buffer(self, t: int) -> Optional[bytes]:
     """Raw bytes of a constant tensor (inline or at an offset), else None."""
@@ -378,3 +381,52 @@ def format_rows(rows: Sequence[TensorRow], constants_only: bool = True,
     lines.append(f"{'file size (data + graph, scales, metadata)':<48} {'':<8} {'':<18} "
                  f"{int(file_size):>8}")
   return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- rebuilding
+
+
+def align(model_bytes: bytes) -> bytes:
+  """Rebuilds a flatbuffer with the schema's 16-byte buffer alignment (TFLite Micro's tool)."""
+  try:
+    from tflite_micro.tensorflow.lite.micro.tools import tflite_flatbuffer_align_wrapper as aw  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return model_bytes
+  with tempfile.TemporaryDirectory(prefix="keras_mpq_align_") as tmp:
+    src, dst = os.path.join(tmp, "in.tflite"), os.path.join(tmp, "out.tflite")
+    with open(src, "wb") as f:
+      f.write(model_bytes)
+    aw.align_tflite_model(src, dst)
+    with open(dst, "rb") as f:
+      return f.read()
+
+
+def has_cut_zero_points(path_or_bytes) -> bool:
+  """True if some tensor has one zero point for several scales (an mcu file's 'zero_points' strip)."""
+  try:
+    reader = path_or_bytes if isinstance(path_or_bytes, _Reader) else parse(path_or_bytes)
+    for tensor in reader.tensors:
+      q = tensor.Quantization()
+      if q is not None and q.ScaleLength() > 1 and q.ZeroPointLength() == 1:
+        return True
+  except Exception:  # pylint: disable=broad-except  # a damaged file: the runtime's checks say so
+    return False
+  return False
+
+
+def restore_zero_points(model_bytes: bytes) -> bytes:
+  """Undoes the 'zero_points' strip step (one zero per scale again), for LiteRT's checks."""
+  from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
+  model = fu.read_model_from_bytearray(bytearray(model_bytes))
+  changed = False
+  for sg in model.subgraphs:
+    for t in sg.tensors:
+      q = t.quantization
+      if q is None or q.scale is None or q.zeroPoint is None:
+        continue
+      if len(q.zeroPoint) == 1 and len(q.scale) > 1:
+        q.zeroPoint = np.full(len(q.scale), q.zeroPoint[0], np.int64)
+        changed = True
+  if not changed:
+    return model_bytes
+  return align(bytes(fu.convert_object_to_bytearray(model)))

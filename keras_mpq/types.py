@@ -58,6 +58,28 @@ class BudgetInfeasibleError(KerasMpqError):
     self.smallest = smallest
 
 
+class FileOverBudgetError(BudgetInfeasibleError):
+  """An exported file came out larger than its byte budget (nothing was written).
+
+  ``size`` is the file's size in bytes, ``limit`` the budget; ``smallest``
+  (as in `BudgetInfeasibleError`) is ``size``.
+  """
+
+  def __init__(self, message: str, size: int, limit: float):
+    super().__init__(message, float(size))
+    self.size = int(size)
+    self.limit = float(limit)
+
+
+class RamLimitError(KerasMpqError):
+  """The model's TFLite Micro arena exceeds the given RAM limit. ``arena`` in bytes."""
+
+  def __init__(self, message: str, arena: int, limit: float):
+    super().__init__(message)
+    self.arena = int(arena)
+    self.limit = float(limit)
+
+
 class MissingDependencyError(KerasMpqError):
   """An optional runtime or tool is not installed."""
 
@@ -120,7 +142,13 @@ class Budget:
 
   @classmethod
   def bytes(cls, n: float) -> "Budget":
-    """Total weight bytes (packed weights plus per-channel scales)."""
+    """Bytes of the exported file (flash) when costs come from a target's storage rules.
+
+    `keras_mpq.quantize` measures the file's fixed part (graph, activations'
+    quantization, names, ...) with one export of the model for its target, so
+    ``n`` is the size of the whole .tflite file. A `CostTable` built without
+    a target counts weights only (packed weights, biases, per-channel scales).
+    """
     return cls(BudgetKind.BYTES, n)
 
   @classmethod
@@ -481,6 +509,17 @@ class CostTable:
   bits: Tuple[int, ...]
   table: Mapping[str, np.ndarray]
   layer_costs: Tuple[LayerCost, ...] = ()
+  fixed_bytes: float = 0.0
+  """The part of the file no plan changes (graph, names, activations' scales).
+  When > 0, each row of the ``bytes`` matrix includes ``fixed_bytes /
+  len(layers)``, so a plan's sum is the whole file; `layer_bytes` gives a
+  layer's own bytes."""
+  target: Optional[str] = None
+
+  def layer_bytes(self, layer: str, bits: int) -> float:
+    """One layer's own bytes at ``bits`` (its share of ``fixed_bytes`` taken out)."""
+    i, j = self.layers.index(layer), self.bits.index(bits)
+    return float(self.matrix("bytes")[i, j] - self.fixed_bytes / len(self.layers))
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
@@ -525,13 +564,15 @@ class CostTable:
   def to_dict(self) -> Dict[str, Any]:
     return {"layers": list(self.layers), "bits": list(self.bits),
             "table": {k: v.tolist() for k, v in self.table.items()},
-            "layer_costs": [c.to_dict() for c in self.layer_costs]}
+            "layer_costs": [c.to_dict() for c in self.layer_costs],
+            "fixed_bytes": self.fixed_bytes, "target": self.target}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "CostTable":
     return cls(tuple(d["layers"]), tuple(d["bits"]),
                {k: np.asarray(v) for k, v in d["table"].items()},
-               tuple(LayerCost(**c) for c in d.get("layer_costs", [])))
+               tuple(LayerCost(**c) for c in d.get("layer_costs", [])),
+               float(d.get("fixed_bytes", 0.0)), d.get("target"))
 
 
 # --------------------------------------------------------------------------- sensitivity search results
@@ -624,6 +665,14 @@ class ExportResult:
     vela: for 'ethos-u', Vela's summary (NPU op share, SRAM/flash bytes,
       cycle estimate, ...); else None.
     mcu_path: for 'ethos-u', the TFLite Micro file Vela compiled; else None.
+    deployment: flash (file bytes), RAM (``arena_bytes``: the TFLite Micro
+      arena, measured by its interpreter; mcu and ethos-u), LiteRT latency,
+      the bytes each stripping or compression step saved, and Vela's figures
+      for ethos-u. See `keras_mpq.validate.deployment_report`.
+    other_layers: layers without a plan entry that have operators in the
+      file, mapped to what their outputs are stored as ('float32', 'int8',
+      ...): whether a layer the search did not touch was left float is a
+      property of the target, read here from the file.
   """
 
   path: str
@@ -633,12 +682,15 @@ class ExportResult:
   notes: Tuple[str, ...] = ()
   vela: Optional[Mapping[str, Any]] = None
   mcu_path: Optional[str] = None
+  deployment: Optional[Mapping[str, Any]] = None
+  other_layers: Optional[Mapping[str, str]] = None
 
   def to_dict(self) -> Dict[str, Any]:
     return to_jsonable({"path": self.path, "target": self.target, "size": self.size,
                         "layers": [l.to_dict() for l in self.layers],
                         "notes": list(self.notes), "vela": self.vela,
-                        "mcu_path": self.mcu_path})
+                        "mcu_path": self.mcu_path, "deployment": self.deployment,
+                        "other_layers": self.other_layers})
 
   def table(self) -> str:
     """A text table of the per-layer storage."""

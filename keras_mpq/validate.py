@@ -19,7 +19,7 @@ import dataclasses
 import os
 import statistics
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -163,6 +163,11 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   _check_references(tflite_inspect.parse(data))  # a damaged file fails here, clearly
   if runtime == "tflm":
     return _run_tflm(data, x)
+  if tflite_inspect.has_cut_zero_points(data):  # an mcu file: LiteRT wants one per scale
+    try:
+      data = tflite_inspect.restore_zero_points(data)
+    except Exception:  # pylint: disable=broad-except  # damaged: LiteRT refuses it below
+      pass
   Interpreter, name = _litert_class(runtime)  # pylint: disable=invalid-name
   try:
     kwargs = {"model_content": data, "num_threads": 1}
@@ -246,18 +251,97 @@ def _verify_for_tflm(data: bytes) -> None:
           f"{list(shape)}; the file is damaged. Re-export the model.")
 
 
-def _run_tflm(data: bytes, x):
-  Interpreter = _tflm_class()  # pylint: disable=invalid-name
-  _verify_for_tflm(data)
+def _verify_stripped_for_tflm(data: bytes) -> None:
+  """`_verify_for_tflm`, on a copy with cut zero points restored when LiteRT wants them.
+
+  An mcu file stripped of its all-zero per-channel zero points (the export's
+  'zero_points' step) is one TFLite Micro runs but LiteRT refuses ("N
+  zero_point values and M scale values"); a lookup-table compressed file
+  (DECODE operators, which LiteRT lacks) gets only `_check_references`.
+  """
+  if any("DECODE" in op.op for op in tflite_inspect.parse(data).ops):
+    return  # lookup-table compressed: LiteRT has no DECODE; indices were checked in Python
   try:
-    interp = Interpreter.from_bytes(data, arena_size=max(len(data) * 10, 1 << 20))
+    _verify_for_tflm(data)
+  except InvalidInputError as e:
+    if "zero_point values and" not in str(e):
+      raise
+    _verify_for_tflm(tflite_inspect.restore_zero_points(data))
+
+
+def _capture_stderr(fn) -> str:
+  """Runs ``fn()`` and returns what it (or native code) wrote to file descriptor 2."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as tmp:
+    saved = os.dup(2)
+    os.dup2(tmp.fileno(), 2)
+    try:
+      fn()
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    tmp.seek(0)
+    return tmp.read().decode("utf-8", "replace")
+
+
+def tflm_arena_bytes(path_or_bytes, x=None) -> int:
+  """The TFLite Micro tensor arena this model needs, in bytes, as its interpreter measures it.
+
+  Loads the file in TFLite Micro's Python interpreter (recording allocator),
+  runs one inference (``x[:1]``, or zeros), and reads the allocator's
+  "Arena allocation total". An interpreter given exactly that many bytes
+  runs the model (tests/test_validate.py checks it).
+
+  Example:
+
+  >>> tflm_arena_bytes("model_mcu.tflite")                   # doctest: +SKIP
+  4064
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  data = tflite_inspect.read_bytes(path_or_bytes)
+  _check_references(tflite_inspect.parse(data))
+  Interpreter = _tflm_class()  # pylint: disable=invalid-name
+  _verify_stripped_for_tflm(data)
+  interp = _tflm_interpreter(Interpreter, data)
+  inp = _tflm_detail(interp.get_input_details(0))
+  if x is None:
+    sample = np.zeros(inp["shape"], dtype=inp["dtype"])
+  else:
+    sample = _quantize_input(_check_x(x, inp["shape"], "TFLite Micro")[:1], inp)
+  try:
+    interp.set_input(sample, 0)
+    interp.invoke()
+  except (RuntimeError, ValueError, IndexError) as e:
+    raise InvalidInputError(f"TFLite Micro failed to run this model: {str(e)[:200]}") from None
+  text = _capture_stderr(interp.print_allocations)
+  m = re.search(r"Arena allocation total (\d+) bytes", text)
+  if not m:
+    raise InvalidInputError(
+        "TFLite Micro did not report its arena use for this model (print_allocations "
+        f"printed {text.strip()[:120]!r}).")
+  return int(m.group(1))
+
+
+def _tflm_interpreter(Interpreter, data: bytes, arena_size: Optional[int] = None):  # pylint: disable=invalid-name
+  try:
+    return Interpreter.from_bytes(
+        data, arena_size=arena_size or max(len(data) * 10, 1 << 20))
   except Exception as e:  # pylint: disable=broad-except  # its Python reader raises struct errors
     if isinstance(e, MissingDependencyError):
       raise
+    text = str(e).strip()
+    hint = ("Export it with target='mcu' (full integer, batch 1; every operator is checked "
+            "against TFLite Micro's kernels before export).")
     raise InvalidInputError(
-        "TFLite Micro could not allocate this model: "
-        f"{str(e).strip()[:200]}. Export it with target='mcu' (full integer, batch 1, "
-        "only ops and types TFLite Micro runs).") from None
+        f"TFLite Micro could not allocate this model: {text[:200]}. {hint}") from None
+
+
+def _run_tflm(data: bytes, x):
+  Interpreter = _tflm_class()  # pylint: disable=invalid-name
+  _verify_stripped_for_tflm(data)
+  interp = _tflm_interpreter(Interpreter, data)
   try:
     inp = _tflm_detail(interp.get_input_details(0))
     out = _tflm_detail(interp.get_output_details(0))
@@ -414,6 +498,8 @@ def benchmark_latency(path_or_bytes, runs: int = 50, threads: int = 1, warmup: i
   """
   data = tflite_inspect.read_bytes(path_or_bytes)
   _check_references(tflite_inspect.parse(data))
+  if tflite_inspect.has_cut_zero_points(data):
+    data = tflite_inspect.restore_zero_points(data)
   Interpreter, _ = _litert_class("auto")  # pylint: disable=invalid-name
   try:
     interp = Interpreter(model_content=data, num_threads=threads)
@@ -433,3 +519,74 @@ def benchmark_latency(path_or_bytes, runs: int = 50, threads: int = 1, warmup: i
     if i >= warmup:
       times.append((time.perf_counter() - t0) * 1000.0)
   return float(statistics.median(times))
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def deployment_report(path_or_bytes, target: str, tflm_bytes=None, x=None,
+                      vela: Optional[Mapping[str, Any]] = None,
+                      steps: Optional[Mapping[str, int]] = None,
+                      latency_runs: int = 20) -> Dict[str, Any]:
+  """What a file needs on its device: flash, RAM (TFLite Micro arena), latency, NPU figures.
+
+  Args:
+    path_or_bytes: the file as written (for 'ethos-u', Vela's output).
+    target: 'mobile', 'mcu' or 'ethos-u'.
+    tflm_bytes: the TFLite Micro file ('ethos-u': Vela's input); default the file.
+    x: a sample input for the arena measurement (zeros when None).
+    vela: Vela's summary for 'ethos-u' (NPU cycles, SRAM, flash).
+    steps: bytes saved per stripping or compression step, to include.
+
+  Returns:
+    ``{"flash_bytes", "arena_bytes", "ram_runtime", "latency_ms",
+    "latency_runtime", "steps", "npu"}``: ``arena_bytes`` (TFLite Micro's
+    recording allocator; None for 'mobile', whose files LiteRT sizes at run
+    time) and ``latency_ms`` (median LiteRT single-sample latency on this
+    machine's CPU; of the TFLite Micro file for 'ethos-u').
+
+  Example:
+
+  >>> deployment_report("m.tflite", "mcu")["arena_bytes"]     # doctest: +SKIP
+  4064
+  """
+  data = tflite_inspect.read_bytes(path_or_bytes)
+  report: Dict[str, Any] = {"target": target, "flash_bytes": len(data), "arena_bytes": None,
+                            "ram_runtime": None, "latency_ms": None, "latency_runtime": None,
+                            "steps": dict(steps or {}), "npu": None}
+  micro = tflite_inspect.read_bytes(tflm_bytes) if tflm_bytes is not None else data
+  if target in ("mcu", "ethos-u"):
+    report["arena_bytes"] = tflm_arena_bytes(micro, x)
+    report["ram_runtime"] = "tflm"
+  runnable = data if target == "mobile" else micro
+  try:
+    report["latency_ms"] = round(benchmark_latency(runnable, runs=latency_runs), 4)
+    report["latency_runtime"] = "litert (this machine's CPU, 1 thread)"
+  except (InvalidInputError, MissingDependencyError) as e:
+    report["latency_runtime"] = f"not measured: {str(e)[:120]}"
+  if vela:
+    report["npu"] = {k: vela.get(k) for k in ("accelerator", "npu_cycles", "total_cycles",
+                                              "sram_kib", "flash_kib", "on_chip_flash_kib",
+                                              "inference_ms", "npu_op_share", "macs")
+                     if vela.get(k) is not None}
+  return report
+
+
+def format_deployment(report: Mapping[str, Any]) -> str:
+  """The deployment report as a few text lines (the ``keras-mpq inspect --view deploy`` view)."""
+  lines = [f"target {report.get('target')}: flash {report.get('flash_bytes')} bytes"]
+  arena = report.get("arena_bytes")
+  lines.append(f"RAM: TFLite Micro arena {arena} bytes" if arena is not None else
+               "RAM: not measured (LiteRT sizes its arena at run time)")
+  if report.get("latency_ms") is not None:
+    lines.append(f"latency: {report['latency_ms']} ms median ({report.get('latency_runtime')})")
+  steps = dict(report.get("steps") or {})
+  if steps:
+    start = steps.pop("quantized_file", None)
+    parts = [f"{k} -{v} B" for k, v in steps.items()]
+    lines.append("file steps: " + (f"quantized {start} B, " if start is not None else "")
+                 + ", ".join(parts))
+  npu = report.get("npu")
+  if npu:
+    lines.append("NPU (Vela): " + ", ".join(f"{k} {v}" for k, v in npu.items()))
+  return "\n".join(lines)

@@ -155,7 +155,8 @@ def fake_export_modules(monkeypatch):
       f.write(b"x" * (100 + len(calls["export"])))
     return types.SimpleNamespace(path=path)
 
-  def validate_tflite(path, x, y):
+  def validate_tflite(path, x, y, runtime="auto"):
+    assert runtime == "tflm"  # the fixture exports for mcu: validated in TFLite Micro
     calls["validate"].append((path, len(x)))
     return types.SimpleNamespace(accuracy=0.5 + 0.1 * len(calls["validate"]))
 

@@ -146,3 +146,28 @@ def test_a_run_prints_no_tensorflow_start_up_lines(tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == "", proc.stderr[-2000:]  # LiteRT's XNNPACK line included
+
+
+def test_bad_ram_flag_is_one_line_error(keras3_file, tmp_path, capsys):
+  argv = ["keras-mpq", "quantize", str(keras3_file), "--budget", "4bit", "--out",
+          str(tmp_path / "o"), "--ram", "lots"]
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  assert code == 2 and "--ram" in err and "Traceback" not in err
+
+
+def test_inspect_deploy_view(tmp_path, capsys):
+  pytest.importorskip("tflite_micro")
+  from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
+  inp = keras.Input((12,))
+  model = keras.Model(inp, keras.layers.Dense(4, name="fc")(inp))
+  x = np.random.default_rng(0).normal(0, 1, (16, 12)).astype(np.float32)
+  path = tmp_path / "m.tflite"
+  export_lib.export_tflite(model, path, QuantizationPlan({"fc": 8}), "mcu", x)
+  argv = ["keras-mpq", "inspect", str(path), "--view", "deploy"]
+  code = cli.main(argv)
+  out = capsys.readouterr().out
+  assert code == 0
+  assert f"flash {path.stat().st_size} bytes" in out and "TFLite Micro arena" in out

@@ -100,3 +100,25 @@ def test_format_table_aligns_columns():
   assert len({len(l.rstrip()) for l in lines[:2]}) == 1 or len(lines) == 4
   assert lines[3].split() == ["123"]  # a missing value is blank, not a column-breaking '-'
   assert lines[2].index("1") == lines[3].index("3")  # numbers right-aligned
+
+
+def test_summary_table_judges_file_budget_by_written_file():
+  r = _report()
+  r.update(budget={"kind": "bytes", "value": 2000.0, "text": "2000B"}, cost_target="mcu",
+           fixed_file_bytes=600.0, file_bytes=2100, within_budget=False,
+           within_budget_basis="written file (2100 B)",
+           budget_note=None,
+           export={"deployment": {"flash_bytes": 2100, "arena_bytes": 4064, "latency_ms": 0.01},
+                   "other_layers": {"lambda": "int8"}})
+  text = report.summary_table(r)
+  assert "OVER BUDGET, written file (2100 B)" in text
+  assert "predicted 1400 B (fixed part 600 B), written 2100 B" in text
+  assert "arena) 4064 B" in text
+  # the per-target truth from the file replaces "left float"
+  assert "lambda (int8)" in text and "left float" not in text
+
+
+def test_summary_table_says_when_budget_does_not_bind():
+  r = _report()
+  r["budget_note"] = "budget 1e+06B does not bind: the all-8-bit plan costs 5000 (bytes)"
+  assert "does not bind" in report.summary_table(r)

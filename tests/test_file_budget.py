@@ -1,0 +1,250 @@
+"""Byte budgets are file bytes per target (issue 15): storage rules, fixed part, checks.
+
+Covers keras_mpq.costs.file_cost_table / storage_bytes, export.measure_storage,
+the exporter's TFLite Micro operator check, scale check, stripping, RAM limit
+and deployment report, and quantize's budget errors.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_quantizer")
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("tflite_micro")
+
+import keras_mpq  # pylint: disable=g-import-not-at-top
+from keras_mpq import costs, tflite_inspect, validate
+from keras_mpq import export as export_lib
+from keras_mpq.compat import keras, set_global_seed
+from keras_mpq.types import (BudgetInfeasibleError, FileOverBudgetError, InvalidInputError,
+                             LayerCost, QuantizationPlan, RamLimitError, UnsupportedModelError)
+
+
+def _conv_dense(seed=0):
+  set_global_seed(seed)
+  inp = keras.Input((8, 8, 2), name="x")
+  h = keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inp)
+  h = keras.layers.Flatten(name="flat")(h)
+  out = keras.layers.Dense(10, name="fc")(h)
+  model = keras.Model(inp, out)
+  rng = np.random.default_rng(seed)
+  model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+  x = rng.normal(0, 1, (32, 8, 8, 2)).astype(np.float32)
+  return model, x
+
+
+@pytest.fixture(scope="module")
+def conv_dense():
+  return _conv_dense()
+
+
+def test_storage_rules_per_target():
+  c = LayerCost("fc", "Dense", n_params=1000, n_bias=10, n_scales=10, macs=1000)
+  ops = [("FULLY_CONNECTED", 1000)]
+  # mobile packs int4 fully connected; mcu stores it int8 (TFLite Micro cannot run it).
+  quant = 4 * 10 + 8 * 10 + (4 + 4) * 10 + 8 * 10
+  assert costs.storage_bytes(c, ops, 4, 8, "mobile") == 500 + quant
+  assert costs.storage_bytes(c, ops, 4, 8, "mcu") == 1000 + quant
+  assert costs.storage_bytes(c, ops, 8, 8, "mcu") == costs.storage_bytes(c, ops, 4, 8, "mcu")
+  # conv packs int4 on mcu too
+  conv = [("CONV_2D", 1000)]
+  assert costs.storage_bytes(c, conv, 4, 8, "mcu") == 500 + quant
+  # stripped zero points: one int64 per tensor instead of one per channel
+  assert costs.storage_bytes(c, ops, 8, 8, "mcu", zero_points_stripped=True) == \
+      1000 + 4 * 10 + 8 + (4 + 4) * 10 + 8
+
+
+@pytest.mark.parametrize("target", ["mobile", "mcu"])
+def test_predicted_file_bytes_equal_written(tmp_path, conv_dense, target):
+  model, x = conv_dense
+  profile = export_lib.measure_storage(model, target)
+  table = costs.file_cost_table(model, profile, bits=(2, 4, 8))
+  assert table.target == target and table.fixed_bytes > 0
+  for bits in ((4, 8), (2, 4), (8, 2)):
+    plan = QuantizationPlan({"conv": bits[0], "fc": bits[1]})
+    r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, target, x,
+                                 deployment=False)
+    assert r.size == pytest.approx(table.plan_cost(plan, "bytes"), abs=1), (target, bits)
+  # the fixed part is what the table's rows do not account for
+  plan8 = QuantizationPlan({"conv": 8, "fc": 8})
+  own = table.layer_bytes("conv", 8) + table.layer_bytes("fc", 8)
+  assert table.plan_cost(plan8, "bytes") == pytest.approx(own + table.fixed_bytes)
+
+
+def test_export_refuses_file_over_max_bytes(tmp_path, conv_dense):
+  model, x = conv_dense
+  path = tmp_path / "m.tflite"
+  with pytest.raises(FileOverBudgetError) as e:
+    export_lib.export_tflite(model, path, QuantizationPlan({"conv": 8, "fc": 8}), "mcu", x,
+                             max_bytes=1000, deployment=False)
+  assert e.value.size > 1000 and "nothing was written" in str(e.value)
+  assert not path.exists()
+
+
+def test_mcu_stripping_saves_bytes_and_keeps_tflm_outputs(tmp_path, conv_dense):
+  model, x = conv_dense
+  plan = QuantizationPlan({"conv": 4, "fc": 8})
+  full = export_lib.export_tflite(model, tmp_path / "full.tflite", plan, "mcu", x, strip=False)
+  default = export_lib.export_tflite(model, tmp_path / "default.tflite", plan, "mcu", x)
+  small = export_lib.export_tflite(model, tmp_path / "small.tflite", plan, "mcu", x, strip=True)
+  assert small.size < default.size < full.size
+  assert "names" not in default.deployment["steps"]
+  steps = small.deployment["steps"]
+  assert small.size < full.size
+  for step in ("names", "signatures", "metadata", "zero_points"):
+    assert steps[step] > 0, steps
+  assert steps["quantized_file"] - sum(v for k, v in steps.items() if k != "quantized_file") \
+      == small.size
+  a = validate.run_tflite(full.path, x[:8], runtime="tflm")
+  b = validate.run_tflite(small.path, x[:8], runtime="tflm")
+  np.testing.assert_array_equal(a, b)
+  assert all(r.name == "" for r in tflite_inspect.inspect_tflite(small.path))
+  with pytest.raises(InvalidInputError, match="zero_points"):
+    export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mobile", x,
+                             strip=["zero_points"])
+
+
+def test_deployment_report_arena_is_what_tflm_needs(tmp_path, conv_dense):
+  model, x = conv_dense
+  r = export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"conv": 8, "fc": 8}),
+                               "mcu", x)
+  d = r.deployment
+  assert d["flash_bytes"] == r.size == (tmp_path / "m.tflite").stat().st_size
+  arena = d["arena_bytes"]
+  assert arena > 0 and d["latency_ms"] > 0
+  from tflite_micro.python.tflite_micro import runtime as tflm  # pylint: disable=g-import-not-at-top
+  data = (tmp_path / "m.tflite").read_bytes()
+  sample = np.zeros((1, 8, 8, 2), np.int8)
+  interp = tflm.Interpreter.from_bytes(data, arena_size=arena)  # enough
+  interp.set_input(sample, 0)
+  interp.invoke()
+  with pytest.raises(Exception):  # too little: TFLite Micro cannot allocate
+    tflm.Interpreter.from_bytes(data, arena_size=arena // 2)
+  assert "arena" in validate.format_deployment(d)
+
+
+def test_ram_limit_refuses_before_writing(tmp_path, conv_dense):
+  model, x = conv_dense
+  path = tmp_path / "m.tflite"
+  with pytest.raises(RamLimitError) as e:
+    export_lib.export_tflite(model, path, QuantizationPlan({"conv": 8, "fc": 8}), "mcu", x,
+                             ram=100)
+  assert e.value.arena > 100 and "TFLite Micro" in str(e.value)
+  assert not path.exists()
+  with pytest.raises(InvalidInputError):
+    export_lib.export_tflite(model, path, QuantizationPlan({"conv": 8}), "mcu", x, ram=-1)
+
+
+def test_scale_check_names_bad_tensor(conv_dense, tmp_path):
+  model, x = conv_dense
+  r = export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"conv": 8, "fc": 8}),
+                               "mobile", x, deployment=False)
+  data = (tmp_path / "m.tflite").read_bytes()
+  assert export_lib.check_scales(data) == []
+  from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
+  m = fu.read_model_from_bytearray(bytearray(data))
+  bad = next(t for t in m.subgraphs[0].tensors
+             if t.quantization is not None and t.quantization.scale is not None
+             and len(t.quantization.scale) > 1)
+  bad.quantization.scale = np.array(bad.quantization.scale, np.float32)
+  bad.quantization.scale[0] = np.nan
+  bad.quantization.scale[1] = 0.0
+  problems = export_lib.check_scales(bytes(fu.convert_object_to_bytearray(m)))
+  assert len(problems) == 1 and bad.name.decode() in problems[0]
+  assert "NaN" in problems[0] and "zero-width" in problems[0]
+  assert r.size > 0
+
+
+def _gelu_model(seed=0):
+  set_global_seed(seed)
+  inp = keras.Input((16,), name="x")
+  h = keras.layers.Dense(32, name="fc1")(inp)
+  h = keras.layers.LayerNormalization(name="ln")(h)
+  h = keras.layers.Activation("gelu", name="act")(h)
+  out = keras.layers.Dense(4, name="out")(h)
+  x = np.random.default_rng(seed).normal(0, 1, (64, 16)).astype(np.float32)
+  return keras.Model(inp, out), x
+
+
+def test_gelu_is_written_in_tanh_form_for_mcu(tmp_path):
+  model, x = _gelu_model()
+  plan = QuantizationPlan({"fc1": 8, "out": 8})
+  r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x)
+  ops = {o.op for o in tflite_inspect.list_ops(tmp_path / "m.tflite")}
+  assert "GELU" not in ops and "LOGISTIC" in ops
+  assert any("GELU" in n and "tanh form" in n for n in r.notes)
+  y = validate.run_tflite(r.path, x, runtime="tflm")  # runs in TFLite Micro itself
+  assert y.shape == (64, 4)
+  # LayerNorm is integer on mcu: the file says so, per target.
+  assert r.other_layers.get("ln") == "int8"
+  mobile = export_lib.export_tflite(model, tmp_path / "f.tflite", plan, "mobile", x)
+  assert "GELU" in {o.op for o in tflite_inspect.list_ops(mobile.path)}
+
+
+def test_operator_without_tflm_kernel_is_refused_naming_layer(tmp_path):
+  inp = keras.Input((16,), name="x")
+  h = keras.layers.Dense(8, name="fc")(inp)
+  h = keras.layers.Lambda(lambda t: tf_sign(t), name="sign_layer")(h)
+  model = keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+  x = np.random.default_rng(0).normal(0, 1, (16, 16)).astype(np.float32)
+  path = tmp_path / "m.tflite"
+  with pytest.raises(UnsupportedModelError, match="SIGN.*sign_layer") as e:
+    export_lib.export_tflite(model, path, QuantizationPlan({"fc": 8, "out": 8}), "mcu", x)
+  assert "TFLite Micro" in str(e.value)
+  assert not path.exists()
+
+
+def tf_sign(t):
+  from keras_mpq.compat import tf  # pylint: disable=g-import-not-at-top
+  return tf.math.sign(t)
+
+
+def test_gelu_refused_when_tanh_form_does_not_match(tmp_path, monkeypatch):
+  model, x = _gelu_model()
+  monkeypatch.setattr(export_lib, "GELU_MATCH_TOLERANCE", 0.0)
+  with pytest.raises(UnsupportedModelError, match="GELU in layers \\['act'\\]"):
+    export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"fc1": 8}),
+                             "mcu", x)
+  assert not (tmp_path / "m.tflite").exists()
+
+
+def test_runtime_op_table_matches_tflm():
+  """Ops the table says TFLite Micro has load there; GELU (absent) is refused by TFLM."""
+  model, x = _gelu_model()
+  float_bytes = export_lib.to_float_tflite(model, 1)
+  from tflite_micro.python.tflite_micro import runtime as tflm  # pylint: disable=g-import-not-at-top
+  assert "GELU" not in export_lib.TFLM_KERNELS
+  assert "GELU" in {o.op for o in tflite_inspect.list_ops(float_bytes)}
+  with pytest.raises(Exception):  # "Didn't find op for builtin opcode 'GELU'" on stderr
+    tflm.Interpreter.from_bytes(float_bytes, arena_size=1 << 20)
+  ok = export_lib.to_float_tflite(export_lib.replace_gelu(model)[0], 1)
+  ops = {o.op for o in tflite_inspect.list_ops(ok)}
+  assert ops <= export_lib.TFLM_KERNELS
+  tflm.Interpreter.from_bytes(ok, arena_size=1 << 20)
+
+
+def test_quantize_refuses_budget_below_fixed_part(dataset):
+  model, x = _conv_dense()
+  y = np.argmax(model.predict(x, verbose=0), axis=1)
+  with pytest.raises(BudgetInfeasibleError) as e:
+    keras_mpq.quantize(model, "500B", data=(x, y), target="mcu", num_samples=16)
+  assert "fixed part" in str(e.value) and e.value.smallest > 500
+
+
+def test_quantize_file_budget_end_to_end(tmp_path):
+  model, x = _conv_dense()
+  y = np.argmax(model.predict(x, verbose=0), axis=1)
+  profile = export_lib.measure_storage(model, "mcu")
+  table = costs.file_cost_table(model, profile, bits=(2, 4, 8))
+  all8 = table.plan_cost(QuantizationPlan({"conv": 8, "fc": 8}), "bytes")
+  all_low = table.plan_cost(QuantizationPlan({"conv": 2, "fc": 2}), "bytes")
+  budget = int((all8 + all_low) / 2)
+  r = keras_mpq.quantize(model, f"{budget}B", data=(x, y), target="mcu", num_samples=16)
+  assert r.report["within_budget"] and r.report["budget_binds"]
+  assert r.report["achieved"]["bytes"] <= budget
+  ex = r.export(tmp_path / "m.tflite", target="mcu")
+  assert ex.size <= budget
+  assert ex.size == pytest.approx(r.report["achieved"]["bytes"], abs=300)
+  loose = keras_mpq.quantize(model, "1MB", data=(x, y), target="mcu", num_samples=16)
+  assert not loose.report["budget_binds"] and "does not bind" in loose.report["budget_note"]
+  assert str(int(all8)) in loose.report["budget_note"]
