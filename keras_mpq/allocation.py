@@ -84,6 +84,24 @@ def default_weight_bits(budget) -> Tuple[int, ...]:
   return DEFAULT_WEIGHT_BITS
 
 
+def _feasible_problem(sensitivity, budget, costs, pinned):
+  """(budget, problem, kind, cost matrix, limit), or `BudgetInfeasibleError` naming the smallest budget."""
+  budget = Budget.parse(budget)
+  problem = _Problem(sensitivity, costs, pinned)
+  kind = budget.kind
+  matrix = problem.matrix(kind)
+  limit = budget.value * (1 + _RTOL)
+  smallest = problem.cheapest_cost(matrix)
+  if smallest > limit:
+    where = " with the pinned layers as pinned" if problem.pinned else ""
+    raise BudgetInfeasibleError(
+        f"Expected a budget of at least {_fmt(kind, smallest)}: the cheapest plan "
+        f"(every layer at its cheapest candidate bit-width{where}) costs that much. "
+        f"Received: budget={budget.describe()}. Raise the budget, add lower "
+        "candidate bit-widths, or pin fewer layers.", smallest)
+  return budget, problem, kind, matrix, limit
+
+
 def allocate(sensitivity: SensitivityTable, budget, costs: CostTable,
              pinned: Optional[Mapping[str, int]] = None, *,
              time_limit: float = 60.0) -> QuantizationPlan:
@@ -122,20 +140,7 @@ def allocate(sensitivity: SensitivityTable, budget, costs: CostTable,
   >>> plan.weight_bits, plan.info["achieved"]["avg_bits"]
   ({'a': 8, 'b': 2}, 5.0)
   """
-  budget = Budget.parse(budget)
-  problem = _Problem(sensitivity, costs, pinned)
-  kind = budget.kind
-  matrix = problem.matrix(kind)
-  limit = budget.value * (1 + _RTOL)
-
-  smallest = problem.cheapest_cost(matrix)
-  if smallest > limit:
-    where = " with the pinned layers as pinned" if problem.pinned else ""
-    raise BudgetInfeasibleError(
-        f"Expected a budget of at least {_fmt(kind, smallest)}: the cheapest plan "
-        f"(every layer at its cheapest candidate bit-width{where}) costs that much. "
-        f"Received: budget={budget.describe()}. Raise the budget, add lower "
-        "candidate bit-widths, or pin fewer layers.", smallest)
+  budget, problem, kind, matrix, limit = _feasible_problem(sensitivity, budget, costs, pinned)
 
   highest = problem.highest_choice()
   highest_cost = _total(matrix, highest)
@@ -455,16 +460,7 @@ def greedy(sensitivity: SensitivityTable, budget, costs: CostTable,
   >>> greedy(sens, "150B", costs).weight_bits
   {'a': 8, 'b': 4}
   """
-  budget = Budget.parse(budget)
-  problem = _Problem(sensitivity, costs, pinned)
-  kind = budget.kind
-  matrix = problem.matrix(kind)
-  limit = budget.value * (1 + _RTOL)
-  smallest = problem.cheapest_cost(matrix)
-  if smallest > limit:
-    raise BudgetInfeasibleError(
-        f"Expected a budget of at least {_fmt(kind, smallest)}. Received: "
-        f"budget={budget.describe()}.", smallest)
+  budget, problem, kind, matrix, limit = _feasible_problem(sensitivity, budget, costs, pinned)
   choice = problem.highest_choice()
   scores = problem.scores
   while _total(matrix, choice) > limit:

@@ -849,7 +849,7 @@ def classifier_head(model) -> str:
   out = model.outputs[0]
   units = out.shape[-1]
   layer = getattr(getattr(out, "_keras_history", None), "layer", None)
-  act = _final_activation(layer)
+  act = final_activation(layer)
   if units == 1 and act == "sigmoid":
     return "binary"
   if units == 1 or act not in _CLASSIFIER_ACTIVATIONS + (None,):
@@ -875,7 +875,7 @@ def classifier_head(model) -> str:
   return "classes"
 
 
-def _final_activation(layer) -> Optional[str]:
+def final_activation(layer) -> Optional[str]:
   """Name of the activation a layer applies last ('softmax' for Softmax), or None."""
   if layer is None:
     return None

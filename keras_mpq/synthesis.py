@@ -67,6 +67,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from keras_mpq import input_range as input_range_lib
+from keras_mpq import model_io
 from keras_mpq import synthesis_losses as losses
 from keras_mpq.compat import is_keras3_model, keras, tf
 from keras_mpq.types import InvalidInputError, UnsupportedModelError, to_jsonable, SynthesisResult
@@ -334,24 +335,11 @@ def inspect_classifier(model, input_range=None) -> Classifier:
                     assumed_range=assumed)
 
 
-def _activation_name(layer) -> Optional[str]:
-  if isinstance(layer, keras.layers.Softmax):
-    return "softmax"
-  act = getattr(layer, "activation", None)
-  if act is None:
-    return None
-  try:
-    name = keras.activations.serialize(act)
-  except (ValueError, TypeError):
-    name = getattr(act, "__name__", None)
-  return name if isinstance(name, str) else None
-
-
 def _output_head(model, units, input_range):
   """(forward, output_kind): logits under a final softmax/sigmoid when reachable."""
   out = model.outputs[0]
   layer = getattr(getattr(out, "_keras_history", None), "layer", None)
-  act = _activation_name(layer) if layer is not None else None
+  act = model_io.final_activation(layer)
   if act == "sigmoid" and units > 1:
     raise UnsupportedModelError(
         "Expected a single-label classifier (softmax or logits over classes, or "
