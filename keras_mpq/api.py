@@ -234,7 +234,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
              weight_method: Optional[str] = None,
              bias_correction: Optional[bool] = None,
              objective: Optional[str] = None,
-             context: str = "highest"),
+             context: str = "highest",
              ram: Optional[float] = None, strip=None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
