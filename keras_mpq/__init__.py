@@ -24,6 +24,7 @@ import importlib
 __version__ = "0.1.0"
 
 from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasibleError,
+                             InputRangeAssumedWarning,
                              BudgetKind, CostTable, ExportResult, FileOverBudgetError,
                              InvalidInputError, RamLimitError,
                              KerasMpqError, LayerCost, LayerExport, MissingDependencyError,
@@ -56,7 +57,7 @@ _LAZY = {
 }
 
 __all__ = sorted(list(_LAZY) + [
-    "ACTIVATION_BITS", "FLOAT_BITS", "Budget", "BudgetInfeasibleError", "BudgetKind",
+    "ACTIVATION_BITS", "FLOAT_BITS", "InputRangeAssumedWarning", "Budget", "BudgetInfeasibleError", "BudgetKind",
     "CostTable", "ExportResult", "FileOverBudgetError", "InvalidInputError", "RamLimitError", "KerasMpqError", "LayerCost",
     "LayerExport", "MissingDependencyError", "ParetoPoint", "QuantizationPlan", "SearchResult",
     "SensitivityTable", "SynthesisResult", "UnsupportedModelError", "ValidationResult"])

@@ -24,7 +24,7 @@ import numpy as np
 from keras_mpq import apply as apply_lib
 from keras_mpq import fileio
 from keras_mpq.compat import keras, set_global_seed
-from keras_mpq.types import (Budget, BudgetInfeasibleError, BudgetKind, CostTable,
+from keras_mpq.types import (InputRangeAssumedWarning, Budget, BudgetInfeasibleError, BudgetKind, CostTable,
                              FLOAT_BITS, InvalidInputError, KerasMpqError,
                              MissingDependencyError,
                              QuantizationPlan, SensitivityTable, check_activation_bits,
@@ -348,7 +348,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
         "Rescaling/Normalization input layer and no input_range was given. Synthetic "
         "data, the input quantizer and the exported file all follow this range; pass "
         "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another.",
-        stacklevel=2)
+        InputRangeAssumedWarning, stacklevel=2)
   folded = apply_lib.fold_batchnorm(model)
   if ram is not None and (isinstance(ram, bool) or not isinstance(ram, (int, float))
                           or not np.isfinite(ram) or ram <= 0):

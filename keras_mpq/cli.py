@@ -349,7 +349,8 @@ def _output_dir(path: str):
 def cmd_quantize(args) -> int:
   import keras_mpq  # pylint: disable=g-import-not-at-top
   from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.types import InputRangeAssumedWarning, InvalidInputError  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
   if not args.budget:
     raise InvalidInputError("Expected --budget, e.g. --budget 4bit or --budget 48KB.")
   if not args.out:
@@ -366,6 +367,8 @@ def cmd_quantize(args) -> int:
     eval_data = load_data(args.eval_data, need_labels=True) if args.eval_data else None
     if data is not None and data[1] is None:
       data = data[0]
+    # The summary's first line says it when the input range is assumed.
+    warnings.filterwarnings("ignore", category=InputRangeAssumedWarning)
     result = keras_mpq.quantize(
         args.model, args.budget, data=data, target=args.target, weight_bits=bits,
         activation_bits=args.activation_bits, metric=args.metric,

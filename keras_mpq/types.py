@@ -46,6 +46,10 @@ class InvalidInputError(KerasMpqError):
   """An argument, a file or data the user passed is not usable."""
 
 
+class InputRangeAssumedWarning(UserWarning):
+  """No input range was read off the model or given, so [0, 1] is assumed."""
+
+
 class UnsupportedModelError(KerasMpqError):
   """The model cannot be handled (no class output, no quantizable layer, ...)."""
 

@@ -64,7 +64,15 @@ def test_predicted_file_bytes_equal_written(tmp_path, conv_dense, target):
     plan = QuantizationPlan({"conv": bits[0], "fc": bits[1]})
     r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, target, x,
                                  deployment=False)
-    assert r.size == pytest.approx(table.plan_cost(plan, "bytes"), abs=1), (target, bits)
+    predicted = table.plan_cost(plan, "bytes")
+    rebuilt = any(export_lib.decide(name, op, b, 8, target).unpack_int8
+                  or export_lib.decide(name, op, b, 8, target).repack_int4
+                  for name, b in (("conv", bits[0]), ("fc", bits[1]))
+                  for op in ("CONV_2D", "FULLY_CONNECTED"))
+    if rebuilt:  # the model editor's rebuild is charged as an upper bound
+      assert predicted - costs.REPACK_ALLOWANCE <= r.size <= predicted, (target, bits)
+    else:
+      assert r.size == pytest.approx(predicted, abs=1), (target, bits)
   # the fixed part is what the table's rows do not account for
   plan8 = QuantizationPlan({"conv": 8, "fc": 8})
   own = table.layer_bytes("conv", 8) + table.layer_bytes("fc", 8)
@@ -239,12 +247,14 @@ def test_quantize_file_budget_end_to_end(tmp_path):
   all8 = table.plan_cost(QuantizationPlan({"conv": 8, "fc": 8}), "bytes")
   all_low = table.plan_cost(QuantizationPlan({"conv": 2, "fc": 2}), "bytes")
   budget = int((all8 + all_low) / 2)
-  r = keras_mpq.quantize(model, f"{budget}B", data=(x, y), target="mcu", num_samples=16)
+  r = keras_mpq.quantize(model, f"{budget}B", data=(x, y), target="mcu", num_samples=16,
+                         input_range=(float(x.min()), float(x.max())))
   assert r.report["within_budget"] and r.report["budget_binds"]
   assert r.report["achieved"]["bytes"] <= budget
   ex = r.export(tmp_path / "m.tflite", target="mcu")
   assert ex.size <= budget
   assert ex.size == pytest.approx(r.report["achieved"]["bytes"], abs=300)
-  loose = keras_mpq.quantize(model, "1MB", data=(x, y), target="mcu", num_samples=16)
+  loose = keras_mpq.quantize(model, "1MB", data=(x, y), target="mcu", num_samples=16,
+                             input_range=(float(x.min()), float(x.max())))
   assert not loose.report["budget_binds"] and "does not bind" in loose.report["budget_note"]
   assert str(int(all8)) in loose.report["budget_note"]

@@ -177,7 +177,7 @@ def no_synthesis(monkeypatch):
     (["--metric", "nope"], "sensitivity metric"),
     (["--synthesis", "nope"], "method"),
     (["--pin", "nope=8"], "pinned layers"),
-    (["--pin", "conv=3"], "pinned bits"),
+    (["--pin", "conv=5"], "pinned bits"),
     (["--budget", "5ms"], "latency"),
     (["--budget", "10B"], r"at least \d"),
     (["--eval_data", "UNLABELED"], "no labels"),

@@ -166,7 +166,8 @@ def test_evaluator_reused_across_contexts_does_not_retrace(trained_cnn, data):
 def test_prefix_reuse_gives_the_full_model_numbers(trained_cnn, data, ti_table):
   full = sensitivity.measure_sensitivity(trained_cnn, data, reuse_prefix=False)
   np.testing.assert_allclose(ti_table.scores, full.scores, atol=1e-5)
-  assert ti_table.info["prefix_reuse"] == {"conv1": False, "conv2": True, "conv3": True,
+  # conv1 reads the input quantizer's output (apply.INPUT_QUANTIZER): a cut too.
+  assert ti_table.info["prefix_reuse"] == {"conv1": True, "conv2": True, "conv3": True,
                                            "fc1": True, "logits": True}
   assert not any(full.info["prefix_reuse"].values())
   assert full.info["traces"] == {"evaluate": 1, "prefix": 1}
@@ -181,8 +182,8 @@ def test_prefix_reuse_on_residual_graph():
   np.testing.assert_allclose(reused.scores, full.scores, atol=1e-6)
   assert np.any(np.abs(full.scores) > 1e-6)
   cut = reused.info["prefix_cut"]
-  # 's' is inside a block that starts at the model input: no cut before it.
-  assert cut["s"] is None and reused.info["prefix_reuse"]["s"] is False
+  # 's' reads the input quantizer's output, which every later layer depends on: a cut.
+  assert cut["s"] == "s" and reused.info["prefix_reuse"]["s"] is True
   assert cut["a"] == "a" and cut["b"] == "b"
   assert cut["c"] == "b"  # c's input is not a cut (add1 needs a): nearest cut before
   assert cut["d"] == "d"
@@ -230,8 +231,12 @@ def test_json_round_trip(ti_table):
 
 def test_search_returns_a_plan_within_budget(trained_cnn, data):
   from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
-  found = sensitivity.search(trained_cnn, data, "4bit", rounds=3, pinned={"conv1": 8},
-                             progress=False)
+  # Round to nearest: the search's weights and apply_plan's are then the same,
+  # so the measured loss can be checked exactly (GPTQ's statistics differ
+  # between the two: per layer on float inputs, and on quantized ones).
+  with apply.weight_defaults("rtn", False):
+    found = sensitivity.search(trained_cnn, data, "4bit", rounds=3, pinned={"conv1": 8},
+                               progress=False)
   costs = costs_lib.cost_table(apply.fold_batchnorm(trained_cnn))
   assert Budget.avg_bits(4).is_satisfied_by(found.plan, costs)
   assert found.plan.weight_bits["conv1"] == 8
@@ -248,12 +253,10 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
   if sel["winner"] == "allocated":
     assert allocated == found.plan.weight_bits
   # The plan's loss is what it measures: apply it with ranges from the
-  # calibration part, KL from the float model on the held-out part. The
-  # search's weights are optimized per layer on the float model's inputs
-  # (WeightBank), apply_plan's layer by layer on the quantized model's: close,
-  # not equal.
+  # calibration part, KL from the float model on the held-out part.
   cal, held, _ = sensitivity.split_holdout(len(data[0]), seed=0)
-  qmodel = apply.apply_plan(trained_cnn, found.plan, data[0][cal])
+  qmodel = apply.apply_plan(trained_cnn, found.plan, data[0][cal], weight_method="rtn",
+                            bias_correction=False)
   logits = qmodel.predict(data[0][held], verbose=0).astype(np.float64)
   ref = trained_cnn.predict(data[0][held], verbose=0).astype(np.float64)
   logq = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1,
@@ -261,7 +264,7 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
   logp = ref - np.log(np.sum(np.exp(ref - ref.max(1, keepdims=True)), 1,
                              keepdims=True)) - ref.max(1, keepdims=True)
   kl = np.mean(np.sum(np.exp(logp) * (logp - logq), axis=1))
-  assert kl == pytest.approx(sel["winner_loss"], rel=2e-2, abs=1e-4)
+  assert kl == pytest.approx(sel["winner_loss"], rel=2e-3, abs=1e-5)
   # The search goes on only while each plan is new.
   assert all(r["repeat_of"] is None for r in found.rounds[:-1])
   if len(found.rounds) < 3:
