@@ -44,8 +44,10 @@ def test_storage_rules_per_target():
   # mobile packs int4 fully connected; mcu stores it int8 (TFLite Micro cannot run it).
   quant = 4 * 10 + 8 * 10 + (4 + 4) * 10 + 8 * 10
   assert costs.storage_bytes(c, ops, 4, 8, "mobile") == 500 + quant
-  assert costs.storage_bytes(c, ops, 4, 8, "mcu") == 1000 + quant
-  assert costs.storage_bytes(c, ops, 8, 8, "mcu") == costs.storage_bytes(c, ops, 4, 8, "mcu")
+  # (the exact 4-bit integers are unpacked into int8 by a rebuild of the file,
+  # charged as costs.REPACK_ALLOWANCE: 4 bits saves nothing over 8 there)
+  assert costs.storage_bytes(c, ops, 4, 8, "mcu") == 1000 + quant + costs.REPACK_ALLOWANCE
+  assert costs.storage_bytes(c, ops, 8, 8, "mcu") == 1000 + quant
   # conv packs int4 on mcu too
   conv = [("CONV_2D", 1000)]
   assert costs.storage_bytes(c, conv, 4, 8, "mcu") == 500 + quant
