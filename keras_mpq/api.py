@@ -21,6 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from keras_mpq import act_ranges
 from keras_mpq import apply as apply_lib
 from keras_mpq import fileio
 from keras_mpq.compat import keras, set_global_seed
@@ -71,6 +72,7 @@ class QuantizationResult:
     from keras_mpq.types import FileOverBudgetError  # pylint: disable=g-import-not-at-top
     settings = self.report.get("settings", {})
     kwargs.setdefault("ram", settings.get("ram"))
+    kwargs.setdefault("range_policy", settings.get("range_policy"))
     if settings.get("strip") is not None:
       kwargs.setdefault("strip", settings.get("strip"))
     budget = Budget.from_dict(self.report["budget"]) if "budget" in self.report else None
@@ -101,8 +103,11 @@ class QuantizationResult:
         plan = QuantizationPlan(new_plan.weight_bits,
                                 {n: self.plan.act_bits(n) for n in new_plan.weight_bits},
                                 self.plan.default_activation_bits, new_plan.info)
-        model = apply_lib.apply_plan(self.float_model, plan, self.calibration_data,
-                                     fold_bn=False)
+        model = apply_lib.apply_plan(
+            self.float_model, plan, self.calibration_data, fold_bn=False,
+            weight_method=settings.get("weight_method"),
+            bias_correction=settings.get("bias_correction"),
+            range_policy=settings.get("range_policy"))
     if notes:
       result = dataclasses.replace(result, notes=tuple(notes) + tuple(result.notes) + (
           "re-planned weight bits: " + ", ".join(f"{k}={v}" for k, v in
@@ -235,7 +240,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
              bias_correction: Optional[bool] = None,
              objective: Optional[str] = None,
              context: str = "highest",
-             ram: Optional[float] = None, strip=None) -> QuantizationResult:
+             ram: Optional[float] = None, strip=None,
+             range_policy: Optional[str] = None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -282,6 +288,11 @@ def quantize(model, budget, data=None, target: str = "mobile",
       `QuantizationResult.export` raises `RamLimitError` above it.
     strip: what the export strips (see `keras_mpq.export.export_tflite`);
       None: the target's default (everything TFLite Micro ignores, for mcu).
+    range_policy: how each activation's range is set from the calibration
+      data: 'minmax' (default), 'percentile' or 'mse' (see
+      `keras_mpq.act_ranges`); the sensitivity table, the returned model and
+      its exports all use it, and ``report["activation_ranges"]`` says which
+      layers it clipped.
 
   The plan is checked by measurement before it is returned: the allocated
   plan, every uniform plan that fits the budget and a greedy plan are
@@ -365,7 +376,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
   lap("load")
 
   weight_method, bias_correction = apply_lib.check_weight_method(weight_method, bias_correction)
-  settings = {"bits": bits, "activation_bits": activation_bits, "metric": metric,
+  range_policy = act_ranges.check_range_policy(range_policy)
+  settings = {"range_policy": range_policy, "bits": bits, "activation_bits": activation_bits, "metric": metric,
               "weight_method": weight_method, "bias_correction": bias_correction,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
               "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
@@ -413,7 +425,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
   if hit is not None:
     plan, table, rounds_info = hit
   else:
-    with apply_lib.weight_defaults(weight_method, bias_correction):
+    with apply_lib.weight_defaults(weight_method, bias_correction), \
+        act_ranges.policy_default(range_policy):
       found = sens_lib.search(folded, (x, y), budget, weight_bits=bits, rounds=rounds,
                               metric=metric, pinned=pinned, costs=cost_table, seed=seed,
                               activation_bits=activation_bits, progress=progress,
@@ -430,7 +443,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
                           {n: activation_bits for n in plan.weight_bits},
                           activation_bits, plan.info)
   qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False, weight_method=weight_method,
-                                bias_correction=bias_correction)
+                                bias_correction=bias_correction, range_policy=range_policy)
   _compile_for_evaluation(qmodel, folded, x)
   lap("apply")
 
@@ -438,7 +451,21 @@ def quantize(model, budget, data=None, target: str = "mobile",
   report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
                         data_info, rounds_info, timings, settings)
   report["input_range"] = range_info
+  report["activation_ranges"] = _range_report(qmodel, folded, x, range_policy)
   return QuantizationResult(qmodel, plan, table, report, folded, x, cost_table)
+
+
+def _range_report(qmodel, folded, x, policy: str) -> Dict[str, Any]:
+  """The range policy and, per layer it clipped, the range against the min/max seen."""
+  info: Dict[str, Any] = {"policy": policy, "clipped": {}}
+  if policy == "minmax":
+    return info
+  chosen = apply_lib.activation_ranges(qmodel)
+  seen = apply_lib.observed_ranges(qmodel, x)
+  for name, (lo, hi) in chosen.items():
+    if name in seen and (lo, hi) != seen[name]:
+      info["clipped"][name] = {"range": [lo, hi], "minmax": list(seen[name])}
+  return info
 
 
 def _compile_for_evaluation(qmodel, folded, x) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from keras_mpq import model_io, quantizers, weight_quant
+from keras_mpq import act_ranges, model_io, quantizers, weight_quant
 from keras_mpq.compat import keras, tf, tfmot
 from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
                              UnsupportedModelError, check_weight_bits)
@@ -313,6 +313,13 @@ def _act_quant_vars(qmodel) -> List[Tuple[object, Dict[str, tf.Variable]]]:
   return found
 
 
+def _activation_bits(layer) -> int:
+  """Bits of the activation quantizer of ``layer`` (a QuantizeLayer or wrapper)."""
+  if isinstance(layer, _QuantizeLayer):
+    return layer.quantizer.num_bits
+  return layer._output_quantizers[0].num_bits  # pylint: disable=protected-access
+
+
 def set_activation_quantization(qmodel, enabled: bool) -> None:
   """Switches every activation quantizer on or off (no retracing)."""
   for _, v in _act_quant_vars(qmodel):
@@ -377,16 +384,16 @@ def check_data(model, x, what: str = "data") -> np.ndarray:
   return x
 
 
-def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]:
-  """Sets every activation range to the min/max seen on ``x``; returns them.
+def _measure(qmodel, x, batch_size: int, keep_values: bool):
+  """(pairs, mins, maxs, values) of every activation quantizer's input on ``x``.
 
-  Ranges are measured with the weights quantized as planned and activations
-  float (each quantizer switched off while measuring, then back on).
+  Activation quantization is off while measuring and on again afterwards.
+  ``values`` holds, per quantizer, a seeded subset of the values seen
+  (`keras_mpq.act_ranges.MAX_VALUES` in all) when ``keep_values``.
   """
-  x = check_data(qmodel, x, "calibration data")
   pairs = _act_quant_vars(qmodel)
   if not pairs:
-    return {}
+    return [], np.zeros(0), np.zeros(0), []
   set_activation_quantization(qmodel, False)
   probe = keras.Model(qmodel.inputs, [layer_output(qmodel, layer) for layer, _ in pairs])
 
@@ -394,33 +401,71 @@ def calibrate(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]
   def ranges(batch):
     outs = probe(batch, training=False)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    return ([tf.reduce_min(o) for o in outs], [tf.reduce_max(o) for o in outs])
+    return ([tf.reduce_min(o) for o in outs], [tf.reduce_max(o) for o in outs],
+            list(outs) if keep_values else [])
 
   lo = np.full(len(pairs), np.inf)
   hi = np.full(len(pairs), -np.inf)
+  batches = list(_as_batches(x, batch_size))
+  per_batch = act_ranges.MAX_VALUES // max(len(batches), 1)
+  values = [[] for _ in pairs]
   # Each calibrated model gets its own function, so TF's "retracing in a loop"
   # warning fires across apply_plan calls although no function retraces.
   tf_logger, level = tf.get_logger(), tf.get_logger().level
   tf_logger.setLevel("ERROR")
   try:
-    for batch in _as_batches(x, batch_size):
-      mins, maxs = ranges(tf.constant(batch))
+    for i, batch in enumerate(batches):
+      mins, maxs, outs = ranges(tf.constant(batch))
       lo = np.minimum(lo, np.array([m.numpy() for m in mins]))
       hi = np.maximum(hi, np.array([m.numpy() for m in maxs]))
+      for j, o in enumerate(outs):
+        values[j].append(act_ranges.sample_values(o.numpy(), per_batch, seed=i))
   finally:
     tf_logger.setLevel(level)
+    set_activation_quantization(qmodel, True)
+  return pairs, lo, hi, values
+
+
+def observed_ranges(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]:
+  """The min/max each activation quantizer sees on ``x``, by inner layer name (nothing set).
+
+  >>> observed_ranges(qmodel, x)["conv1"]  # doctest: +SKIP
+  (0.0, 5.91)
+  """
+  x = check_data(qmodel, x, "data")
+  pairs, lo, hi, _ = _measure(qmodel, x, batch_size, keep_values=False)
+  return {quantized_name(layer): (float(a), float(b)) for (layer, _), a, b in zip(pairs, lo, hi)}
+
+
+def calibrate(qmodel, x, batch_size: int = 64,
+              range_policy: Optional[str] = None) -> Dict[str, Tuple[float, float]]:
+  """Sets every activation range from ``x`` under ``range_policy``; returns them.
+
+  Ranges are measured with the weights quantized as planned and activations
+  float (each quantizer switched off while measuring, then back on). The
+  policy (`keras_mpq.act_ranges`; None: its current default, min/max unless
+  changed) applies to every layer output; the model input keeps its min/max,
+  as the .tflite's input does.
+  """
+  policy = act_ranges.check_range_policy(range_policy)
+  x = check_data(qmodel, x, "calibration data")
+  pairs, lo, hi, values = _measure(qmodel, x, batch_size, keep_values=policy != "minmax")
   result = {}
-  for (layer, v), a, b in zip(pairs, lo, hi):
+  for j, ((layer, v), a, b) in enumerate(zip(pairs, lo, hi)):
+    if policy != "minmax" and layer.name != INPUT_QUANTIZER:
+      chosen = act_ranges.choose_range(
+          np.concatenate(values[j]),
+          _activation_bits(layer), policy)
+      a, b = chosen.low, chosen.high
     v["min"].assign(float(a))
     v["max"].assign(float(b))
     result[quantized_name(layer)] = (float(a), float(b))
-  set_activation_quantization(qmodel, True)
   return result
 
 
 def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = True,
                batch_size: int = 64, weight_method: Optional[str] = None,
-               bias_correction: Optional[bool] = None):
+               bias_correction: Optional[bool] = None, range_policy: Optional[str] = None):
   """Quantizes ``model`` per ``plan`` with tfmot and calibrates its activation ranges.
 
   Args:
@@ -435,6 +480,8 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
       default `DEFAULT_WEIGHT_METHOD`.
     bias_correction: correct each layer's mean output shift on the
       calibration data (default `DEFAULT_BIAS_CORRECTION`).
+    range_policy: activation ranges: 'minmax', 'percentile' or 'mse'
+      (`keras_mpq.act_ranges`; default its `DEFAULT_RANGE_POLICY`).
 
   Returns:
     A tf_keras model of tfmot ``QuantizeWrapperV2`` layers, compiled-ready:
@@ -453,7 +500,7 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
   qmodel = quantize_model(base, plan)
   x = check_data(qmodel, calibration_data, "calibration data")
   optimize_weights(qmodel, x, weight_method, bias_correction, batch_size=batch_size)
-  calibrate(qmodel, x, batch_size=batch_size)
+  calibrate(qmodel, x, batch_size=batch_size, range_policy=range_policy)
   return qmodel
 
 

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--input_range", metavar="LO,HI",
                     help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
                     "off a Rescaling/Normalization input layer, else 0,1, assumed)")
+  data.add_argument("--range_policy", default=None, choices=["minmax", "percentile", "mse"],
+                    help="activation ranges from the calibration data (default: minmax)")
   search = q.add_argument_group("sensitivity search")
   search.add_argument("--metric", default="task_interaction",
                       help="sensitivity metric (default: task_interaction)")
@@ -375,7 +377,8 @@ def cmd_quantize(args) -> int:
         synthesis=args.synthesis, num_samples=args.samples, rounds=args.rounds,
         pinned=pins, seed=args.seed, progress=args.progress,
         cache_dir=(out / "cache") if args.cache else None,
-        input_range=_parse_range(args.input_range), ram=_parse_ram(args.ram))
+        input_range=_parse_range(args.input_range), ram=_parse_ram(args.ram),
+        range_policy=args.range_policy)
     start = time.perf_counter()
     tflite_path = out / f"model_{args.target.replace('-', '_')}.tflite"
     exported = result.export(tflite_path, target=args.target)

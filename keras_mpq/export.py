@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keras_mpq import fileio
+from keras_mpq import act_ranges, fileio
 from keras_mpq import quantizers
 from keras_mpq import tflite_inspect
 from keras_mpq.compat import keras, tf
@@ -331,16 +331,46 @@ def _fill_fused_ranges(calib, interp) -> None:
         break
 
 
+def _apply_range_policy(calib, calib_bytes: bytes, samples, policy: str) -> None:
+  """Replaces (in place) each activation's min/max in ``calib`` by ``policy``'s range."""
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  interp = Interpreter(model_content=calib_bytes, experimental_preserve_all_tensors=True)
+  inputs = {d["name"] for d in interp.get_input_details()}
+  index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+  runner = interp.get_signature_runner()
+  values: Dict[str, List[np.ndarray]] = {}
+  per_feed = act_ranges.MAX_VALUES // max(len(samples), 1)
+  for feed in samples:
+    runner(**feed)
+    for name in calib:
+      if name in index and name not in inputs:
+        try:
+          values.setdefault(name, []).append(
+              act_ranges.sample_values(interp.get_tensor(index[name]), per_feed))
+        except ValueError:  # a tensor the interpreter did not keep
+          pass
+  for name, parts in values.items():
+    qsv = calib[name]
+    if not isinstance(qsv, dict) or "min" not in qsv or "max" not in qsv:
+      continue
+    chosen = act_ranges.choose_range(np.concatenate(parts), 8, policy)
+    qsv["min"] = np.full_like(np.asarray(qsv["min"], np.float32), chosen.low)
+    qsv["max"] = np.full_like(np.asarray(qsv["max"], np.float32), chosen.high)
+
+
 def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
                          max_samples: int = 256, seed: int = 0,
-                         calibration_model: Optional[bytes] = None) -> bytes:
+                         calibration_model: Optional[bytes] = None,
+                         range_policy: Optional[str] = None) -> bytes:
   """Calibrates and quantizes a float flatbuffer with ai-edge-quantizer.
 
   Activation ranges are the min/max over the calibration samples (as on the
   Keras side), not ai-edge-quantizer's default moving average: the samples go
   through a dynamic-batch float model (``calibration_model``, else
   ``float_bytes``) in one batch, and the ranges found, keyed by tensor name,
-  quantize ``float_bytes`` (which may have batch 1).
+  quantize ``float_bytes`` (which may have batch 1). Another ``range_policy``
+  (`keras_mpq.act_ranges`) then narrows each activation's range as the Keras
+  model's `calibrate` does; the model input keeps its min/max.
   """
   try:
     from ai_edge_quantizer import quantizer as aeq  # pylint: disable=g-import-not-at-top
@@ -367,6 +397,9 @@ def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarra
     calib = (calibrator.calibrate({key: samples}, num_threads=1)
              if calibrator.need_calibration else None)
     if calib:
+      policy = act_ranges.check_range_policy(range_policy)
+      if policy != "minmax":
+        _apply_range_policy(calib, calib_bytes, samples, policy)
       if calibration_model is not None:
         _fill_fused_ranges(calib, Interpreter(model_content=float_bytes))
       _widen_collapsed_ranges(calib)
@@ -807,7 +840,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
                   max_calibration_samples: int = 256, seed: int = 0,
                   vela_options: Sequence[str] = (), strip=None, lut: bool = False,
                   max_bytes: Optional[float] = None, ram: Optional[float] = None,
-                  deployment: bool = True) -> ExportResult:
+                  deployment: bool = True,
+                  range_policy: Optional[str] = None) -> ExportResult:
   """Writes ``model`` quantized as ``plan`` to a .tflite file for ``target``.
 
   Args:
@@ -834,6 +868,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u'):
       a larger arena raises `RamLimitError` and nothing is written.
     deployment: measure the deployment report (arena, latency); needed for ``ram``.
+    range_policy: activation ranges, as the Keras model was calibrated
+      ('minmax', 'percentile', 'mse'; `keras_mpq.act_ranges`).
 
   Returns:
     An `ExportResult` read back from the written file.
@@ -876,7 +912,7 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", RuntimeWarning)
       qbytes = quantize_with_recipe(float_bytes, recipe, x, max_calibration_samples, seed,
-                                    calib_bytes)
+                                    calib_bytes, range_policy=range_policy)
   except KerasMpqError:
     raise
   except Exception as e:
