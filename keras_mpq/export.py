@@ -651,28 +651,34 @@ def check_scales(model_bytes: bytes) -> List[str]:
 
 STRIP_STEPS = ("names", "signatures", "metadata", "zero_points")
 """What `strip_model` can remove, in order. TFLite Micro reads none of it:
-tensor and subgraph names and the model description; the signature defs;
-the converter's metadata (``CONVERSION_METADATA``, ``min_runtime_version``;
-an ``OfflineMemoryAllocation`` entry is kept); and per-channel zero points
-that are all zero (symmetric weights and biases), cut to one entry. LiteRT
-refuses a file whose zero points are cut (it wants one per scale), so
-'zero_points' is for TFLite Micro only; keras_mpq's own LiteRT paths
-(`validate_tflite`, `benchmark_latency`) restore them in memory first
-(`tflite_inspect.restore_zero_points`)."""
+tensor and subgraph names and the model description ('names': each weight
+operator's filter tensor keeps its Keras layer's name, and only that, so that
+`keras-mpq inspect --plan`, `check_against_plan` and the deployment report
+still find each layer's weights; every other tensor name is cut); the
+signature defs; the converter's metadata (``CONVERSION_METADATA``,
+``min_runtime_version``; an ``OfflineMemoryAllocation`` entry is kept); and
+per-channel zero points that are all zero (symmetric weights and biases), cut
+to one entry. LiteRT runs a file without names or signatures (inputs and
+outputs are found by index), but refuses one whose zero points are cut (it
+wants one per scale), so 'zero_points' is for TFLite Micro only; keras_mpq's
+own LiteRT paths (`validate_tflite`, `benchmark_latency`) restore them in
+memory first (`tflite_inspect.restore_zero_points`)."""
 
-DEFAULT_STRIP = {"mobile": (), "mcu": ("signatures", "metadata", "zero_points"), "ethos-u": ()}
-"""mcu strips by default what no keras_mpq tool reads. Tensor names stay by
-default: `keras-mpq inspect --plan`, `check_against_plan` and the per-layer
-read-back find a layer's tensors by name; ``strip=True`` removes them too."""
+DEFAULT_STRIP = {"mobile": (), "mcu": STRIP_STEPS, "ethos-u": ()}
+"""mcu strips by default everything `STRIP_STEPS` lists (each stripped file is
+checked to give the same outputs in TFLite Micro). mobile files keep their
+names and signature defs: LiteRT's signature runners and other tools read them."""
 _KEEP_METADATA = (b"OfflineMemoryAllocation",)
 
 
-def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS
-                ) -> Tuple[bytes, Dict[str, int]]:
+def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS,
+                layer_names: Sequence[str] = ()) -> Tuple[bytes, Dict[str, int]]:
   """Removes what TFLite Micro does not read; returns the file and the bytes each step saved.
 
   Steps are applied in `STRIP_STEPS` order; each saving is measured on the
-  rebuilt (aligned) file. See `STRIP_STEPS` for what each step removes.
+  rebuilt (aligned) file. See `STRIP_STEPS` for what each step removes. With
+  'names', the filter tensor of each weight operator of a layer in
+  ``layer_names`` is renamed to that layer's name; all other names are cut.
   """
   unknown = sorted(set(steps) - set(STRIP_STEPS))
   if unknown:
@@ -689,11 +695,16 @@ def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS
     if step not in steps:
       continue
     if step == "names":
+      keep = {}
+      if layer_names:
+        for layer, entries in tflite_inspect.layer_weight_ops(model_bytes, layer_names).items():
+          for e in entries:
+            keep[e["weight_tensor"]] = layer
       model.description = None
-      for sg in model.subgraphs:
+      for i, sg in enumerate(model.subgraphs):
         sg.name = None
-        for t in sg.tensors:
-          t.name = None
+        for t_index, t in enumerate(sg.tensors):
+          t.name = keep.get(t_index) if i == 0 else None
     elif step == "signatures":
       model.signatureDefs = None
     elif step == "metadata":
@@ -822,8 +833,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
       activation ranges; at most ``max_calibration_samples`` are used.
     seed: picks the calibration subset repeatably.
     strip: what to remove that the runtime does not read (`STRIP_STEPS`):
-      None = the target's default (`DEFAULT_STRIP`: signatures, metadata and
-      zero points for 'mcu', nothing otherwise),
+      None = the target's default (`DEFAULT_STRIP`: names, signatures,
+      metadata and zero points for 'mcu', nothing otherwise),
       True = all the target allows, False = nothing, or a list of steps. A
       stripped mcu file is checked to give the same outputs in TFLite Micro.
     lut: 'mcu' only: TFLite Micro lookup-table compression of 2- and 3-bit
@@ -926,7 +937,7 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     elif done:
       notes.append("lookup-table compression not used: TFLite Micro outputs changed")
   if steps:
-    stripped, saved = strip_model(qbytes, steps)
+    stripped, saved = strip_model(qbytes, steps, plan.layers)
     if target == "mcu" and not _same_tflm_outputs(qbytes, stripped, x):
       raise UnsupportedModelError(
           f"The stripped file ({', '.join(steps)}) gave other outputs in TFLite Micro than "

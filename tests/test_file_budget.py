@@ -97,8 +97,9 @@ def test_mcu_stripping_saves_bytes_and_keeps_tflm_outputs(tmp_path, conv_dense):
   full = export_lib.export_tflite(model, tmp_path / "full.tflite", plan, "mcu", x, strip=False)
   default = export_lib.export_tflite(model, tmp_path / "default.tflite", plan, "mcu", x)
   small = export_lib.export_tflite(model, tmp_path / "small.tflite", plan, "mcu", x, strip=True)
-  assert small.size < default.size < full.size
-  assert "names" not in default.deployment["steps"]
+  # mcu strips everything by default; the names step keeps each weight tensor's layer name
+  assert small.size == default.size < full.size
+  assert default.deployment["steps"] == small.deployment["steps"]
   steps = small.deployment["steps"]
   assert small.size < full.size
   for step in ("names", "signatures", "metadata", "zero_points"):
@@ -108,7 +109,14 @@ def test_mcu_stripping_saves_bytes_and_keeps_tflm_outputs(tmp_path, conv_dense):
   a = validate.run_tflite(full.path, x[:8], runtime="tflm")
   b = validate.run_tflite(small.path, x[:8], runtime="tflm")
   np.testing.assert_array_equal(a, b)
-  assert all(r.name == "" for r in tflite_inspect.inspect_tflite(small.path))
+  names = {r.name for r in tflite_inspect.inspect_tflite(small.path)}
+  assert names == {"", "conv", "fc"}, names
+  assert tflite_inspect.check_against_plan(small.path, plan) == []
+  ops = tflite_inspect.layer_weight_ops(small.path, ["conv", "fc"])
+  assert [e["op"] for e in ops["conv"]] == ["CONV_2D"] and len(ops["fc"]) == 1
+  # LiteRT runs the stripped file too (zero points restored in memory)
+  c = validate.run_tflite(small.path, x[:8], runtime="litert")
+  np.testing.assert_allclose(c, b, atol=0.02 * float(np.ptp(b)))
   with pytest.raises(InvalidInputError, match="zero_points"):
     export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mobile", x,
                              strip=["zero_points"])
