@@ -176,7 +176,12 @@ def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
   shape = [batch_size] + list(model.inputs[0].shape[1:])
   spec = tf.TensorSpec(shape, tf.float32, name=model.inputs[0].name.split(":")[0])
   fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
+  # The converter saves its trackable object as a SavedModel first; a bare module
+  # holding the variables gives the same flatbuffer, byte for byte, 3-5x faster
+  # than the Keras model (whose every layer is traced again for serialization).
+  holder = tf.Module()
+  holder.model_variables = list(model.variables)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], holder)
   try:
     with _quiet():
       return bytes(converter.convert())
@@ -422,6 +427,25 @@ def unpack_int8(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
         tensor.dtype = schema.TensorType.INT8
         done = True
   return bytes(model.build()) if done else model_bytes
+
+
+def inline_buffers(model_bytes: bytes) -> bytes:
+  """The file with every constant buffer inside the flatbuffer (none at an offset after it).
+
+  ai-edge-quantizer writes the buffers of a model with 256 KiB or more of
+  constant data after the flatbuffer, addressed by offset. The installed
+  TFLite Micro runtime loads such a file but computes wrong outputs (a
+  MobileNetV2 at 32x32: 0 of 8 classes agreed with Keras; the same file with
+  its buffers inlined: 8 of 8), so 'mcu' and 'ethos-u' files are rebuilt with
+  the buffers inline (and TFLite Micro's 16-byte alignment). A file without
+  offset buffers comes back unchanged.
+  """
+  reader = tflite_inspect.parse(model_bytes)
+  if not any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers)):
+    return model_bytes
+  from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
+  model = fu.read_model_from_bytearray(bytearray(model_bytes))  # moves offset data inline
+  return tflite_inspect.align(bytes(fu.convert_object_to_bytearray(model)))
 
 
 def _kernel_for_op(layer, op: str):
@@ -905,6 +929,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
   if unpack:
     qbytes = unpack_int8(qbytes, [e["weight_name"] for d in unpack for e in ops[d.layer]
                                   if e["output_name"] == d.output_name])
+  if target != "mobile":
+    qbytes = inline_buffers(qbytes)
   problems = check_weight_integers(qbytes, snapped, decisions, ops)
   if problems:
     raise KerasMpqError(
@@ -1150,10 +1176,12 @@ def _vela_summary(out_dir: str, stdout: str) -> Dict[str, Any]:
       row = {k.strip(): v for k, v in rows[0].items() if k}
       pick = {
           "sram_kib": "sram_memory_used", "flash_kib": "off_chip_flash_memory_used",
-          "npu_cycles": "npu_cycles", "total_cycles": "cycles_total",
+          "npu_cycles": "cycles_npu", "total_cycles": "cycles_total",
           "inference_time_s": "inference_time", "inferences_per_second": "inferences_per_second",
           "cpu_ops": "cpu_operators", "npu_ops": "npu_operators",
           "on_chip_flash_kib": "on_chip_flash_memory_used",
+          "weights_bytes": "total_original_weights",
+          "encoded_weights_bytes": "total_npu_encoded_weights",
       }
       for key, col in pick.items():
         for k, v in row.items():

@@ -268,3 +268,30 @@ def test_quantize_file_budget_end_to_end(tmp_path):
                              input_range=(float(x.min()), float(x.max())))
   assert not loose.report["budget_binds"] and "does not bind" in loose.report["budget_note"]
   assert str(int(all8)) in loose.report["budget_note"]
+
+
+def test_mcu_file_with_large_weights_has_inline_buffers_and_right_tflm_outputs(tmp_path,
+                                                                               monkeypatch):
+  # ai-edge-quantizer puts the buffers of a model with >= 256 KiB of constants after
+  # the flatbuffer, at offsets; the installed TFLite Micro then computes wrong outputs.
+  set_global_seed(3)
+  model = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(300, name="fc1"),
+                            keras.layers.Dense(10, name="fc2")])
+  rng = np.random.default_rng(3)
+  x = rng.normal(0, 1, (16, 1024)).astype(np.float32)
+  plan = QuantizationPlan({"fc1": 8, "fc2": 8})
+  r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x, strip=False,
+                               deployment=False)
+  reader = tflite_inspect.parse(r.path)
+  assert not any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers))
+  ref = model.predict(x[:8], verbose=0)
+  got = validate.run_tflite(r.path, x[:8], runtime="tflm")
+  assert np.abs(got - ref).max() < 0.05 * np.ptp(ref)
+  # without inlining, the same export's file has offset buffers and TFLite Micro is off
+  monkeypatch.setattr(export_lib, "inline_buffers", lambda b: b)
+  raw = export_lib.export_tflite(model, tmp_path / "raw.tflite", plan, "mcu", x, strip=False,
+                                 deployment=False)
+  reader = tflite_inspect.parse(raw.path)
+  assert any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers))
+  bad = validate.run_tflite(raw.path, x[:8], runtime="tflm")
+  assert np.abs(bad - ref).max() > 0.05 * np.ptp(ref)
