@@ -429,7 +429,7 @@ def unpack_int8(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
   return bytes(model.build()) if done else model_bytes
 
 
-def inline_buffers(model_bytes: bytes) -> bytes:
+def inline_buffers(model_bytes: bytes, always: bool = False) -> bytes:
   """The file with every constant buffer inside the flatbuffer (none at an offset after it).
 
   ai-edge-quantizer writes the buffers of a model with 256 KiB or more of
@@ -437,11 +437,13 @@ def inline_buffers(model_bytes: bytes) -> bytes:
   TFLite Micro runtime loads such a file but computes wrong outputs (a
   MobileNetV2 at 32x32: 0 of 8 classes agreed with Keras; the same file with
   its buffers inlined: 8 of 8), so 'mcu' and 'ethos-u' files are rebuilt with
-  the buffers inline (and TFLite Micro's 16-byte alignment). A file without
-  offset buffers comes back unchanged.
+  the buffers inline and TFLite Micro's 16-byte buffer alignment (``always``:
+  every file, so that each weight buffer's size in the file is its data
+  rounded up to 16 bytes, as `keras_mpq.costs.storage_bytes` charges it).
+  Otherwise a file without offset buffers comes back unchanged.
   """
   reader = tflite_inspect.parse(model_bytes)
-  if not any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers)):
+  if not always and not any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers)):
     return model_bytes
   from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
   model = fu.read_model_from_bytearray(bytearray(model_bytes))  # moves offset data inline
@@ -929,8 +931,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
   if unpack:
     qbytes = unpack_int8(qbytes, [e["weight_name"] for d in unpack for e in ops[d.layer]
                                   if e["output_name"] == d.output_name])
-  if target != "mobile":
-    qbytes = inline_buffers(qbytes)
+  if target != "mobile":  # TFLite Micro's layout: buffers inline, 16-byte aligned
+    qbytes = inline_buffers(qbytes, always=True)
   problems = check_weight_integers(qbytes, snapped, decisions, ops)
   if problems:
     raise KerasMpqError(
