@@ -863,9 +863,13 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
       metadata and zero points for 'mcu', nothing otherwise),
       True = all the target allows, False = nothing, or a list of steps. A
       stripped mcu file is checked to give the same outputs in TFLite Micro.
-    lut: 'mcu' only: TFLite Micro lookup-table compression of 2- and 3-bit
+    lut: 'mcu' only: TFLite Micro lookup-table compression of 2- to 4-bit
       layers stored as int8 (kept only where the compressed file gives the
-      same outputs in TFLite Micro; DECODE puts the weights in the arena).
+      same outputs in TFLite Micro). Off by default although it runs and
+      matches in the installed runtime: DECODE decodes the weights into the
+      arena, so the flash it saves is paid in RAM (a digits MLP at 2 bits:
+      55,328 -> 17,232 B of flash, arena 4,064 -> 54,144 B; benchmarks/
+      results/deploy.md), and the byte cost table does not model it.
     max_bytes: the file's byte budget: a larger file raises
       `FileOverBudgetError` and nothing is written.
     ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u'):
