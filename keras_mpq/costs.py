@@ -238,6 +238,24 @@ MLP's file by 152 bytes and a small Conv+Dense model's by 144 (once per file;
 charged per layer, so the prediction errs on the large side)."""
 
 
+BUFFER_ALIGNMENT = 16
+"""mcu files are rebuilt with TFLite Micro's 16-byte buffer alignment
+(`keras_mpq.export.inline_buffers`): a weight buffer takes its data rounded up
+to a multiple of 16 bytes (measured exact on a digits separable CNN across
+mixed 2/4/8-bit plans). mobile files are written by ai-edge-quantizer in one
+of two layouts: below 256 KiB of constant data every buffer is inline
+(4-byte aligned), above it every buffer of 1 KiB or more sits after the
+flatbuffer, 16-byte aligned. Which one a plan gets depends on the whole
+plan, so a mobile layer stored other than int8 (the 8-bit reference the fixed
+part was measured at) is charged its data rounded up to 16 bytes plus 16: at
+least what it takes in either layout (a MobileNetV2's 8-bit and mixed files
+differ in layout; without this a file came out 8 bytes over its budget)."""
+
+
+def _round_up(n: int) -> int:
+  return -(-int(n) // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+
+
 def container_bytes(container: str, n: int) -> int:
   """Bytes of ``n`` weights in a TFLite ``container`` ('int4' packs two per byte).
 
@@ -261,7 +279,10 @@ def storage_bytes(cost: LayerCost, ops: Sequence[Tuple[str, int]], bits: int,
   ``ops`` are the layer's weight operators and their weight counts, as
   measured in an export (`StorageProfile.ops`). Per operator, the container
   comes from `keras_mpq.export.decide` (int4 packed where that target runs
-  it, else int8; float on mobile only). Integer layers add a float32 scale and
+  it, else int8; float on mobile only); on 'mcu' each weight buffer is
+  rounded up to `BUFFER_ALIGNMENT` bytes, as the aligned file stores it; on
+  'mobile' a buffer that is not int8 is charged an upper bound (see
+  `BUFFER_ALIGNMENT`). Integer layers add a float32 scale and
   an int64 zero point per channel (one zero point in all when stripped), and
   their int32 biases with the biases' own scales and zero points; float layers
   add float32 biases.
@@ -271,7 +292,12 @@ def storage_bytes(cost: LayerCost, ops: Sequence[Tuple[str, int]], bits: int,
   integer = False
   for op, n in ops:
     d = export_lib.decide(cost.name, op, bits, activation_bits, target)
-    total += container_bytes(d.container, n)
+    data = container_bytes(d.container, n)
+    if target == "mcu":  # TFLite Micro files align each buffer to 16 bytes
+      data = _round_up(data)
+    elif d.container != "int8":  # mobile: an upper bound over both of its file layouts
+      data = _round_up(data) + BUFFER_ALIGNMENT
+    total += data
     if d.repack_int4 or d.unpack_int8:  # the model editor rebuilds the file (+144..152 B)
       total += REPACK_ALLOWANCE
     integer = integer or d.container != "float"

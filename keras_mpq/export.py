@@ -176,7 +176,12 @@ def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
   shape = [batch_size] + list(model.inputs[0].shape[1:])
   spec = tf.TensorSpec(shape, tf.float32, name=model.inputs[0].name.split(":")[0])
   fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
+  # The converter saves its trackable object as a SavedModel first; a bare module
+  # holding the variables gives the same flatbuffer, byte for byte, 3-5x faster
+  # than the Keras model (whose every layer is traced again for serialization).
+  holder = tf.Module()
+  holder.model_variables = list(model.variables)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], holder)
   try:
     with _quiet():
       return bytes(converter.convert())
@@ -457,6 +462,27 @@ def unpack_int8(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
   return bytes(model.build()) if done else model_bytes
 
 
+def inline_buffers(model_bytes: bytes, always: bool = False) -> bytes:
+  """The file with every constant buffer inside the flatbuffer (none at an offset after it).
+
+  ai-edge-quantizer writes the buffers of a model with 256 KiB or more of
+  constant data after the flatbuffer, addressed by offset. The installed
+  TFLite Micro runtime loads such a file but computes wrong outputs (a
+  MobileNetV2 at 32x32: 0 of 8 classes agreed with Keras; the same file with
+  its buffers inlined: 8 of 8), so 'mcu' and 'ethos-u' files are rebuilt with
+  the buffers inline and TFLite Micro's 16-byte buffer alignment (``always``:
+  every file, so that each weight buffer's size in the file is its data
+  rounded up to 16 bytes, as `keras_mpq.costs.storage_bytes` charges it).
+  Otherwise a file without offset buffers comes back unchanged.
+  """
+  reader = tflite_inspect.parse(model_bytes)
+  if not always and not any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers)):
+    return model_bytes
+  from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
+  model = fu.read_model_from_bytearray(bytearray(model_bytes))  # moves offset data inline
+  return tflite_inspect.align(bytes(fu.convert_object_to_bytearray(model)))
+
+
 def _kernel_for_op(layer, op: str):
   """(kernel, reduce_axes) of ``layer`` that TFLite op ``op`` carries, or None."""
   spec = quantizers.weight_spec(layer)
@@ -684,28 +710,34 @@ def check_scales(model_bytes: bytes) -> List[str]:
 
 STRIP_STEPS = ("names", "signatures", "metadata", "zero_points")
 """What `strip_model` can remove, in order. TFLite Micro reads none of it:
-tensor and subgraph names and the model description; the signature defs;
-the converter's metadata (``CONVERSION_METADATA``, ``min_runtime_version``;
-an ``OfflineMemoryAllocation`` entry is kept); and per-channel zero points
-that are all zero (symmetric weights and biases), cut to one entry. LiteRT
-refuses a file whose zero points are cut (it wants one per scale), so
-'zero_points' is for TFLite Micro only; keras_mpq's own LiteRT paths
-(`validate_tflite`, `benchmark_latency`) restore them in memory first
-(`tflite_inspect.restore_zero_points`)."""
+tensor and subgraph names and the model description ('names': each weight
+operator's filter tensor keeps its Keras layer's name, and only that, so that
+`keras-mpq inspect --plan`, `check_against_plan` and the deployment report
+still find each layer's weights; every other tensor name is cut); the
+signature defs; the converter's metadata (``CONVERSION_METADATA``,
+``min_runtime_version``; an ``OfflineMemoryAllocation`` entry is kept); and
+per-channel zero points that are all zero (symmetric weights and biases), cut
+to one entry. LiteRT runs a file without names or signatures (inputs and
+outputs are found by index), but refuses one whose zero points are cut (it
+wants one per scale), so 'zero_points' is for TFLite Micro only; keras_mpq's
+own LiteRT paths (`validate_tflite`, `benchmark_latency`) restore them in
+memory first (`tflite_inspect.restore_zero_points`)."""
 
-DEFAULT_STRIP = {"mobile": (), "mcu": ("signatures", "metadata", "zero_points"), "ethos-u": ()}
-"""mcu strips by default what no keras_mpq tool reads. Tensor names stay by
-default: `keras-mpq inspect --plan`, `check_against_plan` and the per-layer
-read-back find a layer's tensors by name; ``strip=True`` removes them too."""
+DEFAULT_STRIP = {"mobile": (), "mcu": STRIP_STEPS, "ethos-u": ()}
+"""mcu strips by default everything `STRIP_STEPS` lists (each stripped file is
+checked to give the same outputs in TFLite Micro). mobile files keep their
+names and signature defs: LiteRT's signature runners and other tools read them."""
 _KEEP_METADATA = (b"OfflineMemoryAllocation",)
 
 
-def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS
-                ) -> Tuple[bytes, Dict[str, int]]:
+def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS,
+                layer_names: Sequence[str] = ()) -> Tuple[bytes, Dict[str, int]]:
   """Removes what TFLite Micro does not read; returns the file and the bytes each step saved.
 
   Steps are applied in `STRIP_STEPS` order; each saving is measured on the
-  rebuilt (aligned) file. See `STRIP_STEPS` for what each step removes.
+  rebuilt (aligned) file. See `STRIP_STEPS` for what each step removes. With
+  'names', the filter tensor of each weight operator of a layer in
+  ``layer_names`` is renamed to that layer's name; all other names are cut.
   """
   unknown = sorted(set(steps) - set(STRIP_STEPS))
   if unknown:
@@ -722,11 +754,16 @@ def strip_model(model_bytes: bytes, steps: Sequence[str] = STRIP_STEPS
     if step not in steps:
       continue
     if step == "names":
+      keep = {}
+      if layer_names:
+        for layer, entries in tflite_inspect.layer_weight_ops(model_bytes, layer_names).items():
+          for e in entries:
+            keep[e["weight_tensor"]] = layer
       model.description = None
-      for sg in model.subgraphs:
+      for i, sg in enumerate(model.subgraphs):
         sg.name = None
-        for t in sg.tensors:
-          t.name = None
+        for t_index, t in enumerate(sg.tensors):
+          t.name = keep.get(t_index) if i == 0 else None
     elif step == "signatures":
       model.signatureDefs = None
     elif step == "metadata":
@@ -856,13 +893,17 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
       activation ranges; at most ``max_calibration_samples`` are used.
     seed: picks the calibration subset repeatably.
     strip: what to remove that the runtime does not read (`STRIP_STEPS`):
-      None = the target's default (`DEFAULT_STRIP`: signatures, metadata and
-      zero points for 'mcu', nothing otherwise),
+      None = the target's default (`DEFAULT_STRIP`: names, signatures,
+      metadata and zero points for 'mcu', nothing otherwise),
       True = all the target allows, False = nothing, or a list of steps. A
       stripped mcu file is checked to give the same outputs in TFLite Micro.
-    lut: 'mcu' only: TFLite Micro lookup-table compression of 2- and 3-bit
+    lut: 'mcu' only: TFLite Micro lookup-table compression of 2- to 4-bit
       layers stored as int8 (kept only where the compressed file gives the
-      same outputs in TFLite Micro; DECODE puts the weights in the arena).
+      same outputs in TFLite Micro). Off by default although it runs and
+      matches in the installed runtime: DECODE decodes the weights into the
+      arena, so the flash it saves is paid in RAM (a digits MLP at 2 bits:
+      55,328 -> 17,232 B of flash, arena 4,064 -> 54,144 B; benchmarks/
+      results/deploy.md), and the byte cost table does not model it.
     max_bytes: the file's byte budget: a larger file raises
       `FileOverBudgetError` and nothing is written.
     ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u'):
@@ -930,6 +971,8 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
   if unpack:
     qbytes = unpack_int8(qbytes, [e["weight_name"] for d in unpack for e in ops[d.layer]
                                   if e["output_name"] == d.output_name])
+  if target != "mobile":  # TFLite Micro's layout: buffers inline, 16-byte aligned
+    qbytes = inline_buffers(qbytes, always=True)
   problems = check_weight_integers(qbytes, snapped, decisions, ops)
   if problems:
     raise KerasMpqError(
@@ -962,7 +1005,7 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     elif done:
       notes.append("lookup-table compression not used: TFLite Micro outputs changed")
   if steps:
-    stripped, saved = strip_model(qbytes, steps)
+    stripped, saved = strip_model(qbytes, steps, plan.layers)
     if target == "mcu" and not _same_tflm_outputs(qbytes, stripped, x):
       raise UnsupportedModelError(
           f"The stripped file ({', '.join(steps)}) gave other outputs in TFLite Micro than "
@@ -1175,10 +1218,12 @@ def _vela_summary(out_dir: str, stdout: str) -> Dict[str, Any]:
       row = {k.strip(): v for k, v in rows[0].items() if k}
       pick = {
           "sram_kib": "sram_memory_used", "flash_kib": "off_chip_flash_memory_used",
-          "npu_cycles": "npu_cycles", "total_cycles": "cycles_total",
+          "npu_cycles": "cycles_npu", "total_cycles": "cycles_total",
           "inference_time_s": "inference_time", "inferences_per_second": "inferences_per_second",
           "cpu_ops": "cpu_operators", "npu_ops": "npu_operators",
           "on_chip_flash_kib": "on_chip_flash_memory_used",
+          "weights_bytes": "total_original_weights",
+          "encoded_weights_bytes": "total_npu_encoded_weights",
       }
       for key, col in pick.items():
         for k, v in row.items():
