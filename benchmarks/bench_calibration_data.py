@@ -194,14 +194,15 @@ def render(rows, args, start):
         f"data-free source {best_other} {mine[best_other]['lite8']:.4f}; real "
         f"{mine['real']['lite8']:.4f}; synthesis {new['seconds']:.0f}s vs "
         f"{mine.get('labeled (old)', new)['seconds']:.0f}s for the first version.")
-  free_rows = [r for r in rows if r["source"] != "real"]
-  policy_lines = ["", "Activation range policy (8-bit LiteRT accuracy minus float, mean over "
-                  f"the {len(free_rows)} synthetic-data rows; and over the real-data rows):", ""]
+  groups = (("labeled", [r for r in rows if r["source"] == "labeled"]),
+            ("all synthetic but noise", [r for r in rows if r["source"] not in ("real", "noise")]),
+            ("real", [r for r in rows if r["source"] == "real"]))
+  policy_lines = ["", "Activation range policy: 8-bit LiteRT accuracy minus float, mean over "
+                  "rows (" + ", ".join(f"{g}: {len(rs)} rows" for g, rs in groups) + "):", ""]
   for col, policy in (("lite8", "minmax"), ("lite8_pct", "percentile"), ("lite8_mse", "mse")):
-    synth_gap = np.mean([r[col] - r["float"] for r in free_rows])
-    real_gap = np.mean([r[col] - r["float"] for r in rows if r["source"] == "real"])
-    policy_lines.append(f"- {policy}: synthetic {100 * synth_gap:+.2f} points, real "
-                        f"{100 * real_gap:+.2f} points")
+    policy_lines.append(f"- {policy}: " + "; ".join(
+        f"{g} {100 * np.mean([r[col] - r['float'] for r in rs]):+.2f} points"
+        for g, rs in groups if rs))
   text = "\n".join([
       "## Calibration data: synthetic sources against real data (issue 12)", "",
       "- Command: `.venv/bin/python benchmarks/bench_calibration_data.py "

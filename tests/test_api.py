@@ -103,7 +103,9 @@ def test_same_seed_same_plan(trained_cnn, small_data):
 
 
 def test_cache_resumes_with_same_plan(trained_cnn, tmp_path):
-  kwargs = dict(num_samples=32, rounds=1, seed=0, progress=False, cache_dir=tmp_path)
+  # Round to nearest: the cache is the subject here, not the (slower) default quantizer.
+  kwargs = dict(num_samples=32, rounds=1, seed=0, progress=False, cache_dir=tmp_path,
+                weight_method="rtn")
   first = keras_mpq.quantize(trained_cnn, "4bit", **kwargs)
   cached = sorted(p.name for p in tmp_path.iterdir())
   assert any(n.startswith("synthetic-") for n in cached)

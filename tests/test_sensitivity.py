@@ -14,6 +14,18 @@ from keras_mpq.types import (FLOAT_BITS, Budget, InvalidInputError, Quantization
 CNN_LAYERS = ("conv1", "conv2", "conv3", "fc1", "logits")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _round_to_nearest():
+  """These tests are about the sensitivity machinery, not the weight quantizer.
+
+  They measure with round-to-nearest weights, which is several times cheaper
+  than the GPTQ default; the optimized weights the table swaps in are tested
+  in tests/test_apply.py (`WeightBank`) and end to end in tests/test_api.py.
+  """
+  with apply.weight_defaults("rtn", False):
+    yield
+
+
 @pytest.fixture(scope="module")
 def data(small_data):
   x, y = small_data[0][:256], small_data[1][:256]
