@@ -113,6 +113,11 @@ def main():
   parser.add_argument("--real", type=int, default=200, help="real MNIST inputs for agreement")
   parser.add_argument("--budget", default="4bit")
   parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--rows", nargs="*", default=None,
+                      help="render the table from these logs of an earlier run (lines "
+                           "'ROW {json}' or '{json}') instead of running; a model in "
+                           "--models with no row is listed as not finished")
+  parser.add_argument("--note", default="", help="a line added under the command (with --rows)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "applications.md"))
   args = parser.parse_args()
@@ -123,7 +128,21 @@ def main():
   from keras_mpq import fileio, report  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   rows = []
-  for name in args.models:
+  if args.rows is not None:
+    by_model = {}
+    for path in args.rows:
+      for line in open(path):
+        line = line.strip()
+        line = line[4:] if line.startswith("ROW ") else line
+        if line.startswith("{") and '"model"' in line:
+          row = json.loads(line)
+          by_model[row["model"]] = row
+    rows = [by_model.get(name) or {"model": name, "size": args.size, "mobile_ran": False,
+                                   "mcu_ran": False,
+                                   "mobile_error": "not finished (run stopped before this "
+                                                   "model completed)"}
+            for name in args.models]
+  for name in ([] if args.rows is not None else args.models):
     cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size),
            "--samples", str(args.samples or "auto"), "--real", str(args.real),
            "--budget", args.budget]
@@ -171,9 +190,12 @@ def main():
              + (f" --samples {args.samples}" if args.samples else "") + f" --real {args.real}`")
   text = "\n".join([
       "## Stock keras.applications models: time per stage, sizes, runtimes", "",
-      f"- Command: {command}",
+      f"- Command: {command}" + (" (table rendered from the run's logs with --rows)"
+                                 if args.rows is not None else ""),
+      *([f"- {args.note}"] if args.note else []),
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
-      f"{os.cpu_count()} cores, CPU only, shared; took {time.perf_counter() - start:.0f}s",
+      f"{os.cpu_count()} cores, CPU only, shared"
+      + ("" if args.rows is not None else f"; took {time.perf_counter() - start:.0f}s"),
       f"- Models: plain Keras 3, `weights=None` (untrained), {args.size}x{args.size}x3 input, "
       f"10 classes; `keras_mpq.quantize(model, {args.budget!r}, num_samples={args.samples})` "
       "(None: quantize's default, `default_num_samples`) "
