@@ -79,6 +79,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
   row["prefix_reuse"] = f"{sum(bool(v) for v in info.get('prefix_reuse', {}).values())}/{len(layers)}"
   row["traces"] = json.dumps(info.get("traces"))
   row["avg_bits"] = result.report["achieved"].get("avg_bits")
+  row["samples"] = int(len(x))
   xr, split = real_inputs(size, n_real)
   row["split"] = split
   fp = folded.predict(xr, verbose=0).argmax(-1)
@@ -107,10 +108,16 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", nargs="*", default=list(MODELS))
   parser.add_argument("--size", type=int, default=32)
-  parser.add_argument("--samples", type=int, default=32)
+  parser.add_argument("--samples", type=lambda v: None if v == "auto" else int(v), default=None,
+                      help="synthetic samples (default: quantize's, fewer for large models)")
   parser.add_argument("--real", type=int, default=200, help="real MNIST inputs for agreement")
   parser.add_argument("--budget", default="4bit")
   parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--rows", nargs="*", default=None,
+                      help="render the table from these logs of an earlier run (lines "
+                           "'ROW {json}' or '{json}') instead of running; a model in "
+                           "--models with no row is listed as not finished")
+  parser.add_argument("--note", default="", help="a line added under the command (with --rows)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "applications.md"))
   args = parser.parse_args()
@@ -121,9 +128,24 @@ def main():
   from keras_mpq import fileio, report  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   rows = []
-  for name in args.models:
+  if args.rows is not None:
+    by_model = {}
+    for path in args.rows:
+      for line in open(path):
+        line = line.strip()
+        line = line[4:] if line.startswith("ROW ") else line
+        if line.startswith("{") and '"model"' in line:
+          row = json.loads(line)
+          by_model[row["model"]] = row
+    rows = [by_model.get(name) or {"model": name, "size": args.size, "mobile_ran": False,
+                                   "mcu_ran": False,
+                                   "mobile_error": "not finished (run stopped before this "
+                                                   "model completed)"}
+            for name in args.models]
+  for name in ([] if args.rows is not None else args.models):
     cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size),
-           "--samples", str(args.samples), "--real", str(args.real), "--budget", args.budget]
+           "--samples", str(args.samples or "auto"), "--real", str(args.real),
+           "--budget", args.budget]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = [l[4:] for l in proc.stdout.splitlines() if l.startswith("ROW ")]
     if found:
@@ -142,6 +164,7 @@ def main():
   for r in rows:
     timing_rows.append({
         "model": r["model"], "params": fmt(r.get("params"), ","),
+        "samples": r.get("samples", "-"),
         "layers": r.get("weight_layers", "-"),
         "load": fmt(r.get("load_s"), ".1f"), "synth": fmt(r.get("synthesis_s"), ".1f"),
         "sens": fmt(r.get("sensitivity+allocation_s"), ".1f"),
@@ -163,14 +186,19 @@ def main():
   errors = [f"- {r['model']} {k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")]
   command = ("`.venv/bin/python benchmarks/bench_applications.py"
              + (f" --models {' '.join(args.models)}" if list(args.models) != list(MODELS) else "")
-             + f" --size {args.size} --samples {args.samples}`")
+             + f" --size {args.size}"
+             + (f" --samples {args.samples}" if args.samples else "") + f" --real {args.real}`")
   text = "\n".join([
       "## Stock keras.applications models: time per stage, sizes, runtimes", "",
-      f"- Command: {command}",
+      f"- Command: {command}" + (" (table rendered from the run's logs with --rows)"
+                                 if args.rows is not None else ""),
+      *([f"- {args.note}"] if args.note else []),
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
-      f"{os.cpu_count()} cores, CPU only, shared; took {time.perf_counter() - start:.0f}s",
+      f"{os.cpu_count()} cores, CPU only, shared"
+      + ("" if args.rows is not None else f"; took {time.perf_counter() - start:.0f}s"),
       f"- Models: plain Keras 3, `weights=None` (untrained), {args.size}x{args.size}x3 input, "
       f"10 classes; `keras_mpq.quantize(model, {args.budget!r}, num_samples={args.samples})` "
+      "(None: quantize's default, `default_num_samples`) "
       "(synthetic calibration data), candidate bits 2/4/8.",
       "- Floor: one forward pass of the float model over the calibration set x weight "
       "layers x 3 candidate bit-widths, measured in the same process; ratio = "
@@ -180,7 +208,8 @@ def main():
       "(LiteRT for mobile, TFLite Micro for mcu). Untrained models: agreement, not accuracy.",
       "", "Time per stage (seconds) and peak RSS (MB):", "",
       "```", report.format_table(timing_rows, list(timing_rows[0]),
-                                 ["model", "params", "weight layers", "load", "synthesis",
+                                 ["model", "params", "samples", "weight layers", "load",
+                                  "synthesis",
                                   "sens+alloc", "apply", "quantize", "floor", "ratio",
                                   "evaluations", "prefix reuse", "peak RSS"]), "```", "",
       "Exports:", "",

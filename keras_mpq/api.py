@@ -33,6 +33,25 @@ from keras_mpq.types import (InputRangeAssumedWarning, Budget, BudgetInfeasibleE
 
 TARGETS = ("mobile", "mcu", "ethos-u")
 
+DEFAULT_NUM_SAMPLES = 256
+"""Synthetic samples when ``num_samples`` is None, for models up to `SAMPLE_WORK`."""
+MIN_DEFAULT_SAMPLES = 32
+SAMPLE_WORK = 2e8
+"""Weight layers x multiply-accumulates per sample up to which the default
+number of synthetic samples is `DEFAULT_NUM_SAMPLES`. The sensitivity table
+costs about layers x bit-widths forward passes over the samples, so larger
+models get proportionally fewer samples (at least `MIN_DEFAULT_SAMPLES`):
+the MNIST CNNs keep 256, EfficientNetB0 at 96x96 gets 32."""
+
+
+def default_num_samples(cost_table: CostTable) -> int:
+  """Synthetic samples for a model when ``num_samples`` is None (see `SAMPLE_WORK`)."""
+  work = len(cost_table.layers) * sum(float(c.macs or 0) for c in cost_table.layer_costs)
+  if work <= SAMPLE_WORK:
+    return DEFAULT_NUM_SAMPLES
+  n = int(DEFAULT_NUM_SAMPLES * SAMPLE_WORK / work) // 16 * 16
+  return int(min(max(n, MIN_DEFAULT_SAMPLES), DEFAULT_NUM_SAMPLES))
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationResult:
@@ -232,7 +251,7 @@ def _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data) ->
 def quantize(model, budget, data=None, target: str = "mobile",
              weight_bits: Optional[Sequence[int]] = None, activation_bits: int = 8,
              metric: str = "task_interaction", synthesis: str = "labeled",
-             num_samples: int = 256, rounds: int = 1,
+             num_samples: Optional[int] = None, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
              cache_dir=None, progress: Optional[bool] = None,
              input_range: Optional[Tuple[float, float]] = None, *,
@@ -259,7 +278,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
     activation_bits: 8 or 16.
     metric: sensitivity metric (see `keras_mpq.sensitivity`).
     synthesis: 'labeled' (the paper's), 'zeroq' or 'noise' when data is None.
-    num_samples: synthetic samples to generate.
+    num_samples: synthetic samples to generate; None: 256, fewer for large
+      models (`default_num_samples`: EfficientNetB0 at 96x96 gets 32).
     rounds: rounds of the task-interaction search. 1 (the default) measures
       sensitivity in the default context and allocates once; more rounds
       re-measure in the context of the last plan and keep the plan with the
@@ -373,6 +393,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
   if cost_table is None:
     cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
+  if num_samples is None:
+    num_samples = default_num_samples(cost_table)
   lap("load")
 
   weight_method, bias_correction = apply_lib.check_weight_method(weight_method, bias_correction)
@@ -443,7 +465,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
                           {n: activation_bits for n in plan.weight_bits},
                           activation_bits, plan.info)
   qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False, weight_method=weight_method,
-                                bias_correction=bias_correction, range_policy=range_policy)
+                                bias_correction=bias_correction, range_policy=range_policy,
+                                progress=sens_lib._show_progress(progress))  # pylint: disable=protected-access
   _compile_for_evaluation(qmodel, folded, x)
   lap("apply")
 

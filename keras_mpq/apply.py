@@ -465,7 +465,8 @@ def calibrate(qmodel, x, batch_size: int = 64,
 
 def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = True,
                batch_size: int = 64, weight_method: Optional[str] = None,
-               bias_correction: Optional[bool] = None, range_policy: Optional[str] = None):
+               bias_correction: Optional[bool] = None, range_policy: Optional[str] = None,
+               progress: bool = False):
   """Quantizes ``model`` per ``plan`` with tfmot and calibrates its activation ranges.
 
   Args:
@@ -482,6 +483,7 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
       calibration data (default `DEFAULT_BIAS_CORRECTION`).
     range_policy: activation ranges: 'minmax', 'percentile' or 'mse'
       (`keras_mpq.act_ranges`; default its `DEFAULT_RANGE_POLICY`).
+    progress: a progress bar over the layers' weight optimization.
 
   Returns:
     A tf_keras model of tfmot ``QuantizeWrapperV2`` layers, compiled-ready:
@@ -499,7 +501,8 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
   base = fold_batchnorm(model) if fold_bn else model
   qmodel = quantize_model(base, plan)
   x = check_data(qmodel, calibration_data, "calibration data")
-  optimize_weights(qmodel, x, weight_method, bias_correction, batch_size=batch_size)
+  optimize_weights(qmodel, x, weight_method, bias_correction, batch_size=batch_size,
+                   progress=progress)
   calibrate(qmodel, x, batch_size=batch_size, range_policy=range_policy)
   return qmodel
 
@@ -509,6 +512,11 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
 WEIGHT_METHODS = weight_quant.METHODS
 DEFAULT_WEIGHT_METHOD = "gptq"
 DEFAULT_BIAS_CORRECTION = True
+SEQUENTIAL_PASSES = 16
+"""Most passes over the calibration data `optimize_weights` makes: up to this many
+weight layers, each layer's inputs are measured after all layers before it are
+quantized; above it, layers go in this many groups, each group's inputs measured
+in one pass after the groups before it (the cost grows with passes x model size)."""
 _WEIGHT_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -584,11 +592,12 @@ def _input_stats(qmodel, wrappers, x, batch_size: int, seed: int = 0):
 
 def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
                      bias_correction: Optional[bool] = None, batch_size: int = 64,
-                     seed: int = 0) -> List[Dict[str, Any]]:
+                     seed: int = 0, progress: bool = False) -> List[Dict[str, Any]]:
   """Optimizes each quantized kernel (and bias) of ``qmodel`` in place, layer by layer.
 
   In model order, each layer's inputs come from the model with the layers
-  before it already quantized (activations float). Its kernel is replaced by
+  before it already quantized (activations float); models with more than
+  `SEQUENTIAL_PASSES` weight layers go in that many groups (one pass each). Its kernel is replaced by
   `weight_quant.quantize_kernel`'s dequantized values at the layer's bits
   (so the max-abs fake quantizer reproduces those integers exactly) and its
   bias by the empirical bias correction. Layers planned float are left
@@ -613,18 +622,28 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
   needs_data = method != "rtn" or correct
   acts = [v["on"].numpy() for _, v in _act_quant_vars(qmodel)]
   set_activation_quantization(qmodel, False)
+  bar = None
+  if progress:
+    from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
+    bar = tqdm_auto.tqdm(total=len(todo), desc=f"weights ({method})", unit="layer",
+                         leave=False)
   try:
     float_means = {}
     if correct:
       with weight_bits_override(qmodel, {w.layer.name: FLOAT_BITS for w in todo}):
         float_means = {k: s.mean for k, s in _input_stats(qmodel, todo, x, batch_size,
                                                           seed).items()}
-    for w in todo:
+    chunk = -(-len(todo) // max(int(SEQUENTIAL_PASSES), 1))
+    pending: Dict[str, Any] = {}
+    for index, w in enumerate(todo):
       name = w.layer.name
       bits = bits_now[name]
       kind = _stats_kind(w)
-      stats = (_input_stats(qmodel, [w], x, batch_size, seed).get(name)
-               if needs_data and kind is not None else None)
+      if needs_data and index % chunk == 0:
+        # One pass measures the inputs of the next ``chunk`` layers, with every
+        # layer before them already quantized (chunk is 1 up to SEQUENTIAL_PASSES layers).
+        pending = _input_stats(qmodel, todo[index:index + chunk], x, batch_size, seed)
+      stats = pending.get(name) if needs_data and kind is not None else None
       row: Dict[str, Any] = {"layer": name, "bits": bits, "requested": method,
                              "bias_corrected": False, "notes": []}
       originals = []
@@ -657,7 +676,11 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
       elif correct and bias is None:
         row["notes"].append("no bias to correct")
       rows.append(row)
+      if bar is not None:
+        bar.update(1)
   finally:
+    if bar is not None:
+      bar.close()
     for (_, v), on in zip(_act_quant_vars(qmodel), acts):
       v["on"].assign(on)
   _WEIGHT_REPORTS[qmodel] = rows

@@ -518,13 +518,10 @@ class _Evaluator:
         if known:  # several layers read the same cut tensor
           start[name] = known[0]
           continue
-        try:
-          suffix = keras.Model(t, qmodel.outputs)
-        except (ValueError, TypeError, KeyError):  # 'Graph disconnected': not a cut
-          suffix = None
-        if suffix is not None and wrapper in suffix.layers:
+        after = _layers_after(qmodel, t)  # None: not a cut
+        if after is not None and id(wrapper) in after:
           cut_tensors.append(t)
-          suffix_layers.append({id(l) for l in suffix.layers})
+          suffix_layers.append(after)
           self._cut_names.append(name)
           start[name] = k + 1
           continue
@@ -733,6 +730,35 @@ class _Evaluator:
       var = np.maximum(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)
       self.last_stderr = np.sqrt(var / n)
     return mean, base / n, reuse, cut_of
+
+
+def _layers_after(qmodel, t) -> Optional[set]:
+  """Ids of the layers between tensor ``t`` and the outputs if ``t`` cuts the graph, else None.
+
+  What ``keras.Model(t, qmodel.outputs).layers`` holds (and the 'Graph
+  disconnected' error for a tensor that does not cut), found by walking the
+  graph back from the outputs, stopping at ``t``: a walk of the node graph,
+  where building that Model for each of a large model's layers took minutes.
+  """
+  try:
+    inputs = {id(x) for x in qmodel.inputs}
+    seen, layers, stack = set(), set(), list(qmodel.outputs)
+    while stack:
+      tensor = stack.pop()
+      if tensor is t or id(tensor) in seen:
+        continue
+      seen.add(id(tensor))
+      if id(tensor) in inputs:
+        return None  # the input reaches the outputs around t: not a cut
+      history = tensor._keras_history  # pylint: disable=protected-access
+      layers.add(id(history.layer))
+      stack.extend(history.layer._inbound_nodes[history.node_index].keras_inputs)  # pylint: disable=protected-access
+    return layers
+  except (AttributeError, IndexError, TypeError):  # not a tf_keras graph: build the Model
+    try:
+      return {id(l) for l in keras.Model(t, qmodel.outputs).layers}
+    except (ValueError, TypeError, KeyError):  # 'Graph disconnected': not a cut
+      return None
 
 
 def _progress_bar(total: int, show: bool, desc: str):

@@ -418,6 +418,17 @@ class _Bar:
       self.bar.update(total_finished - self.finished)
       self.finished = total_finished
 
+  def steps(self, batch: int, n_batches: int, max_steps: int):
+    """A callback for each chunk of steps: the bar shows the step within the batch
+    (every "hold" sample finishes only at its batch's last step)."""
+    done = [0]
+
+    def on_chunk(_):
+      done[0] = min(done[0] + losses.STEPS_PER_CALL, max_steps)
+      self.bar.set_postfix_str(f"batch {batch + 1}/{n_batches}, step {done[0]}/{max_steps}")
+
+    return on_chunk
+
 
 # --------------------------------------------------------------------------- generators
 
@@ -481,7 +492,7 @@ def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
     u0 = losses.initial_u(rng, (batch,) + classifier.input_shape)
     base = counter.finished
     u, s, still = opt.run(u0, y, stop_at, active, options.max_steps,
-                          None if hold else
+                          counter.steps(b, n_batches, options.max_steps) if hold else
                           (lambda act: counter.to(base + int(real - act[:real].sum()))))
     counter.to(base + real)
     xs.append(u[:real])

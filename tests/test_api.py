@@ -317,3 +317,19 @@ def test_keras_applications_quantize_and_export_run_in_their_runtimes(name, tmp_
     checked = keras_mpq.validate_tflite(path, x, reference=result.float_model, runtime=runtime)
     assert checked.runtime == runtime and checked.n == len(x)
     assert np.isfinite(checked.max_abs_error)
+
+
+def test_default_num_samples_keeps_256_for_small_models_and_scales_down_large_ones():
+  from keras_mpq import api, costs
+  from keras_mpq.types import LayerCost
+
+  def table(n_layers, macs):
+    return costs.cost_table([LayerCost(f"l{i}", "Conv2D", 1000, 10, 10, macs)
+                             for i in range(n_layers)], bits=(2, 4, 8))
+
+  assert api.default_num_samples(table(5, 400_000)) == api.DEFAULT_NUM_SAMPLES  # MNIST CNN size
+  # EfficientNetB0 at 96x96: 82 weight layers, about 72M MACs in all.
+  big = api.default_num_samples(table(82, 72_000_000 // 82))
+  assert big == api.MIN_DEFAULT_SAMPLES
+  middle = api.default_num_samples(table(28, 11_600_000 // 28))  # MobileNet at 32x32
+  assert api.MIN_DEFAULT_SAMPLES < middle < api.DEFAULT_NUM_SAMPLES and middle % 16 == 0

@@ -509,3 +509,26 @@ def test_weight_method_errors():
     apply.apply_plan(model, plan, x, weight_method="adaround")
   with pytest.raises(InvalidInputError, match="bias_correction"):
     apply.apply_plan(model, plan, x, bias_correction="yes")
+
+
+def test_optimize_weights_groups_layers_into_at_most_sequential_passes(monkeypatch):
+  from keras_mpq import model_zoo
+  model = model_zoo.tiny_conv_dense(seed=0)
+  x = np.random.default_rng(0).random((32, 8, 8, 1), dtype=np.float32)
+  calls = []
+  real = apply._input_stats  # pylint: disable=protected-access
+
+  def counting(qmodel, wrappers, *args, **kwargs):
+    calls.append([w.layer.name for w in wrappers])
+    return real(qmodel, wrappers, *args, **kwargs)
+
+  monkeypatch.setattr(apply, "_input_stats", counting)
+  plan = QuantizationPlan.uniform(["conv", "fc"], 4)
+  apply.apply_plan(model, plan, x)
+  assert calls == [["conv", "fc"], ["conv"], ["fc"]]  # float means, then one layer at a time
+  calls.clear()
+  monkeypatch.setattr(apply, "SEQUENTIAL_PASSES", 1)
+  qmodel = apply.apply_plan(model, plan, x)
+  assert calls == [["conv", "fc"], ["conv", "fc"]]  # float means, then both in one pass
+  rows = apply.weight_report(qmodel)
+  assert [r["layer"] for r in rows] == ["conv", "fc"] and all(r["bias_corrected"] for r in rows)

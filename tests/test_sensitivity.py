@@ -544,3 +544,34 @@ def test_search_context_at_the_budget_and_a_given_table(trained_cnn, data, ti_ta
     sensitivity.search(trained_cnn, data, "4bit", context="middle")
   with pytest.raises(InvalidInputError, match="Expected table as a SensitivityTable"):
     sensitivity.search(trained_cnn, data, "4bit", weight_bits=(2, 8), table=ti_table)
+
+
+def test_graph_walk_finds_the_same_cuts_and_suffix_layers_as_building_the_model():
+  from keras_mpq import apply as apply_lib
+  from keras_mpq.compat import keras
+  inp = keras.Input((8, 8, 2))
+  a = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
+  b = keras.layers.Conv2D(4, 3, padding="same", name="c2")(a)
+  b = keras.layers.Conv2D(4, 3, padding="same", name="c2b")(b)
+  c = keras.layers.Add(name="add")([a, b])  # a residual: c2b's input does not cut
+  d = keras.layers.Conv2D(4, 1, name="c3")(c)
+  out = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(d))
+  model = keras.Model(inp, out)
+  qmodel = apply_lib.quantize_model(model, QuantizationPlan.uniform(["c1", "c2", "c2b", "c3", "fc"], 8))
+  found = {}
+  for layer in qmodel.layers[1:]:
+    t = layer.input
+    if isinstance(t, (list, tuple)):
+      continue
+    try:
+      expected = {id(l) for l in keras.Model(t, qmodel.outputs).layers}
+    except (ValueError, TypeError, KeyError):
+      expected = None
+    got = sensitivity._layers_after(qmodel, t)  # pylint: disable=protected-access
+    assert (got is None) == (expected is None), layer.name
+    if got is not None:
+      # The built Model adds an InputLayer for t; every real layer matches.
+      assert got == {i for i in expected if i in got}, layer.name
+      assert len(expected - got) <= 1, layer.name
+    found[layer.name] = got is not None
+  assert found["quant_c2"] and found["quant_c3"] and not found["quant_c2b"], found

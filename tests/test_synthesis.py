@@ -425,3 +425,12 @@ def test_data_free_8bit_keeps_the_accuracy_of_real_calibration(trained_cnn, data
   float_acc = float(np.mean(trained_cnn.predict(x_test, verbose=0).argmax(-1) == y_test))
   # 0.01 = 5 of 500 images; the benchmark's goal is 0.2 points on 2,000.
   assert acc(x_syn) >= float_acc - 0.01
+
+
+def test_progress_bar_shows_the_step_within_each_batch(capsys):
+  from keras_mpq import synthesis as synthesis_lib
+  from keras_mpq.compat import keras as tfk
+  model = tfk.Sequential([tfk.Input((16,)), tfk.layers.Dense(4)])
+  synthesis_lib.synthesize(model, num_samples=8, batch_size=4, max_steps=20, progress=True)
+  err = capsys.readouterr().err
+  assert "batch 2/2, step 20/20" in err, err[-500:]
