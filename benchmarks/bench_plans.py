@@ -59,8 +59,21 @@ def log(msg):
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def weight_defaults(source):
+  """The weight quantizer `quantize` uses for ``source``: data-free defaults on synthetic data."""
+  if source == "synthetic":
+    return apply.DATA_FREE_WEIGHT_METHOD, apply.DATA_FREE_BIAS_CORRECTION
+  return apply.DEFAULT_WEIGHT_METHOD, apply.DEFAULT_BIAS_CORRECTION
+
+
 class Harness:
-  """One tfmot model of ``folded``; a plan is set by bits variables and recalibrated."""
+  """One tfmot model of ``folded``; a plan is set by bits variables and recalibrated.
+
+  Each layer's kernel and bias at its bits are the weight quantizer's
+  (`apply.WeightBank` on the calibration data, the source's default method),
+  as in the sensitivity table: every layer quantized on the float model's
+  inputs (`apply_plan` would quantize layer by layer on quantized inputs).
+  """
 
   def __init__(self, folded, x_test, y_test):
     self.layers = apply.plan_layers(folded)
@@ -71,11 +84,21 @@ class Harness:
         lambda x: qmodel(x, training=False),
         input_signature=[tf.TensorSpec((None,) + x_test.shape[1:], tf.float32)])
     self._seen = {}
+    self._bank = None
+
+  def use_weights(self, x_cal, method, correct):
+    """Quantize weights with ``method`` (and bias correction) on ``x_cal`` from now on."""
+    if self._bank is not None:  # back to the float kernels before measuring new inputs
+      self._bank.set_weight_bits({n: apply.FLOAT_BITS for n in self.layers})
+    self._bank = apply.WeightBank(self.qmodel, x_cal, method, correct)
 
   def accuracy(self, bits, x_cal):
-    key = (tuple(bits[n] for n in self.layers), id(x_cal))
+    key = (tuple(bits[n] for n in self.layers), id(x_cal), id(self._bank))
     if key not in self._seen:
-      apply.set_weight_bits(self.qmodel, bits)
+      if self._bank is None:
+        apply.set_weight_bits(self.qmodel, bits)
+      else:
+        self._bank.set_weight_bits(bits)
       apply.calibrate(self.qmodel, x_cal)
       pred = np.concatenate([self.forward(tf.constant(self.x_test[s:s + 500])).numpy()
                              .argmax(-1) for s in range(0, len(self.x_test), 500)])
@@ -136,17 +159,22 @@ def bench_model(name, seed, sources, quick):
     log(f"{name} seed {seed}: {source} data")
     t = time.perf_counter()
     xy = calibration_data(name, seed, model, data, source)
+    method, correct = weight_defaults(source)
+    harness.use_weights(xy[0], method, correct)
     uniform = {b: harness.accuracy({n: b for n in harness.layers}, xy[0]) for b in range(2, 9)}
-    rows, table = run_plans(model, folded, harness, costs, xy, BUDGETS)
-    out = {"uniform": uniform, "rows": rows, "variants": {}}
+    with apply.weight_defaults(method, correct):
+      rows, table = run_plans(model, folded, harness, costs, xy, BUDGETS)
+    out = {"uniform": uniform, "rows": rows, "variants": {}, "weights": [method, correct]}
     if name != "mobilenet_v2" and not quick and seed in VARIANT_SEEDS:
       sliced = _slice(table, (2, 4, 8))
-      out["variants"]["no 3-bit candidates"] = run_plans(
-          model, folded, harness, costs, xy, VARIANT_BUDGETS, bits=(2, 4, 8), table=sliced)[0]
-      out["variants"]["objective: cross-entropy on labels"] = run_plans(
-          model, folded, harness, costs, xy, VARIANT_BUDGETS, objective="cross_entropy")[0]
-      out["variants"]["context at the budget"] = run_plans(
-          model, folded, harness, costs, xy, VARIANT_BUDGETS, context="budget")[0]
+      with apply.weight_defaults(method, correct):  # the source's weight quantizer here too
+        out["variants"]["no 3-bit candidates"] = run_plans(
+            model, folded, harness, costs, xy, VARIANT_BUDGETS, bits=(2, 4, 8),
+            table=sliced)[0]
+        out["variants"]["objective: cross-entropy on labels"] = run_plans(
+            model, folded, harness, costs, xy, VARIANT_BUDGETS, objective="cross_entropy")[0]
+        out["variants"]["context at the budget"] = run_plans(
+            model, folded, harness, costs, xy, VARIANT_BUDGETS, context="budget")[0]
     out["seconds"] = time.perf_counter() - t
     res["sources"][source] = out
   return res
@@ -171,14 +199,16 @@ def _noise(p, n):
 def render(results, args, started, elapsed, n_test):
   lines = [
       "## Mixed precision versus the obvious uniform plan", "",
-      f"- Command: `.venv/bin/python benchmarks/bench_plans.py{' --quick' if args.quick else ''}`",
+      f"- Command: `.venv/bin/python benchmarks/bench_plans.py {' '.join(sys.argv[1:])}`",
       f"- Date: {started:%Y-%m-%d %H:%M} (took {elapsed / 60:.1f} min)",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs "
       f"(load average {os.getloadavg()[0]:.1f} at end); TensorFlow {tf.__version__}, CPU only",
       "- Models: `bench_models` copies (MNIST CNNs trained with seeds 1 and 2 on the first "
       "8,000 images; stock keras.applications MobileNetV2, alpha 0.35, on the same split "
       f"padded to 32x32x3). Test: the last {n_test:,} images, fake quantization (tfmot), "
-      "activation ranges calibrated on the run's 256 calibration samples.",
+      "activation ranges calibrated on the run's 256 calibration samples. Weights: "
+      "the weight quantizer `quantize` uses for the data source (`apply.WeightBank`, "
+      "each layer on the float model's inputs), named in each table's heading.",
       f"- Data: `synthetic` = 256 samples of `synthesize(method='labeled')` (the current "
       "generator, no real data); `real` = the first 256 training images with labels.",
       f"- Mixed: `sensitivity.search` with the defaults `quantize` uses (objective "
@@ -195,8 +225,10 @@ def render(results, args, started, elapsed, n_test):
   for res in results:
     for source, out in res["sources"].items():
       u = out["uniform"]
+      wm, wc = out.get("weights", ("rtn", False))
       lines += [f"### {res['name']} seed {res['seed']}, {source} data "
-                f"(float {res['float_acc']:.4f}; {out['seconds']:.0f} s)", "",
+                f"(float {res['float_acc']:.4f}; {out['seconds']:.0f} s; weights {wm}"
+                f"{' + bias correction' if wc else ''})", "",
                 "| budget | mixed acc | mixed avg bits | winner | alloc acc | uniform | "
                 "uniform acc | mixed - uniform (pts) | bits |",
                 "|---|---|---|---|---|---|---|---|---|"]

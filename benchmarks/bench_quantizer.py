@@ -8,7 +8,9 @@ quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
 * ``+clip``: per-channel clipping search (`weight_quant.clip_search`);
 * ``+bias``: clipping plus empirical bias correction;
 * ``+gptq``: clipping, GPTQ rounding and bias correction;
-* ``gptq-nobias``: clipping and GPTQ rounding without bias correction.
+* ``gptq-nobias``: clipping and GPTQ rounding without bias correction;
+* ``damped``: GPTQ on a strongly damped Hessian, no bias correction (the
+  data-free default of `keras_mpq.quantize`, `apply.DATA_FREE_WEIGHT_METHOD`).
 
 Uniform budgets quantize every layer at 8/4/3/2 bits (`apply_plan`); mixed
 budgets run `keras_mpq.quantize` at an average-bits budget with candidates
@@ -46,7 +48,8 @@ from keras_mpq import apply, fileio, report  # pylint: disable=wrong-import-posi
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
 STEPS = (("rtn", "rtn", False), ("+clip", "mse", False), ("+bias", "mse", True),
-         ("+gptq", "gptq", True), ("gptq-nobias", "gptq", False))
+         ("+gptq", "gptq", True), ("gptq-nobias", "gptq", False),
+         ("damped", "gptq-damped", False))
 CANDIDATES = (2, 3, 4, 8)
 
 

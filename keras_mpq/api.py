@@ -295,10 +295,13 @@ def quantize(model, budget, data=None, target: str = "mobile",
       (the summary and ``report["input_range"]`` say so). Synthetic data stays
       inside it; real ``data`` outside it is an error naming both ranges.
     weight_method: how each layer's weights are quantized, in the sensitivity
-      table and in the returned model alike: 'rtn', 'mse' or 'gptq' (default
-      `keras_mpq.apply.DEFAULT_WEIGHT_METHOD`; see `keras_mpq.weight_quant`).
+      table and in the returned model alike: 'rtn', 'mse', 'gptq' or
+      'gptq-damped' (default with ``data``:
+      `keras_mpq.apply.DEFAULT_WEIGHT_METHOD`; data-free:
+      `keras_mpq.apply.DATA_FREE_WEIGHT_METHOD`; see `keras_mpq.weight_quant`).
     bias_correction: empirical bias correction on the calibration data
-      (default `keras_mpq.apply.DEFAULT_BIAS_CORRECTION`).
+      (default `keras_mpq.apply.DEFAULT_BIAS_CORRECTION` with ``data``,
+      `keras_mpq.apply.DATA_FREE_BIAS_CORRECTION` data-free).
     objective: task loss the sensitivity and the plan check measure: ``"kl"``
       (divergence from the float model's outputs; default) or
       ``"cross_entropy"`` (against the labels).
@@ -397,9 +400,11 @@ def quantize(model, budget, data=None, target: str = "mobile",
     num_samples = default_num_samples(cost_table)
   lap("load")
 
-  weight_method, bias_correction = apply_lib.check_weight_method(weight_method, bias_correction)
+  weight_method, bias_correction = apply_lib.check_weight_method(
+      weight_method, bias_correction, data_free=data is None)
   range_policy = act_ranges.check_range_policy(range_policy)
-  settings = {"range_policy": range_policy, "bits": bits, "activation_bits": activation_bits, "metric": metric,
+  settings = {"range_policy": range_policy, "bits": bits, "activation_bits": activation_bits,
+              "metric": metric,
               "weight_method": weight_method, "bias_correction": bias_correction,
               "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
               "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),

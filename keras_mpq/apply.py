@@ -517,15 +517,24 @@ SEQUENTIAL_PASSES = 16
 weight layers, each layer's inputs are measured after all layers before it are
 quantized; above it, layers go in this many groups, each group's inputs measured
 in one pass after the groups before it (the cost grows with passes x model size)."""
+
+# With synthetic calibration data (`keras_mpq.quantize` without data): GPTQ on a strongly
+# damped Hessian, no bias correction. Synthetic inputs' Hessians and means mislead full
+# GPTQ and bias correction (benchmarks/results/quantizer.md, issue 13).
+DATA_FREE_WEIGHT_METHOD = "gptq-damped"
+DATA_FREE_BIAS_CORRECTION = False
 _WEIGHT_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def check_weight_method(method, bias_correction) -> Tuple[str, bool]:
-  method = DEFAULT_WEIGHT_METHOD if method is None else method
+def check_weight_method(method, bias_correction, data_free: bool = False) -> Tuple[str, bool]:
+  """(method, bias_correction) with None resolved to the defaults (data-free ones if asked)."""
+  if method is None:
+    method = DATA_FREE_WEIGHT_METHOD if data_free else DEFAULT_WEIGHT_METHOD
   if method not in WEIGHT_METHODS:
     raise InvalidInputError(
         f"Expected weight_method in {WEIGHT_METHODS}. Received: weight_method={method!r}")
-  bias_correction = DEFAULT_BIAS_CORRECTION if bias_correction is None else bias_correction
+  if bias_correction is None:
+    bias_correction = DATA_FREE_BIAS_CORRECTION if data_free else DEFAULT_BIAS_CORRECTION
   if not isinstance(bias_correction, (bool, np.bool_)):
     raise InvalidInputError(
         f"Expected bias_correction True or False. Received: {bias_correction!r}")

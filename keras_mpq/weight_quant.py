@@ -18,6 +18,10 @@ Three steps, each selectable:
   the columns not yet quantized through the inverse Hessian. Dense layers
   use their inputs directly, convolutions their im2col patches, depthwise
   convolutions one small Hessian per input channel.
+* ``"gptq-damped"``: GPTQ on ``H + mean(diag H) I`` (damping
+  `GPTQ_DAMP_STRONG`), halfway between GPTQ and the clipping search: the
+  data-free default, where ``H`` comes from synthetic inputs that do not
+  look like the real ones and full GPTQ fits them too closely.
 
 Whatever is asked, each output channel keeps the candidate (round to
 nearest, clipped, GPTQ) with the lowest error on the layer's own measure
@@ -51,10 +55,14 @@ import numpy as np
 
 from keras_mpq.types import FLOAT_BITS, InvalidInputError, check_weight_bits
 
-METHODS = ("rtn", "mse", "gptq")
+METHODS = ("rtn", "mse", "gptq", "gptq-damped")
 ALPHAS = np.linspace(0.2, 1.0, 33)  # clipping candidates, 0.025 apart; 1.0 is round to nearest
 GPTQ_DAMP = 0.01  # damping, a fraction of the mean Hessian diagonal
+# 'gptq-damped': H + mean(diag H) * I, for Hessians of synthetic inputs (data-free), which
+# GPTQ otherwise fits too closely (benchmarks/results/quantizer.md: it lost to clipping).
+GPTQ_DAMP_STRONG = 1.0
 GPTQ_BLOCK = 128
+GPTQ_MAX_DIM = 2048  # inputs per Hessian block (`gptq`'s ``max_dim``)
 _TINY = np.finfo(np.float32).tiny
 
 
@@ -87,6 +95,8 @@ class InputStats:
   rows: int = 0
   hessian_rows: int = 0
   kept: Optional[list] = dataclasses.field(default_factory=list)  # rows, while fewer than d
+  # GPTQ's factorizations of this Hessian, shared by every bit-width (`gptq`'s ``cache``).
+  factorizations: Dict[tuple, tuple] = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
   def empty(cls, kind: str, groups: int, dim: int) -> "InputStats":
@@ -100,6 +110,7 @@ class InputStats:
     self.rows += len(columns)
     self.hessian_sum += np.einsum("ngi,ngj->gij", hcols, hcols, optimize=True)
     self.hessian_rows += len(hcols)
+    self.factorizations.clear()
     if self.kept is not None:
       self.kept.append(hcols.astype(np.float32))
       if self.hessian_rows >= self.dim:
@@ -315,7 +326,8 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
 
 def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
          damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = True,
-         max_dim: int = 2048) -> np.ndarray:
+         max_dim: int = 2048, cache: Optional[Dict[tuple, tuple]] = None,
+         _span: Tuple[int, int] = (0, -1)) -> np.ndarray:
   """GPTQ rounding of ``(G, d, n)`` weights on the given per-channel scales; returns integers.
 
   ``hessian`` is ``E[x x^T]`` per group ``(G, d, d)``. Inputs that were
@@ -324,6 +336,10 @@ def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
   with more than ``max_dim`` inputs per channel are split into blocks of at
   most ``max_dim`` inputs, each with its own Hessian block (the Cholesky
   factorization then costs ``d * max_dim^2``, not ``d^3``).
+
+  The factorization depends on the Hessian alone, not on the weights or
+  the bits: pass the same dict as ``cache`` (`InputStats.factorizations`)
+  and every bit-width of a layer after the first reuses it.
   """
   qmax = qmax_of(bits)
   g, d, n = w3.shape
@@ -331,26 +347,16 @@ def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
     cuts = np.linspace(0, d, -(-d // max_dim) + 1).astype(int)
     return np.concatenate([
         gptq(w3[:, a:b], scales, bits, np.asarray(hessian)[:, a:b, a:b], damp, block,
-             act_order, max_dim) for a, b in zip(cuts[:-1], cuts[1:])], axis=1)
-  h = np.array(hessian, np.float64, copy=True)
-  diag = np.einsum("gii->gi", h)
-  dead = diag <= 0
-  if np.any(dead):
-    gi, di = np.nonzero(dead)
-    h[gi, di, di] = 1.0
-    diag = np.einsum("gii->gi", h)
-  mean_diag = np.mean(diag, axis=1)
-  h[:, np.arange(d), np.arange(d)] += (damp * mean_diag)[:, None]
-  w = np.asarray(w3, np.float64).copy()
-  if act_order:
-    perm = np.argsort(-np.einsum("gii->gi", h), axis=1, kind="stable")
+             act_order, max_dim, cache, (a, b)) for a, b in zip(cuts[:-1], cuts[1:])], axis=1)
+  key = (float(damp), bool(act_order), int(max_dim)) + tuple(_span)
+  if cache is not None and key in cache:
+    perm, upper = cache[key]
   else:
-    perm = np.tile(np.arange(d), (g, 1))
+    perm, upper = _factorize(hessian, damp, act_order)
+    if cache is not None:
+      cache[key] = (perm, upper)
   inv_perm = np.argsort(perm, axis=1)
-  w = np.take_along_axis(w, perm[:, :, None], axis=1)
-  h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :],
-                         axis=2)
-  upper = _upper_cholesky_of_inverse(h)  # U^T U = H^-1
+  w = np.take_along_axis(np.asarray(w3, np.float64), perm[:, :, None], axis=1)
   s = np.asarray(scales, np.float64)  # (G, n)
   ints = np.zeros_like(w)
   for i1 in range(0, d, block):
@@ -368,6 +374,28 @@ def gptq(w3: np.ndarray, scales: np.ndarray, bits: int, hessian: np.ndarray,
     if i2 < d:
       w[:, i2:, :] -= np.matmul(np.swapaxes(upper[:, i1:i2, i2:], 1, 2), err1)
   return np.take_along_axis(ints, inv_perm[:, :, None], axis=1)
+
+
+def _factorize(hessian: np.ndarray, damp: float, act_order: bool
+               ) -> Tuple[np.ndarray, np.ndarray]:
+  """(column order ``(G, d)``, upper ``U`` with ``U^T U = H^-1`` in that order) for `gptq`."""
+  h = np.array(hessian, np.float64, copy=True)
+  g, d = h.shape[0], h.shape[1]
+  diag = np.einsum("gii->gi", h)
+  dead = diag <= 0
+  if np.any(dead):
+    gi, di = np.nonzero(dead)
+    h[gi, di, di] = 1.0
+    diag = np.einsum("gii->gi", h)
+  mean_diag = np.mean(diag, axis=1)
+  h[:, np.arange(d), np.arange(d)] += (damp * mean_diag)[:, None]
+  if act_order:
+    perm = np.argsort(-np.einsum("gii->gi", h), axis=1, kind="stable")
+  else:
+    perm = np.tile(np.arange(d), (g, 1))
+  h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :],
+                         axis=2)
+  return perm, _upper_cholesky_of_inverse(h)  # U^T U = H^-1
 
 
 # --------------------------------------------------------------------------- one kernel
@@ -418,7 +446,8 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
     kernel: the float kernel (Keras layout).
     bits: 2..8.
     reduce_axes: kernel axes reduced to one scale per output channel.
-    method: 'rtn', 'mse' (clipping search) or 'gptq' (clipping, then GPTQ).
+    method: 'rtn', 'mse' (clipping search), 'gptq' (clipping, then GPTQ) or
+      'gptq-damped' (GPTQ on a strongly damped Hessian).
     stats: `InputStats` of the layer's calibration inputs, or None
       (data-free: weight error only, GPTQ falls back to 'mse').
     min_rows: fewest input rows for a Hessian step (default: the number of
@@ -463,22 +492,23 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
   rtn_e = _channel_error(rtn_q - w64, metric) if finite else np.zeros(rtn_s.shape)
   cands = {"rtn": (rtn_i, rtn_s, rtn_e)}
   used = "rtn"
-  if finite and method in ("mse", "gptq"):
+  if finite and method != "rtn":
     s, _ = clip_search(w64, bits, metric)
     i_c, q_c = _fake(w64, s, qmax)
     cands["mse"] = (i_c, s, _channel_error(q_c - w64, metric))
     used = "mse"
-    if method == "gptq":
+    if method in ("gptq", "gptq-damped"):
       if hessian is None:
         notes.append("gptq needs calibration inputs: clipping only")
       else:
-        damp = GPTQ_DAMP
+        damp = GPTQ_DAMP_STRONG if method == "gptq-damped" else GPTQ_DAMP
         need = w3.shape[1] if min_rows is None else int(min_rows)
         if stats.hessian_rows < need:
-          damp = 10 * GPTQ_DAMP
+          damp = max(damp, 10 * GPTQ_DAMP)
           notes.append(f"{stats.hessian_rows} input rows < {need} inputs: damped Hessian")
         try:
-          i_g = gptq(w64, s, bits, hessian, damp=damp)
+          i_g = gptq(w64, s, bits, hessian, damp=damp, max_dim=GPTQ_MAX_DIM,
+                     cache=stats.factorizations)
           i_g = _pin(i_g, w64 / s[:, None, :], s, qmax)
           q_g = i_g * s[:, None, :]
           e_g = _channel_error(q_g - w64, metric)

@@ -185,6 +185,9 @@ def test_report_says_which_plan_won(datafree_result):
   assert sel["gain_over_allocated"] >= 0
   assert datafree_result.plan.info["selection"]["winner"] == sel["winner"]
   assert report["settings"]["bits"] == (2, 3, 4, 8)  # the default for a 4-bit budget
+  # Data-free: the data-free weight quantizer (damped GPTQ, no bias correction).
+  assert report["settings"]["weight_method"] == apply.DATA_FREE_WEIGHT_METHOD == "gptq-damped"
+  assert report["settings"]["bias_correction"] is apply.DATA_FREE_BIAS_CORRECTION is False
   json.dumps(report)
   assert "plan check (kl on " in report_lib.summary_table(report)
 
@@ -195,7 +198,9 @@ def test_mixed_is_not_worse_than_uniform_at_4_bits(datafree_result, trained_cnn,
   uniform = apply.apply_plan(
       datafree_result.float_model,
       keras_mpq.QuantizationPlan.uniform(datafree_result.plan.weight_bits, 4),
-      datafree_result.calibration_data, fold_bn=False)
+      datafree_result.calibration_data, fold_bn=False,
+      weight_method=datafree_result.report["settings"]["weight_method"],
+      bias_correction=datafree_result.report["settings"]["bias_correction"])
   mixed_acc = _acc(datafree_result.model, x_test, y_test)
   uniform_acc = _acc(uniform, x_test, y_test)
   assert mixed_acc >= uniform_acc - 0.02, (mixed_acc, uniform_acc)

@@ -203,3 +203,52 @@ def test_bad_arguments():
     wq.quantize_kernel(np.ones((4, 2)), 4, (0,), "gptq", wq.InputStats.empty("matrix", 1, 3))
   with pytest.raises(InvalidInputError):
     wq.layer_columns(keras.layers.Flatten(), np.ones((1, 2, 2)))
+
+
+def test_gptq_factorization_is_reused_across_bits():
+  """One Cholesky factorization per layer (and Hessian block) serves every bit-width."""
+  w, x, stats = _dense_case()
+  fresh = {}
+  for bits in (2, 3, 4):
+    cached = wq.quantize_kernel(w, bits, (0,), "gptq", stats)
+    alone = wq.InputStats.empty("matrix", 1, w.shape[0])
+    alone.update(x[:, None, :])
+    fresh[bits] = wq.quantize_kernel(w, bits, (0,), "gptq", alone)
+    np.testing.assert_array_equal(cached.integers, fresh[bits].integers)
+  assert len(stats.factorizations) == 1
+  # Split into Hessian blocks: one entry per block, the same integers as without a cache.
+  w3 = w[None].astype(np.float64)
+  scales = np.max(np.abs(w3), axis=1) / 3.0
+  cache = {}
+  split = wq.gptq(w3, scales, 3, stats.hessian, max_dim=16, cache=cache)
+  again = wq.gptq(w3, scales, 3, stats.hessian, max_dim=16, cache=cache)
+  plain = wq.gptq(w3, scales, 3, stats.hessian, max_dim=16)
+  assert len(cache) == 3
+  np.testing.assert_array_equal(split, plain)
+  np.testing.assert_array_equal(again, plain)
+  stats.update(x[:10, None, :])  # new rows: the old factorization no longer applies
+  assert not stats.factorizations
+
+
+def test_gptq_damped_lies_between_clipping_and_gptq():
+  w, x, stats = _dense_case()
+  mse = wq.quantize_kernel(w, 3, (0,), "mse", stats)
+  gptq = wq.quantize_kernel(w, 3, (0,), "gptq", stats)
+  damped = wq.quantize_kernel(w, 3, (0,), "gptq-damped", stats)
+  assert damped.method == "gptq" and damped.error <= damped.rtn_error
+  e_mse, e_gptq, e_damped = (_out_mse(x, w, r.values) for r in (mse, gptq, damped))
+  assert e_gptq < e_damped < e_mse
+  # Data-free it has no Hessian either: clipping on the weight error, said so.
+  alone = wq.quantize_kernel(w, 3, (0,), "gptq-damped")
+  assert alone.method == "mse" and alone.notes
+
+
+def test_data_free_defaults():
+  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  assert apply.check_weight_method(None, None) == (apply.DEFAULT_WEIGHT_METHOD,
+                                                   apply.DEFAULT_BIAS_CORRECTION)
+  assert apply.check_weight_method(None, None, data_free=True) == (
+      apply.DATA_FREE_WEIGHT_METHOD, apply.DATA_FREE_BIAS_CORRECTION)
+  assert apply.check_weight_method("mse", True, data_free=True) == ("mse", True)
+  with pytest.raises(InvalidInputError, match="weight_method"):
+    apply.check_weight_method("adaround", None, data_free=True)
