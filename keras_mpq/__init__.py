@@ -37,6 +37,7 @@ _LAZY = {
     "synthesize": "synthesis", "synthesize_with_info": "synthesis",
     "register_generator": "synthesis",
     "resolve_input_range": "input_range", "check_data_range": "input_range",
+    "choose_range": "act_ranges",
     "activation_statistics": "realism", "compare_statistics": "realism",
     "measure_sensitivity": "sensitivity", "search": "sensitivity",
     "register_metric": "sensitivity", "available_metrics": "sensitivity",

@@ -155,6 +155,9 @@ def choose_range(values, bits: int = 8, policy: str = DEFAULT_RANGE_POLICY,
 
   Returns:
     A `ChosenRange`. A tensor with no finite value gets (0, 0).
+
+  >>> choose_range([0.0, 0.5, 1.0, 2.0], policy="minmax").range
+  (0.0, 2.0)
   """
   policy = check_range_policy(policy)
   v = sample_values(values, seed=seed)
