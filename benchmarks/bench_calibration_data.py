@@ -37,8 +37,9 @@ from keras_mpq import apply, fileio, realism, report, synthesis
 HERE = pathlib.Path(__file__).resolve().parent
 OLD_LABELED = dict(objective="stop", confidence_range=(0.5, 0.95), jitter=0, bn_weight=0,
                    max_steps=500)
-SOURCES = ("labeled", "labeled (75 steps)", "labeled (bn 100 lr 0.1)", "labeled (old)", "zeroq",
-           "noise", "real")
+# The generator before this round's defaults (BN weight 1, step size 0.01).
+PREVIOUS_LABELED = {"bn_weight": 1.0, "learning_rate": 0.01}
+SOURCES = ("labeled", "labeled (bn 1 lr 0.01)", "labeled (old)", "zeroq", "noise", "real")
 POLICIES = ("minmax", "percentile", "mse")
 
 
@@ -69,8 +70,7 @@ def _synthesize(model, source, data, seed):
   if source == "zeroq" and not synthesis.losses.batchnorm_layers(model):
     return None
   kwargs = {"labeled (old)": OLD_LABELED,
-            "labeled (75 steps)": {"max_steps": 75},
-            "labeled (bn 100 lr 0.1)": {"bn_weight": 100.0, "learning_rate": 0.1}}.get(source, {})
+            "labeled (bn 1 lr 0.01)": PREVIOUS_LABELED}.get(source, {})
   method = "labeled" if source.startswith("labeled") else source
   made = synthesis.synthesize_with_info(model, num_samples=256, method=method, seed=seed,
                                         progress=False, **kwargs)
@@ -121,6 +121,7 @@ def run_model(name, seed, tmp, sources=SOURCES):
                  "k4_rtn": low_bit(4, "rtn", False), "k4_bc": low_bit(4, "rtn", True),
                  "k3": low_bit(3, "gptq", True)})
     rows[-1]["gap8"] = rows[-1]["lite8"] - rows[-1]["float"]
+    rows[-1]["load"] = round(os.getloadavg()[0], 1)
     print(rows[-1], flush=True)
   return rows
 
@@ -167,6 +168,16 @@ def main():
   return 0
 
 
+def _loads(rows):
+  loads = [r["load"] for r in rows if "load" in r]
+  if not loads:
+    return "load average not recorded"
+  return (f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on "
+          f"{os.cpu_count()} cores as the rows were measured"
+          + ("" if len(loads) == len(rows) else f", unrecorded for {len(rows) - len(loads)} "
+             "older rows (about 10)"))
+
+
 def render(rows, args, start):
   """Writes the results file for the rows measured so far."""
   data = bench_models.dataset_for("plain_cnn")
@@ -181,8 +192,8 @@ def render(rows, args, start):
     if "labeled" not in mine or "real" not in mine or len(mine) < 3:
       continue
     new = mine["labeled"]
-    free = [s for s in ("labeled (75 steps)", "labeled (bn 100 lr 0.1)", "labeled (old)",
-                        "zeroq", "noise") if s in mine]
+    free = [s for s in ("labeled (bn 1 lr 0.01)", "labeled (old)", "zeroq", "noise")
+            if s in mine]
     best_other = max(free, key=lambda s: mine[s]["lite8"])
     for col, what in (("k4_bc", "4-bit rtn + bias correction"), ("k3", "3-bit gptq+bc")):
       rival = max(free, key=lambda s: mine[s][col])
@@ -211,8 +222,8 @@ def render(rows, args, start):
       f"--models {args.models} --seeds {args.seeds}`" + (
           "" if args.sources == ",".join(SOURCES) else f" --sources '{args.sources}'"),
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
-      f"{os.cpu_count()} cores, CPU only, shared with other jobs (load average about 10 "
-      "on 2 cores: times are inflated, compare them only within this table); this "
+      f"{os.cpu_count()} cores, CPU only, shared with other jobs ({_loads(rows)}: "
+      "times are inflated by the load, compare them only within one load); this "
       f"invocation took {time.perf_counter() - start:.0f}s (rows are cached in "
       "bench_out/calibration_data, so a rerun completes an interrupted table)",
       f"- Data: {data.split}. Models from benchmarks/bench_models.py (seeds as listed; "
@@ -225,10 +236,9 @@ def render(rows, args, start):
       "keras_mpq.act_ranges, in the Keras model and the file alike). 4b/3b: uniform "
       "weights, fake-quant Keras model (which quantizes as the file does): round to "
       "nearest (rtn), + per-channel empirical bias correction (bc), or GPTQ + bc (the "
-      "quantizer with real data; 3-bit only). 'labeled (75 steps)': the current generator "
-      "with half its default steps. 'labeled (bn 100 lr 0.1)': the current generator with "
-      "bn_weight=100 and learning_rate=0.1 (a candidate default for BatchNorm models, not "
-      "yet the default). The binomial standard error on 2,000 images near 97% accuracy is "
+      "quantizer with real data; 3-bit only). 'labeled': the generator's defaults "
+      "(BN weight 100, step size 0.1, 150 steps). 'labeled (bn 1 lr 0.01)': the same "
+      "generator with the previous defaults (BN weight 1, step size 0.01). The binomial standard error on 2,000 images near 97% accuracy is "
       "0.38 points.", "",
       "```", report.format_table(rows, cols, heads), "```", "", "Verdicts (computed from "
       "the table):", ""] + verdicts + policy_lines + [""])

@@ -11,6 +11,7 @@ quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
 * ``gptq-nobias``: clipping and GPTQ rounding without bias correction;
 * ``damped``: GPTQ on a strongly damped Hessian, no bias correction (the
   data-free default of `keras_mpq.quantize`, `apply.DATA_FREE_WEIGHT_METHOD`).
+* ``damped+bias``: the damped GPTQ with bias correction.
 
 Uniform budgets quantize every layer at 8/4/3/2 bits (`apply_plan`); mixed
 budgets run `keras_mpq.quantize` at an average-bits budget with candidates
@@ -49,7 +50,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
 STEPS = (("rtn", "rtn", False), ("+clip", "mse", False), ("+bias", "mse", True),
          ("+gptq", "gptq", True), ("gptq-nobias", "gptq", False),
-         ("damped", "gptq-damped", False))
+         ("damped", "gptq-damped", False), ("damped+bias", "gptq-damped", True))
 CANDIDATES = (2, 3, 4, 8)
 
 
@@ -200,8 +201,9 @@ def main():
       "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ", "",
       f"- Command: `{cmd.strip()}`",
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
-      f"{os.cpu_count()} cores shared with other jobs (load ~8-16), CPU only"
-      + ("" if args.assemble is not None else f"; took {time.perf_counter() - start:.0f}s"),
+      f"{os.cpu_count()} cores shared with other jobs, CPU only"
+      + ("" if args.assemble is not None else f"; took {time.perf_counter() - start:.0f}s, "
+         f"load average {os.getloadavg()[0]:.1f} at the end"),
       "- Models: benchmarks/bench_models.py (MNIST CNNs seeds 1, 2; stock MobileNetV2 "
       "alpha 0.35 on 32x32x3 MNIST). Test: the 2,000 held-out MNIST images.",
       "- Data: 'real' = first 256 training images with labels; 'synthetic' = the "

@@ -397,7 +397,9 @@ def test_labeled_on_trained_cnn(trained_cnn):
   r = _run(trained_cnn, num_samples=100, batch_size=50, max_steps=300,
            confidence_range=(0.5, 0.95), jitter=0)
   assert r.class_counts().tolist() == [10] * 10
-  assert r.reached_share() >= 0.9
+  # The BatchNorm term (weight 100) pulls some samples off their exact target
+  # for real-looking statistics: 72% end within 0.05 of it (100% at weight 1).
+  assert r.reached_share() >= 0.6
   # The float model assigns (nearly) every sample to its target class ...
   assert np.mean(trained_cnn.predict(r.x, verbose=0).argmax(-1) == r.y) >= 0.95
   # ... with confidences spread over the target range, not saturated.
