@@ -518,11 +518,13 @@ weight layers, each layer's inputs are measured after all layers before it are
 quantized; above it, layers go in this many groups, each group's inputs measured
 in one pass after the groups before it (the cost grows with passes x model size)."""
 
-# With synthetic calibration data (`keras_mpq.quantize` without data): GPTQ on a strongly
-# damped Hessian, no bias correction. Synthetic inputs' Hessians and means mislead full
-# GPTQ and bias correction (benchmarks/results/quantizer.md, issue 13).
-DATA_FREE_WEIGHT_METHOD = "gptq-damped"
-DATA_FREE_BIAS_CORRECTION = False
+# With synthetic calibration data (`keras_mpq.quantize` without data). Since the
+# labeled generator matches the BatchNorm statistics (weight 100), its inputs serve
+# GPTQ and bias correction as real ones do, and the data-free default is the same
+# quantizer (benchmarks/results/quantizer.md, issue 13); with the first generator's
+# inputs they misled both, and damped GPTQ without bias correction was the default.
+DATA_FREE_WEIGHT_METHOD = DEFAULT_WEIGHT_METHOD
+DATA_FREE_BIAS_CORRECTION = DEFAULT_BIAS_CORRECTION
 _WEIGHT_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -606,7 +608,8 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
 
   In model order, each layer's inputs come from the model with the layers
   before it already quantized (activations float); models with more than
-  `SEQUENTIAL_PASSES` weight layers go in that many groups (one pass each). Its kernel is replaced by
+  `SEQUENTIAL_PASSES` weight layers go in that many groups (one pass each,
+  the group's own layers float while it is measured). Its kernel is replaced by
   `weight_quant.quantize_kernel`'s dequantized values at the layer's bits
   (so the max-abs fake quantizer reproduces those integers exactly) and its
   bias by the empirical bias correction. Layers planned float are left
@@ -650,8 +653,13 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
       kind = _stats_kind(w)
       if needs_data and index % chunk == 0:
         # One pass measures the inputs of the next ``chunk`` layers, with every
-        # layer before them already quantized (chunk is 1 up to SEQUENTIAL_PASSES layers).
-        pending = _input_stats(qmodel, todo[index:index + chunk], x, batch_size, seed)
+        # layer before them already quantized (chunk is 1 up to SEQUENTIAL_PASSES
+        # layers) and the chunk itself float: a layer's bias correction must not
+        # also undo the error of a chunk-mate that corrects itself (measured with
+        # the chunk quantized, bias correction cost MobileNetV2 points).
+        group = todo[index:index + chunk]
+        with weight_bits_override(qmodel, {g.layer.name: FLOAT_BITS for g in group}):
+          pending = _input_stats(qmodel, group, x, batch_size, seed)
       stats = pending.get(name) if needs_data and kind is not None else None
       row: Dict[str, Any] = {"layer": name, "bits": bits, "requested": method,
                              "bias_corrected": False, "notes": []}

@@ -19,9 +19,9 @@ Three steps, each selectable:
   use their inputs directly, convolutions their im2col patches, depthwise
   convolutions one small Hessian per input channel.
 * ``"gptq-damped"``: GPTQ on ``H + mean(diag H) I`` (damping
-  `GPTQ_DAMP_STRONG`), halfway between GPTQ and the clipping search: the
-  data-free default, where ``H`` comes from synthetic inputs that do not
-  look like the real ones and full GPTQ fits them too closely.
+  `GPTQ_DAMP_STRONG`), halfway between GPTQ and the clipping search: for
+  Hessians of inputs unlike the real ones, which full GPTQ fits too closely
+  (it was the data-free default with the first synthetic generator).
 
 Whatever is asked, each output channel keeps the candidate (round to
 nearest, clipped, GPTQ) with the lowest error on the layer's own measure
@@ -58,6 +58,8 @@ from keras_mpq.types import FLOAT_BITS, InvalidInputError, check_weight_bits
 METHODS = ("rtn", "mse", "gptq", "gptq-damped")
 ALPHAS = np.linspace(0.2, 1.0, 33)  # clipping candidates, 0.025 apart; 1.0 is round to nearest
 GPTQ_DAMP = 0.01  # damping, a fraction of the mean Hessian diagonal
+# Damping where a layer has fewer input rows than inputs (a rank-deficient Hessian).
+GPTQ_DAMP_FEW_ROWS = 0.1
 # 'gptq-damped': H + mean(diag H) * I, for Hessians of synthetic inputs (data-free), which
 # GPTQ otherwise fits too closely (benchmarks/results/quantizer.md: it lost to clipping).
 GPTQ_DAMP_STRONG = 1.0
@@ -451,7 +453,7 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
     stats: `InputStats` of the layer's calibration inputs, or None
       (data-free: weight error only, GPTQ falls back to 'mse').
     min_rows: fewest input rows for a Hessian step (default: the number of
-      weights per channel); with fewer, GPTQ runs with 10x damping.
+      weights per channel); with fewer, GPTQ runs with `GPTQ_DAMP_FEW_ROWS`.
 
   Returns:
     A `QuantizedKernel`; ``scales`` keeps the reduced axes as size 1.
@@ -504,7 +506,7 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
         damp = GPTQ_DAMP_STRONG if method == "gptq-damped" else GPTQ_DAMP
         need = w3.shape[1] if min_rows is None else int(min_rows)
         if stats.hessian_rows < need:
-          damp = max(damp, 10 * GPTQ_DAMP)
+          damp = max(damp, GPTQ_DAMP_FEW_ROWS)
           notes.append(f"{stats.hessian_rows} input rows < {need} inputs: damped Hessian")
         try:
           i_g = gptq(w64, s, bits, hessian, damp=damp, max_dim=GPTQ_MAX_DIM,

@@ -185,9 +185,9 @@ def test_report_says_which_plan_won(datafree_result):
   assert sel["gain_over_allocated"] >= 0
   assert datafree_result.plan.info["selection"]["winner"] == sel["winner"]
   assert report["settings"]["bits"] == (2, 3, 4, 8)  # the default for a 4-bit budget
-  # Data-free: the data-free weight quantizer (damped GPTQ, no bias correction).
-  assert report["settings"]["weight_method"] == apply.DATA_FREE_WEIGHT_METHOD == "gptq-damped"
-  assert report["settings"]["bias_correction"] is apply.DATA_FREE_BIAS_CORRECTION is False
+  # Data-free: the data-free weight quantizer (GPTQ and bias correction, as with data).
+  assert report["settings"]["weight_method"] == apply.DATA_FREE_WEIGHT_METHOD == "gptq"
+  assert report["settings"]["bias_correction"] is apply.DATA_FREE_BIAS_CORRECTION is True
   json.dumps(report)
   assert "plan check (kl on " in report_lib.summary_table(report)
 

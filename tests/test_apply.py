@@ -461,6 +461,29 @@ def test_error_minimizing_weights_beat_round_to_nearest(trained_separable, small
   assert all(r["error"] <= r["rtn_error"] * (1 + 1e-9) for r in rows["gptq"])
 
 
+def test_data_free_4bit_weights_stay_close_to_float(trained_separable, small_data):
+  """Regression test of issue 13's data-free 4-bit goal (loose margin, 500 test images).
+
+  Synthetic calibration data only (the default generator), uniform 4-bit weights
+  with the data-free default quantizer; the full figure (two trained copies,
+  LiteRT) is in BENCHMARKS.md, *Weight quantizer*.
+  """
+  from keras_mpq import synthesis
+  _, _, x_test, y_test = small_data
+  folded = apply.fold_batchnorm(trained_separable)
+  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 4)
+  x_syn, _ = synthesis.synthesize(trained_separable, num_samples=128, seed=0, progress=False)
+  method, bc = apply.check_weight_method(None, None, data_free=True)
+  accs = {}
+  for name, (m, b) in (("rtn", ("rtn", False)), ("default", (method, bc))):
+    q = apply.apply_plan(folded, plan, x_syn, fold_bn=False, weight_method=m,
+                         bias_correction=b)
+    accs[name] = _accuracy(q, x_test, y_test)
+  float_acc = _accuracy(folded, x_test, y_test)
+  assert accs["default"] >= float_acc - 0.03, (float_acc, accs)
+  assert accs["default"] >= accs["rtn"], (float_acc, accs)
+
+
 def test_bake_writes_the_optimized_integers():
   model = _randomize_batchnorm(CASES["depthwise_separable"][0]())
   x = _inputs(model, n=32)

@@ -363,9 +363,13 @@ def _signal_at(argv, spec, timeout=300):
   temporary file is written and not yet renamed. No polling, no race.
   """
   from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
+  # The child starts with SIGINT at its default even where this process ignores it
+  # (a suite run in the background by a shell without job control: `make test &`);
+  # Python then installs its KeyboardInterrupt handler, as in a terminal.
   return subprocess.run([sys.executable, "-m", "keras_mpq.cli", *argv],
                         env={**ENV, fileio.TEST_SIGNAL_ENV: spec}, capture_output=True,
-                        text=True, timeout=timeout)
+                        text=True, timeout=timeout,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _complete(path: pathlib.Path) -> bool:
