@@ -18,6 +18,7 @@ model has BatchNorm, Gaussian noise, 256 real training images):
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -144,6 +145,9 @@ def main():
   parser.add_argument("--out", default=str(HERE / "results" / "calibration_data.md"))
   parser.add_argument("--fresh", action="store_true",
                       help="ignore the rows and synthetic sets cached in bench_out/")
+  parser.add_argument("--cached", action="store_true",
+                      help="only render the cached rows of these models, seeds and sources "
+                           "(measure nothing)")
   args = parser.parse_args()
   start = time.perf_counter()
   if args.fresh and CACHE.exists():
@@ -156,7 +160,7 @@ def main():
       for name in args.models.split(","):
         for source in args.sources.split(","):
           key = (f"{name} s{seed}", source)
-          if key not in done:
+          if key not in done and not args.cached:
             for r in run_model(name, seed, tmp, [source]):
               CACHE.mkdir(parents=True, exist_ok=True)
               with open(ROWS, "a") as f:
@@ -175,7 +179,7 @@ def _loads(rows):
   return (f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on "
           f"{os.cpu_count()} cores as the rows were measured"
           + ("" if len(loads) == len(rows) else f", unrecorded for {len(rows) - len(loads)} "
-             "older rows (about 10)"))
+             "older rows"))
 
 
 def render(rows, args, start):
@@ -197,16 +201,22 @@ def render(rows, args, start):
     best_other = max(free, key=lambda s: mine[s]["lite8"])
     for col, what in (("k4_bc", "4-bit rtn + bias correction"), ("k3", "3-bit gptq+bc")):
       rival = max(free, key=lambda s: mine[s][col])
+      gap = new[col] - mine[rival][col]
+      noise = 2 * math.sqrt(max(mine[rival][col] * (1 - mine[rival][col]), 1e-12) / len(data.y_test))
+      verdict = ("labeled best" if gap >= 0 else
+                 f"labeled NOT best, {100 * gap:+.2f} points, within 2 standard errors"
+                 if -gap <= noise else f"labeled NOT best, {100 * gap:+.2f} points")
       verdicts.append(
           f"- {model_name}, {what}: labeled {new[col]:.4f}, best other data-free {rival} "
-          f"{mine[rival][col]:.4f} ({'labeled best' if new[col] >= mine[rival][col] else 'labeled NOT best'}"
-          f"), real {mine['real'][col]:.4f}.")
+          f"{mine[rival][col]:.4f} ({verdict}), real {mine['real'][col]:.4f}.")
     verdicts.append(
         f"- {model_name}: labeled 8-bit {new['lite8']:.4f} vs float {new['float']:.4f} "
         f"({'within' if new['gap8'] >= -0.002 else 'NOT within'} 0.2 points); best other "
         f"data-free source {best_other} {mine[best_other]['lite8']:.4f}; real "
-        f"{mine['real']['lite8']:.4f}; synthesis {new['seconds']:.0f}s vs "
-        f"{mine.get('labeled (old)', new)['seconds']:.0f}s for the first version.")
+        f"{mine['real']['lite8']:.4f}; synthesis {new['seconds']:.0f}s"
+        + "".join(f", {mine[s]['seconds']:.0f}s for {s}" for s in ("labeled (bn 1 lr 0.01)",
+                                                               "labeled (old)") if s in mine)
+        + " (times compare only between rows measured at one load).")
   groups = (("labeled", [r for r in rows if r["source"] == "labeled"]),
             ("all synthetic but noise", [r for r in rows if r["source"] not in ("real", "noise")]),
             ("real", [r for r in rows if r["source"] == "real"]))
@@ -219,8 +229,10 @@ def render(rows, args, start):
   text = "\n".join([
       "## Calibration data: synthetic sources against real data (issue 12)", "",
       "- Command: `.venv/bin/python benchmarks/bench_calibration_data.py "
-      f"--models {args.models} --seeds {args.seeds}`" + (
-          "" if args.sources == ",".join(SOURCES) else f" --sources '{args.sources}'"),
+      f"--models {args.models} --seeds {args.seeds}" + (
+          "" if args.sources == ",".join(SOURCES) else f" --sources '{args.sources}'")
+      + (" --cached` (rendered from rows measured by earlier invocations, cached in "
+         "bench_out/calibration_data/rows.jsonl)" if args.cached else "`"),
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
       f"{os.cpu_count()} cores, CPU only, shared with other jobs ({_loads(rows)}: "
       "times are inflated by the load, compare them only within one load); this "
