@@ -77,7 +77,7 @@ def main():
 
   for name, qmodel, plan in configs:
     row = {"config": name, "keras_acc": keras_accuracy(qmodel, x_test, y_test),
-           "pred_bytes": costs.plan_cost(plan, "bytes"),
+           "pred_bytes": int(round(costs.plan_cost(plan, "bytes"))),
            "avg_bits": costs.plan_cost(plan, "avg_bits")}
     baked = apply.bake(qmodel)
     for target, runtime in (("mobile", "litert"), ("mcu", "tflm")):
