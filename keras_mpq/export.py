@@ -516,8 +516,34 @@ def _layout_mismatch(expected: np.ndarray, got: np.ndarray) -> Tuple[int, int]:
   return best
 
 
+def converter_factor(float_reader, name: str, kernel: np.ndarray) -> float:
+  """The scalar the converter multiplied a Keras kernel by, 1.0 when it did not.
+
+  The TFLite converter folds a constant scalar multiply next to a weight op
+  into the op's kernel: EfficientNet's ``Rescaling(1/255)``, with the untrained
+  ``Normalization`` after it an identity, ends up inside ``stem_conv``'s
+  kernel, and the Mul is gone from the graph. The max-abs grid is scale-free,
+  so the integers stay the Keras model's and only the scales carry the
+  factor. Returns ``c`` when the float file's tensor ``name`` holds exactly
+  ``c * kernel`` (every value, to 1e-5 relative), else 1.0 (and the scale
+  comparison then reports any difference).
+  """
+  index = {float_reader.name(t): t for t in range(float_reader.n_tensors)}
+  t = index.get(name)
+  values = float_reader.float_values(t) if t is not None else None
+  peak = float(np.max(np.abs(kernel))) if kernel.size else 0.0
+  if values is None or values.size != kernel.size or peak == 0.0:
+    return 1.0
+  factor = float(np.max(np.abs(values))) / peak
+  if not (np.isfinite(factor) and factor > 0) or abs(factor - 1.0) <= 1e-6:
+    return 1.0
+  got = np.sort(np.abs(values.astype(np.float64)))
+  want = np.sort(np.abs(kernel.astype(np.float64).reshape(-1))) * factor
+  return factor if np.allclose(got, want, rtol=1e-5, atol=1e-7 * factor * peak) else 1.0
+
+
 def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
-                          float_ops) -> List[str]:
+                          float_ops, float_bytes: Optional[bytes] = None) -> List[str]:
   """Problems: exported weight tensors whose integers or scales differ from the model's.
 
   For each quantized layer, the integers the Keras side holds (max-abs per
@@ -525,9 +551,13 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
   reproduces `keras_mpq.apply`'s optimized integers exactly) are compared
   value for value with the file's, after the container's exact multiple
   (2-bit levels stored as +-7 in INT4 or +-3 in INT8), and the scales to
-  1e-5 relative. Returns one line per mismatching tensor, naming it.
+  1e-5 relative. Given the float flatbuffer the file was quantized from
+  (``float_bytes``), a kernel the converter scaled by a constant (a scalar
+  multiply it folded in, `converter_factor`) is expected with its scales
+  scaled by that constant. Returns one line per mismatching tensor, naming it.
   """
   reader = tflite_inspect.parse(qbytes)
+  float_reader = tflite_inspect.parse(float_bytes) if float_bytes is not None else None
   index = {reader.name(t): t for t in range(reader.n_tensors)}
   problems = []
   for d in decisions:
@@ -558,7 +588,8 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
       continue
     q = reader.tensors[t].Quantization()
     stored = np.sort(q.ScaleAsNumpy()) if q is not None and q.ScaleLength() else None
-    want = np.sort(np.asarray(scales, np.float64).reshape(-1) / ratio)
+    factor = converter_factor(float_reader, names[0], kernel) if float_reader else 1.0
+    want = np.sort(np.asarray(scales, np.float64).reshape(-1) / ratio * factor)
     nonzero = np.max(np.abs(kernel), axis=tuple(axes)).reshape(-1) > 0
     if stored is None or stored.size != want.size:
       problems.append(f"{names[0]!r} (layer {d.layer!r}): {0 if stored is None else stored.size} "
@@ -973,7 +1004,7 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
                                   if e["output_name"] == d.output_name])
   if target != "mobile":  # TFLite Micro's layout: buffers inline, 16-byte aligned
     qbytes = inline_buffers(qbytes, always=True)
-  problems = check_weight_integers(qbytes, snapped, decisions, ops)
+  problems = check_weight_integers(qbytes, snapped, decisions, ops, float_bytes)
   if problems:
     raise KerasMpqError(
         "Expected the exported weight integers to equal the Keras model's. Received "

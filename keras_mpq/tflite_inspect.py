@@ -209,6 +209,13 @@ class _Reader:
       return np.frombuffer(raw, dtype)
     return None
 
+  def float_values(self, t: int) -> Optional[np.ndarray]:
+    """Stored values of a constant FLOAT32 tensor, else None."""
+    raw = self.buffer(t)
+    if raw is None or self.tensors[t].Type() != 0:
+      return None
+    return np.frombuffer(raw, np.float32)
+
   def shape(self, t: int) -> Tuple[int, ...]:
     tensor = self.tensors[t]
     return tuple(int(tensor.Shape(i)) for i in range(tensor.ShapeLength()))

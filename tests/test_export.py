@@ -11,7 +11,7 @@ pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("ai_edge_litert")
 
 from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq import tflite_inspect, validate
+from keras_mpq import quantizers, tflite_inspect, validate
 from keras_mpq.compat import keras, set_global_seed
 from keras_mpq.types import FLOAT_BITS, InvalidInputError, QuantizationPlan
 
@@ -310,3 +310,60 @@ def test_export_fails_naming_the_tensor_whose_integers_differ(tmp_path, monkeypa
     export_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), "mobile",
                              calibration_data=x)
   assert not path.exists()
+
+
+def _rescaled_stem(seed=0):
+  """Rescaling(1/255) -> Conv (no bias) -> BN -> swish -> pool -> Dense, BN folded.
+
+  EfficientNet's stem: the converter folds the scalar multiply into the
+  convolution's kernel (and removes the Mul), so the file's scales are the
+  Keras model's times 1/255 while its integers stay the same.
+  """
+  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  set_global_seed(seed)
+  inp = keras.Input((12, 12, 3), name="x")
+  h = keras.layers.Rescaling(1 / 255.0, name="rescale")(inp)
+  h = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(h)
+  h = keras.layers.BatchNormalization(name="stem_bn")(h)
+  h = keras.layers.Activation("swish")(h)
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  model = keras.Model(inp, keras.layers.Dense(4, name="head")(h))
+  rng = np.random.default_rng(seed)
+  weights = []
+  for w in model.weights:
+    values = rng.normal(0, 0.5, w.shape)
+    if "variance" in w.name:  # BN statistics must be positive
+      values = values ** 2 + 0.1
+    weights.append(values.astype(np.float32))
+  model.set_weights(weights)
+  x = rng.uniform(0, 255, (32, 12, 12, 3)).astype(np.float32)
+  return apply.fold_batchnorm(model), x
+
+
+@pytest.mark.parametrize("target", ["mobile", "mcu"])
+def test_scalar_folded_into_a_kernel_by_the_converter_exports(tmp_path, target):
+  model, x = _rescaled_stem()
+  float_bytes = export_lib.to_float_tflite(model)
+  reader = tflite_inspect.parse(float_bytes)
+  (entry,) = tflite_inspect.layer_weight_ops(reader, ["stem_conv"])["stem_conv"]
+  kernel = model.get_layer("stem_conv").get_weights()[0]
+  assert reader.ops[0].op == "CONV_2D"  # no MUL before it: the Rescaling is inside the conv
+  factor = export_lib.converter_factor(reader, entry["weight_name"], kernel)
+  np.testing.assert_allclose(factor, 1 / 255.0, rtol=1e-5)
+  perturbed = kernel.copy()
+  perturbed.flat[0] *= 1.5  # no longer a scalar multiple: no factor is assumed
+  assert export_lib.converter_factor(reader, entry["weight_name"], perturbed) == 1.0
+
+  plan = QuantizationPlan({"stem_conv": 4, "head": 8})
+  path = tmp_path / f"{target}.tflite"
+  export_lib.export_tflite(model, path, plan, target, calibration_data=x)
+  q = tflite_inspect.parse(path)
+  (qentry,) = tflite_inspect.layer_weight_ops(q, ["stem_conv"])["stem_conv"]
+  stored = q.tensors[qentry["weight_tensor"]].Quantization().ScaleAsNumpy()
+  snapped = export_lib.snap_to_plan(model, plan).get_layer("stem_conv").get_weights()[0]
+  _, _, keras_scales = quantizers.quantize_array(snapped, 4, (0, 1, 2))
+  np.testing.assert_allclose(np.sort(stored), np.sort(np.ravel(keras_scales)) / 255.0, rtol=1e-5)
+  want = model.predict(x, verbose=0)
+  got = validate.run_tflite(str(path), x, runtime="tflm" if target == "mcu" else "auto")
+  # 4-bit stem: close to the float model, not equal; a lost 1/255 would be off by ~255x.
+  assert np.corrcoef(want.ravel(), np.asarray(got, np.float64).ravel())[0, 1] > 0.9
