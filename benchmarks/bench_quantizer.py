@@ -133,6 +133,40 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
   return rows
 
 
+def run_mct(name, seed, source, mixed, log):
+  """Sony MCT's mixed precision on the same model and calibration data (its own venv).
+
+  MCT (`benchmarks/peer_mct.py`: TensorFlow 2.15, its default PTQ plus mixed
+  precision at the same average kernel bits) gets the unfolded model and the
+  same 256 calibration images as keras_mpq; its accuracy is its fake-quant
+  Keras model's on the same test images (MCT's file export is not run).
+  """
+  import peer_mct  # pylint: disable=g-import-not-at-top
+  model = bench_models.get(name, seed)
+  data = bench_models.dataset_for(name)
+  if source == "real":
+    x = data.x_train[:256]
+  else:
+    x = _synthetic(model, name, seed)[0]
+  float_acc = _accuracy_keras(model, data.x_test, data.y_test)
+  t = time.perf_counter()
+  found, meta = peer_mct.run_peer(model, x, data.x_test, data.y_test, list(mixed),
+                                  OUT / f"mct-{name}-s{seed}-{source}", kind="avg_bits",
+                                  seed=0, return_meta=True)
+  took = time.perf_counter() - t
+  rows = []
+  for avg, r in zip(mixed, found):
+    row = {"model": name, "seed": seed, "data": source, "budget": f"mixed {avg:g}",
+           "step": f"MCT {meta.get('mct_version', '?')}", "float": float_acc,
+           "keras": None if r.get("error") else r["accuracy"],
+           "seconds": r.get("seconds") or took / len(found), "x_rtn": None,
+           "plan": "".join(str(b) for b in (r.get("bits") or {}).values()),
+           "mct_avg_bits": r.get("avg_bits"), "error": r.get("error")}
+    rows.append(row)
+    log(json.dumps(row))
+  return rows
+
+
 def _fmt(rows):
   def pct(v):
     return "" if v is None else f"{100 * v:.1f}"
@@ -148,6 +182,37 @@ def _fmt(rows):
   return out
 
 
+def side_by_side(rows, ours="+gptq"):
+  """keras_mpq (step ``ours``, LiteRT) beside MCT (its Keras model) per mixed budget.
+
+  One line per (model, seed, data); a cell is ``ours / MCT`` in percent, or
+  ``-`` where one of the two has no row. Returns '' when there are no MCT rows.
+  """
+  mct = {(r["model"], r["seed"], r["data"], r["budget"]): r for r in rows
+         if r["step"].startswith("MCT") and r.get("keras") is not None}
+  if not mct:
+    return ""
+  mine = {(r["model"], r["seed"], r["data"], r["budget"]): r for r in rows
+          if r["step"] == ours and r["budget"].startswith("mixed")}
+  budgets = sorted({k[3] for k in mct}, key=lambda b: -float(b.split()[1]))
+  groups = sorted({k[:3] for k in mct})
+  out = []
+  for g in groups:
+    line = {"model": f"{g[0]} s{g[1]}", "data": g[2],
+            "float": f"{100 * next(r['float'] for k, r in mct.items() if k[:3] == g):.1f}"}
+    for b in budgets:
+      ours_row = mine.get(g + (b,)) or mine.get(g + (f"mixed {float(b.split()[1])}",))
+      peer = mct.get(g + (b,))
+      ours_v = None if ours_row is None else ours_row.get("litert", ours_row.get("keras"))
+      cells = ["-" if v is None else f"{100 * v:.1f}"
+               for v in (ours_v, None if peer is None else peer["keras"])]
+      line[b] = " / ".join(cells)
+    out.append(line)
+  return report.format_table(out, ["model", "data", "float"] + budgets,
+                             ["model", "data", "float %"] +
+                             [f"{b.split()[1]} bits: ours / MCT %" for b in budgets])
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", nargs="+", default=list(bench_models.NAMES))
@@ -156,7 +221,10 @@ def main():
                       choices=["synthetic", "real"])
   parser.add_argument("--uniform", nargs="*", type=int, default=[8, 4, 3, 2])
   parser.add_argument("--mixed", nargs="*", type=float, default=[4, 3, 2.5, 2])
-  parser.add_argument("--steps", nargs="+", default=[s[0] for s in STEPS])
+  parser.add_argument("--steps", nargs="*", default=[s[0] for s in STEPS],
+                      help="keras_mpq weight-quantizer steps (none: only --mct)")
+  parser.add_argument("--mct", action="store_true",
+                      help="also run Sony MCT at the --mixed budgets (benchmarks/peer_mct)")
   parser.add_argument("--no-litert", action="store_true")
   parser.add_argument("--jsonl", default=str(OUT / "rows.jsonl"),
                       help="rows appended as they are measured")
@@ -188,8 +256,11 @@ def main():
       seeds = [1] if name == "mobilenet_v2" else args.seeds
       for seed in seeds:
         for source in args.data:
-          rows += run_group(name, seed, source, args.uniform, args.mixed, steps,
-                            not args.no_litert, log)
+          if steps:
+            rows += run_group(name, seed, source, args.uniform, args.mixed, steps,
+                              not args.no_litert, log)
+          if args.mct and args.mixed:
+            rows += run_mct(name, seed, source, args.mixed, log)
     jsonl.close()
     cmd = ".venv/bin/python benchmarks/bench_quantizer.py " + " ".join(sys.argv[1:])
   table = report.format_table(
@@ -214,6 +285,17 @@ def main():
       "- LiteRT %: the exported mobile .tflite run by ai-edge-litert; the export reads "
       "the weight integers back and checks them against the Keras model's.", "",
       "```", table, "```", ""])
+  peer = side_by_side(rows)
+  if peer:
+    text += "\n".join([
+        "", "### Beside Sony MCT at the same average bits", "",
+        "- keras_mpq: `quantize` at `Budget.avg_bits`, candidates {2,3,4,8}, its default "
+        "weight quantizer (GPTQ + bias correction), accuracy of the exported file in LiteRT.",
+        "- MCT 2.6.1 (TensorFlow 2.15, `benchmarks/peer_mct.py`): its default PTQ and mixed "
+        "precision at the same average kernel bits, on the same model and the same 256 "
+        "calibration images (real, or keras_mpq's synthetic ones: MCT has no data-free "
+        "mode); accuracy of its fake-quant Keras model on the same test images.", "",
+        "```", peer, "```", ""])
   fileio.write_text(args.out, text)
   print(text)
   return 0

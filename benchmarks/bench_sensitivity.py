@@ -90,12 +90,23 @@ def log(msg):
 
 
 class TestHarness:
-  """One tfmot model calibrated on real data; configurations set by bits variables."""
+  """One tfmot model calibrated on real data; configurations set by bits variables.
 
-  def __init__(self, folded, layers, x_cal, x_test, y_test):
+  ``weights="rtn"``: each layer rounded to nearest on its max-abs grid (the
+  bits variables alone). ``weights="default"``: each (layer, bits) quantized
+  by the library's weight quantizer (`apply.DEFAULT_WEIGHT_METHOD` with its
+  bias correction, `apply.WeightBank` on the real calibration images), as
+  `keras_mpq.quantize` with real data would deploy it.
+  """
+
+  def __init__(self, folded, layers, x_cal, x_test, y_test, weights="rtn"):
     self.layers, self.x_cal = layers, x_cal
     self.x_test, self.y_test = x_test, y_test
     self.qmodel = apply.quantize_model(folded, QuantizationPlan.uniform(layers, 8))
+    self.bank = None if weights == "rtn" else apply.WeightBank(
+        self.qmodel, x_cal, apply.DEFAULT_WEIGHT_METHOD, apply.DEFAULT_BIAS_CORRECTION)
+    if self.bank is not None:
+      self.bank.set_weight_bits({n: 8 for n in layers})
     apply.calibrate(self.qmodel, x_cal)
     qmodel = self.qmodel
     self.forward = tf.function(
@@ -104,7 +115,10 @@ class TestHarness:
 
   def measure(self, bits, recalibrate=False):
     """(test loss, test accuracy) at ``bits`` ({layer: bits})."""
-    apply.set_weight_bits(self.qmodel, bits)
+    if self.bank is None:
+      apply.set_weight_bits(self.qmodel, bits)
+    else:
+      self.bank.set_weight_bits(bits)
     if recalibrate:
       apply.calibrate(self.qmodel, self.x_cal)
     logits = np.concatenate([self.forward(tf.constant(self.x_test[s:s + 500])).numpy()
@@ -115,7 +129,10 @@ class TestHarness:
 
   def reset(self):
     """All 8 bits, calibrated at 8 bits (the state random configurations use)."""
-    apply.set_weight_bits(self.qmodel, {n: 8 for n in self.layers})
+    if self.bank is None:
+      apply.set_weight_bits(self.qmodel, {n: 8 for n in self.layers})
+    else:
+      self.bank.set_weight_bits({n: 8 for n in self.layers})
     apply.calibrate(self.qmodel, self.x_cal)
 
 
@@ -169,7 +186,7 @@ def plan_accuracies(table, costs, harness):
 # --------------------------------------------------------------------------- per model
 
 
-def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False):
+def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, weights="rtn"):
   log(f"{name} seed {model_seed}: loading")
   t0 = time.perf_counter()
   model = bench_models.get(name, model_seed)
@@ -177,7 +194,8 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False):
   layers = apply.plan_layers(folded)
   costs = costs_lib.cost_table(folded, bits=BITS)
   float_acc = float(np.mean(model.predict(ds.x_test, verbose=0).argmax(-1) == ds.y_test))
-  harness = TestHarness(folded, layers, ds.x_train[:CALIBRATION], ds.x_test, ds.y_test)
+  harness = TestHarness(folded, layers, ds.x_train[:CALIBRATION], ds.x_test, ds.y_test,
+                        weights)
   res = {"name": f"{name} seed {model_seed}", "layers": layers, "float_acc": float_acc,
          "params": {c.name: c.n_params for c in costs.layer_costs},
          "train_s": time.perf_counter() - t0}
@@ -329,7 +347,13 @@ def render(results, costs, args, started, elapsed):
       f"{' --quick' if args.quick else ''} --seed {args.seed}"
       f"{'' if args.quick else ' --model-seeds ' + ','.join(map(str, args.model_seeds))}"
       f"{'' if args.quick else f' --k {args.k} --names {args.names}'}"
-      f"{' --no-search' if args.no_search else ''}{' --no-cost' if args.no_cost else ''}`",
+      f"{' --no-search' if args.no_search else ''}{' --no-cost' if args.no_cost else ''}"
+      f"{'' if args.weights == 'rtn' else ' --weights ' + args.weights}`",
+      "- Weights of each measured configuration: " + (
+          "round to nearest on the max-abs grid (bits variables only)." if args.weights == "rtn"
+          else f"the library's default quantizer (`{apply.DEFAULT_WEIGHT_METHOD}`, bias "
+          f"correction {apply.DEFAULT_BIAS_CORRECTION}) per (layer, bits) on the "
+          f"{CALIBRATION} real calibration images (`apply.WeightBank`)."),
       f"- Date: {started:%Y-%m-%d %H:%M} (took {elapsed / 60:.1f} min)",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
       f"jobs (load average {os.getloadavg()[0]:.1f} at end), {platform.system()} "
@@ -464,6 +488,9 @@ def main(argv=None):
                       help="skip the iterative-search table (bench_rounds.py has it)")
   parser.add_argument("--no-cost", action="store_true",
                       help="skip the cost table (MobileNetV2 timing)")
+  parser.add_argument("--weights", choices=("rtn", "default"), default="rtn",
+                      help="how the configurations' real test loss quantizes weights: "
+                           "round to nearest, or the library's default quantizer")
   args = parser.parse_args(argv)
   args.num_samples = 128 if args.quick else 256
   k = 30 if args.quick else args.k
@@ -477,7 +504,7 @@ def main(argv=None):
   for name in names:
     for model_seed in args.model_seeds:
       res = bench_model(name, ds, k, args.num_samples, args.seed, model_seed,
-                        args.no_search)
+                        args.no_search, args.weights)
       res["dataset"] = f"{ds.name} ({ds.split})"
       results.append(res)
   costs = [] if args.no_cost else [bench_cost(

@@ -991,6 +991,11 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     raise UnsupportedModelError(
         f"ai-edge-quantizer could not quantize this model for {target!r}: "
         f"{type(e).__name__}: {str(e)[:300]}") from None
+  # TFLite Micro's model editor (repack_int4, unpack_int8) sees only inline
+  # buffers; ai-edge-quantizer puts those of a model with 256 KiB or more of
+  # constants after the flatbuffer, where an edit found nothing to change
+  # (MobileNetV2's 4-bit Dense stayed INT4 on 'mcu', which TFLite Micro refuses).
+  qbytes = inline_buffers(qbytes)
   repack = [d for d in decisions if d.repack_int4]
   if repack:
     weight_names = [e["weight_name"] for d in repack for e in ops[d.layer]]

@@ -334,6 +334,14 @@ def _tflm_interpreter(Interpreter, data: bytes, arena_size: Optional[int] = None
     text = str(e).strip()
     hint = ("Export it with target='mcu' (full integer, batch 1; every operator is checked "
             "against TFLite Micro's kernels before export).")
+    try:
+      mcu_style = is_full_integer_batch1(data)
+    except InvalidInputError:
+      mcu_style = False
+    if mcu_style:  # already what 'mcu' writes: a kernel refused one of its tensors
+      hint = ("The file is full-integer and batch 1, so one operator's kernel refused its "
+              "tensors (TFLite Micro names the node on stderr). Please report it with the "
+              "model.")
     raise InvalidInputError(
         f"TFLite Micro could not allocate this model: {text[:200]}. {hint}") from None
 

@@ -367,3 +367,24 @@ def test_scalar_folded_into_a_kernel_by_the_converter_exports(tmp_path, target):
   got = validate.run_tflite(str(path), x, runtime="tflm" if target == "mcu" else "auto")
   # 4-bit stem: close to the float model, not equal; a lost 1/255 would be off by ~255x.
   assert np.corrcoef(want.ravel(), np.asarray(got, np.float64).ravel())[0, 1] > 0.9
+
+
+def test_large_model_4bit_dense_is_unpacked_for_tflm(tmp_path):
+  """A model with over 256 KiB of constants: ai-edge-quantizer writes its buffers
+  after the flatbuffer, which the model editor did not see, so a 4-bit Dense stayed
+  INT4 on 'mcu' and TFLite Micro refused the file (MobileNetV2 at 32x32)."""
+  set_global_seed(0)
+  inp = keras.Input((1024,), name="x")
+  h = keras.layers.Dense(96, activation="relu", name="fc")(inp)
+  h = keras.layers.Dense(3200, activation="relu", name="big")(h)  # 300 KiB at 8 bits
+  model = keras.Model(inp, keras.layers.Dense(10, name="out")(h))
+  x = np.random.default_rng(0).normal(0, 1, (16, 1024)).astype(np.float32)
+  path = tmp_path / "m.tflite"
+  export_lib.export_tflite(model, path, QuantizationPlan({"fc": 4, "big": 8, "out": 8}),
+                           "mcu", calibration_data=x)
+  reader = tflite_inspect.parse(path)
+  dtypes = {e["op"]: _stored_ints(reader, e)[1]
+            for e in tflite_inspect.layer_weight_ops(reader, ["fc"])["fc"]}
+  assert dtypes == {"FULLY_CONNECTED": "INT8"}
+  out = validate.run_tflite(str(path), x[:4], runtime="tflm")
+  np.testing.assert_allclose(out, model.predict(x[:4], verbose=0), atol=0.5)
