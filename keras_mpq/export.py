@@ -516,7 +516,7 @@ def _layout_mismatch(expected: np.ndarray, got: np.ndarray) -> Tuple[int, int]:
   return best
 
 
-def converter_factor(float_reader, name: str, kernel: np.ndarray) -> float:
+def converter_factor(values: Optional[np.ndarray], kernel: np.ndarray) -> float:
   """The scalar the converter multiplied a Keras kernel by, 1.0 when it did not.
 
   The TFLite converter folds a constant scalar multiply next to a weight op
@@ -524,13 +524,11 @@ def converter_factor(float_reader, name: str, kernel: np.ndarray) -> float:
   ``Normalization`` after it an identity, ends up inside ``stem_conv``'s
   kernel, and the Mul is gone from the graph. The max-abs grid is scale-free,
   so the integers stay the Keras model's and only the scales carry the
-  factor. Returns ``c`` when the float file's tensor ``name`` holds exactly
-  ``c * kernel`` (every value, to 1e-5 relative), else 1.0 (and the scale
-  comparison then reports any difference).
+  factor. ``values`` is the float file's tensor for that kernel (None when
+  it has none). Returns ``c`` when it holds exactly ``c * kernel`` (every
+  value, to 1e-5 relative), else 1.0 (and the scale comparison then reports
+  any difference).
   """
-  index = {float_reader.name(t): t for t in range(float_reader.n_tensors)}
-  t = index.get(name)
-  values = float_reader.float_values(t) if t is not None else None
   peak = float(np.max(np.abs(kernel))) if kernel.size else 0.0
   if values is None or values.size != kernel.size or peak == 0.0:
     return 1.0
@@ -558,6 +556,8 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
   """
   reader = tflite_inspect.parse(qbytes)
   float_reader = tflite_inspect.parse(float_bytes) if float_bytes is not None else None
+  float_index = ({float_reader.name(t): t for t in range(float_reader.n_tensors)}
+                 if float_reader is not None else {})
   index = {reader.name(t): t for t in range(reader.n_tensors)}
   problems = []
   for d in decisions:
@@ -588,7 +588,9 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[_Decision],
       continue
     q = reader.tensors[t].Quantization()
     stored = np.sort(q.ScaleAsNumpy()) if q is not None and q.ScaleLength() else None
-    factor = converter_factor(float_reader, names[0], kernel) if float_reader else 1.0
+    float_t = float_index.get(names[0])
+    factor = (converter_factor(float_reader.float_values(float_t), kernel)
+              if float_t is not None else 1.0)
     want = np.sort(np.asarray(scales, np.float64).reshape(-1) / ratio * factor)
     nonzero = np.max(np.abs(kernel), axis=tuple(axes)).reshape(-1) > 0
     if stored is None or stored.size != want.size:

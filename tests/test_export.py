@@ -348,11 +348,12 @@ def test_scalar_folded_into_a_kernel_by_the_converter_exports(tmp_path, target):
   (entry,) = tflite_inspect.layer_weight_ops(reader, ["stem_conv"])["stem_conv"]
   kernel = model.get_layer("stem_conv").get_weights()[0]
   assert reader.ops[0].op == "CONV_2D"  # no MUL before it: the Rescaling is inside the conv
-  factor = export_lib.converter_factor(reader, entry["weight_name"], kernel)
+  values = reader.float_values(entry["weight_tensor"])
+  factor = export_lib.converter_factor(values, kernel)
   np.testing.assert_allclose(factor, 1 / 255.0, rtol=1e-5)
   perturbed = kernel.copy()
   perturbed.flat[0] *= 1.5  # no longer a scalar multiple: no factor is assumed
-  assert export_lib.converter_factor(reader, entry["weight_name"], perturbed) == 1.0
+  assert export_lib.converter_factor(values, perturbed) == 1.0
 
   plan = QuantizationPlan({"stem_conv": 4, "head": 8})
   path = tmp_path / f"{target}.tflite"
