@@ -320,8 +320,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
   The plan is checked by measurement before it is returned: the allocated
   plan, every uniform plan that fits the budget and a greedy plan are
   measured on a held-out part of the calibration data (half of it, when it
-  has at least 64 samples), and the best measured one is kept;
-  ``report["plan_selection"]`` says which won and by how much.
+  has at least 64 samples), and the best measured one is kept (within two
+  standard errors of the lowest loss, a plan with at least as many bits in
+  every layer wins the tie); ``report["plan_selection"]`` says which won and
+  by how much.
 
   A byte budget (``"48KB"``) is the size of the exported file for
   ``target``: one cheap export measures the file's fixed part, the costs come

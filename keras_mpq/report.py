@@ -191,10 +191,18 @@ def summary_table(report: Mapping[str, Any]) -> str:
   sel = report.get("plan_selection")
   if sel and sel.get("candidates"):
     measured = ", ".join(f"{c['name']} {_fmt(c['measured_loss'])}" for c in sel["candidates"])
-    verdict = (f"{sel['winner']} kept" if sel["winner"] == "allocated" else
-               f"{sel['winner']} returned"
-               + (f", {_fmt(sel['gain_over_allocated'])} below the allocated plan"
-                  if sel.get("gain_over_allocated") is not None else ""))
+    tie = sel.get("tie_break")
+    if sel["winner"] == "allocated":
+      verdict = "allocated kept"
+    elif tie:
+      verdict = f"{sel['winner']} returned"
+    else:
+      verdict = (f"{sel['winner']} returned"
+                 + (f", {_fmt(sel['gain_over_allocated'])} below the allocated plan"
+                    if sel.get("gain_over_allocated") is not None else ""))
+    if tie:
+      verdict += (f" (ties go to more bits: within {tie['noise_z']:g} standard errors of "
+                  f"{tie['lowest_loss']}, {_fmt(tie['loss_above_lowest'])} above it)")
     lines.append(f"plan check ({sel['objective']} on {sel['measured_on']}): {measured}"
                  f" -> {verdict}")
   for note in report.get("notes") or []:

@@ -627,16 +627,21 @@ class _Evaluator:
 
   def mean_objective(self, objective: str, reuse_prefix: bool = True) -> float:
     """Mean of ``objective`` (see `OBJECTIVES`) of the model as it stands, over the data."""
+    return float(np.mean(self.sample_objective(objective, reuse_prefix)))
+
+  def sample_objective(self, objective: str, reuse_prefix: bool = True) -> np.ndarray:
+    """``objective`` of the model as it stands, one value per sample (float64)."""
     self._split(reuse_prefix)
     objective_fn = _OBJECTIVES[objective]
     refs = self.float_reference(reuse_prefix) if objective == "kl" else None
-    total = 0.0
+    rows = []
     for k, s in enumerate(_batches(len(self.x), self.batch_size)):
       out = self.prefix(tf.constant(self.x[s]))[1]
-      total += float(np.sum(objective_fn(out, None if self.y is None else self.y[s],
-                                         None if refs is None else refs[k])))
+      rows.append(np.asarray(objective_fn(out, None if self.y is None else self.y[s],
+                                          None if refs is None else refs[k]),
+                             dtype=np.float64))
     self.evaluations += 1
-    return total / len(self.x)
+    return np.concatenate(rows)
 
   def float_reference(self, reuse_prefix: bool = True) -> List[np.ndarray]:
     """The float model's log-probabilities per batch (computed once; the context is kept)."""
@@ -1117,9 +1122,11 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
 
   The safeguard (``safeguard=True``) then measures, the same way, every
   uniform plan that fits the budget (pinned layers as pinned) and one greedy
-  plan (`keras_mpq.allocation.greedy`) and returns the best measured of all;
-  ``plan.info["selection"]`` names the winner, every candidate's measured
-  loss and the margins. When every cleaned score is zero (no layer measured
+  plan (`keras_mpq.allocation.greedy`) and returns the best measured of all,
+  ties going to more bits (a candidate within two standard errors of the
+  lowest loss that has at least its bits in every layer wins;
+  ``selection["tie_break"]`` says so); ``plan.info["selection"]`` names the
+  winner, every candidate's measured loss and the margins. When every cleaned score is zero (no layer measured
   worse than its highest bits beyond the noise) the scores carry no
   information: the best measured uniform plan that fits is returned, with a
   note (also without the safeguard).
@@ -1213,15 +1220,16 @@ def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[in
         + (f"layers {list(table.layers)}, bits {list(table.bits)}"
            if isinstance(table, SensitivityTable) else type(table).__name__))
   evaluator = _evaluator_for(job)
-  measured_cache: Dict[Tuple[int, ...], float] = {}
+  measured_cache: Dict[Tuple[int, ...], np.ndarray] = {}
   table_cache: Dict[Any, SensitivityTable] = {}
 
-  def measure(weight_bits_: Mapping[str, int]) -> float:
+  def measure_samples(weight_bits_: Mapping[str, int]) -> np.ndarray:
     key = tuple(int(weight_bits_[n]) for n in job.layers)
     if key not in measured_cache:
       evaluator.set_context(weight_bits_, True)
-      measured_cache[key] = evaluator.mean_objective(objective)
+      measured_cache[key] = evaluator.sample_objective(objective)
     return measured_cache[key]
+
 
   def table_at(context_k, k: int) -> SensitivityTable:
     if k == 0 and table is not None:
@@ -1243,14 +1251,16 @@ def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[in
     label = ("highest" if first is None else
              "budget" if context == "budget" else "given")
     results.append(_search_one(job, spec, budget, costs, pinned, rounds, first, table_at,
-                               measure, safeguard, evaluator, allocation, label))
+                               measure_samples, safeguard, evaluator, allocation, label))
   return results
 
 
 def _search_one(job: _Job, spec: MetricSpec, budget: Budget, costs: CostTable, pinned,
-                rounds: int, first, table_at, measure, safeguard: bool, evaluator,
+                rounds: int, first, table_at, measure_samples, safeguard: bool, evaluator,
                 allocation, context_label: str) -> SearchResult:
   """One budget of `search_budgets`: the rounds, then the safeguard."""
+  def measure(weight_bits: Mapping[str, int]) -> float:
+    return float(np.mean(measure_samples(weight_bits)))
   history: List[Dict[str, Any]] = []
   plans: List[QuantizationPlan] = []
   tables: List[SensitivityTable] = []
@@ -1282,8 +1292,8 @@ def _search_one(job: _Job, spec: MetricSpec, budget: Budget, costs: CostTable, p
   best = min(ok or history, key=lambda r: (r["measured_loss"], r["round"]))
   allocated = plans[best["round"]]
   all_zero = bool(np.all(tables[0].scores == 0))
-  selection = _select(allocated, tables[0], budget, costs, pinned, job, measure,
-                      safeguard, all_zero, best["measured_loss"])
+  selection = _select(allocated, tables[0], budget, costs, pinned, job, measure_samples,
+                      safeguard, all_zero)
   chosen = selection.pop("plan")
   info = dict(allocated.info)
   if selection["winner"] != "allocated":
@@ -1301,9 +1311,20 @@ def _search_one(job: _Job, spec: MetricSpec, budget: Budget, costs: CostTable, p
 
 
 def _select(allocated: QuantizationPlan, table: SensitivityTable, budget: Budget,
-            costs: CostTable, pinned, job: _Job, measure, safeguard: bool,
-            all_zero: bool, allocated_loss: float) -> Dict[str, Any]:
-  """The safeguard: the best measured of the allocated, uniform and greedy plans."""
+            costs: CostTable, pinned, job: _Job, measure_samples, safeguard: bool,
+            all_zero: bool, z: float = NOISE_Z) -> Dict[str, Any]:
+  """The safeguard: the best measured of the allocated, uniform and greedy plans.
+
+  Ties go to more bits: a candidate whose measured loss exceeds the lowest by
+  no more than ``z`` standard errors of the per-sample difference (paired:
+  the same held-out samples) cannot be told from the best; if it also has at
+  least the best's bits in every layer, it wins (the costliest such one).
+  Without this, a plan at the lowest bits could win on a difference at the
+  level of rounding (an untrained model whose outputs barely move scores
+  every plan alike). A mixed plan is not overruled by a uniform one that is
+  merely costlier: neither has more bits everywhere, so the measurement
+  decides.
+  """
   from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
   pinned = dict(pinned or {})
   candidates: List[Tuple[str, QuantizationPlan]] = []
@@ -1322,20 +1343,23 @@ def _select(allocated: QuantizationPlan, table: SensitivityTable, budget: Budget
     if key in seen:
       seen[key]["also"].append(name)
       continue
-    loss = allocated_loss if name == "allocated" else measure(plan.weight_bits)
+    samples = measure_samples(plan.weight_bits)
     row = {"name": name, "also": [], "weight_bits": dict(plan.weight_bits),
-           "cost": costs.plan_cost(plan, budget.kind), "measured_loss": float(loss),
-           "predicted": table.predicted(plan), "_rank": rank, "_plan": plan}
+           "cost": costs.plan_cost(plan, budget.kind),
+           "measured_loss": float(np.mean(samples)),
+           "predicted": table.predicted(plan), "_rank": rank, "_plan": plan,
+           "_samples": samples}
     seen[key] = row
     rows.append(row)
   if not rows:  # cannot happen: the cheapest uniform plan fits any feasible budget
     rows = [{"name": "allocated", "also": [], "weight_bits": dict(allocated.weight_bits),
              "cost": costs.plan_cost(allocated, budget.kind),
-             "measured_loss": float(allocated_loss), "predicted": 0.0, "_rank": 0,
-             "_plan": allocated}]
+             "measured_loss": float(np.mean(measure_samples(allocated.weight_bits))),
+             "predicted": 0.0, "_rank": 0, "_plan": allocated}]
   finite = [r for r in rows if np.isfinite(r["measured_loss"])] or rows
   ranked = sorted(finite, key=lambda r: (r["measured_loss"], r["_rank"]))
-  win = ranked[0]
+  win, tie = _tie_to_more_bits(ranked, z)
+  ranked = [win] + [r for r in ranked if r is not win]
   alloc_row = next((r for r in rows if "allocated" in [r["name"]] + r["also"]), None)
   out: Dict[str, Any] = {
       "winner": win["name"], "objective": job.objective,
@@ -1350,8 +1374,41 @@ def _select(allocated: QuantizationPlan, table: SensitivityTable, budget: Budget
                  if len(ranked) > 1 else None),
       "candidates": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
       "safeguard": bool(safeguard), "plan": win["_plan"]}
+  if tie is not None:
+    out["tie_break"] = tie
   if all_zero:
     out["note"] = ("Every sensitivity score is zero within the measurement noise, so the "
                    "scores cannot rank layers: the plan is the best measured uniform plan "
                    "that fits the budget.")
   return out
+
+
+def _tie_to_more_bits(ranked: List[Dict[str, Any]], z: float
+                      ) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+  """The costliest candidate with at least the best's bits everywhere, within noise of it.
+
+  ``ranked``: candidate rows sorted by measured loss, each with its
+  ``weight_bits`` and per-sample losses (``_samples``). Returns
+  ``(winner, tie_break)``; ``tie_break`` is ``None`` when the lowest-loss
+  candidate wins, else what it was tied with.
+  """
+  best = ranked[0]
+  base = best.get("_samples")
+  if base is None or len(base) < 2:
+    return best, None
+  tied = []
+  for r in ranked:
+    if any(r["weight_bits"][n] < b for n, b in best["weight_bits"].items()):
+      continue  # fewer bits somewhere: not "more bits" than the best
+    d = np.asarray(r["_samples"], np.float64) - base
+    mean = float(np.mean(d))
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d)))
+    if np.isfinite(mean) and np.isfinite(se) and mean <= z * se:
+      tied.append((r, mean, se))
+  win, mean, se = max(tied, key=lambda t: (t[0]["cost"], -t[0]["measured_loss"],
+                                           -t[0]["_rank"]))
+  if win is best:
+    return best, None
+  return win, {"rule": "more bits", "lowest_loss": best["name"],
+               "loss_above_lowest": mean, "stderr": se, "noise_z": float(z),
+               "tied": [t[0]["name"] for t in tied]}

@@ -27,6 +27,10 @@ from keras_mpq import tflite_inspect
 from keras_mpq.types import InvalidInputError, MissingDependencyError, ValidationResult
 
 RUNTIMES = ("auto", "litert", "tflite_runtime", "tf", "tflm")
+# Inputs may stray this share of the width of an integer input's range
+# outside it (its quantization clips them) before they count as data on the
+# wrong scale: pixels 0..255 for a file quantized for [0, 1] go 254 widths out.
+INPUT_SCALE_TOLERANCE = 0.25
 
 
 # --------------------------------------------------------------------------- interpreters
@@ -72,6 +76,38 @@ def _quantize_input(x, detail):
     raise InvalidInputError("The model's integer input has no quantization scale.")
   info = np.iinfo(dtype)
   return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def check_input_scale(x, detail) -> None:
+  """Raises when float inputs ``x`` lie far outside what an integer input can hold.
+
+  An int8 input with scale ``s`` and zero point ``z`` holds
+  ``[(-128 - z) s, (127 - z) s]``; values outside it are clipped, so data on
+  another scale (0..255 for a file quantized for [0, 1]) would silently give
+  near-constant outputs. Float inputs are not checked.
+
+  >>> detail = {"dtype": np.int8, "quantization": (1 / 255, -128)}
+  >>> check_input_scale(np.array([[0.0, 0.5, 1.0]]), detail)  # inside [0, 1]
+  >>> check_input_scale(np.array([[0.0, 255.0]]), detail)  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  keras_mpq.types.InvalidInputError: Expected inputs inside the file's input range [0, 1]...
+  """
+  dtype = np.dtype(detail["dtype"])
+  scale, zero = detail["quantization"]
+  if np.issubdtype(dtype, np.floating) or not scale:
+    return
+  info = np.iinfo(dtype)
+  low, high = (info.min - zero) * scale, (info.max - zero) * scale
+  lo, hi = float(np.min(x)), float(np.max(x))
+  slack = INPUT_SCALE_TOLERANCE * (high - low)
+  if lo < low - slack or hi > high + slack:
+    raise InvalidInputError(
+        f"Expected inputs inside the file's input range [{low:.4g}, {high:.4g}] (its "
+        f"{dtype.name} input: scale {scale:.4g}, zero point {zero}; values outside are "
+        f"clipped). Received: inputs in [{lo:.4g}, {hi:.4g}]. Rescale them to the range the "
+        "model was quantized for (QuantizeResult.report['input_range']; pixels 0..255 "
+        "become [0, 1] by dividing by 255), or quantize again with input_range=(lo, hi).")
 
 
 def _dequantize_output(y, detail):
@@ -185,6 +221,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
         f"{name} could not load this .tflite file: "
         f"{str(e).strip().splitlines()[0][:200]}.{hint}") from None
   x = _check_x(x, inp["shape"], "TFLite")
+  check_input_scale(x, inp)
   fixed = int(inp["shape"][0])
   dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
   step = min(batch_size, len(x)) if dynamic else fixed
@@ -361,6 +398,7 @@ def _run_tflm(data: bytes, x):
         f"Expected a batch-1 model for TFLite Micro. Received: input shape "
         f"{list(inp['shape'])}; export with target='mcu'.")
   x = _check_x(x, inp["shape"], "TFLite Micro")
+  check_input_scale(x, inp)
   outputs = []
   for i in range(len(x)):
     try:

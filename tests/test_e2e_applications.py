@@ -2,7 +2,9 @@
 
 Each architecture is built at 32x32x3, quantized to a 4-bit average (2/4/8
 candidates) on 16 real images (digits or MNIST, resized and tiled to 3
-channels, 0..255), and exported for 'mobile' and 'mcu'; each file is run in
+channels, 0..255 mapped onto the model's input range: raw pixels for the
+models that rescale inside, [0, 1] for the others), and exported for
+'mobile' and 'mcu'; each file is run in
 its runtime (LiteRT, TFLite Micro). Slow (minutes per model): run with
 ``make test-slow``; ``benchmarks/bench_applications.py`` runs the same eight
 data-free and times them.
@@ -23,12 +25,15 @@ ARCHITECTURES = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Lar
 SIZE = 32
 
 
-def _images(n):
+def _images(n, model):
+  """``n`` real images on ``model``'s input scale (`keras_mpq.resolve_input_range`)."""
+  low, high = keras_mpq.resolve_input_range(model)[:2]
   data = demo_data.load_default()
   x = np.asarray(data.x_test[:n], np.float32)
   if x.max() <= 1.0:
     x = x * 255.0
   x = tf.image.resize(x, (SIZE, SIZE)).numpy()
+  x = low + x / 255.0 * (high - low)
   return np.repeat(x, 3, axis=-1).astype(np.float32)
 
 
@@ -37,7 +42,7 @@ def _images(n):
 def test_stock_architecture_quantizes_and_both_files_run(arch, tmp_path):
   k3 = getattr(keras3.applications, arch)(weights=None, input_shape=(SIZE, SIZE, 3),
                                           classes=10)
-  x = _images(24)
+  x = _images(24, k3)
   result = keras_mpq.quantize(k3, "4bit", data=x[:16], weight_bits=(2, 4, 8), seed=0,
                               progress=False)
   assert result.report["achieved"]["avg_bits"] <= 4.0 + 1e-9

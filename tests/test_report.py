@@ -122,3 +122,18 @@ def test_summary_table_says_when_budget_does_not_bind():
   r = _report()
   r["budget_note"] = "budget 1e+06B does not bind: the all-8-bit plan costs 5000 (bytes)"
   assert "does not bind" in report.summary_table(r)
+
+
+def test_summary_table_says_why_a_tied_plan_won():
+  r = _report()
+  r["plan_selection"] = {
+      "winner": "uniform 4-bit", "objective": "kl", "measured_on": "48 held-out samples",
+      "gain_over_allocated": -2e-9,
+      "candidates": [{"name": "allocated", "measured_loss": 1.6e-8},
+                     {"name": "uniform 4-bit", "measured_loss": 1.7e-8}],
+      "tie_break": {"rule": "more bits", "lowest_loss": "allocated",
+                    "loss_above_lowest": 1e-9, "stderr": 9e-9, "noise_z": 2.0}}
+  text = report.summary_table(r)
+  assert "uniform 4-bit returned (ties go to more bits: within 2 standard errors of " \
+         "allocated" in text
+  assert "below the allocated plan" not in text  # it is not below: it is tied

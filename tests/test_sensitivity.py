@@ -524,6 +524,61 @@ def test_all_zero_scores_fall_back_to_the_best_uniform_plan(trained_cnn, data):
   assert len(set(found.plan.weight_bits.values())) == 1
 
 
+def _quiet_model(seed=1, scale=1e-3):
+  """Untrained, with logits scaled down: every plan's outputs barely move."""
+  keras.utils.set_random_seed(seed)
+  inp = keras.Input((6, 6, 1))
+  x = keras.layers.Conv2D(3, 3, activation="relu", name="c")(inp)
+  x = keras.layers.Flatten()(x)
+  x = keras.layers.Dense(8, activation="relu", name="h")(x)
+  model = keras.Model(inp, keras.layers.Dense(4, name="d")(x))
+  kernel, bias = model.get_layer("d").get_weights()
+  model.get_layer("d").set_weights([kernel * scale, bias])
+  return model
+
+
+def test_plans_within_noise_of_each_other_tie_to_more_bits():
+  # Every plan's KL is ~1e-8 and they differ by rounding. Before ties went
+  # to more bits, seed 1 returned uniform 2-bit under a 4-bit budget, the
+  # way untrained DenseNet121 and NASNetMobile went to all 2 bits.
+  x = np.random.default_rng(0).uniform(0, 1, (96, 6, 6, 1)).astype(np.float32)
+  found = sensitivity.search(_quiet_model(), x, "4bit", progress=False)
+  sel = found.plan.info["selection"]
+  assert found.plan.weight_bits == {"c": 4, "h": 4, "d": 4}
+  losses = {c["name"]: c["measured_loss"] for c in sel["candidates"]}
+  assert set(losses) >= {"uniform 4-bit", "uniform 2-bit"}
+  assert max(abs(v) for v in losses.values()) < 1e-6
+  if losses["uniform 2-bit"] < losses["uniform 4-bit"]:  # what seed 1 measures here
+    tie = sel["tie_break"]
+    assert tie["rule"] == "more bits" and tie["lowest_loss"] == "uniform 2-bit"
+    assert 0 < tie["loss_above_lowest"] <= tie["noise_z"] * tie["stderr"]
+    assert sel["winner"] == "uniform 4-bit" and sel["runner_up"] == "uniform 2-bit"
+
+
+def test_tie_rule_keeps_a_difference_beyond_the_noise():
+  rng = np.random.default_rng(0)
+  base = rng.normal(1.0, 0.1, 400)
+  def row(name, bits, shift, rank):
+    samples = base + shift + rng.normal(0, 0.01, 400)
+    return {"name": name, "weight_bits": dict(zip("ab", bits)), "cost": float(np.mean(bits)),
+            "measured_loss": float(np.mean(samples)), "_rank": rank, "_samples": samples}
+  cheap = row("uniform 2-bit", (2, 2), 0.0, 1)
+  within = row("uniform 4-bit", (4, 4), 0.0005, 0)  # 0.0005 against a SE of ~0.0005
+  beyond = row("uniform 4-bit", (4, 4), 0.01, 0)  # 20 standard errors worse
+  tie_to = sensitivity._tie_to_more_bits  # pylint: disable=protected-access
+  win, tie = tie_to([cheap, within], 2.0)
+  assert win is within and tie["tied"] == ["uniform 2-bit", "uniform 4-bit"]
+  win, tie = tie_to([cheap, beyond], 2.0)
+  assert win is cheap and tie is None
+  # A costlier plan with fewer bits in some layer does not win a tie: the
+  # measurement decides between a mixed plan and a uniform one.
+  mixed = row("allocated", (8, 2), 0.0, 0)
+  uniform = row("uniform 4-bit", (4, 4), 0.0005, 1)
+  uniform["cost"] = 6.0
+  win, tie = tie_to([mixed, uniform], 2.0)
+  assert win is mixed and tie is None
+
+
 def test_non_binding_budget_returns_all_highest_with_a_note(trained_cnn, data):
   found = sensitivity.search(trained_cnn, data, "8bit", progress=False)
   assert found.plan.weight_bits == {n: 8 for n in CNN_LAYERS}

@@ -82,6 +82,27 @@ def test_bad_data_raises_clearly(exported):
     validate.validate_tflite(mobile, x, runtime="gpu")
 
 
+def test_data_on_another_scale_is_refused_not_clipped(exported):
+  # The files' int8 inputs hold about [0, 1]; pixels 0..255 would be clipped to
+  # 1.0 and give near-constant outputs that look like a working model.
+  model, x, mobile, mcu, _ = exported
+  runtimes = [(mobile, "litert"), (mcu, "litert")]
+  try:
+    import tflite_micro  # pylint: disable=g-import-not-at-top,unused-import
+    runtimes.append((mcu, "tflm"))
+  except ImportError:
+    pass
+  for path, runtime in runtimes:
+    with pytest.raises(InvalidInputError, match=r"inside the file's input range \[0, 0?\.99"
+                       r".*Received: inputs in \[.*, 25\d"):
+      validate.run_tflite(path, x[:4] * 255.0, runtime=runtime)
+    with pytest.raises(InvalidInputError, match="Rescale them"):
+      validate.validate_tflite(path, x[:4] * 255.0, reference=model, runtime=runtime)
+    # A little outside the range is clipping, as the file does with any data.
+    out = validate.run_tflite(path, np.clip(x[:4] * 1.1, 0, None), runtime=runtime)
+    assert out.shape == (4, 4)
+
+
 def test_corrupted_files_raise_clearly(exported, tmp_path):
   _, x, mobile, _, _ = exported
   data = open(mobile, "rb").read()
