@@ -34,21 +34,28 @@ MODELS = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
 BITS = (2, 4, 8)
 
 
-def real_inputs(size: int, n: int):
-  """MNIST test images resized to size x size, tiled to 3 channels, in 0..255."""
+def real_inputs(size: int, n: int, train: bool = False):
+  """``(x, y, split)``: MNIST images (test, or train) resized, tiled to 3 channels, 0..255."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from keras_mpq import demo_data  # pylint: disable=g-import-not-at-top
   data = demo_data.load_default()
-  x = np.asarray(data.x_test[:n], np.float32)
+  x = np.asarray((data.x_train if train else data.x_test)[:n], np.float32)
+  y = np.asarray((data.y_train if train else data.y_test)[:n])
   if x.max() <= 1.0:
     x = x * 255.0
   x = tf.image.resize(x, (size, size)).numpy()
-  return np.repeat(x, 3, axis=-1).astype(np.float32), data.split
+  return np.repeat(x, 3, axis=-1).astype(np.float32), y, data.split
 
 
-def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
-  """Runs one architecture; returns its row (called in a child process)."""
+def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: int = 0,
+        n_train: int = 8000) -> dict:
+  """Runs one architecture; returns its row (called in a child process).
+
+  ``epochs`` > 0 first trains it that long on ``n_train`` MNIST training
+  images (Adam, batch 64), so that accuracy on the test images means
+  something; 0 leaves it untrained.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import keras  # Keras 3  # pylint: disable=g-import-not-at-top
   import keras_mpq  # pylint: disable=g-import-not-at-top
@@ -59,6 +66,15 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
                                          classes=10)
   row["build_s"] = time.perf_counter() - t0
   row["params"] = int(k3.count_params())
+  if epochs:
+    low, high = keras_mpq.resolve_input_range(k3)[:2]
+    xt, yt, _ = real_inputs(size, n_train, train=True)
+    xt = (low + xt / 255.0 * (high - low)).astype(np.float32)
+    k3.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    t0 = time.perf_counter()
+    k3.fit(xt, yt, epochs=epochs, batch_size=64, verbose=0)
+    row["train_s"] = time.perf_counter() - t0
+    row["epochs"] = epochs
   t0 = time.perf_counter()
   result = keras_mpq.quantize(k3, budget, num_samples=samples, weight_bits=BITS, seed=0,
                               progress=False)
@@ -80,7 +96,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
   row["traces"] = json.dumps(info.get("traces"))
   row["avg_bits"] = result.report["achieved"].get("avg_bits")
   row["samples"] = int(len(x))
-  xr, split = real_inputs(size, n_real)
+  xr, yr, split = real_inputs(size, n_real)
   # On the model's input scale: raw pixels where it rescales inside (MobileNetV3,
   # EfficientNet), [0, 1] where quantize assumed it (the files clip outside it).
   low, high = result.report["input_range"]["low"], result.report["input_range"]["high"]
@@ -90,6 +106,8 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
   f_out = folded.predict(xr, verbose=0)
   q_out = result.model.predict(xr, verbose=0)
   row["keras_agree"] = float(np.mean(f_out.argmax(-1) == q_out.argmax(-1)))
+  row["float_acc"] = float(np.mean(f_out.argmax(-1) == yr))
+  row["keras_acc"] = float(np.mean(q_out.argmax(-1) == yr))
   # Untrained models predict nearly one class for every input, so argmax
   # agreement says little; the correlation of all outputs says more.
   row["keras_corr"] = float(np.corrcoef(f_out.ravel(), q_out.ravel())[0, 1])
@@ -108,6 +126,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str) -> dict:
         row[f"{target}_ran"] = True
         row[f"{target}_agree"] = float(np.mean(file_out.argmax(-1) == f_out.argmax(-1)))
         row[f"{target}_corr"] = float(np.corrcoef(np.ravel(file_out), f_out.ravel())[0, 1])
+        row[f"{target}_acc"] = float(np.mean(file_out.argmax(-1) == yr))
         row[f"{target}_agree_q"] = float(np.mean(file_out.argmax(-1) == q_out.argmax(-1)))
         row[f"{target}_corr_q"] = float(np.corrcoef(np.ravel(file_out), q_out.ravel())[0, 1])
       except Exception as e:  # pylint: disable=broad-except  # reported in the table
@@ -126,6 +145,9 @@ def main():
                       help="synthetic samples (default: quantize's, fewer for large models)")
   parser.add_argument("--real", type=int, default=200, help="real MNIST inputs for agreement")
   parser.add_argument("--budget", default="4bit")
+  parser.add_argument("--epochs", type=int, default=0,
+                      help="train each model this many epochs on MNIST first (0: untrained)")
+  parser.add_argument("--train", type=int, default=8000, help="training images (with --epochs)")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--rows", nargs="*", default=None,
                       help="render the table from these logs of an earlier run (lines "
@@ -136,7 +158,8 @@ def main():
                                                     "applications.md"))
   args = parser.parse_args()
   if args.child:
-    row = one(args.child, args.size, args.samples, args.real, args.budget)
+    row = one(args.child, args.size, args.samples, args.real, args.budget, args.epochs,
+              args.train)
     print("ROW " + json.dumps(row), flush=True)
     return 0
   from keras_mpq import fileio, report  # pylint: disable=g-import-not-at-top
@@ -159,7 +182,7 @@ def main():
   for name in ([] if args.rows is not None else args.models):
     cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size),
            "--samples", str(args.samples or "auto"), "--real", str(args.real),
-           "--budget", args.budget]
+           "--budget", args.budget, "--epochs", str(args.epochs), "--train", str(args.train)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = [l[4:] for l in proc.stdout.splitlines() if l.startswith("ROW ")]
     if found:
@@ -201,12 +224,16 @@ def main():
         "mobile_agree_q": fmt(r.get("mobile_agree_q"), ".2f"),
         "mcu_agree_q": fmt(r.get("mcu_agree_q"), ".2f"),
         "mobile_corr_q": fmt(r.get("mobile_corr_q"), ".3f"),
-        "mcu_corr_q": fmt(r.get("mcu_corr_q"), ".3f")})
+        "mcu_corr_q": fmt(r.get("mcu_corr_q"), ".3f"),
+        "acc": ("-" if r.get("float_acc") is None else
+                " / ".join(fmt(r.get(k), ".3f") for k in
+                           ("float_acc", "keras_acc", "mobile_acc", "mcu_acc")))})
   errors = [f"- {r['model']} {k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")]
   command = ("`.venv/bin/python benchmarks/bench_applications.py"
              + (f" --models {' '.join(args.models)}" if list(args.models) != list(MODELS) else "")
              + f" --size {args.size}"
-             + (f" --samples {args.samples}" if args.samples else "") + f" --real {args.real}`")
+             + (f" --samples {args.samples}" if args.samples else "") + f" --real {args.real}"
+             + (f" --epochs {args.epochs} --train {args.train}" if args.epochs else "") + "`")
   text = "\n".join([
       "## Stock keras.applications models: time per stage, sizes, runtimes", "",
       f"- Command: {command}" + (" (table rendered from the run's logs with --rows)"
@@ -215,7 +242,10 @@ def main():
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
       f"{os.cpu_count()} cores, CPU only, shared"
       + ("" if args.rows is not None else f"; took {time.perf_counter() - start:.0f}s"),
-      f"- Models: plain Keras 3, `weights=None` (untrained), {args.size}x{args.size}x3 input, "
+      f"- Models: plain Keras 3, `weights=None` ("
+      + (f"then trained {args.epochs} epoch(s) on the first {args.train} MNIST training "
+         "images, Adam, batch 64; accuracy on the test images below"
+         if args.epochs else "untrained") + f"), {args.size}x{args.size}x3 input, "
       f"10 classes; `keras_mpq.quantize(model, {args.budget!r}, num_samples={args.samples})` "
       "(None: quantize's default, `default_num_samples`) "
       "(synthetic calibration data), candidate bits 2/4/8.",
@@ -243,7 +273,8 @@ def main():
                                   "mcu KB", "mcu s", "TFLM ran", "agree Keras",
                                   "agree mobile", "agree mcu", "corr Keras",
                                   "mobile = Keras q", "mcu = Keras q",
-                                  "corr mobile, Keras q", "corr mcu, Keras q"]), "```", ""]
+                                  "corr mobile, Keras q", "corr mcu, Keras q",
+                                  "accuracy float / Keras q / mobile / mcu"]), "```", ""]
       + (["Failures:", ""] + errors + [""] if errors else []))
   fileio.write_text(args.out, text)
   print(text)

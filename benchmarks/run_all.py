@@ -111,14 +111,20 @@ time); sections older than the latest changes say so in their data line.
 - **Plans (issue 14):** mixed precision was not below uniform (beyond two
   standard errors) in any of 56 cases (two copies of each MNIST CNN, synthetic
   and real data, 8 to 2 bits), and budgets of 6 bits or more stayed within
-  0.2 points of 8-bit. The paper's metric on seed 2 (40 random
-  configurations, round-to-nearest weights): Spearman 0.87 (plain) and 0.78
-  (separable) against test loss, short of the 0.9 goal and level with ZeroQ's
-  KL metric and the float-context ablation; Hessian trace ranked best on the
-  separable CNN. With the configurations measured through the GPTQ quantizer
-  (quick run: plain CNN seed 1, 30 configurations) it reaches 0.93, but every
-  metric scores 0.91-0.96 there, inside each other's intervals; the full
-  study with that quantizer has not been run. See *Sensitivity benchmark*.
+  0.2 points of 8-bit. On two trained copies of the stock MobileNetV2
+  (not designed here): 0 of 28 below uniform, 10-23 points ahead at 3 bits
+  and 51-71 at 2.5; one 6-bit case is 0.4 points below 8-bit, inside that
+  test's noise (about 1 point at 75%). The measured safeguard now lets ties
+  go to more bits (a plan within two standard errors of the lowest measured
+  loss that has at least its bits in every layer wins), so a lowest-bit plan
+  no longer wins on a rounding-level difference. With every random
+  configuration measured through the GPTQ quantizer (100 configurations, both
+  copies of both CNNs), the paper's metric ranks them with Spearman 0.91-0.99
+  against test loss on labeled synthetic data, meeting the 0.9 goal on all
+  four; but ZeroQ's KL metric and the metric measured at a 4-bit context are
+  level with it (the interaction term adds nothing measurable here), and
+  labeled, ZeroQ and real data rank alike (noise trails on the separable CNN).
+  See *Sensitivity benchmark* (GPTQ sections) and *Plans*.
 - **Deployment (issue 15):** byte budgets are the written file's size: 42 of 42
   files at or under budget (digits models, both MNIST CNNs at two seeds, a
   stock MobileNetV2; mobile and mcu); mcu files are stripped (names,

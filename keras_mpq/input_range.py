@@ -35,6 +35,15 @@ DEFAULT_INPUT_RANGE = (0.0, 1.0)
 # Normalization layers: the raw range taken as mean +- this many std.
 NORMALIZATION_STDS = 3.0
 
+def _as_tf_keras(model):
+  """A Keras 3 model rebuilt in tf_keras (`keras_mpq.model_io.load_model`), else ``model``."""
+  from keras_mpq.compat import is_keras3_model  # pylint: disable=g-import-not-at-top
+  if is_keras3_model(model):
+    from keras_mpq import model_io  # pylint: disable=g-import-not-at-top
+    return model_io.load_model(model)
+  return model
+
+
 def _check_range(value, name="input_range") -> Tuple[float, float]:
   try:
     low, high = (float(v) for v in value)
@@ -89,7 +98,7 @@ def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
   >>> infer_input_range(m)[:2]
   (0.0, 255.0)
   """
-  layer = _preprocessing_layer(model)
+  layer = _preprocessing_layer(_as_tf_keras(model))
   if isinstance(layer, keras.layers.Rescaling):
     scale = np.asarray(layer.scale, np.float64).ravel()
     offset = np.asarray(layer.offset, np.float64).ravel()

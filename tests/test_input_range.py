@@ -29,6 +29,16 @@ def test_assumed_inferred_and_given():
       -1.0, 1.0, "input_range argument", False)
 
 
+def test_a_keras3_model_is_read_too():
+  keras3 = pytest.importorskip("keras")
+  inp = keras3.Input((4, 4, 3))
+  x = keras3.layers.Rescaling(1 / 255)(inp)
+  scaled = keras3.Model(inp, keras3.layers.Dense(2)(keras3.layers.Flatten()(x)))
+  assert input_range.resolve_input_range(scaled)[:2] == (0.0, 255.0)
+  plain = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+  assert input_range.resolve_input_range(plain)[3] is True  # assumed [0, 1]
+
+
 def test_explicit_range_that_contradicts_rescaling_warns_and_wins():
   m = _model(layers.Rescaling(1 / 255))
   with pytest.warns(UserWarning, match="overrides the range read off the model"):
