@@ -235,7 +235,10 @@ def main():
              + (f" --samples {args.samples}" if args.samples else "") + f" --real {args.real}"
              + (f" --epochs {args.epochs} --train {args.train}" if args.epochs else "") + "`")
   text = "\n".join([
-      "## Stock keras.applications models: time per stage, sizes, runtimes", "",
+      "## Stock keras.applications models: time per stage, sizes, runtimes"
+      + (f" ({', '.join(args.models)}, trained {args.epochs} epoch(s))" if args.epochs else
+         f" ({', '.join(args.models)} at {args.size}x{args.size})"
+         if (list(args.models) != list(MODELS) or args.size != 32) else ""), "",
       f"- Command: {command}" + (" (table rendered from the run's logs with --rows)"
                                  if args.rows is not None else ""),
       *([f"- {args.note}"] if args.note else []),
