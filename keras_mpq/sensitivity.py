@@ -1126,10 +1126,10 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
   ties going to more bits (a candidate within two standard errors of the
   lowest loss that has at least its bits in every layer wins;
   ``selection["tie_break"]`` says so); ``plan.info["selection"]`` names the
-  winner, every candidate's measured loss and the margins. When every cleaned score is zero (no layer measured
-  worse than its highest bits beyond the noise) the scores carry no
-  information: the best measured uniform plan that fits is returned, with a
-  note (also without the safeguard).
+  winner, every candidate's measured loss and the margins. When every
+  cleaned score is zero (no layer measured worse than its highest bits beyond
+  the noise) the scores carry no information: the best measured uniform plan
+  that fits is returned, with a note (also without the safeguard).
 
   Args:
     model: float tf_keras classifier (BatchNorm folded here).
@@ -1229,7 +1229,6 @@ def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[in
       evaluator.set_context(weight_bits_, True)
       measured_cache[key] = evaluator.sample_objective(objective)
     return measured_cache[key]
-
 
   def table_at(context_k, k: int) -> SensitivityTable:
     if k == 0 and table is not None:
