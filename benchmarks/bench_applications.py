@@ -34,8 +34,12 @@ MODELS = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
 BITS = (2, 4, 8)
 
 
-def real_inputs(size: int, n: int, train: bool = False):
-  """``(x, y, split)``: MNIST images (test, or train) resized, tiled to 3 channels, 0..255."""
+def real_inputs(size: int, n: int, value_range=(0.0, 255.0), train: bool = False):
+  """``(x, y, split)``: MNIST images (test, or train) resized, tiled to 3 channels.
+
+  Pixels 0..255 are mapped linearly onto ``value_range``, the model's input
+  scale (the files clip inputs outside the range they were quantized for).
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from keras_mpq import demo_data  # pylint: disable=g-import-not-at-top
@@ -45,6 +49,8 @@ def real_inputs(size: int, n: int, train: bool = False):
   if x.max() <= 1.0:
     x = x * 255.0
   x = tf.image.resize(x, (size, size)).numpy()
+  low, high = value_range
+  x = low + x / 255.0 * (high - low)
   return np.repeat(x, 3, axis=-1).astype(np.float32), y, data.split
 
 
@@ -67,9 +73,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
   row["build_s"] = time.perf_counter() - t0
   row["params"] = int(k3.count_params())
   if epochs:
-    low, high = keras_mpq.resolve_input_range(k3)[:2]
-    xt, yt, _ = real_inputs(size, n_train, train=True)
-    xt = (low + xt / 255.0 * (high - low)).astype(np.float32)
+    xt, yt, _ = real_inputs(size, n_train, keras_mpq.resolve_input_range(k3)[:2], train=True)
     k3.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     t0 = time.perf_counter()
     k3.fit(xt, yt, epochs=epochs, batch_size=64, verbose=0)
@@ -96,11 +100,10 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
   row["traces"] = json.dumps(info.get("traces"))
   row["avg_bits"] = result.report["achieved"].get("avg_bits")
   row["samples"] = int(len(x))
-  xr, yr, split = real_inputs(size, n_real)
   # On the model's input scale: raw pixels where it rescales inside (MobileNetV3,
-  # EfficientNet), [0, 1] where quantize assumed it (the files clip outside it).
+  # EfficientNet), [0, 1] where quantize assumed it.
   low, high = result.report["input_range"]["low"], result.report["input_range"]["high"]
-  xr = (low + xr / 255.0 * (high - low)).astype(np.float32)
+  xr, yr, split = real_inputs(size, n_real, (low, high))
   row["input_range"] = [low, high]
   row["split"] = split
   f_out = folded.predict(xr, verbose=0)

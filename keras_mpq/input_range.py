@@ -35,6 +35,7 @@ DEFAULT_INPUT_RANGE = (0.0, 1.0)
 # Normalization layers: the raw range taken as mean +- this many std.
 NORMALIZATION_STDS = 3.0
 
+
 def _as_tf_keras(model):
   """A Keras 3 model rebuilt in tf_keras (`keras_mpq.model_io.load_model`), else ``model``."""
   from keras_mpq.compat import is_keras3_model  # pylint: disable=g-import-not-at-top

@@ -194,12 +194,10 @@ def summary_table(report: Mapping[str, Any]) -> str:
     tie = sel.get("tie_break")
     if sel["winner"] == "allocated":
       verdict = "allocated kept"
-    elif tie:
-      verdict = f"{sel['winner']} returned"
     else:
-      verdict = (f"{sel['winner']} returned"
-                 + (f", {_fmt(sel['gain_over_allocated'])} below the allocated plan"
-                    if sel.get("gain_over_allocated") is not None else ""))
+      verdict = f"{sel['winner']} returned"
+      if not tie and sel.get("gain_over_allocated") is not None:  # a tie is not "below"
+        verdict += f", {_fmt(sel['gain_over_allocated'])} below the allocated plan"
     if tie:
       verdict += (f" (ties go to more bits: within {tie['noise_z']:g} standard errors of "
                   f"{tie['lowest_loss']}, {_fmt(tie['loss_above_lowest'])} above it)")

@@ -78,7 +78,7 @@ def _quantize_input(x, detail):
   return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
 
-def check_input_scale(x, detail) -> None:
+def _check_input_scale(x, detail) -> None:
   """Raises when float inputs ``x`` lie far outside what an integer input can hold.
 
   An int8 input with scale ``s`` and zero point ``z`` holds
@@ -87,8 +87,8 @@ def check_input_scale(x, detail) -> None:
   near-constant outputs. Float inputs are not checked.
 
   >>> detail = {"dtype": np.int8, "quantization": (1 / 255, -128)}
-  >>> check_input_scale(np.array([[0.0, 0.5, 1.0]]), detail)  # inside [0, 1]
-  >>> check_input_scale(np.array([[0.0, 255.0]]), detail)  # doctest: +ELLIPSIS
+  >>> _check_input_scale(np.array([[0.0, 0.5, 1.0]]), detail)  # inside [0, 1]
+  >>> _check_input_scale(np.array([[0.0, 255.0]]), detail)  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
   keras_mpq.types.InvalidInputError: Expected inputs inside the file's input range [0, 1]...
@@ -221,7 +221,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
         f"{name} could not load this .tflite file: "
         f"{str(e).strip().splitlines()[0][:200]}.{hint}") from None
   x = _check_x(x, inp["shape"], "TFLite")
-  check_input_scale(x, inp)
+  _check_input_scale(x, inp)
   fixed = int(inp["shape"][0])
   dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
   step = min(batch_size, len(x)) if dynamic else fixed
@@ -398,7 +398,7 @@ def _run_tflm(data: bytes, x):
         f"Expected a batch-1 model for TFLite Micro. Received: input shape "
         f"{list(inp['shape'])}; export with target='mcu'.")
   x = _check_x(x, inp["shape"], "TFLite Micro")
-  check_input_scale(x, inp)
+  _check_input_scale(x, inp)
   outputs = []
   for i in range(len(x)):
     try:
