@@ -79,8 +79,9 @@ def recalibrate_batchnorm(model, x):
   keras.applications' BatchNorm momentum is 0.999, so after a brief training its
   moving statistics still sit near their initial values and the model predicts
   at chance in inference mode (8.5% on the MNIST split; 76% in training mode).
+  Works on tf_keras and plain Keras 3 models alike.
   """
-  bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]  # Keras 3 too
   saved = [l.momentum for l in bns]
   for l in bns:
     l.momentum = 0.0

@@ -8,6 +8,8 @@ quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
 * ``+clip``: per-channel clipping search (`weight_quant.clip_search`);
 * ``+bias``: clipping plus empirical bias correction;
 * ``+gptq``: clipping, GPTQ rounding and bias correction;
+* ``+adaround``: clipping, GPTQ, then AdaRound from GPTQ's integers, and bias
+  correction;
 * ``gptq-nobias``: clipping and GPTQ rounding without bias correction;
 * ``damped``: GPTQ on a strongly damped Hessian, no bias correction (the
   data-free default of `keras_mpq.quantize`, `apply.DATA_FREE_WEIGHT_METHOD`).
@@ -49,7 +51,8 @@ from keras_mpq import apply, fileio, report  # pylint: disable=wrong-import-posi
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
 STEPS = (("rtn", "rtn", False), ("+clip", "mse", False), ("+bias", "mse", True),
-         ("+gptq", "gptq", True), ("gptq-nobias", "gptq", False),
+         ("+gptq", "gptq", True), ("+adaround", "adaround", True),
+         ("gptq-nobias", "gptq", False),
          ("damped", "gptq-damped", False), ("damped+bias", "gptq-damped", True))
 CANDIDATES = (2, 3, 4, 8)
 
@@ -152,7 +155,7 @@ def run_mct(name, seed, source, mixed, log):
   t = time.perf_counter()
   found, meta = peer_mct.run_peer(model, x, data.x_test, data.y_test, list(mixed),
                                   OUT / f"mct-{name}-s{seed}-{source}", kind="avg_bits",
-                                  seed=0, return_meta=True)
+                                  seed=0, return_meta=True, export=True)
   took = time.perf_counter() - t
   rows = []
   for avg, r in zip(mixed, found):
@@ -162,6 +165,15 @@ def run_mct(name, seed, source, mixed, log):
            "seconds": r.get("seconds") or took / len(found), "x_rtn": None,
            "plan": "".join(str(b) for b in (r.get("bits") or {}).values()),
            "mct_avg_bits": r.get("avg_bits"), "error": r.get("error")}
+    if r.get("tflite_path"):  # MCT's own INT8 file, run in LiteRT on the same test images
+      try:
+        row["litert"] = float(keras_mpq.validate_tflite(r["tflite_path"], data.x_test,
+                                                        data.y_test).accuracy)
+        row["mct_tflite_kb"] = r.get("tflite_bytes", 0) / 1024
+      except Exception as e:  # pylint: disable=broad-except  # reported in the row
+        row["litert_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    elif r.get("tflite_error"):
+      row["litert_error"] = r["tflite_error"]
     rows.append(row)
     log(json.dumps(row))
   return rows
@@ -182,11 +194,12 @@ def _fmt(rows):
   return out
 
 
-def side_by_side(rows, ours="+gptq"):
+def side_by_side(rows, ours="+adaround"):
   """keras_mpq (step ``ours``, LiteRT) beside MCT (its Keras model) per mixed budget.
 
-  One line per (model, seed, data); a cell is ``ours / MCT`` in percent, or
-  ``-`` where one of the two has no row. Returns '' when there are no MCT rows.
+  One line per (model, seed, data); a cell is ``ours / MCT / MCT file`` in
+  percent (MCT's fake-quant Keras model, then its own INT8 .tflite in LiteRT),
+  ``-`` where a row or value is missing. Returns '' when there are no MCT rows.
   """
   mct = {(r["model"], r["seed"], r["data"], r["budget"]): r for r in rows
          if r["step"].startswith("MCT") and r.get("keras") is not None}
@@ -205,12 +218,14 @@ def side_by_side(rows, ours="+gptq"):
       peer = mct.get(g + (b,))
       ours_v = None if ours_row is None else ours_row.get("litert", ours_row.get("keras"))
       cells = ["-" if v is None else f"{100 * v:.1f}"
-               for v in (ours_v, None if peer is None else peer["keras"])]
+               for v in (ours_v, None if peer is None else peer["keras"],
+                         None if peer is None else peer.get("litert"))]
       line[b] = " / ".join(cells)
     out.append(line)
   return report.format_table(out, ["model", "data", "float"] + budgets,
                              ["model", "data", "float %"] +
-                             [f"{b.split()[1]} bits: ours / MCT %" for b in budgets])
+                             [f"{b.split()[1]} bits: ours / MCT / MCT file %"
+                              for b in budgets])
 
 
 def main():
@@ -269,7 +284,7 @@ def main():
       ["model", "data", "budget", "weights", "float %", "Keras %", "LiteRT %",
        "drop (pts)", "time (s)", "x rtn time", "plan"])
   text = "\n".join([
-      "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ", "",
+      "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ, AdaRound", "",
       f"- Command: `{cmd.strip()}`",
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
       f"{os.cpu_count()} cores shared with other jobs, CPU only"
@@ -290,11 +305,14 @@ def main():
     text += "\n".join([
         "", "### Beside Sony MCT at the same average bits", "",
         "- keras_mpq: `quantize` at `Budget.avg_bits`, candidates {2,3,4,8}, its default "
-        "weight quantizer (GPTQ + bias correction), accuracy of the exported file in LiteRT.",
+        "weight quantizer (AdaRound on GPTQ at 2-3 bits, GPTQ above, bias correction), "
+        "accuracy of the exported file in LiteRT.",
         "- MCT 2.6.1 (TensorFlow 2.15, `benchmarks/peer_mct.py`): its default PTQ and mixed "
         "precision at the same average kernel bits, on the same model and the same 256 "
         "calibration images (real, or keras_mpq's synthetic ones: MCT has no data-free "
-        "mode); accuracy of its fake-quant Keras model on the same test images.", "",
+        "mode); accuracy of its fake-quant Keras model on the same test images, and of "
+        "its own INT8 .tflite (MCT's exporter) run in LiteRT ('MCT file'; '-': not "
+        "measured in that run).", "",
         "```", peer, "```", ""])
   fileio.write_text(args.out, text)
   print(text)

@@ -161,7 +161,7 @@ def _save_inputs(model, x_calib, x_test, y_test, workdir: pathlib.Path):
 def run_peer(model, x_calib, x_test, y_test, budgets: Sequence[Any], workdir,
              kind: str = "avg_bits", timeout_s: float = 1800, seed: int = 0,
              mp_images: int = 32, batch_size: int = 32,
-             return_meta: bool = False):
+             return_meta: bool = False, export: bool = False):
   """Runs MCT mixed-precision PTQ on ``model`` once per budget.
 
   Args:
@@ -179,6 +179,8 @@ def run_peer(model, x_calib, x_test, y_test, budgets: Sequence[Any], workdir,
     mp_images: MixedPrecisionQuantizationConfig.num_of_images.
     batch_size: calibration batch size.
     return_meta: also return the whole results dict (float accuracy, versions).
+    export: also write MCT's INT8 .tflite of each budget into ``workdir`` (MCT's
+      exporter); each row then has ``tflite_path`` (or ``tflite_error``).
 
   Returns:
     One dict per budget: ``budget_kind``, ``budget_value``,
@@ -212,6 +214,8 @@ def run_peer(model, x_calib, x_test, y_test, budgets: Sequence[Any], workdir,
   cmd = [str(python), str(RUN_SCRIPT), "--model", str(model_path), "--data", str(data_path),
          flag, *[repr(float(v)) for v in values], "--out", str(out_path),
          "--seed", str(seed), "--mp-images", str(mp_images), "--batch-size", str(batch_size)]
+  if export:
+    cmd += ["--export-dir", str(workdir.resolve())]
   try:
     proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True,
                           timeout=timeout_s, check=False)

@@ -295,8 +295,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
       (the summary and ``report["input_range"]`` say so). Synthetic data stays
       inside it; real ``data`` outside it is an error naming both ranges.
     weight_method: how each layer's weights are quantized, in the sensitivity
-      table and in the returned model alike: 'rtn', 'mse', 'gptq' or
-      'gptq-damped' (default with ``data``:
+      table and in the returned model alike: 'rtn', 'mse', 'gptq',
+      'gptq-damped' or 'adaround' (default with ``data``:
       `keras_mpq.apply.DEFAULT_WEIGHT_METHOD`; data-free:
       `keras_mpq.apply.DATA_FREE_WEIGHT_METHOD`; see `keras_mpq.weight_quant`).
     bias_correction: empirical bias correction on the calibration data

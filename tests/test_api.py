@@ -192,7 +192,7 @@ def test_report_says_which_plan_won(datafree_result):
   assert datafree_result.plan.info["selection"]["winner"] == sel["winner"]
   assert report["settings"]["bits"] == (2, 3, 4, 8)  # the default for a 4-bit budget
   # Data-free: the data-free weight quantizer (GPTQ and bias correction, as with data).
-  assert report["settings"]["weight_method"] == apply.DATA_FREE_WEIGHT_METHOD == "gptq"
+  assert report["settings"]["weight_method"] == apply.DATA_FREE_WEIGHT_METHOD == "adaround"
   assert report["settings"]["bias_correction"] is apply.DATA_FREE_BIAS_CORRECTION is True
   json.dumps(report)
   assert "plan check (kl on " in report_lib.summary_table(report)

@@ -249,6 +249,25 @@ def test_activation_quantization_changes_output_and_calibration_covers_data():
   assert _rel_err(quantized, float_out) < 0.1  # w8a8 stays close to float
 
 
+def test_calibrating_a_model_again_reuses_its_traced_probe():
+  """The sensitivity search calibrates one model per measured plan: one trace serves all."""
+  import gc  # pylint: disable=g-import-not-at-top
+  model = _functional_cnn()
+  x = _inputs(model, n=32)
+  qmodel = apply.apply_plan(model, QuantizationPlan.uniform(apply.plan_layers(model), 8), x)
+  first = apply.calibrate(qmodel, x, batch_size=16)
+  (probe,) = apply._RANGE_PROBES[qmodel].values()
+  traces = probe.experimental_get_tracing_count()
+  assert apply.calibrate(qmodel, x, batch_size=16) == first
+  assert list(apply._RANGE_PROBES[qmodel].values()) == [probe]
+  assert probe.experimental_get_tracing_count() == traces
+  # The cache does not keep the model alive.
+  n = len(apply._RANGE_PROBES)
+  del qmodel, probe
+  gc.collect()
+  assert len(apply._RANGE_PROBES) == n - 1
+
+
 def test_plan_check_errors():
   model = _functional_cnn()
   good = {"c1": 8, "c2": 4, "fc": 8}
@@ -484,6 +503,25 @@ def test_data_free_4bit_weights_stay_close_to_float(trained_separable, small_dat
   assert accs["default"] >= accs["rtn"], (float_acc, accs)
 
 
+def test_adaround_at_2_bits_keeps_what_gptq_keeps_and_more(trained_cnn, small_data):
+  """Seeded, loose: uniform 2-bit weights, 256 real images. AdaRound (the default at 2-3
+  bits) ends at least level with GPTQ and far above round to nearest; every layer
+  reports which rounding it kept."""
+  x_cal, _, x_test, y_test = small_data
+  folded = apply.fold_batchnorm(trained_cnn)
+  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 2)
+  accs, rows = {}, {}
+  for method, bc in (("rtn", False), ("gptq", True), ("adaround", True)):
+    q = apply.apply_plan(folded, plan, x_cal[:256], fold_bn=False, weight_method=method,
+                         bias_correction=bc)
+    accs[method], rows[method] = _accuracy(q, x_test, y_test), apply.weight_report(q)
+  assert accs["adaround"] >= accs["gptq"] - 0.02, accs
+  assert accs["adaround"] >= accs["rtn"] + 0.05, accs
+  assert any(r["method"] == "adaround" for r in rows["adaround"]), rows["adaround"]
+  assert all(r["error"] <= r["rtn_error"] * (1 + 1e-9) for r in rows["adaround"])
+  assert apply.DEFAULT_WEIGHT_METHOD == "adaround"
+
+
 def test_bake_writes_the_optimized_integers():
   model = _randomize_batchnorm(CASES["depthwise_separable"][0]())
   x = _inputs(model, n=32)
@@ -529,7 +567,7 @@ def test_weight_method_errors():
   x = _inputs(model, n=4)
   plan = QuantizationPlan.uniform(apply.plan_layers(model), 4)
   with pytest.raises(InvalidInputError, match="weight_method"):
-    apply.apply_plan(model, plan, x, weight_method="adaround")
+    apply.apply_plan(model, plan, x, weight_method="brecq")
   with pytest.raises(InvalidInputError, match="bias_correction"):
     apply.apply_plan(model, plan, x, bias_correction="yes")
 

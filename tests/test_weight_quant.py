@@ -198,7 +198,7 @@ def test_never_worse_than_rtn_per_channel():
 
 def test_bad_arguments():
   with pytest.raises(InvalidInputError, match="method"):
-    wq.quantize_kernel(np.ones((2, 2)), 4, (0,), "adaround")
+    wq.quantize_kernel(np.ones((2, 2)), 4, (0,), "brecq")
   with pytest.raises(InvalidInputError, match="group"):
     wq.quantize_kernel(np.ones((4, 2)), 4, (0,), "gptq", wq.InputStats.empty("matrix", 1, 3))
   with pytest.raises(InvalidInputError):
@@ -230,6 +230,61 @@ def test_gptq_factorization_is_reused_across_bits():
   assert not stats.factorizations
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_adaround_lowers_output_error_below_gptq(bits):
+  """Seeded: AdaRound from GPTQ's integers cuts the output error further at 2 and 3 bits."""
+  w, x, stats = _dense_case()
+  gptq = wq.quantize_kernel(w, bits, (0,), "gptq", stats)
+  ada = wq.quantize_kernel(w, bits, (0,), "adaround", stats)
+  assert ada.method == "adaround" and ada.channels["adaround"] > w.shape[1] // 2
+  e_gptq, e_ada = (_out_mse(x, w, r.values) for r in (gptq, ada))
+  assert e_ada < 0.95 * e_gptq, (e_ada, e_gptq)
+  assert ada.error <= ada.rtn_error
+  assert np.abs(ada.integers).max() <= 2 ** (bits - 1) - 1
+
+
+def test_adaround_with_fewer_rows_than_inputs_uses_the_rows():
+  """A rank-deficient Hessian (the rows kept as its factor) works too, and matches the full form."""
+  w, x, _ = _dense_case(d=48, n=6)
+  few = wq.InputStats.empty("matrix", 1, w.shape[0])
+  few.update(x[:30, None, :])
+  assert few.factor() is not None
+  r = wq.quantize_kernel(w, 2, (0,), "adaround", few)
+  assert r.error <= r.rtn_error and np.all(np.isfinite(r.values))
+  w3 = w[None].astype(np.float64)
+  scales = np.max(np.abs(w3), axis=1)
+  init = np.clip(np.round(w3 / scales[:, None, :]), -1, 1)
+  by_rows = wq.adaround(w3, scales, 2, wq._Factor(few.factor()), init, steps=50)
+  by_matrix = wq.adaround(w3, scales, 2, few.hessian, init, steps=50)
+  assert np.mean(by_rows == by_matrix) > 0.95
+
+
+def test_adaround_over_the_cost_cap_keeps_gptq_and_says_so(monkeypatch):
+  w, _, stats = _dense_case()
+  monkeypatch.setattr(wq, "ADAROUND_MAX_FLOPS", 1.0)
+  r = wq.quantize_kernel(w, 2, (0,), "adaround", stats)
+  assert "adaround" not in r.channels and r.method == "gptq"
+  assert any("adaround skipped" in n for n in r.notes)
+
+
+def test_refit_scales_is_never_worse_for_the_same_integers():
+  rng = np.random.default_rng(3)
+  for trial in range(20):
+    w3 = rng.standard_normal((1, 12, 5))
+    h = rng.standard_normal((40, 12))
+    h = (h.T @ h / 40)[None]
+    scales = rng.uniform(0.2, 2.0, (1, 5))
+    ints = np.clip(np.round(w3 / scales[:, None, :]), -3, 3)
+    new = wq.refit_scales(w3, ints, scales, h)
+    before = wq._channel_error(ints * scales[:, None, :] - w3, h)
+    after = wq._channel_error(ints * new[:, None, :] - w3, h)
+    assert np.all(after <= before * (1 + 1e-12) + 1e-15), trial
+    assert np.all(new > 0)
+  # All-zero integers: nothing to fit, the scales stay.
+  zero = wq.refit_scales(w3, np.zeros_like(w3), scales, h)
+  np.testing.assert_array_equal(zero, scales)
+
+
 def test_gptq_damped_lies_between_clipping_and_gptq():
   w, x, stats = _dense_case()
   mse = wq.quantize_kernel(w, 3, (0,), "mse", stats)
@@ -251,4 +306,4 @@ def test_data_free_defaults():
       apply.DATA_FREE_WEIGHT_METHOD, apply.DATA_FREE_BIAS_CORRECTION)
   assert apply.check_weight_method("mse", True, data_free=True) == ("mse", True)
   with pytest.raises(InvalidInputError, match="weight_method"):
-    apply.check_weight_method("adaround", None, data_free=True)
+    apply.check_weight_method("brecq", None, data_free=True)

@@ -58,6 +58,8 @@ def _parse_args(argv):
                  help="images MCT uses for its mixed-precision sensitivity "
                       "(MixedPrecisionQuantizationConfig.num_of_images; default 32)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--export-dir", default=None,
+                 help="also write MCT's INT8 .tflite of each budget here")
   return p.parse_args(argv)
 
 
@@ -204,7 +206,20 @@ def run_budget(mct, model, x_calib, x_test, y_test, weights_bytes, args, names=(
   seconds = time.perf_counter() - start
   final_ru = getattr(info, "final_resource_utilization", None)
   achieved = None if final_ru is None else float(final_ru.weights_memory)
+  tflite = {}
+  if args.export_dir:
+    # MCT's own integer file (its INT8 TFLite exporter), for the caller to run in LiteRT.
+    path = os.path.join(args.export_dir, f"mct_{weights_bytes:.0f}B.tflite")
+    try:
+      mct.exporter.keras_export_model(
+          model=q_model, save_model_path=path,
+          serialization_format=mct.exporter.KerasExportSerializationFormat.TFLITE,
+          quantization_format=mct.exporter.QuantizationFormat.INT8)
+      tflite = {"tflite_path": path, "tflite_bytes": os.path.getsize(path)}
+    except Exception as e:  # pylint: disable=broad-except  # reported, the run goes on
+      tflite = {"tflite_error": f"{type(e).__name__}: {str(e)[:300]}"}
   return {
+      **tflite,
       "target_weights_bytes": float(weights_bytes),
       "achieved_weights_bytes": achieved,
       "accuracy": accuracy(q_model, x_test, y_test),
