@@ -198,8 +198,9 @@ def side_by_side(rows, ours="+adaround"):
   """keras_mpq (step ``ours``, LiteRT) beside MCT (its Keras model) per mixed budget.
 
   One line per (model, seed, data); a cell is ``ours / MCT / MCT file`` in
-  percent (MCT's fake-quant Keras model, then its own INT8 .tflite in LiteRT),
-  ``-`` where a row or value is missing. Returns '' when there are no MCT rows.
+  percent (MCT's fake-quant Keras model, then its own INT8 .tflite in LiteRT,
+  ``fails`` where LiteRT refused it), ``-`` where a row or value is missing.
+  Returns '' when there are no MCT rows.
   """
   mct = {(r["model"], r["seed"], r["data"], r["budget"]): r for r in rows
          if r["step"].startswith("MCT") and r.get("keras") is not None}
@@ -220,6 +221,8 @@ def side_by_side(rows, ours="+adaround"):
       cells = ["-" if v is None else f"{100 * v:.1f}"
                for v in (ours_v, None if peer is None else peer["keras"],
                          None if peer is None else peer.get("litert"))]
+      if peer is not None and peer.get("litert_error"):
+        cells[2] = "fails"  # MCT's file did not load or run in LiteRT
       line[b] = " / ".join(cells)
     out.append(line)
   return report.format_table(out, ["model", "data", "float"] + budgets,
@@ -311,8 +314,9 @@ def main():
         "precision at the same average kernel bits, on the same model and the same 256 "
         "calibration images (real, or keras_mpq's synthetic ones: MCT has no data-free "
         "mode); accuracy of its fake-quant Keras model on the same test images, and of "
-        "its own INT8 .tflite (MCT's exporter) run in LiteRT ('MCT file'; '-': not "
-        "measured in that run).", "",
+        "its own INT8 .tflite (MCT's exporter) run in LiteRT ('MCT file'; 'fails': "
+        "LiteRT refused to load it, e.g. `conv.cc:390 affine_quantization->zero_point "
+        "!= 0` where MCT gave a layer 2 bits; '-': not measured).", "",
         "```", peer, "```", ""])
   fileio.write_text(args.out, text)
   print(text)
