@@ -157,26 +157,29 @@ def test_all_zero_kernel():
   assert np.all(r.values == 0) and np.all(r.integers == 0) and r.error == 0
 
 
-def test_nan_kernel_does_not_crash_and_says_so():
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_nan_kernel_does_not_crash_and_says_so(method):
   w, _, stats = _dense_case(n=3)
   w[2, 1] = np.nan
-  r = wq.quantize_kernel(w, 4, (0,), "gptq", stats)
+  r = wq.quantize_kernel(w, 3, (0,), method, stats)
   assert r.method == "rtn" and any("non-finite kernel" in n for n in r.notes)
 
 
-def test_nan_inputs_fall_back_to_weight_error():
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_nan_inputs_fall_back_to_weight_error(method):
   w, _, stats = _dense_case(n=3)
   stats.hessian_sum[0, 0, 0] = np.nan
-  r = wq.quantize_kernel(w, 3, (0,), "gptq", stats)
+  r = wq.quantize_kernel(w, 3, (0,), method, stats)
   assert r.measure == "weight" and r.method == "mse" and r.notes
 
 
-def test_too_few_samples_for_the_hessian():
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_too_few_samples_for_the_hessian(method):
   """5 input rows for 48 inputs: damped, reported, never worse than RTN on its measure."""
   w, x, _ = _dense_case()
   stats = wq.InputStats.empty("matrix", 1, w.shape[0])
   stats.update(x[:5, None, :])
-  r = wq.quantize_kernel(w, 3, (0,), "gptq", stats)
+  r = wq.quantize_kernel(w, 3, (0,), method, stats)
   assert any("damped" in n for n in r.notes)
   assert r.error <= r.rtn_error
   assert np.all(np.isfinite(r.values))
@@ -188,11 +191,12 @@ def test_no_rows_means_weight_error():
   assert r.measure == "weight" and r.notes
 
 
-def test_never_worse_than_rtn_per_channel():
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_never_worse_than_rtn_per_channel(method):
   for seed in range(5):
     w, _, stats = _dense_case(seed=seed, d=16, n=6, rows=20)
     for bits in (2, 3, 4):
-      r = wq.quantize_kernel(w, bits, (0,), "gptq", stats)
+      r = wq.quantize_kernel(w, bits, (0,), method, stats)
       assert r.error <= r.rtn_error * (1 + 1e-9)
 
 
