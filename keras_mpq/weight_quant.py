@@ -282,10 +282,10 @@ def _channel_error(dw: np.ndarray, hessian) -> np.ndarray:
   """Per channel ``(G, n)``: ``sum dw^2``, or ``dw^T H dw`` (``H`` an array or a `_Factor`)."""
   if hessian is None:
     return np.sum(dw * dw, axis=1)
-  if isinstance(hessian, _Factor):
+  if isinstance(hessian, _Factor):  # ||F dw||^2: cheaper than dw^T F^T F dw
     fd = _bmm(hessian.f.astype(dw.dtype, copy=False), dw)
     return np.sum(fd * fd, axis=1)
-  return np.sum(dw * _bmm(hessian, dw), axis=1)
+  return np.sum(dw * _metric_times(hessian, dw), axis=1)
 
 
 def _maxabs_scales(w3: np.ndarray, qmax: float) -> np.ndarray:
@@ -448,6 +448,14 @@ def refit_scales(w3: np.ndarray, ints: np.ndarray, scales: np.ndarray, metric=No
   return np.where(ok, np.maximum(num / np.where(ok, den, 1.0), _TINY), scales)
 
 
+def _rectified_sigmoid(v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """AdaRound's ``h(v) = clip(1.2 sigmoid(v) - 0.1, 0, 1)`` and its derivative."""
+  sig = 1.0 / (1.0 + np.exp(-v))
+  raw = sig * 1.2 - 0.1
+  dh = np.where((raw > 0) & (raw < 1), 1.2 * sig * (1 - sig), 0.0).astype(v.dtype)
+  return np.clip(raw, 0.0, 1.0), dh
+
+
 def adaround(w3: np.ndarray, scales: np.ndarray, bits: int, metric, init: np.ndarray,
              steps: int = ADAROUND_STEPS, lam: float = ADAROUND_LAMBDA, damp: float = GPTQ_DAMP,
              seed_scale: float = 0.95) -> np.ndarray:
@@ -488,7 +496,7 @@ def adaround(w3: np.ndarray, scales: np.ndarray, bits: int, metric, init: np.nda
   # 3-10x slower per step, waiting on each other).
   with threadpoolctl.threadpool_limits(1, user_api="blas"):
     _adaround_steps(v, w, s, low, span, free, h_dw, norm, steps, lam)
-  h = np.clip(1.2 / (1.0 + np.exp(-v)) - 0.1, 0.0, 1.0)
+  h, _ = _rectified_sigmoid(v)
   return (low + span * (h >= 0.5)).astype(np.float64)
 
 
@@ -498,10 +506,7 @@ def _adaround_steps(v, w, s, low, span, free, h_dw, norm, steps, lam) -> None:
   m2 = np.zeros_like(v)
   lr, b1, b2 = 0.01, 0.9, 0.999
   for t in range(1, int(steps) + 1):
-    sig = 1.0 / (1.0 + np.exp(-v))
-    raw = sig * 1.2 - 0.1
-    h = np.clip(raw, 0.0, 1.0)
-    dh = np.where((raw > 0) & (raw < 1), 1.2 * sig * (1 - sig), 0.0).astype(np.float32)
+    h, dh = _rectified_sigmoid(v)
     dw = s * (low + span * h) - w
     grad = (2.0 / norm) * h_dw(dw) * s * span * dh
     frac = t / steps
