@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -46,7 +47,7 @@ import numpy as np
 
 import bench_models  # pylint: disable=wrong-import-position
 import keras_mpq  # pylint: disable=wrong-import-position
-from keras_mpq import apply, fileio, report  # pylint: disable=wrong-import-position
+from keras_mpq import apply, fileio, report, synthesis, synthesis_losses  # pylint: disable=wrong-import-position
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
@@ -68,7 +69,9 @@ def _litert(baked, plan, calib, data, path) -> float:
 
 def _synthetic(model, name, seed, n=256):
   """Labeled synthetic calibration data (the library's default generator), cached."""
-  path = OUT / f"synthetic-{name}-seed{seed}-{n}.npz"
+  # Keyed on the generator's source too: a change to synthesis makes new data.
+  source = b"".join(pathlib.Path(m.__file__).read_bytes() for m in (synthesis, synthesis_losses))
+  path = OUT / f"synthetic-{name}-seed{seed}-{n}-{hashlib.sha1(source).hexdigest()[:8]}.npz"
   if path.exists():
     z = np.load(path)
     return z["x"], z["y"], None

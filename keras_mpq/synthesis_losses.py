@@ -4,6 +4,8 @@
 * `BatchNormStatistics`: the BatchNorm-statistics term (DeepInversion/ZeroQ),
   read off the model's BN layers before folding;
 * `Augment`: DeepInversion-style random jitter and flips, in the graph;
+* `Blur`: a fixed Gaussian blur of the optimized inputs (the sample is the
+  blurred ``u``), so no detail finer than it can be made;
 * `BatchOptimizer`: Adam on one fixed-shape batch in the [-1, 1] space, with
   optional per-sample stopping, compiled once for every batch;
 * `initial_u`: the Gaussian start.
@@ -145,6 +147,52 @@ def initial_u(rng, shape):
 def augment_seed(rng) -> int:
   """A seed for the in-graph augmentation, drawn from the run's generator."""
   return int(rng.integers(0, 2 ** 31 - 1))
+
+
+class Blur:
+  """A fixed, separable Gaussian blur along the spatial axes (edges mirrored).
+
+  The labeled generator optimizes ``u`` but feeds (and returns) ``Blur(u)``:
+  gradients cannot build detail finer than ``sigma`` positions, the
+  high-frequency texture that a classifier's gradient otherwise paints all
+  over the frame and that real inputs lack. A weighted mean of values in
+  [-1, 1], so the result stays in range. ``sigma=0`` is the identity.
+
+  >>> import numpy as np
+  >>> blur = Blur((1, 2), 0.5)
+  >>> out = blur(np.eye(5, dtype=np.float32)[None, :, :, None]).numpy()
+  >>> out.shape, bool(np.allclose(out.sum(), 5.0, atol=1e-5))
+  ((1, 5, 5, 1), True)
+  """
+
+  def __init__(self, spatial_axes, sigma: float):
+    self.axes = tuple(spatial_axes)
+    self.sigma = float(sigma)
+    radius = int(np.ceil(2.0 * self.sigma)) if self.sigma > 0 else 0
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets / self.sigma) ** 2) if radius else np.ones(1)
+    self.taps = (taps / taps.sum()).astype(np.float32)
+    self.radius = radius
+
+  def __call__(self, u):
+    u = tf.convert_to_tensor(u, tf.float32)
+    if not self.radius:
+      return u
+    rank = len(u.shape)
+    for axis in self.axes:
+      n = u.shape[axis]
+      r = min(self.radius, n - 1)
+      if r < 1:
+        continue
+      taps = self.taps[self.radius - r:self.radius + r + 1]
+      taps = taps / taps.sum()
+      pad = [[0, 0]] * rank
+      pad[axis] = [r, r]
+      padded = tf.pad(u, pad, mode="SYMMETRIC")
+      head = (slice(None),) * axis
+      u = tf.add_n([float(w) * padded[head + (slice(j, j + n),)]
+                    for j, w in enumerate(taps)])
+    return u
 
 
 class Augment:

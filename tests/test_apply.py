@@ -524,6 +524,24 @@ def test_adaround_at_2_bits_keeps_what_gptq_keeps_and_more(trained_cnn, small_da
   assert apply.DEFAULT_WEIGHT_METHOD == "adaround"
 
 
+def test_data_free_2bit_weights_stay_close_to_float(trained_cnn, small_data):
+  """Regression test of issue 13's data-free 2-bit goal (plain CNN, loose margin).
+
+  Synthetic calibration data only (the default generator, through its blur),
+  uniform 2-bit weights with the data-free default quantizer. The benchmark's
+  goal is 1.5 points on 2,000 images (two trained copies, LiteRT; BENCHMARKS.md,
+  *Weight quantizer*); 0.03 here is 15 of 500 images.
+  """
+  from keras_mpq import synthesis
+  _, _, x_test, y_test = small_data
+  folded = apply.fold_batchnorm(trained_cnn)
+  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 2)
+  x_syn, _ = synthesis.synthesize(trained_cnn, num_samples=128, seed=0, progress=False)
+  q = apply.apply_plan(folded, plan, x_syn, fold_bn=False)
+  float_acc = _accuracy(folded, x_test, y_test)
+  assert _accuracy(q, x_test, y_test) >= float_acc - 0.03, float_acc
+
+
 def test_bake_writes_the_optimized_integers():
   model = _randomize_batchnorm(CASES["depthwise_separable"][0]())
   x = _inputs(model, n=32)

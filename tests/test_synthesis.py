@@ -241,6 +241,39 @@ def test_smoothness_prior_is_mean_squared_neighbour_difference():
   np.testing.assert_allclose(synthesis.losses.smoothness(smooth, (1, 2)).numpy(), 0.0)
 
 
+def test_blur_keeps_the_range_and_removes_detail_finer_than_it():
+  blur = synthesis.losses.Blur((1, 2), 1.0)
+  checker = np.indices((6, 6)).sum(0) % 2 * 2.0 - 1.0  # +-1, the finest detail there is
+  u = np.stack([checker, np.full((6, 6), 0.3)])[..., None].astype(np.float32)
+  out = blur(u).numpy()
+  assert out.shape == u.shape and out.min() >= -1.0 and out.max() <= 1.0
+  assert np.abs(out[0]).max() < 0.5  # the checkerboard is mostly gone ...
+  np.testing.assert_allclose(out[1], 0.3, rtol=1e-5)  # ... a constant is kept
+  # Mirrored edges: a blurred pixel is a weighted mean of values in the image.
+  edge = np.zeros((1, 6, 6, 1), np.float32)
+  edge[:, :3] = 1.0
+  np.testing.assert_allclose(blur(edge).numpy()[0, 0], 1.0, rtol=1e-5)
+  # Signals (N, T, C) along their one spatial axis; sigma 0 is the identity.
+  signal = np.random.default_rng(0).uniform(-1, 1, (2, 9, 3)).astype(np.float32)
+  assert (synthesis.losses.smoothness(synthesis.losses.Blur((1,), 1.0)(signal), (1,)).numpy()
+          < synthesis.losses.smoothness(tf.constant(signal), (1,)).numpy()).all()
+  np.testing.assert_array_equal(synthesis.losses.Blur((1, 2), 0.0)(u).numpy(), u)
+
+
+def test_labeled_samples_are_made_through_the_blur():
+  model = _cnn()
+  sharp = _run(model, blur=0.0, max_steps=60)
+  smooth = _run(model, blur=1.0, max_steps=60)
+  assert sharp.info["blur"] == 0.0 and smooth.info["blur"] == 1.0
+  tv = lambda x: float(np.mean(synthesis.losses.smoothness(tf.constant(x), (1, 2)).numpy()))
+  assert tv(smooth.x) < 0.5 * tv(sharp.x)
+  # The labels hold for the blurred inputs (the ones returned and predicted).
+  assert np.mean(_probs(model, smooth.x).argmax(-1) == smooth.y) >= 0.9
+  # The default scales with the image (BLUR_SHARE of the smallest side); none for vectors.
+  assert _run(model, max_steps=10).info["blur"] == pytest.approx(8 * synthesis.BLUR_SHARE)
+  assert _run(_dense(), max_steps=10).info["blur"] == 0.0
+
+
 # --------------------------------------------------------------------------- input range
 
 
@@ -384,6 +417,7 @@ def test_unusable_models():
     ({"bn_weight": -1}, "bn_weight"),
     ({"jitter": -1}, "jitter"),
     ({"jitter": 1.5}, "jitter"),
+    ({"blur": -1}, "blur"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(InvalidInputError, match=match):
@@ -397,15 +431,16 @@ def test_labeled_on_trained_cnn(trained_cnn):
   r = _run(trained_cnn, num_samples=100, batch_size=50, max_steps=300,
            confidence_range=(0.5, 0.95), jitter=0)
   assert r.class_counts().tolist() == [10] * 10
-  # The BatchNorm term (weight 100) pulls some samples off their exact target
-  # for real-looking statistics: 72% end within 0.05 of it (100% at weight 1).
-  assert r.reached_share() >= 0.6
+  # The BatchNorm term (weight 100) pulls samples off their exact target for
+  # real-looking statistics, the more so through the blur (fewer degrees of
+  # freedom): 28% end within 0.05 of it (72% without the blur, 100% at weight 1).
+  assert r.reached_share() >= 0.15
   # The float model assigns (nearly) every sample to its target class ...
   assert np.mean(trained_cnn.predict(r.x, verbose=0).argmax(-1) == r.y) >= 0.95
   # ... with confidences spread over the target range, not saturated.
   assert np.percentile(r.confidences, 10) < 0.65
   assert np.percentile(r.confidences, 90) > 0.8
-  assert np.median(np.abs(r.confidences - r.target_confidences)) < 0.05
+  assert np.median(np.abs(r.confidences - r.target_confidences)) < 0.12
 
 
 def test_data_free_8bit_keeps_the_accuracy_of_real_calibration(trained_cnn, dataset):
