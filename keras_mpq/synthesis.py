@@ -108,6 +108,14 @@ _LOG_EPS = 1e-30
 OUTPUT_KINDS = ("logits", "softmax", "sigmoid_logit", "sigmoid")
 
 
+def _smallest_side(model) -> int:
+  """The smallest spatial size of the model's input; 0 for vectors or unknown sizes."""
+  spatial = getattr(model, "inputs", None) and tuple(model.inputs[0].shape[1:-1])
+  if spatial and all(isinstance(d, int) for d in spatial):
+    return min(spatial)
+  return 0
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -746,13 +754,11 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
     raise InvalidInputError(f"Expected an integer seed. Received: seed={seed!r}")
   if max_steps is None:
     max_steps = DEFAULT_MAX_STEPS.get(name, DEFAULT_MAX_STEPS["labeled"])
-  spatial = getattr(model, "inputs", None) and tuple(model.inputs[0].shape[1:-1])
+  side = _smallest_side(model)
   if jitter is None:
-    jitter = (int(JITTER_SHARE * min(spatial)) if spatial and len(spatial) >= 1
-              and all(isinstance(d, int) for d in spatial) else 0)
+    jitter = int(JITTER_SHARE * side)
   if blur is None:
-    blur = (BLUR_SHARE * min(spatial) if spatial and len(spatial) >= 1
-            and all(isinstance(d, int) for d in spatial) else 0.0)
+    blur = BLUR_SHARE * side
   options = _check_options(num_samples, batch_size, max_steps, confidence_range,
                            tv_weight, l2_weight, learning_rate, objective, bn_weight,
                            jitter, flip, blur)
