@@ -10,6 +10,8 @@ quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
 * ``+gptq``: clipping, GPTQ rounding and bias correction;
 * ``+adaround``: clipping, GPTQ, then AdaRound from GPTQ's integers, and bias
   correction;
+* ``+tune``: ``+adaround``, then each layer's per-channel scales and bias tuned
+  to the float model's outputs on the calibration data (`keras_mpq.distill`);
 * ``gptq-nobias``: clipping and GPTQ rounding without bias correction;
 * ``damped``: GPTQ on a strongly damped Hessian, no bias correction (the
   data-free default of `keras_mpq.quantize`, `apply.DATA_FREE_WEIGHT_METHOD`).
@@ -19,7 +21,8 @@ Uniform budgets quantize every layer at 8/4/3/2 bits (`apply_plan`); mixed
 budgets run `keras_mpq.quantize` at an average-bits budget with candidates
 {2,3,4,8}, whose sensitivity table uses the same weight quantizer. Two data
 sources: 256 real training images (labeled), or data-free (the library's
-labeled synthesis, 256 samples, cached per model). Accuracy is measured in
+labeled synthesis, as many samples as data-free `quantize` makes: 1024 for the
+MNIST CNNs, cached per model). Accuracy is measured in
 LiteRT on the 2,000 held-out test images (the exported mobile .tflite,
 `keras_mpq.validate_tflite`); times are wall-clock seconds in the same run.
 
@@ -47,14 +50,16 @@ import numpy as np
 
 import bench_models  # pylint: disable=wrong-import-position
 import keras_mpq  # pylint: disable=wrong-import-position
-from keras_mpq import apply, fileio, report, synthesis, synthesis_losses  # pylint: disable=wrong-import-position
+from keras_mpq import api, apply, costs, distill, fileio, report, synthesis, synthesis_losses  # pylint: disable=wrong-import-position
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
-STEPS = (("rtn", "rtn", False), ("+clip", "mse", False), ("+bias", "mse", True),
-         ("+gptq", "gptq", True), ("+adaround", "adaround", True),
-         ("gptq-nobias", "gptq", False),
-         ("damped", "gptq-damped", False), ("damped+bias", "gptq-damped", True))
+# (label, weight method, bias correction, tune_steps: 0 none, None the default)
+STEPS = (("rtn", "rtn", False, 0), ("+clip", "mse", False, 0), ("+bias", "mse", True, 0),
+         ("+gptq", "gptq", True, 0), ("+adaround", "adaround", True, 0),
+         ("+tune", "adaround", True, None),
+         ("gptq-nobias", "gptq", False, 0),
+         ("damped", "gptq-damped", False, 0), ("damped+bias", "gptq-damped", True, 0))
 CANDIDATES = (2, 3, 4, 8)
 
 
@@ -67,8 +72,17 @@ def _litert(baked, plan, calib, data, path) -> float:
   return float(keras_mpq.validate_tflite(path, data.x_test, data.y_test).accuracy)
 
 
-def _synthetic(model, name, seed, n=256):
-  """Labeled synthetic calibration data (the library's default generator), cached."""
+def _synthetic(model, name, seed, n=None, avg_bits=None):
+  """Labeled synthetic calibration data (the library's default generator), cached.
+
+  ``n`` None: as many samples as data-free `keras_mpq.quantize` makes for the
+  model at an ``avg_bits`` budget (`api.default_num_samples`), with the same
+  seed, so the same data.
+  """
+  if n is None:
+    folded = apply.fold_batchnorm(model)
+    budget = None if avg_bits is None else keras_mpq.Budget.avg_bits(avg_bits)
+    n = api.default_num_samples(costs.cost_table(folded, bits=CANDIDATES), budget)
   # Keyed on the generator's source too: a change to synthesis makes new data.
   source = b"".join(pathlib.Path(m.__file__).read_bytes() for m in (synthesis, synthesis_losses))
   path = OUT / f"synthetic-{name}-seed{seed}-{n}-{hashlib.sha1(source).hexdigest()[:8]}.npz"
@@ -87,22 +101,28 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
   model = bench_models.get(name, seed)
   data = bench_models.dataset_for(name)
   folded = apply.fold_batchnorm(model)
-  if source == "real":
-    x, y = data.x_train[:256], data.y_train[:256]
-  else:
-    x, y, took = _synthetic(model, name, seed)
+
+  def calibration(avg_bits):
+    if source == "real":
+      return data.x_train[:256], data.y_train[:256]
+    x, y, took = _synthetic(model, name, seed, avg_bits=avg_bits)
     if took is not None:
-      log(f"synthesis {name} seed {seed}: {took:.0f}s")
+      log(f"synthesis {name} seed {seed}, {len(x)} samples: {took:.0f}s")
+    return x, y
+
   float_acc = _accuracy_keras(folded, data.x_test, data.y_test)
+  free = source == "synthetic"
+  temperature = distill.DATA_FREE_TEMPERATURE if free else 1.0
   rows = []
   tag = f"{name}-s{seed}-{source}"
   for bits in uniform:
     plan = keras_mpq.QuantizationPlan.uniform(apply.plan_layers(folded), bits)
+    x, y = calibration(bits)
     base_time = None
-    for label, method, bc in steps:
+    for label, method, bc, tune in steps:
       t = time.perf_counter()
       q = apply.apply_plan(folded, plan, x, fold_bn=False, weight_method=method,
-                           bias_correction=bc)
+                           bias_correction=bc, tune_steps=tune, tune_temperature=temperature)
       took = time.perf_counter() - t
       base_time = took if label == "rtn" else base_time
       row = {"model": name, "seed": seed, "data": source, "budget": f"uniform {bits}",
@@ -115,12 +135,16 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
       rows.append(row)
       log(json.dumps(row))
   for avg in mixed:
+    x, y = calibration(avg)
     base_time = None
-    for label, method, bc in steps:
+    for label, method, bc, tune in steps:
       t = time.perf_counter()
+      # Data-free rows run quantize data-free (its synthesis cached across steps).
       result = keras_mpq.quantize(model, keras_mpq.Budget.avg_bits(avg),
-                                  data=(x, y), weight_bits=CANDIDATES, seed=0,
-                                  progress=False, weight_method=method, bias_correction=bc)
+                                  data=None if free else (x, y), weight_bits=CANDIDATES,
+                                  seed=0, progress=False, weight_method=method,
+                                  bias_correction=bc, tune_steps=tune,
+                                  cache_dir=OUT / f"cache-{tag}" if free else None)
       took = time.perf_counter() - t
       base_time = took if label == "rtn" else base_time
       timings = result.report["timings_s"]
@@ -144,7 +168,7 @@ def run_mct(name, seed, source, mixed, log):
 
   MCT (`benchmarks/peer_mct.py`: TensorFlow 2.15, its default PTQ plus mixed
   precision at the same average kernel bits) gets the unfolded model and the
-  same 256 calibration images as keras_mpq; its accuracy is its fake-quant
+  same calibration images as keras_mpq; its accuracy is its fake-quant
   Keras model's on the same test images (MCT's file export is not run).
   """
   import peer_mct  # pylint: disable=g-import-not-at-top
@@ -153,7 +177,7 @@ def run_mct(name, seed, source, mixed, log):
   if source == "real":
     x = data.x_train[:256]
   else:
-    x = _synthetic(model, name, seed)[0]
+    x = _synthetic(model, name, seed, avg_bits=min(mixed))[0]
   float_acc = _accuracy_keras(model, data.x_test, data.y_test)
   t = time.perf_counter()
   found, meta = peer_mct.run_peer(model, x, data.x_test, data.y_test, list(mixed),
@@ -197,7 +221,7 @@ def _fmt(rows):
   return out
 
 
-def side_by_side(rows, ours="+adaround"):
+def side_by_side(rows, ours="+tune"):
   """keras_mpq (step ``ours``, LiteRT) beside MCT (its Keras model) per mixed budget.
 
   One line per (model, seed, data); a cell is ``ours / MCT / MCT file`` in
@@ -299,7 +323,16 @@ def main():
       "- Models: benchmarks/bench_models.py (MNIST CNNs seeds 1, 2; stock MobileNetV2 "
       "alpha 0.35 on 32x32x3 MNIST). Test: the 2,000 held-out MNIST images.",
       "- Data: 'real' = first 256 training images with labels; 'synthetic' = the "
-      "library's labeled synthesis (256 samples, data-free). Activations 8-bit.",
+      "library's labeled synthesis, as many samples as data-free `quantize` makes "
+      "(`api.default_num_samples`: for the MNIST CNNs 1024 at budgets that force "
+      "layers below 3 bits, else 256; the search measures on 256), "
+      "tuned at `distill.DATA_FREE_TEMPERATURE`; mixed synthetic rows run `quantize` "
+      "data-free, its synthesis cached across steps (time excludes it). Activations 8-bit.",
+      "- '+tune': '+adaround', then `keras_mpq.distill.tune` (per-channel scales and biases "
+      "fitted to the float model's outputs, integers kept). Uniform '+tune' rows tune at "
+      "every bit-width, to show where it pays; `quantize` data-free tunes only where the "
+      "budget forces layers below 3 bits (so its mixed 4 and 3 '+tune' rows equal "
+      "'+adaround'), and always with real data.",
       "- Uniform rows: `apply_plan` (time = apply). Mixed rows: `keras_mpq.quantize` with "
       "`Budget.avg_bits`, candidates {2,3,4,8}, the sensitivity table measured with the "
       "same weight quantizer (time = whole call). 'x rtn time' = time / the rtn row's.",
@@ -311,10 +344,10 @@ def main():
     text += "\n".join([
         "", "### Beside Sony MCT at the same average bits", "",
         "- keras_mpq: `quantize` at `Budget.avg_bits`, candidates {2,3,4,8}, its default "
-        "weight quantizer (AdaRound on GPTQ at 2-3 bits, GPTQ above, bias correction), "
-        "accuracy of the exported file in LiteRT.",
+        "weight quantizer (AdaRound on GPTQ at 2-3 bits, GPTQ above, bias correction) "
+        "and scale tuning (the '+tune' rows), accuracy of the exported file in LiteRT.",
         "- MCT 2.6.1 (TensorFlow 2.15, `benchmarks/peer_mct.py`): its default PTQ and mixed "
-        "precision at the same average kernel bits, on the same model and the same 256 "
+        "precision at the same average kernel bits, on the same model and the same "
         "calibration images (real, or keras_mpq's synthetic ones: MCT has no data-free "
         "mode); accuracy of its fake-quant Keras model on the same test images, and of "
         "its own INT8 .tflite (MCT's exporter) run in LiteRT ('MCT file'; 'fails': "

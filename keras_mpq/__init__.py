@@ -15,7 +15,9 @@ Each stage is a public function too: `synthesize`, `measure_sensitivity`,
 `search`, `allocate`, `pareto_front`, `cost_table`, `apply_plan`,
 `export_tflite`, `validate_tflite`, `inspect_tflite`; the weight quantizer
 they share (clipping search, GPTQ, bias correction) is `quantize_kernel`
-(`keras_mpq.weight_quant`), applied layer by layer by `optimize_weights`. Names are imported
+(`keras_mpq.weight_quant`), applied layer by layer by `optimize_weights`; `tune`
+(`keras_mpq.distill`) then fits each layer's scales and bias to the float
+model's outputs, keeping the integers. Names are imported
 lazily so ``import keras_mpq`` does not load TensorFlow until needed.
 """
 
@@ -46,6 +48,7 @@ _LAZY = {
     "cost_table": "costs", "layer_costs": "costs",
     "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
     "optimize_weights": "apply", "quantize_kernel": "weight_quant",
+    "tune": "distill", "tune_report": "distill",
     "quantize_scope": "quantizers",
     "export_tflite": "export",
     "validate_tflite": "validate", "benchmark_latency": "validate",

@@ -48,6 +48,25 @@ PERCENTILE = 0.01
 """Percent of values clipped at each end by the ``percentile`` policy."""
 MIN_GAIN = 0.01
 """The ``mse`` policy clips only where that lowers the error by this fraction."""
+MAX_RANGE_SAMPLES = 256
+"""Most calibration samples activation ranges are measured on: the Keras
+model's (`keras_mpq.apply.calibrate`) and the exported file's alike take the
+same seeded subset of a larger set (`range_subset`), so both quantize each
+activation to the same range (the file's calibration runs them in one batch)."""
+
+
+def range_subset(x, limit: int = MAX_RANGE_SAMPLES, seed: int = 0) -> np.ndarray:
+  """The at most ``limit`` samples of ``x`` activation ranges are measured on (seeded, in order).
+
+  >>> range_subset(np.arange(10), limit=4).tolist()
+  [2, 4, 5, 7]
+  """
+  x = np.asarray(x)
+  if len(x) <= limit:
+    return x
+  return x[np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))]
+
+
 MAX_VALUES = 1 << 18
 """Values kept per tensor (a seeded random subset; min and max always kept)."""
 _SCALES = (0.99, 0.97, 0.95, 0.92, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3)

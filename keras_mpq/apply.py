@@ -442,12 +442,12 @@ def _measure(qmodel, x, batch_size: int, keep_values: bool):
 
 
 def observed_ranges(qmodel, x, batch_size: int = 64) -> Dict[str, Tuple[float, float]]:
-  """The min/max each activation quantizer sees on ``x``, by inner layer name (nothing set).
+  """The min/max each activation quantizer sees on ``x`` (its `calibrate` subset), by layer (nothing set).
 
   >>> observed_ranges(qmodel, x)["conv1"]  # doctest: +SKIP
   (0.0, 5.91)
   """
-  x = check_data(qmodel, x, "data")
+  x = act_ranges.range_subset(check_data(qmodel, x, "data"))
   pairs, lo, hi, _ = _measure(qmodel, x, batch_size, keep_values=False)
   return {quantized_name(layer): (float(a), float(b)) for (layer, _), a, b in zip(pairs, lo, hi)}
 
@@ -457,13 +457,15 @@ def calibrate(qmodel, x, batch_size: int = 64,
   """Sets every activation range from ``x`` under ``range_policy``; returns them.
 
   Ranges are measured with the weights quantized as planned and activations
-  float (each quantizer switched off while measuring, then back on). The
+  float (each quantizer switched off while measuring, then back on), on at
+  most `keras_mpq.act_ranges.MAX_RANGE_SAMPLES` of ``x`` (the subset the
+  exported file's calibration takes too). The
   policy (`keras_mpq.act_ranges`; None: its current default, min/max unless
   changed) applies to every layer output; the model input keeps its min/max,
   as the .tflite's input does.
   """
   policy = act_ranges.check_range_policy(range_policy)
-  x = check_data(qmodel, x, "calibration data")
+  x = act_ranges.range_subset(check_data(qmodel, x, "calibration data"))
   pairs, lo, hi, values = _measure(qmodel, x, batch_size, keep_values=policy != "minmax")
   result = {}
   for j, ((layer, v), a, b) in enumerate(zip(pairs, lo, hi)):
@@ -481,7 +483,8 @@ def calibrate(qmodel, x, batch_size: int = 64,
 def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = True,
                batch_size: int = 64, weight_method: Optional[str] = None,
                bias_correction: Optional[bool] = None, range_policy: Optional[str] = None,
-               progress: bool = False):
+               progress: bool = False, tune_steps: Optional[int] = None,
+               tune_temperature: float = 1.0, seed: int = 0):
   """Quantizes ``model`` per ``plan`` with tfmot and calibrates its activation ranges.
 
   Args:
@@ -500,6 +503,12 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
     range_policy: activation ranges: 'minmax', 'percentile' or 'mse'
       (`keras_mpq.act_ranges`; default its `DEFAULT_RANGE_POLICY`).
     progress: a progress bar over the layers' weight optimization.
+    tune_steps: steps of `keras_mpq.distill.tune` after calibration (each
+      layer's per-channel scales and bias tuned so the model's outputs match
+      the float model's; the integers stay): None for its default for the
+      model's size, 0 for none. `keras_mpq.distill.tune_report` says what it did.
+    tune_temperature: the tuning loss's temperature (`keras_mpq.distill.tune`).
+    seed: the tuning's held-out split and batch order.
 
   Returns:
     A tf_keras model of tfmot ``QuantizeWrapperV2`` layers, compiled-ready:
@@ -520,6 +529,12 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
   optimize_weights(qmodel, x, weight_method, bias_correction, batch_size=batch_size,
                    progress=progress)
   calibrate(qmodel, x, batch_size=batch_size, range_policy=range_policy)
+  if tune_steps != 0:
+    from keras_mpq import distill  # pylint: disable=g-import-not-at-top
+    tuned = distill.tune(qmodel, base, x, steps=tune_steps, seed=seed,
+                         temperature=tune_temperature, progress=progress)
+    if tuned["kept"]:  # the ranges the file's calibration will find for the tuned weights
+      calibrate(qmodel, x, batch_size=batch_size, range_policy=range_policy)
   return qmodel
 
 

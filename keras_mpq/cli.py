@@ -150,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="labeled real data to validate the exported file on")
   data.add_argument("--synthesis", default="labeled", metavar="METHOD",
                     help="synthetic data: labeled, zeroq or noise (default: labeled)")
-  data.add_argument("--samples", type=int, default=256, metavar="N",
-                    help="synthetic samples (default: 256)")
+  data.add_argument("--samples", type=int, default=None, metavar="N",
+                    help="synthetic samples (default: 256, fewer for large models; up to "
+                    "1024 where the budget forces layers below 3 bits)")
   data.add_argument("--input_range", metavar="LO,HI",
                     help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
                     "off a Rescaling/Normalization input layer, else 0,1, assumed)")
   data.add_argument("--range_policy", default=None, choices=["minmax", "percentile", "mse"],
                     help="activation ranges from the calibration data (default: minmax)")
+  data.add_argument("--tune_steps", type=int, default=None, metavar="N",
+                    help="steps tuning per-channel scales and biases to the float model's "
+                    "outputs at the end (default: 200, fewer for large models; 0: none)")
   search = q.add_argument_group("sensitivity search")
   search.add_argument("--metric", default="task_interaction",
                       help="sensitivity metric (default: task_interaction)")
@@ -378,7 +382,7 @@ def cmd_quantize(args) -> int:
         pinned=pins, seed=args.seed, progress=args.progress,
         cache_dir=(out / "cache") if args.cache else None,
         input_range=_parse_range(args.input_range), ram=_parse_ram(args.ram),
-        range_policy=args.range_policy)
+        range_policy=args.range_policy, tune_steps=args.tune_steps)
     start = time.perf_counter()
     tflite_path = out / f"model_{args.target.replace('-', '_')}.tflite"
     exported = result.export(tflite_path, target=args.target)

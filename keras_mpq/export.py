@@ -364,7 +364,7 @@ def _apply_range_policy(calib, calib_bytes: bytes, samples, policy: str) -> None
 
 
 def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
-                         max_samples: int = 256, seed: int = 0,
+                         max_samples: int = act_ranges.MAX_RANGE_SAMPLES, seed: int = 0,
                          calibration_model: Optional[bytes] = None,
                          range_policy: Optional[str] = None) -> bytes:
   """Calibrates and quantizes a float flatbuffer with ai-edge-quantizer.
@@ -391,10 +391,8 @@ def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarra
   key = next(iter(sigs))
   input_name = sigs[key]["inputs"][0]
   dynamic = int(interp.get_input_details()[0].get("shape_signature", [1])[0]) == -1
-  rng = np.random.default_rng(seed)
-  x = calibration_data
-  if len(x) > max_samples:
-    x = x[np.sort(rng.choice(len(x), max_samples, replace=False))]
+  # The subset the Keras model's calibrate measures on (with the default seed and limit).
+  x = act_ranges.range_subset(calibration_data, max_samples, seed)
   step = len(x) if dynamic else 1
   samples = [{input_name: x[i:i + step]} for i in range(0, len(x), step)]
   with _quiet():
@@ -907,7 +905,7 @@ def lut_compress(model_bytes: bytes, layers: Sequence[LayerExport], ops,
 
 def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
                   calibration_data=None, *, accelerator: str = DEFAULT_VELA_ACCELERATOR,
-                  max_calibration_samples: int = 256, seed: int = 0,
+                  max_calibration_samples: int = act_ranges.MAX_RANGE_SAMPLES, seed: int = 0,
                   vela_options: Sequence[str] = (), strip=None, lut: bool = False,
                   max_bytes: Optional[float] = None, ram: Optional[float] = None,
                   deployment: bool = True,

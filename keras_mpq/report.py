@@ -203,6 +203,14 @@ def summary_table(report: Mapping[str, Any]) -> str:
                   f"{tie['lowest_loss']}, {_fmt(tie['loss_above_lowest'])} above it)")
     lines.append(f"plan check ({sel['objective']} on {sel['measured_on']}): {measured}"
                  f" -> {verdict}")
+  tuning = report.get("tuning") or {}
+  if tuning.get("steps"):
+    lines.append(f"scale tuning ({tuning['steps']} steps, temperature "
+                 f"{tuning.get('temperature', 1):g}): held-out KL {_fmt(tuning['kl_before'])} "
+                 f"-> {_fmt(tuning['kl_after'])}"
+                 + (", kept" if tuning.get("kept") else ", undone (no gain)"))
+  elif tuning.get("reason"):
+    lines.append(f"scale tuning skipped: {tuning['reason']}")
   for note in report.get("notes") or []:
     lines.append(f"note: {note}")
   lines.append("timings: " + ", ".join(f"{k} {v:.1f} s"

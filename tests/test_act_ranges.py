@@ -80,3 +80,12 @@ def test_keras_model_and_its_file_share_the_clipped_ranges(tmp_path):
   assert min(abs(s - want) / want for s in scales) < 0.02, (scales, want)
   checked = keras_mpq.validate_tflite(tmp_path / "m.tflite", x[1200:], reference=q)
   assert checked.agreement >= 0.97, checked.agreement
+
+
+def test_range_subset_is_the_same_seeded_subset_for_keras_and_the_file():
+  x = np.arange(1000, dtype=np.float32).reshape(1000, 1)
+  small = x[:act_ranges.MAX_RANGE_SAMPLES]
+  np.testing.assert_array_equal(act_ranges.range_subset(small), small)
+  a, b = act_ranges.range_subset(x), act_ranges.range_subset(x)
+  assert len(a) == act_ranges.MAX_RANGE_SAMPLES and np.array_equal(a, b)
+  assert np.all(np.diff(a[:, 0]) > 0)  # in order, no repeats

@@ -45,6 +45,17 @@ def test_summary_table_lists_weight_layers_and_totals():
   assert "within budget" in text and "6.1x smaller" in text
   assert "left float" in text and "lambda" in text
   assert "synthesis 1.2" in text or "synthesis 1.3" in text
+  assert "scale tuning" not in text  # the report has no tuning entry
+
+
+def test_summary_table_says_what_the_scale_tuning_did():
+  r = _report()
+  r["tuning"] = {"steps": 200, "temperature": 4.0, "kl_before": 0.0561, "kl_after": 0.0193,
+                 "kept": True}
+  assert "scale tuning (200 steps, temperature 4): held-out KL 0.0561 -> 0.0193, kept" in (
+      report.summary_table(r))
+  r["tuning"] = {"steps": 0, "reason": "no quantized weight layer"}
+  assert "scale tuning skipped: no quantized weight layer" in report.summary_table(r)
 
 
 def test_summary_table_reads_at_a_glance():

@@ -268,7 +268,7 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
   # calibration part, KL from the float model on the held-out part.
   cal, held, _ = sensitivity.split_holdout(len(data[0]), seed=0)
   qmodel = apply.apply_plan(trained_cnn, found.plan, data[0][cal], weight_method="rtn",
-                            bias_correction=False)
+                            bias_correction=False, tune_steps=0)
   logits = qmodel.predict(data[0][held], verbose=0).astype(np.float64)
   ref = trained_cnn.predict(data[0][held], verbose=0).astype(np.float64)
   logq = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1,
