@@ -314,7 +314,8 @@ def main():
       ["model", "data", "budget", "weights", "float %", "Keras %", "LiteRT %",
        "drop (pts)", "time (s)", "x rtn time", "plan"])
   text = "\n".join([
-      "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ, AdaRound", "",
+      "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ, AdaRound, "
+      "scale tuning", "",
       f"- Command: `{cmd.strip()}`",
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
       f"{os.cpu_count()} cores shared with other jobs, CPU only"

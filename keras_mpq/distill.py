@@ -63,7 +63,7 @@ temperature 4 lost at most 0.45 points where tuning did not help, against up to
 2 at temperature 1, and gained about as much elsewhere; with real data,
 temperature 1 was better (issue 13). Data-free, `keras_mpq.quantize` tunes only
 where the budget forces layers below 3 bits: above, tuning on synthetic data
-gained nothing on average and cost up to half a point."""
+moved accuracy by -0.4 to +0.85 points (+0.15 on average), below by up to +14."""
 _REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
