@@ -171,7 +171,8 @@ class QuantizationResult:
             bias_correction=settings.get("bias_correction"),
             range_policy=settings.get("range_policy"),
             tune_steps=settings.get("tune_steps"),
-            tune_temperature=settings.get("tune_temperature", 1.0), seed=settings.get("seed", 0))
+            tune_temperature=settings.get("tune_temperature", 1.0),
+            seed=settings.get("seed", 0))
     if notes:
       result = dataclasses.replace(result, notes=tuple(notes) + tuple(result.notes) + (
           "re-planned weight bits: " + ", ".join(f"{k}={v}" for k, v in
@@ -327,10 +328,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
     num_samples: synthetic samples to generate; None: `default_num_samples`
       (256, fewer for large models: EfficientNetB0 at 96x96 gets 32; for a
       budget that forces layers below 3 bits, up to 1024 for small models:
-      the MNIST CNNs get 1024). The sensitivity search measures on a seeded subset of
-      at most `default_search_samples` of them (or of ``data``: 256 for small
-      models, 32 for EfficientNetB0 at 96x96); the weight optimizer and the
-      tuning use them all.
+      the MNIST CNNs get 1024). The sensitivity search measures on a seeded
+      subset of at most `default_search_samples` of them (or of ``data``:
+      256 for small models, 32 for EfficientNetB0 at 96x96); the weight
+      optimizer and the tuning use them all.
     rounds: rounds of the task-interaction search. 1 (the default) measures
       sensitivity in the default context and allocates once; more rounds
       re-measure in the context of the last plan and keep the plan with the
@@ -374,8 +375,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
       its default for the model's size (`keras_mpq.distill.default_steps`),
       data-free only where the budget forces layers below 3 bits
       (`forces_low_bits`) and at `keras_mpq.distill.DATA_FREE_TEMPERATURE`;
-      0: none.
-      ``report["tuning"]`` says what it did.
+      0: none. ``report["tuning"]`` says what it did.
 
   The plan is checked by measurement before it is returned: the allocated
   plan, every uniform plan that fits the budget and a greedy plan are
@@ -472,8 +472,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
     # Data-free at 3 bits and above, tuning on synthetic data moved the MNIST CNNs by
     # -0.4 to +0.85 points (+0.15 on average); below 3 bits, up to +14 (issue 13).
     tune_steps = 0
-    tune_note = (f"data-free at a budget that needs no layer below {LOW_BITS} bits: not "
-                 "tuned (on synthetic data it gained little there); pass tune_steps to tune")
+    tune_note = (f"data-free, and the budget needs no layer below {LOW_BITS} bits: tuning "
+                 "on synthetic data gained little there; pass tune_steps to tune anyway")
   settings = {"range_policy": range_policy, "bits": bits, "activation_bits": activation_bits,
               "metric": metric,
               "weight_method": weight_method, "bias_correction": bias_correction,
