@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation ranges from the calibration data (default: minmax)")
   data.add_argument("--tune_steps", type=int, default=None, metavar="N",
                     help="steps tuning per-channel scales and biases to the float model's "
-                    "outputs at the end (default: 200, fewer for large models; 0: none)")
+                    "outputs at the end (default: 200, fewer for large models; data-free "
+                    "only where the budget forces layers below 3 bits; 0: none)")
   search = q.add_argument_group("sensitivity search")
   search.add_argument("--metric", default="task_interaction",
                       help="sensitivity metric (default: task_interaction)")

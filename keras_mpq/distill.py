@@ -144,10 +144,11 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
   from keras_mpq import costs as costs_lib, sensitivity  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   x = np.asarray(x, dtype=np.float32)
-  if x.ndim < 2 or len(x) == 0 or not np.all(np.isfinite(x)):
+  finite = bool(np.all(np.isfinite(x)))
+  if x.ndim < 2 or len(x) == 0 or not finite:
     raise InvalidInputError(
         f"Expected calibration inputs x as a finite array (N, ...) with N >= 1. Received: "
-        f"shape {x.shape}" + ("" if x.size == 0 or np.all(np.isfinite(x)) else ", with NaN/Inf"))
+        f"shape {x.shape}" + ("" if finite else ", with NaN/Inf"))
   steps = check_steps(steps)
   if not 0 <= holdout < 1:
     raise InvalidInputError(f"Expected holdout in [0, 1). Received: {holdout!r}")

@@ -489,7 +489,7 @@ def test_data_free_4bit_weights_stay_close_to_float(trained_separable, small_dat
   with the data-free default quantizer; the full figure (two trained copies,
   LiteRT) is in BENCHMARKS.md, *Weight quantizer*.
   """
-  from keras_mpq import distill, synthesis
+  from keras_mpq import synthesis
   _, _, x_test, y_test = small_data
   folded = apply.fold_batchnorm(trained_separable)
   plan = QuantizationPlan.uniform(apply.plan_layers(folded), 4)
@@ -497,10 +497,9 @@ def test_data_free_4bit_weights_stay_close_to_float(trained_separable, small_dat
   method, bc = apply.check_weight_method(None, None, data_free=True)
   accs = {}
   for name, (m, b) in (("rtn", ("rtn", False)), ("default", (method, bc))):
-    # The default tunes scales at the data-free temperature; plain rtn does not tune.
+    # Data-free quantize does not tune scales at a 4-bit budget (api.forces_low_bits).
     q = apply.apply_plan(folded, plan, x_syn, fold_bn=False, weight_method=m,
-                         bias_correction=b, tune_steps=0 if name == "rtn" else None,
-                         tune_temperature=distill.DATA_FREE_TEMPERATURE)
+                         bias_correction=b, tune_steps=0)
     accs[name] = _accuracy(q, x_test, y_test)
   float_acc = _accuracy(folded, x_test, y_test)
   assert accs["default"] >= float_acc - 0.03, (float_acc, accs)
