@@ -50,7 +50,7 @@ import numpy as np
 
 import bench_models  # pylint: disable=wrong-import-position
 import keras_mpq  # pylint: disable=wrong-import-position
-from keras_mpq import api, apply, costs, distill, fileio, report, synthesis, synthesis_losses  # pylint: disable=wrong-import-position
+from keras_mpq import api, apply, augment, costs, distill, fileio, report, synthesis, synthesis_losses  # pylint: disable=wrong-import-position
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
@@ -58,6 +58,9 @@ OUT = HERE.parent / "bench_out" / "quantizer"
 STEPS = (("rtn", "rtn", False, 0), ("+clip", "mse", False, 0), ("+bias", "mse", True, 0),
          ("+gptq", "gptq", True, 0), ("+adaround", "adaround", True, 0),
          ("+tune", "adaround", True, None),
+         # DFQ's analytic bias correction (BatchNorm statistics) in place of the empirical one
+         ("rtn+dfq", "rtn", "analytic", 0), ("+clip+dfq", "mse", "analytic", 0),
+         ("+adaround+dfq", "adaround", "analytic", 0),
          ("gptq-nobias", "gptq", False, 0),
          ("damped", "gptq-damped", False, 0), ("damped+bias", "gptq-damped", True, 0))
 CANDIDATES = (2, 3, 4, 8)
@@ -76,25 +79,33 @@ def _synthetic(model, name, seed, n=None, avg_bits=None):
   """Labeled synthetic calibration data (the library's default generator), cached.
 
   ``n`` None: as many samples as data-free `keras_mpq.quantize` makes for the
-  model at an ``avg_bits`` budget (`api.default_num_samples`), with the same
-  seed, so the same data.
+  model at an ``avg_bits`` budget (`api.default_calibration_sizes`: synthesized,
+  then shifted copies), with the same seed, so the same data.
   """
+  made_n = n
   if n is None:
     folded = apply.fold_batchnorm(model)
     budget = None if avg_bits is None else keras_mpq.Budget.avg_bits(avg_bits)
-    n = api.default_num_samples(costs.cost_table(folded, bits=CANDIDATES), budget)
+    made_n, n = api.default_calibration_sizes(costs.cost_table(folded, bits=CANDIDATES),
+                                              budget, tuple(folded.inputs[0].shape)[1:])
   # Keyed on the generator's source too: a change to synthesis makes new data.
-  source = b"".join(pathlib.Path(m.__file__).read_bytes() for m in (synthesis, synthesis_losses))
-  path = OUT / f"synthetic-{name}-seed{seed}-{n}-{hashlib.sha1(source).hexdigest()[:8]}.npz"
+  source = b"".join(pathlib.Path(m.__file__).read_bytes()
+                    for m in (synthesis, synthesis_losses, augment))
+  path = OUT / (f"synthetic-{name}-seed{seed}-{made_n}-{n}-"
+                f"{hashlib.sha1(source).hexdigest()[:8]}.npz")
   if path.exists():
     z = np.load(path)
     return z["x"], z["y"], None
   t = time.perf_counter()
-  made = keras_mpq.synthesize_with_info(model, num_samples=n, seed=0, progress=False)
+  made = keras_mpq.synthesize_with_info(model, num_samples=made_n, seed=0, progress=False)
+  x, y = made.x, made.y
+  if n > made_n:  # as data-free quantize does: shifted copies make up the rest
+    x, index = augment.shifted_copies(x, n, seed=0)
+    y = y[index]
   took = time.perf_counter() - t
   fileio.ensure_dir(OUT)
-  np.savez(path, x=made.x, y=made.y)
-  return made.x, made.y, took
+  np.savez(path, x=x, y=y)
+  return x, y, took
 
 
 def run_group(name, seed, source, uniform, mixed, steps, litert, log):
@@ -131,7 +142,7 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
              "seconds": took, "x_rtn": took / base_time if base_time else None}
       if litert:
         row["litert"] = _litert(apply.bake(q), plan, x, data,
-                                OUT / f"{tag}-u{bits}-{method}{int(bc)}.tflite")
+                                OUT / f"{tag}-u{bits}-{method}-{bc}.tflite")
       rows.append(row)
       log(json.dumps(row))
   for avg in mixed:
@@ -157,7 +168,7 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
       if litert:
         row["litert"] = _litert(apply.bake(result.model), result.plan,
                                 result.calibration_data, data,
-                                OUT / f"{tag}-m{avg}-{method}{int(bc)}.tflite")
+                                OUT / f"{tag}-m{avg}-{method}-{bc}.tflite")
       rows.append(row)
       log(json.dumps(row))
   return rows
@@ -274,6 +285,8 @@ def main():
   parser.add_argument("--jsonl", default=str(OUT / "rows.jsonl"),
                       help="rows appended as they are measured")
   parser.add_argument("--out", default=str(HERE / "results" / "quantizer.md"))
+  parser.add_argument("--title", default="Weight quantizer: round to nearest, clipping, bias "
+                      "correction, GPTQ, AdaRound, scale tuning", help="the section's heading")
   parser.add_argument("--assemble", nargs="*", default=None, metavar="JSONL",
                       help="write the table from rows saved by earlier runs (no new runs)")
   parser.add_argument("--commands", nargs="*", default=(),
@@ -314,8 +327,7 @@ def main():
       ["model", "data", "budget", "weights", "float %", "Keras %", "LiteRT %",
        "drop (pts)", "time (s)", "x rtn time", "plan"])
   text = "\n".join([
-      "## Weight quantizer: round to nearest, clipping, bias correction, GPTQ, AdaRound, "
-      "scale tuning", "",
+      f"## {args.title}", "",
       f"- Command: `{cmd.strip()}`",
       f"- Date: {datetime.datetime.now():%Y-%m-%d %H:%M}; machine: {platform.machine()}, "
       f"{os.cpu_count()} cores shared with other jobs, CPU only"
@@ -325,10 +337,14 @@ def main():
       "alpha 0.35 on 32x32x3 MNIST). Test: the 2,000 held-out MNIST images.",
       "- Data: 'real' = first 256 training images with labels; 'synthetic' = the "
       "library's labeled synthesis, as many samples as data-free `quantize` makes "
-      "(`api.default_num_samples`: for the MNIST CNNs 1024 at budgets that force "
-      "layers below 3 bits, else 256; the search measures on 256), "
+      "(`api.default_calibration_sizes`: for the MNIST CNNs, at budgets that force "
+      "layers below 3 bits, 256 synthesized and 768 shifted copies, `keras_mpq.augment`; "
+      "else 256; the search measures on the 256 synthesized), "
       "tuned at `distill.DATA_FREE_TEMPERATURE`; mixed synthetic rows run `quantize` "
       "data-free, its synthesis cached across steps (time excludes it). Activations 8-bit.",
+      "- '+dfq' steps: the analytic bias correction from BatchNorm statistics "
+      "(`bias_correction='analytic'`, `keras_mpq.analytic_bias`, DFQ) in place of the "
+      "empirical one, for layers whose input follows a BatchNorm (empirical for the others).",
       "- '+tune': '+adaround', then `keras_mpq.distill.tune` (per-channel scales and biases "
       "fitted to the float model's outputs, integers kept). Uniform '+tune' rows tune at "
       "every bit-width, to show where it pays; `quantize` data-free tunes only where the "

@@ -48,7 +48,7 @@ _LAZY = {
     "cost_table": "costs", "layer_costs": "costs",
     "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
     "optimize_weights": "apply", "quantize_kernel": "weight_quant",
-    "tune": "distill", "tune_report": "distill",
+    "tune": "distill", "tune_report": "distill", "shifted_copies": "augment",
     "quantize_scope": "quantizers",
     "export_tflite": "export",
     "validate_tflite": "validate", "benchmark_latency": "validate",

@@ -55,6 +55,20 @@ same seeded subset of a larger set (`range_subset`), so both quantize each
 activation to the same range (the file's calibration runs them in one batch)."""
 
 
+def subset_indices(n: int, limit: int, seed: int = 0) -> np.ndarray:
+  """Sorted indices of a seeded subset of at most ``limit`` of ``n`` samples (all when fewer).
+
+  The one rule for every "measure on a subset" in keras_mpq (activation
+  ranges here, the sensitivity search in `keras_mpq.api`).
+
+  >>> subset_indices(10, 4).tolist()
+  [2, 4, 5, 7]
+  """
+  if n <= limit:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def range_subset(x, limit: int = MAX_RANGE_SAMPLES, seed: int = 0) -> np.ndarray:
   """The at most ``limit`` samples of ``x`` activation ranges are measured on (seeded, in order).
 
@@ -62,9 +76,7 @@ def range_subset(x, limit: int = MAX_RANGE_SAMPLES, seed: int = 0) -> np.ndarray
   [2, 4, 5, 7]
   """
   x = np.asarray(x)
-  if len(x) <= limit:
-    return x
-  return x[np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))]
+  return x if len(x) <= limit else x[subset_indices(len(x), limit, seed)]
 
 
 MAX_VALUES = 1 << 18

@@ -17,11 +17,12 @@ import os
 import pathlib
 import time
 import warnings
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from keras_mpq import act_ranges
+from keras_mpq import augment as augment_lib
 from keras_mpq import apply as apply_lib
 from keras_mpq import fileio
 from keras_mpq.compat import keras, set_global_seed
@@ -51,7 +52,9 @@ the budget forces some layer below `LOW_BITS`: the weight optimizer (GPTQ's
 and AdaRound's Hessians, bias correction) and the scale tuning use all of
 them. Data-free 2-bit on the plain MNIST CNN (float 94.7%), 256 against 1024
 synthetic samples: 92.1 against 94.05% before tuning (issue 13). At 3 bits and
-above, 256 did as well, and synthesis is most of a small model's wall time."""
+above, 256 did as well, and synthesis is most of a small model's wall time.
+For images the extra samples are shifted copies of the synthesized ones
+(`default_calibration_sizes`, `keras_mpq.augment`)."""
 LOW_BITS = 3
 
 
@@ -89,11 +92,31 @@ def default_num_samples(cost_table: CostTable, budget: Optional[Budget] = None) 
   return int(max(search, min(more, MAX_DEFAULT_SAMPLES)))
 
 
+def default_calibration_sizes(cost_table: CostTable, budget: Optional[Budget],
+                              input_shape) -> Tuple[int, int]:
+  """(samples to synthesize, calibration samples in all) when ``num_samples`` is None.
+
+  In all: `default_num_samples`. Where that is more than the search measures
+  on (`default_search_samples`) and the input is an image (`keras_mpq.augment.can_shift`),
+  only the search's share is synthesized and shifted copies make up the rest,
+  which scored as well as synthesizing them all for a quarter of the time.
+
+  >>> default_calibration_sizes(table, Budget.avg_bits(2), (28, 28, 1))  # doctest: +SKIP
+  (256, 1024)
+  """
+  total = default_num_samples(cost_table, budget)
+  search = default_search_samples(cost_table)
+  if total > search and augment_lib.can_shift(input_shape):
+    return search, total
+  return total, total
+
+
 def search_subset(n: int, limit: int, seed: int = 0) -> np.ndarray:
-  """Sorted indices of the at most ``limit`` of ``n`` samples the search measures on (seeded)."""
-  if n <= limit:
-    return np.arange(n)
-  return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+  """Sorted indices of the at most ``limit`` of ``n`` samples the search measures on (seeded).
+
+  `keras_mpq.act_ranges.subset_indices`, the rule activation ranges use too.
+  """
+  return act_ranges.subset_indices(n, limit, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +325,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
              cache_dir=None, progress: Optional[bool] = None,
              input_range: Optional[Tuple[float, float]] = None, *,
              weight_method: Optional[str] = None,
-             bias_correction: Optional[bool] = None,
+             bias_correction: Optional[Union[bool, str]] = None,
              objective: Optional[str] = None,
              context: str = "highest",
              ram: Optional[float] = None, strip=None,
@@ -328,10 +351,12 @@ def quantize(model, budget, data=None, target: str = "mobile",
     num_samples: synthetic samples to generate; None: `default_num_samples`
       (256, fewer for large models: EfficientNetB0 at 96x96 gets 32; for a
       budget that forces layers below 3 bits, up to 1024 for small models:
-      the MNIST CNNs get 1024). The sensitivity search measures on a seeded
-      subset of at most `default_search_samples` of them (or of ``data``:
-      256 for small models, 32 for EfficientNetB0 at 96x96); the weight
-      optimizer and the tuning use them all.
+      the MNIST CNNs get 1024, of which image models synthesize 256 and add
+      768 shifted copies, `default_calibration_sizes`). The sensitivity
+      search measures on the synthesized ones, or on a seeded subset of at
+      most `default_search_samples` (of ``data`` too: 256 for small models,
+      32 for EfficientNetB0 at 96x96); the weight optimizer and the tuning
+      use them all.
     rounds: rounds of the task-interaction search. 1 (the default) measures
       sensitivity in the default context and allocates once; more rounds
       re-measure in the context of the last plan and keep the plan with the
@@ -351,8 +376,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
       'gptq-damped' or 'adaround' (default with ``data``:
       `keras_mpq.apply.DEFAULT_WEIGHT_METHOD`; data-free:
       `keras_mpq.apply.DATA_FREE_WEIGHT_METHOD`; see `keras_mpq.weight_quant`).
-    bias_correction: empirical bias correction on the calibration data
-      (default `keras_mpq.apply.DEFAULT_BIAS_CORRECTION` with ``data``,
+    bias_correction: True (or 'empirical'): bias correction on the calibration
+      data; 'analytic': from the BatchNorm statistics where a layer's input
+      follows one (DFQ, `keras_mpq.analytic_bias`), empirical elsewhere; False:
+      none (default `keras_mpq.apply.DEFAULT_BIAS_CORRECTION` with ``data``,
       `keras_mpq.apply.DATA_FREE_BIAS_CORRECTION` data-free).
     objective: task loss the sensitivity and the plan check measure: ``"kl"``
       (divergence from the float model's outputs; default) or
@@ -458,8 +485,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
   if cost_table is None:
     cost_table = costs_lib.cost_table(folded, bits=bits, activation_bits=activation_bits)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
+  synthesized = num_samples
   if num_samples is None:
-    num_samples = default_num_samples(cost_table, budget)
+    synthesized, num_samples = default_calibration_sizes(
+        cost_table, budget, tuple(folded.inputs[0].shape)[1:])
   lap("load")
 
   weight_method, bias_correction = apply_lib.check_weight_method(
@@ -477,7 +506,8 @@ def quantize(model, budget, data=None, target: str = "mobile",
   settings = {"range_policy": range_policy, "bits": bits, "activation_bits": activation_bits,
               "metric": metric,
               "weight_method": weight_method, "bias_correction": bias_correction,
-              "synthesis": synthesis, "num_samples": num_samples, "seed": seed,
+              "synthesis": synthesis, "num_samples": num_samples,
+              "synthesized": synthesized, "seed": seed,
               "rounds": rounds, "pinned": dict(pinned or {}), "budget": budget.to_dict(),
               "input_range": [low, high], "objective": objective, "context": context,
               "target": target, "ram": ram, "strip": strip, "tune_steps": tune_steps,
@@ -487,20 +517,26 @@ def quantize(model, budget, data=None, target: str = "mobile",
   # 1. Calibration data: synthesized from the model, or the user's.
   data_info: Dict[str, Any]
   if data is None:
-    key = _cache_key(model, {k: settings[k]
-                             for k in ("synthesis", "num_samples", "seed", "input_range")})
+    key = _cache_key(model, {k: settings[k] for k in
+                             ("synthesis", "num_samples", "synthesized", "seed", "input_range")})
     cached = cache / f"synthetic-{key}.npz" if cache else None
     hit = _read_cached_data(cached, model) if cached is not None and cached.exists() else None
     if hit is not None:
       x, y = hit
       data_info = {"source": "synthetic", "method": synthesis, "cached": str(cached)}
+      if len(x) > synthesized:  # saved with its shifted copies after the synthesized ones
+        data_info["shifted_copies"] = int(len(x) - synthesized)
     else:
-      made = synth_lib.synthesize_with_info(model, num_samples=num_samples,
+      made = synth_lib.synthesize_with_info(model, num_samples=synthesized,
                                             method=synthesis, seed=seed, progress=progress,
                                             input_range=input_range)
       x, y = made.x, made.y
       data_info = {"source": "synthetic", **made.summary(),
                    "realism": realism.self_consistency(folded, x, made.x_midway)}
+      if num_samples > synthesized:
+        x, source = augment_lib.shifted_copies(x, num_samples, seed=seed)
+        y = y[source]
+        data_info["shifted_copies"] = int(num_samples - synthesized)
       if cached is not None:
         buffer = io.BytesIO()
         np.savez(buffer, x=x, y=y)
@@ -517,7 +553,9 @@ def quantize(model, budget, data=None, target: str = "mobile",
   lap("synthesis")
 
   # 2-3. Sensitivity and allocation (the iterative task-interaction search), on a subset.
-  pick = search_subset(len(x), default_search_samples(cost_table), seed)
+  # Shifted copies sit after the synthesized samples: the search measures on those.
+  made_here = len(x) - data_info.get("shifted_copies", 0)
+  pick = search_subset(made_here, default_search_samples(cost_table), seed)
   data_info["search_samples"] = int(len(pick))
   search_key = _cache_key(model, {k: v for k, v in settings.items()
                                   if k not in ("tune_steps", "tune_temperature")}, x)

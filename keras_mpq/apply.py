@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from keras_mpq import act_ranges, model_io, quantizers, weight_quant
+from keras_mpq import act_ranges, analytic_bias, model_io, quantizers, weight_quant
 from keras_mpq.compat import keras, tf, tfmot
 from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
                              UnsupportedModelError, check_weight_bits)
@@ -186,7 +186,9 @@ def fold_batchnorm(model):
   ``W' = W * gamma / sqrt(var + eps)`` per output channel and
   ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``; the folded layer keeps
   its name and gains a bias. A BatchNorm that cannot be folded stays (and is
-  quantized at its output). Returns a new model; ``model`` is unchanged.
+  quantized at its output). Returns a new model; ``model`` is unchanged. The
+  BatchNorm statistics stay known to ``bias_correction="analytic"``
+  (`keras_mpq.analytic_bias`).
 
   Example:
 
@@ -225,7 +227,9 @@ def fold_batchnorm(model):
       weights = [old[0], old[1] * factor]
     return new_layer, weights + [bias * factor + shift]
 
-  return rebuild(model, transform)
+  folded = rebuild(model, transform)
+  analytic_bias.remember(folded, analytic_bias.batchnorm_priors(model, fold_into), model)
+  return folded
 
 
 # --------------------------------------------------------------------------- annotate and apply
@@ -292,8 +296,10 @@ def quantize_model(model, plan: QuantizationPlan):
   with quantizers.quantize_scope():
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    return tfmot.quantization.keras.quantize_apply(
+    qmodel = tfmot.quantization.keras.quantize_apply(
         annotated, scheme=quantizers.MixedPrecisionScheme(add_input_quantizer))
+  analytic_bias.carry(model, qmodel)
+  return qmodel
 
 
 def _act_quant_vars(qmodel) -> List[Tuple[object, Dict[str, tf.Variable]]]:
@@ -498,8 +504,12 @@ def apply_plan(model, plan: QuantizationPlan, calibration_data, fold_bn: bool = 
       (per-channel clipping search), 'gptq' (clipping, then GPTQ rounding) or
       'adaround' (GPTQ's integers refined by AdaRound at 2-3 bits);
       default `DEFAULT_WEIGHT_METHOD`.
-    bias_correction: correct each layer's mean output shift on the
-      calibration data (default `DEFAULT_BIAS_CORRECTION`).
+    bias_correction: correct each layer's mean output shift: True (or
+      'empirical') on the calibration data, with each layer's inputs from the
+      layers before it already quantized; 'analytic': from the BatchNorm
+      statistics where the layer's input follows a BatchNorm (DFQ,
+      `keras_mpq.analytic_bias`), empirically elsewhere; False: none
+      (default `DEFAULT_BIAS_CORRECTION`).
     range_policy: activation ranges: 'minmax', 'percentile' or 'mse'
       (`keras_mpq.act_ranges`; default its `DEFAULT_RANGE_POLICY`).
     progress: a progress bar over the layers' weight optimization.
@@ -562,8 +572,15 @@ DATA_FREE_BIAS_CORRECTION = DEFAULT_BIAS_CORRECTION
 _WEIGHT_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def check_weight_method(method, bias_correction, data_free: bool = False) -> Tuple[str, bool]:
-  """(method, bias_correction) with None resolved to the defaults (data-free ones if asked)."""
+BIAS_CORRECTIONS = (True, False, "empirical", "analytic")
+
+
+def check_weight_method(method, bias_correction, data_free: bool = False
+                        ) -> Tuple[str, Union[bool, str]]:
+  """(method, bias_correction) with None resolved to the defaults (data-free ones if asked).
+
+  ``bias_correction`` comes back as True (empirical), False or 'analytic'.
+  """
   if method is None:
     method = DATA_FREE_WEIGHT_METHOD if data_free else DEFAULT_WEIGHT_METHOD
   if method not in WEIGHT_METHODS:
@@ -571,9 +588,12 @@ def check_weight_method(method, bias_correction, data_free: bool = False) -> Tup
         f"Expected weight_method in {WEIGHT_METHODS}. Received: weight_method={method!r}")
   if bias_correction is None:
     bias_correction = DATA_FREE_BIAS_CORRECTION if data_free else DEFAULT_BIAS_CORRECTION
+  if isinstance(bias_correction, str) and bias_correction in ("empirical", "analytic"):
+    return method, True if bias_correction == "empirical" else "analytic"
   if not isinstance(bias_correction, (bool, np.bool_)):
     raise InvalidInputError(
-        f"Expected bias_correction True or False. Received: {bias_correction!r}")
+        f"Expected bias_correction True, False, 'empirical' or 'analytic'. Received: "
+        f"{bias_correction!r}")
   return method, bool(bias_correction)
 
 
@@ -714,16 +734,24 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
       if kind is None and method != "rtn":
         row["notes"].append(f"{type(w.layer).__name__}: weight error only (no input Hessian)")
       bias = _bias_of(w)
-      if correct and stats is not None and bias is not None and name in float_means:
+      analytic = (analytic_bias.column_means(qmodel, w.layer) if correct == "analytic"
+                  and bias is not None else None)
+      if analytic is not None or (correct and stats is not None and bias is not None
+                                  and name in float_means):
         kernel, axes = originals[0]
         quantized = quantizers.quantize_array(_kernels_of(w)[0][0].numpy(), bits, axes)[0]
-        delta, note = weight_quant.bias_correction(
-            kernel, quantized, axes, float_means[name], stats.mean, kind)
+        if analytic is not None:  # DFQ: float inputs on both sides, from the BN statistics
+          delta, note = weight_quant.bias_correction(kernel, quantized, axes, analytic,
+                                                     None, kind)
+        else:
+          delta, note = weight_quant.bias_correction(
+              kernel, quantized, axes, float_means[name], stats.mean, kind)
         if note:
           row["notes"].append(note)
         else:
           bias.assign(bias.numpy() + delta.reshape(bias.shape))
           row["bias_corrected"] = True
+          row["bias_correction"] = "analytic" if analytic is not None else "empirical"
       elif correct and bias is None:
         row["notes"].append("no bias to correct")
       rows.append(row)
@@ -808,9 +836,13 @@ class WeightBank:
                                          stats if self.method != "rtn" else None)
         kernels.append(r.values)
       bias = bias0
-      if self.correct and stats is not None and bias0 is not None:
+      analytic = (analytic_bias.column_means(self.qmodel, wrapper.layer)
+                  if self.correct == "analytic" and bias0 is not None else None)
+      mean = analytic if analytic is not None else (stats.mean if stats is not None else None)
+      if self.correct and mean is not None and bias0 is not None:
         delta, note = weight_quant.bias_correction(
-            kernels0[0], kernels[0], _kernels_of(wrapper)[0][1], stats.mean, None, stats.kind)
+            kernels0[0], kernels[0], _kernels_of(wrapper)[0][1], mean, None,
+            weight_quant.stats_kind(wrapper.layer))
         if note is None:
           bias = bias0 + delta.reshape(bias0.shape)
       self._cache[key] = (kernels, bias)

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic data: labeled, zeroq or noise (default: labeled)")
   data.add_argument("--samples", type=int, default=None, metavar="N",
                     help="synthetic samples (default: 256, fewer for large models; up to "
-                    "1024 where the budget forces layers below 3 bits)")
+                    "1024 where the budget forces layers below 3 bits, for images 256 "
+                    "synthesized and shifted copies of them)")
   data.add_argument("--input_range", metavar="LO,HI",
                     help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
                     "off a Rescaling/Normalization input layer, else 0,1, assumed)")

@@ -141,6 +141,14 @@ def summary_table(report: Mapping[str, Any]) -> str:
   elif in_range:
     lines.append(f"input range [{in_range['low']:g}, {in_range['high']:g}] "
                  f"({in_range['source']})")
+  data = report.get("data") or {}
+  if data.get("num_samples"):
+    copies = int(data.get("shifted_copies") or 0)
+    made = ("synthetic" if data.get("source") == "synthetic" else "given")
+    lines.append(f"calibration data: {data['num_samples'] - copies} {made} samples"
+                 + (f" + {copies} shifted copies" if copies else "")
+                 + (f", sensitivity measured on {data['search_samples']}"
+                    if data.get("search_samples") else ""))
   metric = report.get("metric") or "the metric"
   lines.append(f"(sensitivity: the loss increase {metric} measures for the layer at its "
                f"chosen bits, in {unit})")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_mpq
-from keras_mpq import apply, distill
+from keras_mpq import apply, augment, distill
 from keras_mpq import report as report_lib
 
 
@@ -42,8 +42,8 @@ def test_datafree_quantize_meets_budget_and_keeps_accuracy(datafree_result, trai
 def test_datafree_2bit_plain_cnn_stays_near_float(trained_cnn, small_data):
   """Regression test of issue 13's data-free 2-bit goal on the plain CNN (seeded, loose).
 
-  Data-free `quantize` at a 2-bit average (candidates {2,3,4,8}): 1024 synthetic
-  samples, the default weight quantizer, then scale tuning at the data-free
+  Data-free `quantize` at a 2-bit average (candidates {2,3,4,8}): 256 synthetic
+  samples and 768 shifted copies, the default weight quantizer, then scale tuning at the data-free
   temperature. 500 test images; the full figure (two trained copies, LiteRT,
   2,000 images) is in BENCHMARKS.md, *Weight quantizer*.
   """
@@ -51,11 +51,17 @@ def test_datafree_2bit_plain_cnn_stays_near_float(trained_cnn, small_data):
   result = keras_mpq.quantize(trained_cnn, "2bit", weight_bits=(2, 3, 4, 8), seed=0,
                               progress=False)
   assert result.report["data"]["num_samples"] == 1024
+  assert result.report["data"]["shifted_copies"] == 768
   assert result.report["data"]["search_samples"] == 256
+  x = result.calibration_data
+  assert np.array_equal(x, augment.shifted_copies(x[:256], 1024, seed=0)[0])
   tuning = result.report["tuning"]
   assert tuning["steps"] == distill.DEFAULT_STEPS
   assert tuning["temperature"] == distill.DATA_FREE_TEMPERATURE
-  assert "scale tuning (200 steps, temperature 4)" in report_lib.summary_table(result.report)
+  summary = report_lib.summary_table(result.report)
+  assert "scale tuning (200 steps, temperature 4)" in summary
+  assert ("calibration data: 256 synthetic samples + 768 shifted copies, sensitivity "
+          "measured on 256") in summary
   float_acc, q_acc = _acc(trained_cnn, x_test, y_test), _acc(result.model, x_test, y_test)
   # Measured on this copy: float 98.4%; 97.6% with tuning, 98.4% without.
   assert q_acc >= float_acc - 0.02, (float_acc, q_acc, tuning)
@@ -383,6 +389,10 @@ def test_default_num_samples_keeps_256_for_small_models_and_scales_down_large_on
   assert api.default_num_samples(small, two) == api.MAX_DEFAULT_SAMPLES
   assert api.default_num_samples(table(82, 72_000_000 // 82), two) == api.MIN_DEFAULT_SAMPLES
   assert api.default_search_samples(small) == api.DEFAULT_NUM_SAMPLES
+  # Image models synthesize the search's share and shift copies for the rest.
+  assert api.default_calibration_sizes(small, two, (28, 28, 1)) == (256, 1024)
+  assert api.default_calibration_sizes(small, two, (64,)) == (1024, 1024)
+  assert api.default_calibration_sizes(small, four, (28, 28, 1)) == (256, 256)
   # Candidates without a bit-width below 3 never force one.
   wide = costs.cost_table([LayerCost("l", "Conv2D", 1000, 10, 10, 400_000)], bits=(4, 8))
   assert not api.forces_low_bits(wide, two)
