@@ -7,10 +7,10 @@ value is the clipped normal's mean. A weight layer whose input is such a
 channel gets the bias change ``E[x]^T (W - Wq)`` per output channel
 (`keras_mpq.weight_quant.bias_correction` with float inputs) without any data.
 
-`batchnorm_priors` reads each BatchNorm's ``(beta, |gamma|)`` under the name
-of the layer whose output it describes once `keras_mpq.apply.fold_batchnorm`
-has run (the folded producer, or the BatchNorm itself where it stays), and
-`remember` keeps them with the folded model. `quantize_model` passes them on
+`keras_mpq.apply.fold_batchnorm` reads each BatchNorm's ``(beta, |gamma|)``
+under the name of the layer whose output it describes once folded (the folded
+producer, or the BatchNorm itself where it stays), and `remember` keeps them
+with the folded model. `quantize_model` passes them on
 (`carry`) to the quantized model as each weight layer's expected input
 (`expected_inputs`: back through ReLU/ReLU6, dropout, zero padding, average
 pooling and Flatten to such a layer). `column_means` turns one into the
@@ -45,7 +45,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from keras_mpq import weight_quant
-from keras_mpq.compat import keras
+from keras_mpq.compat import keras, tf
 
 Prior = Tuple[np.ndarray, np.ndarray]  # (beta, |gamma|) per channel: N(beta, gamma^2)
 _PRIORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # folded model -> priors
@@ -78,28 +78,6 @@ def relu_mean(mu: np.ndarray, sigma: np.ndarray, max_value: Optional[float] = No
   return out
 
 
-def batchnorm_priors(model, fold_into: Mapping[str, object]) -> Dict[str, Prior]:
-  """``(beta, |gamma|)`` of each last-axis BatchNorm of ``model``, by its output's layer.
-
-  ``fold_into`` maps a producer's name to the BatchNorm folded into it (as
-  `keras_mpq.apply.fold_batchnorm` chose); other BatchNorms keep their own name.
-  """
-  folded = {bn.name: producer for producer, bn in fold_into.items()}
-  priors: Dict[str, Prior] = {}
-  for layer in model.layers:
-    if not isinstance(layer, keras.layers.BatchNormalization):
-      continue
-    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    if len(axis) != 1 or axis[0] % len(layer.input_shape) != len(layer.input_shape) - 1:
-      continue
-    weights = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in layer.weights}
-    channels = weights["moving_mean"].shape
-    gamma = np.abs(weights.get("gamma", np.ones(channels))).astype(np.float64)
-    beta = weights.get("beta", np.zeros(channels)).astype(np.float64)
-    priors[folded.get(layer.name, layer.name)] = (beta, gamma)
-  return priors
-
-
 def remember(folded_model, priors: Mapping[str, Prior], source=None) -> None:
   """Keeps ``priors`` with ``folded_model`` (with those already kept for ``source``)."""
   merged = dict(_PRIORS.get(source, {})) if source is not None else {}
@@ -117,12 +95,8 @@ def _inbound(model, layer):
   nodes = apply_lib._model_nodes(model, layer)  # pylint: disable=protected-access
   if len(nodes) != 1:
     return None
-  inbound = [l for l in _flat(nodes[0].inbound_layers)]
+  inbound = tf.nest.flatten(nodes[0].inbound_layers)
   return inbound[0] if len(inbound) == 1 else None
-
-
-def _flat(value):
-  return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _relu_cap(layer) -> Tuple[bool, Optional[float]]:
@@ -211,4 +185,4 @@ def column_means(qmodel, layer) -> Optional[np.ndarray]:
   return weight_quant.layer_columns(layer, expected[None]).mean(axis=0).astype(np.float64)
 
 
-__all__ = ["relu_mean", "batchnorm_priors", "expected_inputs", "column_means"]
+__all__ = ["relu_mean", "expected_inputs", "column_means"]

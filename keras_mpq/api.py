@@ -524,8 +524,6 @@ def quantize(model, budget, data=None, target: str = "mobile",
     if hit is not None:
       x, y = hit
       data_info = {"source": "synthetic", "method": synthesis, "cached": str(cached)}
-      if len(x) > synthesized:  # saved with its shifted copies after the synthesized ones
-        data_info["shifted_copies"] = int(len(x) - synthesized)
     else:
       made = synth_lib.synthesize_with_info(model, num_samples=synthesized,
                                             method=synthesis, seed=seed, progress=progress,
@@ -533,14 +531,14 @@ def quantize(model, budget, data=None, target: str = "mobile",
       x, y = made.x, made.y
       data_info = {"source": "synthetic", **made.summary(),
                    "realism": realism.self_consistency(folded, x, made.x_midway)}
-      if num_samples > synthesized:
-        x, source = augment_lib.shifted_copies(x, num_samples, seed=seed)
-        y = y[source]
-        data_info["shifted_copies"] = int(num_samples - synthesized)
       if cached is not None:
         buffer = io.BytesIO()
         np.savez(buffer, x=x, y=y)
         fileio.write_bytes(cached, buffer.getvalue())
+    if num_samples > synthesized:  # cheap and seeded: made again on a cache hit, not stored
+      x, source = augment_lib.shifted_copies(x, num_samples, seed=seed)
+      y = y[source]
+      data_info["shifted_copies"] = int(num_samples - synthesized)
   else:
     x, y = _parse_data(model, data)
     range_info.update(input_range_lib.check_data_range(x, low, high, range_source, range_assumed,

@@ -151,22 +151,42 @@ _FOLD_AXIS = {  # kernel axis (or axes reshape) of the output channel, per layer
 }
 
 
-def _bn_factors(bn):
+def _bn_stats(bn):
+  """``(mean, var, gamma, beta)`` of a BatchNormalization (gamma 1, beta 0 when absent)."""
   weights = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
   mean, var = weights["moving_mean"], weights["moving_variance"]
-  gamma = weights.get("gamma", np.ones_like(mean))
-  beta = weights.get("beta", np.zeros_like(mean))
+  return (mean, var, weights.get("gamma", np.ones_like(mean)),
+          weights.get("beta", np.zeros_like(mean)))
+
+
+def _bn_factors(bn):
+  mean, var, gamma, beta = _bn_stats(bn)
   factor = gamma / np.sqrt(var + bn.epsilon)
   return factor, beta - mean * factor
 
 
+def _on_last_axis(bn) -> bool:
+  axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+  rank = len(bn.input_shape)
+  return len(axis) == 1 and axis[0] % rank == rank - 1
+
+
+def _batchnorm_priors(model, fold_into) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  """``(beta, |gamma|)`` of each last-axis BatchNorm, under the name of the layer whose
+  output it describes after folding (its producer, or itself where it stays)."""
+  producer_of = {bn.name: producer for producer, bn in fold_into.items()}
+  priors = {}
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization) and _on_last_axis(layer):
+      _, _, gamma, beta = _bn_stats(layer)
+      priors[producer_of.get(layer.name, layer.name)] = (
+          beta.astype(np.float64), np.abs(gamma).astype(np.float64))
+  return priors
+
+
 def _foldable(model, layer) -> bool:
   """A BatchNorm on the last axis whose only input is a linear weight layer used only by it."""
-  if not isinstance(layer, keras.layers.BatchNormalization):
-    return False
-  axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-  rank = len(layer.input_shape)
-  if len(axis) != 1 or axis[0] % rank != rank - 1:
+  if not isinstance(layer, keras.layers.BatchNormalization) or not _on_last_axis(layer):
     return False
   nodes = _model_nodes(model, layer)
   if len(nodes) != 1:
@@ -228,7 +248,7 @@ def fold_batchnorm(model):
     return new_layer, weights + [bias * factor + shift]
 
   folded = rebuild(model, transform)
-  analytic_bias.remember(folded, analytic_bias.batchnorm_priors(model, fold_into), model)
+  analytic_bias.remember(folded, _batchnorm_priors(model, fold_into), model)
   return folded
 
 
@@ -588,12 +608,11 @@ def check_weight_method(method, bias_correction, data_free: bool = False
         f"Expected weight_method in {WEIGHT_METHODS}. Received: weight_method={method!r}")
   if bias_correction is None:
     bias_correction = DATA_FREE_BIAS_CORRECTION if data_free else DEFAULT_BIAS_CORRECTION
-  if isinstance(bias_correction, str) and bias_correction in ("empirical", "analytic"):
+  if isinstance(bias_correction, str) and bias_correction in BIAS_CORRECTIONS:
     return method, True if bias_correction == "empirical" else "analytic"
   if not isinstance(bias_correction, (bool, np.bool_)):
     raise InvalidInputError(
-        f"Expected bias_correction True, False, 'empirical' or 'analytic'. Received: "
-        f"{bias_correction!r}")
+        f"Expected bias_correction in {BIAS_CORRECTIONS}. Received: {bias_correction!r}")
   return method, bool(bias_correction)
 
 
@@ -736,22 +755,21 @@ def optimize_weights(qmodel, x, weight_method: Optional[str] = None,
       bias = _bias_of(w)
       analytic = (analytic_bias.column_means(qmodel, w.layer) if correct == "analytic"
                   and bias is not None else None)
-      if analytic is not None or (correct and stats is not None and bias is not None
-                                  and name in float_means):
+      means = None  # (E[x] of the float model's inputs, of the quantized model's)
+      if analytic is not None:  # DFQ: float inputs on both sides, from the BN statistics
+        means, how = (analytic, None), "analytic"
+      elif correct and stats is not None and bias is not None and name in float_means:
+        means, how = (float_means[name], stats.mean), "empirical"
+      if means is not None:
         kernel, axes = originals[0]
         quantized = quantizers.quantize_array(_kernels_of(w)[0][0].numpy(), bits, axes)[0]
-        if analytic is not None:  # DFQ: float inputs on both sides, from the BN statistics
-          delta, note = weight_quant.bias_correction(kernel, quantized, axes, analytic,
-                                                     None, kind)
-        else:
-          delta, note = weight_quant.bias_correction(
-              kernel, quantized, axes, float_means[name], stats.mean, kind)
+        delta, note = weight_quant.bias_correction(kernel, quantized, axes, *means, kind)
         if note:
           row["notes"].append(note)
         else:
           bias.assign(bias.numpy() + delta.reshape(bias.shape))
           row["bias_corrected"] = True
-          row["bias_correction"] = "analytic" if analytic is not None else "empirical"
+          row["bias_correction"] = how
       elif correct and bias is None:
         row["notes"].append("no bias to correct")
       rows.append(row)

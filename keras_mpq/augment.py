@@ -9,8 +9,9 @@ MNIST CNNs, data-free uniform 2-bit AdaRound plus tuning on 256 synthetic
 images and 768 shifted copies scored 85.3% on average (Keras, 2,000 test
 images, four trained copies: two models x two seeds, two shift seeds), against
 84.05% on 1024 synthetic images and 84.6% on 256, for a quarter of the
-synthesis time (issue 13; copies shifted by at most one pixel: 85.0%). `keras_mpq.quantize` uses it data-free where the budget forces
-layers below 3 bits (`keras_mpq.api.default_calibration_sizes`).
+synthesis time (issue 13; copies shifted by at most one pixel: 85.0%).
+`keras_mpq.quantize` uses it data-free where the budget forces layers below 3
+bits (`keras_mpq.api.default_calibration_sizes`).
 
 Example:
 
