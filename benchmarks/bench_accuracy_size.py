@@ -29,7 +29,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 import keras_mpq
-from keras_mpq import apply, demo_data, fileio, model_zoo, report
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq.quantization import fold as fold_lib
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq import report as report_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "accuracy_size.md"
@@ -47,8 +53,8 @@ def accuracy(model, data) -> float:
 
 
 def uniform_row(folded, costs, bits, calib_x, data, label):
-  plan = keras_mpq.QuantizationPlan.uniform(apply.plan_layers(folded), bits)
-  qmodel = apply.apply_plan(folded, plan, calib_x, fold_bn=False)
+  plan = keras_mpq.QuantizationPlan.uniform(access_lib.plan_layers(folded), bits)
+  qmodel = apply_lib.apply_plan(folded, plan, calib_x, fold_bn=False)
   return {"config": f"uniform {bits}-bit", "data": label, "avg_bits": float(bits),
           "bytes": costs.plan_cost(plan, "bytes"), "acc": accuracy(qmodel, data),
           "bits": " ".join(str(bits) for _ in plan.weight_bits)}, qmodel, plan
@@ -65,15 +71,15 @@ def mixed_row(model, budget_bits, calib, cands, data, label):
 
 
 def exported(qmodel, plan, calib_x, data, path):
-  keras_mpq.export_tflite(apply.bake(qmodel), path, plan, target="mobile",
+  keras_mpq.export_tflite(access_lib.bake(qmodel), path, plan, target="mobile",
                           calibration_data=calib_x)
   checked = keras_mpq.validate_tflite(path, data.x_test, data.y_test)
   return os.path.getsize(path), checked.accuracy
 
 
 def run_model(name, data, quick, peer, workdir):
-  model = model_zoo.build_and_train(name, data, seed=0)
-  folded = apply.fold_batchnorm(model)
+  model = model_zoo_lib.build_and_train(name, data, seed=0)
+  folded = fold_lib.fold_batchnorm(model)
   costs = keras_mpq.cost_table(folded, bits=(2, 3, 4, 8))
   real = (data.x_train[:256], data.y_train[:256])
   rows = [{"config": "float", "data": "-", "avg_bits": 32.0,
@@ -111,14 +117,14 @@ def run_model(name, data, quick, peer, workdir):
                      "acc": None, "bits": f"error: {r['error'][:60]}"})
         continue
       bits = r["bits"]
-      plan = keras_mpq.QuantizationPlan({k: bits[k] for k in apply.plan_layers(folded)
+      plan = keras_mpq.QuantizationPlan({k: bits[k] for k in access_lib.plan_layers(folded)
                                          if k in bits} or {})
       rows.append({"config": f"MCT <= {r['budget_value']:g} bits {{2,4,8}}",
                    "data": "real (MCT)", "avg_bits": r["avg_bits"],
                    "bytes": costs.plan_cost(plan, "bytes")
-                   if set(plan.weight_bits) == set(apply.plan_layers(folded)) else None,
+                   if set(plan.weight_bits) == set(access_lib.plan_layers(folded)) else None,
                    "acc": r["accuracy"],
-                   "bits": " ".join(str(bits.get(k, "?")) for k in apply.plan_layers(folded)),
+                   "bits": " ".join(str(bits.get(k, "?")) for k in access_lib.plan_layers(folded)),
                    "seconds": r.get("seconds")})
   return rows, files
 
@@ -205,7 +211,7 @@ def verdicts(all_rows, tolerance=TOLERANCE):
 
 
 def plot(all_rows, path):
-  plt = report._pyplot()  # pylint: disable=protected-access
+  plt = report_lib._pyplot()  # pylint: disable=protected-access
   fig, axes = plt.subplots(1, len(all_rows), figsize=(6 * len(all_rows), 4), squeeze=False)
   for ax, (name, rows) in zip(axes[0], all_rows.items()):
     def series(pred):
@@ -225,7 +231,7 @@ def plot(all_rows, path):
     ax.set_xlabel("average weight bits")
     ax.set_ylabel("MNIST test accuracy")
     ax.legend(fontsize=7)
-  with fileio.atomic_path(path) as tmp:
+  with fileio_lib.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)
 
@@ -237,7 +243,7 @@ def main():
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
   start = time.perf_counter()
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   workdir = pathlib.Path("bench_out") / "accuracy_size"
   workdir.mkdir(parents=True, exist_ok=True)
   all_rows, all_files = {}, {}
@@ -260,7 +266,7 @@ def main():
       "model-compression-toolkit 2.6.1 on TF 2.15.1, default IMX500 TPC, weight-memory "
       "target = avg bits x kernel params / 8, accuracy of its fake-quant Keras model.", ""]
   for name, rows in all_rows.items():
-    parts += [f"### {name}", "", "```", report.format_table(
+    parts += [f"### {name}", "", "```", report_lib.format_table(
         rows, ["config", "data", "avg_bits", "bytes", "acc", "bits"],
         ["config", "data", "avg bits", "weight B", "test acc", "bits per layer"]), "```", ""]
     if all_files.get(name):
@@ -288,7 +294,7 @@ def main():
   if not args.quick:
     plot(all_rows, PLOT)
     parts += [f"![accuracy versus average bits]({PLOT.name})", ""]
-  fileio.write_text(out, "\n".join(parts))
+  fileio_lib.write_text(out, "\n".join(parts))
   print("\n".join(parts))
   return 1 if failures else 0
 

@@ -28,8 +28,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import scipy
 
-from keras_mpq import allocation, costs as costs_lib, fileio
-from keras_mpq.types import Budget, BudgetKind, LayerCost, SensitivityTable
+from keras_mpq.plan import allocation as allocation_lib
+from keras_mpq.plan import costs as costs_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq.base.types import Budget, BudgetKind, LayerCost, SensitivityTable
 
 BITS = (2, 3, 4, 8)
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "allocation.md"
@@ -78,7 +80,7 @@ def main(argv=None):
     low, high = m.min(axis=1).sum(), m.max(axis=1).sum()
     for frac in (0.1, 0.3, 0.5, 0.8):
       budget = Budget(kind, low + frac * (high - low))
-      med, lo, hi, plan = timed(lambda b=budget: allocation.allocate(sens, b, table),
+      med, lo, hi, plan = timed(lambda b=budget: allocation_lib.allocate(sens, b, table),
                                 args.runs)
       achieved = table.plan_cost(plan, kind)
       assert achieved <= budget.value * (1 + 1e-9), (budget, achieved)
@@ -88,7 +90,7 @@ def main(argv=None):
                    solver.get("rhs_tightened", False)))
 
   pmed, plo, phi, front = timed(
-      lambda: allocation.pareto_front(sens, table, kind="bytes", points=20),
+      lambda: allocation_lib.pareto_front(sens, table, kind="bytes", points=20),
       args.pareto_runs)
   losses = [p.predicted_loss for p in front]
   monotone = all(b <= a for a, b in zip(losses, losses[1:]))
@@ -132,7 +134,7 @@ def main(argv=None):
       "",
   ]
   text = "\n".join(lines)
-  fileio.write_text(args.out, "# Allocation benchmark\n\n" + text)
+  fileio_lib.write_text(args.out, "# Allocation benchmark\n\n" + text)
   print(text)
 
 

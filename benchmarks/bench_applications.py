@@ -42,8 +42,8 @@ def real_inputs(size: int, n: int, value_range=(0.0, 255.0), train: bool = False
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from keras_mpq import demo_data  # pylint: disable=g-import-not-at-top
-  data = demo_data.load_default()
+  from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+  data = demo_data_lib.load_default()
   x = np.asarray((data.x_train if train else data.x_test)[:n], np.float32)
   y = np.asarray((data.y_train if train else data.y_test)[:n])
   if x.max() <= 1.0:
@@ -65,7 +65,8 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
   import numpy as np  # pylint: disable=g-import-not-at-top
   import keras  # Keras 3  # pylint: disable=g-import-not-at-top
   import keras_mpq  # pylint: disable=g-import-not-at-top
-  from keras_mpq import apply, validate  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_models  # pylint: disable=g-import-not-at-top
   row = {"model": name, "size": size}
@@ -91,7 +92,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
   timings = result.report["timings_s"]
   row.update({f"{k}_s": v for k, v in timings.items()})
   folded = result.float_model
-  layers = apply.plan_layers(folded)
+  layers = access_lib.plan_layers(folded)
   row["weight_layers"] = len(layers)
   x = result.calibration_data
   folded.predict(x[:2], verbose=0)  # warm up (tracing is not part of the floor)
@@ -130,7 +131,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
         # One run of the file in its runtime (it raises if the runtime cannot
         # load or run it), compared with float and with the quantized Keras
         # model it was written from.
-        file_out = validate.run_tflite(path, xr, runtime=runtime)
+        file_out = runtime_lib.run_tflite(path, xr, runtime=runtime)
         row[f"{target}_ran"] = True
         row[f"{target}_agree"] = float(np.mean(file_out.argmax(-1) == f_out.argmax(-1)))
         row[f"{target}_corr"] = float(np.corrcoef(np.ravel(file_out), f_out.ravel())[0, 1])
@@ -170,7 +171,8 @@ def main():
               args.train)
     print("ROW " + json.dumps(row), flush=True)
     return 0
-  from keras_mpq import fileio, report  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   rows = []
   if args.rows is not None:
@@ -273,13 +275,13 @@ def main():
       "agreement of each file with the quantized Keras model it was written from, and "
       "'corr mobile/mcu, Keras q' the correlation of their outputs.",
       "", "Time per stage (seconds) and peak RSS (MB):", "",
-      "```", report.format_table(timing_rows, list(timing_rows[0]),
+      "```", report_lib.format_table(timing_rows, list(timing_rows[0]),
                                  ["model", "params", "samples", "weight layers", "load",
                                   "synthesis",
                                   "sens+alloc", "apply", "quantize", "floor", "ratio",
                                   "evaluations", "prefix reuse", "peak RSS"]), "```", "",
       "Exports:", "",
-      "```", report.format_table(out_rows, list(out_rows[0]),
+      "```", report_lib.format_table(out_rows, list(out_rows[0]),
                                  ["model", "avg bits", "mobile KB", "mobile s", "LiteRT ran",
                                   "mcu KB", "mcu s", "TFLM ran", "agree Keras",
                                   "agree mobile", "agree mcu", "corr Keras",
@@ -287,7 +289,7 @@ def main():
                                   "corr mobile, Keras q", "corr mcu, Keras q",
                                   "accuracy float / Keras q / mobile / mcu"]), "```", ""]
       + (["Failures:", ""] + errors + [""] if errors else []))
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
   return 0 if all(r.get("mobile_ran") and r.get("mcu_ran") for r in rows) else 1
 

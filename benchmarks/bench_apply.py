@@ -33,9 +33,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from keras_mpq import apply, callbacks, costs, demo_data, fileio, model_zoo
-from keras_mpq.compat import keras, set_global_seed, tf
-from keras_mpq.types import QuantizationPlan
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq import callbacks as callbacks_lib
+from keras_mpq.model import size as size_lib
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq.base.compat import keras, set_global_seed, tf
+from keras_mpq.base.types import QuantizationPlan
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "apply.md"
 N_CALIBRATION = 256
@@ -60,7 +66,7 @@ def accuracy(model, x, y):
 
 def avg_bits(model, plan):
   """Parameter-weighted average weight bits of ``plan`` on ``model`` (kernels only)."""
-  sizes = {lc.name: lc.n_params for lc in costs.layer_costs(model)}
+  sizes = {lc.name: lc.n_params for lc in size_lib.layer_costs(model)}
   total = sum(sizes[n] for n in plan.weight_bits)
   return sum(sizes[n] * b for n, b in plan.weight_bits.items()) / total
 
@@ -72,8 +78,8 @@ def fine_tune(qmodel, data, epochs, seed, quantized=True):
   qmodel.compile(keras.optimizers.Adam(1e-4),
                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                  metrics=["accuracy"])
-  chores = [callbacks.FreezeRanges(after_steps=steps_per_epoch),
-            callbacks.FreezeBatchNorm(after_epochs=1)] if quantized else []
+  chores = [callbacks_lib.FreezeRanges(after_steps=steps_per_epoch),
+            callbacks_lib.FreezeBatchNorm(after_epochs=1)] if quantized else []
   qmodel.fit(data.x_train, data.y_train, batch_size=64, epochs=epochs, verbose=0,
              shuffle=True, callbacks=chores)
   return qmodel
@@ -88,12 +94,12 @@ def float_fine_tuned(model, data, epochs, seed):
 
 
 def run(models, epochs, seed):
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   x_cal = data.x_train[:N_CALIBRATION]
   rows = []
   for name in models:
     t0 = time.time()
-    model = model_zoo.build_and_train(name, data, seed=seed)
+    model = model_zoo_lib.build_and_train(name, data, seed=seed)
     train_s = time.time() - t0
     float_acc = accuracy(model, data.x_test, data.y_test)
     float_ft = float_fine_tuned(model, data, epochs, seed)
@@ -101,12 +107,12 @@ def run(models, epochs, seed):
                  f"{train_s:.0f}"))
     print(f"{name}: float {float_acc:.4f}, fine-tuned float {float_ft:.4f} "
           f"(trained in {train_s:.0f} s)", flush=True)
-    names = apply.plan_layers(model)
+    names = access_lib.plan_layers(model)
     for label, plan in plans_for(names).items():
       t0 = time.time()
-      qmodel = apply.apply_plan(model, plan, x_cal)
+      qmodel = apply_lib.apply_plan(model, plan, x_cal)
       apply_s = time.time() - t0
-      assert apply.get_weight_bits(qmodel) == dict(plan.weight_bits)
+      assert access_lib.get_weight_bits(qmodel) == dict(plan.weight_bits)
       ptq = accuracy(qmodel, data.x_test, data.y_test)
       t0 = time.time()
       fine_tune(qmodel, data, epochs, seed)
@@ -155,7 +161,7 @@ def main(argv=None):
                                                            else argv)
   data, rows = run(args.models.split(","), args.epochs, args.seed)
   text = to_markdown(data, rows, args, command.strip())
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
 
 

@@ -33,7 +33,13 @@ import numpy as np
 
 import bench_models
 import keras_mpq
-from keras_mpq import apply, fileio, realism, report, synthesis
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq.quantization import fold as fold_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq.synthesis import realism as realism_lib
+from keras_mpq import report as report_lib
+from keras_mpq.synthesis import generators as generators_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
 OLD_LABELED = dict(objective="stop", confidence_range=(0.5, 0.95), jitter=0, bn_weight=0,
@@ -68,12 +74,12 @@ def _synthesize(model, source, data, seed):
   start = time.perf_counter()
   if source == "real":
     return data.x_train[:256], 0.0
-  if source == "zeroq" and not synthesis.losses.batchnorm_layers(model):
+  if source == "zeroq" and not generators_lib.losses.batchnorm_layers(model):
     return None
   kwargs = {"labeled (old)": OLD_LABELED,
             "labeled (bn 1 lr 0.01)": PREVIOUS_LABELED}.get(source, {})
   method = "labeled" if source.startswith("labeled") else source
-  made = synthesis.synthesize_with_info(model, num_samples=256, method=method, seed=seed,
+  made = generators_lib.synthesize_with_info(model, num_samples=256, method=method, seed=seed,
                                         progress=False, **kwargs)
   return made.x, time.perf_counter() - start
 
@@ -86,28 +92,28 @@ def _accuracy(qmodel, data):
 def run_model(name, seed, tmp, sources=SOURCES):
   model = bench_models.get(name, seed)
   data = bench_models.dataset_for(name)
-  folded = apply.fold_batchnorm(model)
-  layers = apply.plan_layers(folded)
-  real_stats = realism.activation_statistics(folded, data.x_train[:256])
+  folded = fold_lib.fold_batchnorm(model)
+  layers = access_lib.plan_layers(folded)
+  real_stats = realism_lib.activation_statistics(folded, data.x_train[:256])
   rows = []
   for source in sources:
     made = _calibration(model, source, data, 0, f"{name}-seed{seed}")
     if made is None:
       continue
     x, seconds = made
-    ratios = realism.compare_statistics(realism.activation_statistics(folded, x),
+    ratios = realism_lib.compare_statistics(realism_lib.activation_statistics(folded, x),
                                         real_stats)["summary"]
     plan8 = keras_mpq.QuantizationPlan.uniform(layers, 8)
     lite = {}
     for policy in POLICIES:
-      q8 = apply.apply_plan(folded, plan8, x, fold_bn=False, range_policy=policy)
+      q8 = apply_lib.apply_plan(folded, plan8, x, fold_bn=False, range_policy=policy)
       path = os.path.join(tmp, f"{name}-{seed}-{source.replace(' ', '_')}-{policy}.tflite")
-      keras_mpq.export_tflite(apply.bake(q8), path, plan8, target="mobile", calibration_data=x,
+      keras_mpq.export_tflite(access_lib.bake(q8), path, plan8, target="mobile", calibration_data=x,
                               range_policy=policy)
       lite[policy] = keras_mpq.validate_tflite(path, data.x_test, data.y_test).accuracy
 
     def low_bit(bits, method, correct):
-      q = apply.apply_plan(folded, keras_mpq.QuantizationPlan.uniform(layers, bits), x,
+      q = apply_lib.apply_plan(folded, keras_mpq.QuantizationPlan.uniform(layers, bits), x,
                            fold_bn=False, weight_method=method, bias_correction=correct)
       return _accuracy(q, data)
 
@@ -245,16 +251,16 @@ def render(rows, args, start):
       "(max - min) of its output on the source over the same on 256 real images. "
       f"{len(rows)} rows. 8b: uniform w8a8 exported for mobile, accuracy in LiteRT, activation ranges by "
       "min/max (8b pct, 8b mse: the percentile and MSE range policies of "
-      "keras_mpq.act_ranges, in the Keras model and the file alike). 4b/3b: uniform "
+      "keras_mpq.base.act_ranges, in the Keras model and the file alike). 4b/3b: uniform "
       "weights, fake-quant Keras model (which quantizes as the file does): round to "
       "nearest (rtn), + per-channel empirical bias correction (bc), or GPTQ + bc (the "
       "quantizer with real data; 3-bit only). 'labeled': the generator's defaults "
       "(BN weight 100, step size 0.1, 150 steps). 'labeled (bn 1 lr 0.01)': the same "
       "generator with the previous defaults (BN weight 1, step size 0.01). The binomial standard error on 2,000 images near 97% accuracy is "
       "0.38 points.", "",
-      "```", report.format_table(rows, cols, heads), "```", "", "Verdicts (computed from "
+      "```", report_lib.format_table(rows, cols, heads), "```", "", "Verdicts (computed from "
       "the table):", ""] + verdicts + policy_lines + [""])
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
 
 
 if __name__ == "__main__":

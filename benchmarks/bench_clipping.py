@@ -23,7 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 import keras_mpq
-from keras_mpq import apply, demo_data, fileio, model_zoo, quantizers, report
+from keras_mpq.model import graph as graph_lib
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq.quantization import fold as fold_lib
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq.base import layers as layers_lib
+from keras_mpq import report as report_lib
 
 RATIOS = np.linspace(0.3, 1.0, 36)
 
@@ -47,10 +55,10 @@ def mse_clip(w, bits, axes):
 
 
 def clipped_model(folded, bits):
-  clone = apply.rebuild(folded, lambda l: (l.__class__.from_config(l.get_config()),
+  clone = graph_lib.rebuild(folded, lambda l: (l.__class__.from_config(l.get_config()),
                                            l.get_weights()))
-  for layer in quantizers.quantizable_layers(clone):
-    spec = dict(quantizers.weight_spec(layer))
+  for layer in layers_lib.quantizable_layers(clone):
+    spec = dict(layers_lib.weight_spec(layer))
     values = []
     for var in layer.weights:
       attr = var.name.split("/")[-1].split(":")[0]
@@ -66,16 +74,16 @@ def main():
                                                     "clipping.md"))
   args = parser.parse_args()
   start = time.perf_counter()
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   calib = data.x_train[:256]
   rows = []
   for name in ("plain_cnn", "separable_cnn"):
-    folded = apply.fold_batchnorm(model_zoo.build_and_train(name, data, seed=0))
+    folded = fold_lib.fold_batchnorm(model_zoo_lib.build_and_train(name, data, seed=0))
     for bits in (4, 3):
-      plan = keras_mpq.QuantizationPlan.uniform(apply.plan_layers(folded), bits)
+      plan = keras_mpq.QuantizationPlan.uniform(access_lib.plan_layers(folded), bits)
       accs = {}
       for label, base in (("max-abs", folded), ("MSE clip", clipped_model(folded, bits))):
-        q = apply.apply_plan(base, plan, calib, fold_bn=False)
+        q = apply_lib.apply_plan(base, plan, calib, fold_bn=False)
         accs[label] = float(np.mean(q.predict(data.x_test, verbose=0).argmax(-1) == data.y_test))
       rows.append({"model": name, "bits": bits, "maxabs": accs["max-abs"],
                    "mse": accs["MSE clip"], "gain": accs["MSE clip"] - accs["max-abs"]})
@@ -87,12 +95,12 @@ def main():
       f"{os.cpu_count()} cores, CPU only; took {time.perf_counter() - start:.0f}s",
       f"- Data: {data.split}; uniform plans; activations 8-bit calibrated on the first 256 "
       "training images; per-channel clip ratio searched over 36 values in [0.3, 1].", "",
-      "```", report.format_table(rows, ["model", "bits", "maxabs", "mse", "gain"],
+      "```", report_lib.format_table(rows, ["model", "bits", "maxabs", "mse", "gain"],
                                  ["model", "weight bits", "max-abs acc", "MSE-clip acc",
                                   "gain"]), "```", "",
       "Not yet the library's default grid: this measures what adopting it would add "
       "(see the MCT rows in *Accuracy versus size*).", ""])
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
   return 0
 

@@ -1,15 +1,15 @@
 """Byte budgets as file bytes: predicted vs written per target, flash, arena RAM, stripping.
 
 For each model and target ('mobile', 'mcu'): one cheap export measures the
-file's fixed part (`keras_mpq.export.measure_storage`); the exporter's storage
-rules give each (layer, bits) its bytes (`keras_mpq.costs.file_cost_table`).
+file's fixed part (`keras_mpq.export.storage.measure_storage`); the exporter's storage
+rules give each (layer, bits) its bytes (`keras_mpq.plan.costs.file_cost_table`).
 Three byte budgets between the smallest and the all-8-bit file are allocated
 exactly (`keras_mpq.allocate`) with a proxy sensitivity (``n_params *
 4**-bits``: this benchmark is about bytes, not accuracy), exported with the
 budget as ``max_bytes``, and the written file compared with the prediction
 and the budget. Also measured: the TFLite Micro arena (its interpreter), the
 saving of each stripping step on mcu (one step at a time, in
-`keras_mpq.export.STRIP_STEPS` order), TFLite Micro lookup-table compression
+`keras_mpq.export.flatbuffer.STRIP_STEPS` order), TFLite Micro lookup-table compression
 of 2- and 3-bit layers (``lut=True``), and Vela's weight compression of int8
 tensors holding 255, 15 or 3 levels (target 'ethos-u').
 
@@ -32,10 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 
 import keras_mpq
-from keras_mpq import costs, demo_data, fileio, model_zoo
-from keras_mpq import export as export_lib
-from keras_mpq.compat import keras, set_global_seed
-from keras_mpq.types import QuantizationPlan, SensitivityTable
+from keras_mpq.plan import costs as costs_lib
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq.export import exporter as exporter_lib
+from keras_mpq.export import storage as storage_lib
+from keras_mpq.base.compat import keras, set_global_seed
+from keras_mpq.base.types import QuantizationPlan, SensitivityTable
 
 BITS = (2, 4, 8)
 FRACTIONS = (0.1, 0.5, 0.9)
@@ -46,7 +50,7 @@ NO_EXTRAS = ("mobilenet_v2",)
 
 
 def digits_mlp():
-  d = demo_data.load_digits()
+  d = demo_data_lib.load_digits()
   set_global_seed(1)
   m = keras.Sequential([keras.Input(d.x_train.shape[1:]), keras.layers.Flatten(),
                         keras.layers.Dense(64, activation="relu", name="fc1"),
@@ -63,8 +67,8 @@ def get_model(spec):
   if name == "digits_mlp":
     return digits_mlp()
   if name == "digits_cnn":
-    d = demo_data.load_digits()
-    return model_zoo.build_and_train("separable_cnn", d, seed=seed, epochs=8), d
+    d = demo_data_lib.load_digits()
+    return model_zoo_lib.build_and_train("separable_cnn", d, seed=seed, epochs=8), d
   import bench_models  # pylint: disable=g-import-not-at-top
   return bench_models.get(name, seed), bench_models.dataset_for(name)
 
@@ -86,8 +90,8 @@ def run_model(spec, out_dir, tables, samples, vela):
   layers = None
   for target in ("mobile", "mcu"):
     t0 = time.perf_counter()
-    profile = export_lib.measure_storage(folded, target)
-    table = costs.file_cost_table(folded, profile, bits=BITS)
+    profile = storage_lib.measure_storage(folded, target)
+    table = costs_lib.file_cost_table(folded, profile, bits=BITS)
     layers = table.layers
     sens = proxy_sensitivity(table)
     low = float(table.matrix("bytes").min(axis=1).sum())
@@ -98,7 +102,7 @@ def run_model(spec, out_dir, tables, samples, vela):
       plan = plan.plan if hasattr(plan, "plan") else plan
       predicted = table.plan_cost(plan, "bytes")
       path = os.path.join(out_dir, f"{spec}_{target}.tflite")
-      r = export_lib.export_tflite(folded, path, plan, target, x, max_bytes=budget)
+      r = exporter_lib.export_tflite(folded, path, plan, target, x, max_bytes=budget)
       d = r.deployment
       written = os.path.getsize(path)
       arena = d.get("arena_bytes")
@@ -121,8 +125,8 @@ def run_model(spec, out_dir, tables, samples, vela):
   t0 = time.perf_counter()
   for bits in (2, 3):
     plan = QuantizationPlan({n: bits for n in layers})
-    plain = export_lib.export_tflite(folded, os.path.join(out_dir, "p.tflite"), plan, "mcu", x)
-    lut = export_lib.export_tflite(folded, os.path.join(out_dir, "l.tflite"), plan, "mcu", x,
+    plain = exporter_lib.export_tflite(folded, os.path.join(out_dir, "p.tflite"), plan, "mcu", x)
+    lut = exporter_lib.export_tflite(folded, os.path.join(out_dir, "l.tflite"), plan, "mcu", x,
                                    lut=True)
     done = [n for n in lut.notes if "lookup-table compressed" in n]
     why = "; ".join(n for n in lut.notes if "lookup-table" in n and "not used" in n)
@@ -140,7 +144,7 @@ def run_model(spec, out_dir, tables, samples, vela):
   for bits in (8, 4, 2):
     plan = QuantizationPlan({n: bits for n in layers})
     try:
-      r = export_lib.export_tflite(folded, os.path.join(out_dir, "v.tflite"), plan, "ethos-u",
+      r = exporter_lib.export_tflite(folded, os.path.join(out_dir, "v.tflite"), plan, "ethos-u",
                                    x, deployment=False)
     except keras_mpq.KerasMpqError as e:
       tables["vela"].append(f"| {spec} | {bits} | Vela failed: {str(e)[:80]} | | | | | |")
@@ -164,7 +168,7 @@ def main():
   parser.add_argument("--no-vela", action="store_true")
   args = parser.parse_args()
   start = time.perf_counter()
-  out_dir = str(fileio.ensure_dir("bench_out/deploy"))
+  out_dir = str(fileio_lib.ensure_dir("bench_out/deploy"))
   tables = {"budget": [], "strip": [], "lut": [], "vela": []}
   for spec in args.models.split(","):
     run_model(spec, out_dir, tables, args.samples, not args.no_vela)
@@ -235,7 +239,7 @@ def main():
       "at 4 bits (15 levels) and 2 bits (3 levels) are a fraction of the 8-bit ones, "
       "so ethos-u needs no int4 container. The byte cost table does not model Vela's "
       "encoding: an ethos-u budget is checked on the written file.", ""]
-  fileio.write_text(args.out, "\n".join(text))
+  fileio_lib.write_text(args.out, "\n".join(text))
   print(f"wrote {args.out}")
 
 

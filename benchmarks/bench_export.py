@@ -25,10 +25,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from keras_mpq import apply, demo_data, fileio, model_zoo, quantizers  # pylint: disable=g-import-not-at-top
-from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq import validate  # pylint: disable=g-import-not-at-top
-from keras_mpq.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base import layers as layers_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import convert as convert_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import exporter as exporter_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import validate as validate_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
 
 
 def plans_for(names):
@@ -47,7 +54,7 @@ def ideal_bytes(model, plan):
   total = 0.0
   for name, bits in plan.weight_bits.items():
     layer = model.get_layer(name)
-    for attr, axes in quantizers.weight_spec(layer):
+    for attr, axes in layers_lib.weight_spec(layer):
       w = getattr(layer, attr).numpy()
       n_scales = int(np.prod([s for i, s in enumerate(w.shape) if i not in axes]))
       total += w.size * bits / 8 + 4 * n_scales
@@ -59,7 +66,7 @@ def bits_label(plan, names):
 
 
 def run(args):
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   x_test, y_test = data.x_test, data.y_test
   x_cal = data.x_train[:256]
   lines = []
@@ -67,13 +74,13 @@ def run(args):
   vela_report = None
   for zoo in ("plain_cnn", "separable_cnn"):
     start = time.time()
-    model = apply.fold_batchnorm(model_zoo.build_and_train(zoo, data, seed=0))
-    names = apply.plan_layers(model)
+    model = fold_lib.fold_batchnorm(model_zoo_lib.build_and_train(zoo, data, seed=0))
+    names = access_lib.plan_layers(model)
     keras_acc = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == y_test))
     float_path = os.path.join(out_dir, f"{zoo}_float.tflite")
-    fileio.write_bytes(float_path, export_lib.to_float_tflite(model, 1))
-    float_ms = validate.benchmark_latency(float_path, runs=args.runs)
-    float_acc = validate.validate_tflite(float_path, x_test, y_test).accuracy
+    fileio_lib.write_bytes(float_path, convert_lib.to_float_tflite(model, 1))
+    float_ms = runtime_lib.benchmark_latency(float_path, runs=args.runs)
+    float_acc = validate_lib.validate_tflite(float_path, x_test, y_test).accuracy
     lines.append(f"\n### {zoo} (layers: {', '.join(names)})\n")
     lines.append(f"Keras float accuracy {keras_acc:.4f}; float .tflite {os.path.getsize(float_path)} B, "
                  f"LiteRT accuracy {float_acc:.4f}, latency {float_ms:.3f} ms.\n")
@@ -83,20 +90,20 @@ def run(args):
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, plan in plans_for(names).items():
       tag = label.replace("/", "").replace(" ", "")
-      mobile = export_lib.export_tflite(model, os.path.join(out_dir, f"{zoo}_{tag}_mobile.tflite"),
+      mobile = exporter_lib.export_tflite(model, os.path.join(out_dir, f"{zoo}_{tag}_mobile.tflite"),
                                         plan, "mobile", calibration_data=x_cal)
-      mcu = export_lib.export_tflite(model, os.path.join(out_dir, f"{zoo}_{tag}_mcu.tflite"),
+      mcu = exporter_lib.export_tflite(model, os.path.join(out_dir, f"{zoo}_{tag}_mcu.tflite"),
                                      plan, "mcu", calibration_data=x_cal)
-      lite = validate.validate_tflite(mobile.path, x_test, y_test)
-      lite_mcu = validate.validate_tflite(mcu.path, x_test, y_test)
-      micro = validate.validate_tflite(mcu.path, x_test, y_test, runtime="tflm")
-      ms = validate.benchmark_latency(mobile.path, runs=args.runs)
+      lite = validate_lib.validate_tflite(mobile.path, x_test, y_test)
+      lite_mcu = validate_lib.validate_tflite(mcu.path, x_test, y_test)
+      micro = validate_lib.validate_tflite(mcu.path, x_test, y_test, runtime="tflm")
+      ms = runtime_lib.benchmark_latency(mobile.path, runs=args.runs)
       short = lambda r: "; ".join(f"{l.layer}: {l.storage}" for l in r.layers)  # pylint: disable=cell-var-from-loop
       lines.append(f"| {label} | {bits_label(plan, names)} | {ideal_bytes(model, plan):.0f} | "
                    f"{mobile.size} | {mcu.size} | {lite.accuracy:.4f} | {micro.accuracy:.4f} | "
                    f"{lite_mcu.accuracy:.4f} | {ms:.3f} | {short(mobile)} | {short(mcu)} |")
       if zoo == "separable_cnn" and label == "8-4-8":
-        npu = export_lib.export_tflite(model, os.path.join(out_dir, f"{zoo}_{tag}_npu.tflite"),
+        npu = exporter_lib.export_tflite(model, os.path.join(out_dir, f"{zoo}_{tag}_npu.tflite"),
                                        plan, "ethos-u", calibration_data=x_cal)
         vela_report = (label, npu)
     lines.append(f"\n({zoo}: {time.time() - start:.0f} s)\n")
@@ -124,7 +131,7 @@ def run(args):
       f"{args.runs} runs after 5 warm-ups.",
   ]
   text = "\n".join(header + lines) + "\n"
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
 
 

@@ -31,8 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from keras_mpq import demo_data, model_zoo
-from keras_mpq.compat import keras, set_global_seed
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq.base.compat import keras, set_global_seed
 
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = HERE.parent / "bench_out" / "models"
@@ -40,7 +41,7 @@ SEEDS = (1, 2)
 NAMES = ("plain_cnn", "separable_cnn", "nobn_cnn", "mobilenet_v2")
 STOCK_EPOCHS = 3
 
-_DATA: Dict[str, demo_data.Dataset] = {}
+_DATA: Dict[str, demo_data_lib.Dataset] = {}
 
 
 def _rgb32(x: np.ndarray) -> np.ndarray:
@@ -49,27 +50,27 @@ def _rgb32(x: np.ndarray) -> np.ndarray:
   return np.repeat(x, 3, axis=-1).astype(np.float32)
 
 
-def dataset_for(name: str) -> demo_data.Dataset:
+def dataset_for(name: str) -> demo_data_lib.Dataset:
   """The data set model ``name`` takes: the MNIST split (or digits), 32x32x3 for the stock model."""
   key = "rgb32" if name == "mobilenet_v2" else "gray28"
   if key not in _DATA:
-    base = demo_data.load_default()
+    base = demo_data_lib.load_default()
     if key == "rgb32":
-      base = demo_data.Dataset(_rgb32(base.x_train), base.y_train, _rgb32(base.x_test),
+      base = demo_data_lib.Dataset(_rgb32(base.x_train), base.y_train, _rgb32(base.x_test),
                                base.y_test, base.name + "-rgb32",
                                base.split + "; padded to 32x32, tiled to 3 channels")
     _DATA[key] = base
   return _DATA[key]
 
 
-def _build_stock(data: demo_data.Dataset, seed: int):
+def _build_stock(data: demo_data_lib.Dataset, seed: int):
   set_global_seed(seed)
   num_classes = int(data.y_train.max()) + 1
   model = keras.applications.MobileNetV2(input_shape=data.x_train.shape[1:], alpha=0.35,
                                          weights=None, classes=num_classes,
                                          classifier_activation=None)
   epochs = max(STOCK_EPOCHS, round(STOCK_EPOCHS * 8000 / len(data.x_train)))
-  model = model_zoo.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
+  model = model_zoo_lib.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
   return recalibrate_batchnorm(model, data.x_train[:2000])
 
 
@@ -117,9 +118,9 @@ def get(name: str, seed: int = 1):
     set_global_seed(seed)
     model = nobn_cnn(data.x_train.shape[1:], int(data.y_train.max()) + 1)
     epochs = max(3, round(3 * 8000 / len(data.x_train)))
-    model = model_zoo.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
+    model = model_zoo_lib.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
   else:
-    model = model_zoo.build_and_train(name, data, seed=seed)
+    model = model_zoo_lib.build_and_train(name, data, seed=seed)
   CACHE.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp.h5")
   model.save(tmp)
@@ -127,13 +128,13 @@ def get(name: str, seed: int = 1):
   return keras.models.load_model(path, compile=False)
 
 
-def float_accuracy(model, data: demo_data.Dataset) -> float:
+def float_accuracy(model, data: demo_data_lib.Dataset) -> float:
   """Test-split accuracy of a float model."""
   pred = model.predict(data.x_test, verbose=0, batch_size=256).argmax(-1)
   return float(np.mean(pred == data.y_test))
 
 
-def all_models(names=NAMES, seeds=SEEDS) -> Iterator[Tuple[str, int, object, demo_data.Dataset]]:
+def all_models(names=NAMES, seeds=SEEDS) -> Iterator[Tuple[str, int, object, demo_data_lib.Dataset]]:
   """(name, seed, model, data) for every benchmark model copy."""
   for name in names:
     for seed in seeds:

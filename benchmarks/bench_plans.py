@@ -41,10 +41,18 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import bench_models  # pylint: disable=g-import-not-at-top
-from keras_mpq import apply, fileio, sensitivity, synthesis  # pylint: disable=g-import-not-at-top
-from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq.compat import keras, tf  # pylint: disable=g-import-not-at-top
-from keras_mpq.types import Budget, QuantizationPlan  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import calibrate as calibrate_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import optimize as optimize_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.types import FLOAT_BITS  # pylint: disable=g-import-not-at-top
+from keras_mpq.plan import search as search_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.sensitivity import job as job_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.synthesis import generators as generators_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.plan import costs as costs_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.compat import keras, tf  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.types import Budget, QuantizationPlan  # pylint: disable=g-import-not-at-top
 
 RESULTS = HERE / "results" / "plans.md"
 CACHE = HERE.parent / "bench_out" / "plans"
@@ -62,8 +70,8 @@ def log(msg):
 def weight_defaults(source):
   """The weight quantizer `quantize` uses for ``source``: data-free defaults on synthetic data."""
   if source == "synthetic":
-    return apply.DATA_FREE_WEIGHT_METHOD, apply.DATA_FREE_BIAS_CORRECTION
-  return apply.DEFAULT_WEIGHT_METHOD, apply.DEFAULT_BIAS_CORRECTION
+    return optimize_lib.DATA_FREE_WEIGHT_METHOD, optimize_lib.DATA_FREE_BIAS_CORRECTION
+  return optimize_lib.DEFAULT_WEIGHT_METHOD, optimize_lib.DEFAULT_BIAS_CORRECTION
 
 
 class Harness:
@@ -76,9 +84,9 @@ class Harness:
   """
 
   def __init__(self, folded, x_test, y_test):
-    self.layers = apply.plan_layers(folded)
+    self.layers = access_lib.plan_layers(folded)
     self.x_test, self.y_test = x_test, y_test
-    self.qmodel = apply.quantize_model(folded, QuantizationPlan.uniform(self.layers, 8))
+    self.qmodel = access_lib.quantize_model(folded, QuantizationPlan.uniform(self.layers, 8))
     qmodel = self.qmodel
     self.forward = tf.function(
         lambda x: qmodel(x, training=False),
@@ -89,17 +97,17 @@ class Harness:
   def use_weights(self, x_cal, method, correct):
     """Quantize weights with ``method`` (and bias correction) on ``x_cal`` from now on."""
     if self._bank is not None:  # back to the float kernels before measuring new inputs
-      self._bank.set_weight_bits({n: apply.FLOAT_BITS for n in self.layers})
-    self._bank = apply.WeightBank(self.qmodel, x_cal, method, correct)
+      self._bank.set_weight_bits({n: FLOAT_BITS for n in self.layers})
+    self._bank = optimize_lib.WeightBank(self.qmodel, x_cal, method, correct)
 
   def accuracy(self, bits, x_cal):
     key = (tuple(bits[n] for n in self.layers), id(x_cal), id(self._bank))
     if key not in self._seen:
       if self._bank is None:
-        apply.set_weight_bits(self.qmodel, bits)
+        access_lib.set_weight_bits(self.qmodel, bits)
       else:
         self._bank.set_weight_bits(bits)
-      apply.calibrate(self.qmodel, x_cal)
+      calibrate_lib.calibrate(self.qmodel, x_cal)
       pred = np.concatenate([self.forward(tf.constant(self.x_test[s:s + 500])).numpy()
                              .argmax(-1) for s in range(0, len(self.x_test), 500)])
       self._seen[key] = float(np.mean(pred == self.y_test))
@@ -111,13 +119,13 @@ def calibration_data(name, seed, model, data, source):
     return data.x_train[:SAMPLES], data.y_train[:SAMPLES]
   CACHE.mkdir(parents=True, exist_ok=True)
   # Keyed by the generator's source, so a changed generator synthesizes afresh.
-  version = hashlib.sha256(pathlib.Path(synthesis.__file__).read_bytes()).hexdigest()[:10]
+  version = hashlib.sha256(pathlib.Path(generators_lib.__file__).read_bytes()).hexdigest()[:10]
   path = CACHE / f"{name}-seed{seed}-labeled{SAMPLES}-{version}.npz"
   if path.exists():
     with np.load(path) as z:
       return z["x"], z["y"]
   t = time.perf_counter()
-  x, y = synthesis.synthesize(model, SAMPLES, "labeled", seed=0, progress=False)
+  x, y = generators_lib.synthesize(model, SAMPLES, "labeled", seed=0, progress=False)
   log(f"  synthesized {SAMPLES} samples in {time.perf_counter() - t:.0f}s")
   np.savez(path, x=x, y=y)
   return x, y
@@ -127,7 +135,7 @@ def run_plans(model, folded, harness, costs, xy, budgets, bits=BITS, objective=N
               context="highest", table=None):
   """{budget: row} of `search_budgets` (one shared model and measurement) at ``budgets``."""
   sub = costs_lib.cost_table(folded, bits=bits)
-  found_all = sensitivity.search_budgets(
+  found_all = search_lib.search_budgets(
       model, xy, [Budget.avg_bits(a) for a in budgets], weight_bits=bits, rounds=1,
       costs=sub, progress=False, objective=objective, context=context, table=table)
   rows = {}
@@ -150,7 +158,7 @@ def run_plans(model, folded, harness, costs, xy, budgets, bits=BITS, objective=N
 def bench_model(name, seed, sources, quick):
   model = bench_models.get(name, seed)
   data = bench_models.dataset_for(name)
-  folded = apply.fold_batchnorm(model)
+  folded = fold_lib.fold_batchnorm(model)
   costs = costs_lib.cost_table(folded, bits=tuple(range(2, 9)))
   harness = Harness(folded, data.x_test, data.y_test)
   res = {"name": name, "seed": seed, "layers": harness.layers,
@@ -162,12 +170,12 @@ def bench_model(name, seed, sources, quick):
     method, correct = weight_defaults(source)
     harness.use_weights(xy[0], method, correct)
     uniform = {b: harness.accuracy({n: b for n in harness.layers}, xy[0]) for b in range(2, 9)}
-    with apply.weight_defaults(method, correct):
+    with optimize_lib.weight_defaults(method, correct):
       rows, table = run_plans(model, folded, harness, costs, xy, BUDGETS)
     out = {"uniform": uniform, "rows": rows, "variants": {}, "weights": [method, correct]}
     if name != "mobilenet_v2" and not quick and seed in VARIANT_SEEDS:
       sliced = _slice(table, (2, 4, 8))
-      with apply.weight_defaults(method, correct):  # the source's weight quantizer here too
+      with optimize_lib.weight_defaults(method, correct):  # the source's weight quantizer here too
         out["variants"]["no 3-bit candidates"] = run_plans(
             model, folded, harness, costs, xy, VARIANT_BUDGETS, bits=(2, 4, 8),
             table=sliced)[0]
@@ -212,7 +220,7 @@ def render(results, args, started, elapsed, n_test):
       f"- Data: `synthetic` = 256 samples of `synthesize(method='labeled')` (the current "
       "generator, no real data); `real` = the first 256 training images with labels.",
       f"- Mixed: `sensitivity.search` with the defaults `quantize` uses (objective "
-      f"{sensitivity.DEFAULT_OBJECTIVE!r}, context at the highest bits, candidates "
+      f"{job_lib.DEFAULT_OBJECTIVE!r}, context at the highest bits, candidates "
       f"{BITS}, held-out half for measurement, safeguard on). `alloc`: the exact "
       "allocation alone, before the safeguard. `uniform`: the largest whole bit-width "
       "within the budget (2..8).",
@@ -324,7 +332,7 @@ def main(argv=None):
   results = [bench_model(n, s, sources, args.quick) for n, s in models]
   n_test = len(bench_models.dataset_for("plain_cnn").y_test)
   text = render(results, args, started, time.perf_counter() - t0, n_test)
-  fileio.write_text(args.out, "# Plans benchmark\n\n" + text)
+  fileio_lib.write_text(args.out, "# Plans benchmark\n\n" + text)
   print(text)
 
 

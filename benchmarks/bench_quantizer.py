@@ -2,7 +2,7 @@
 
 For each benchmark model (`bench_models`: two seeds of each MNIST CNN and the
 stock MobileNetV2) and each budget, the same pipeline runs with the weight
-quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
+quantizer switched step by step (`keras_mpq.quantization.optimize.optimize_weights`):
 
 * ``rtn``: round to nearest on the per-channel max-abs grid (the old quantizer);
 * ``+clip``: per-channel clipping search (`weight_quant.clip_search`);
@@ -11,7 +11,7 @@ quantizer switched step by step (`keras_mpq.apply.optimize_weights`):
 * ``+adaround``: clipping, GPTQ, then AdaRound from GPTQ's integers, and bias
   correction;
 * ``+tune``: ``+adaround``, then each layer's per-channel scales and bias tuned
-  to the float model's outputs on the calibration data (`keras_mpq.distill`);
+  to the float model's outputs on the calibration data (`keras_mpq.quantization.distill`);
 * ``gptq-nobias``: clipping and GPTQ rounding without bias correction;
 * ``damped``: GPTQ on a strongly damped Hessian, no bias correction (the
   data-free default of `keras_mpq.quantize`, `apply.DATA_FREE_WEIGHT_METHOD`).
@@ -50,7 +50,17 @@ import numpy as np
 
 import bench_models  # pylint: disable=wrong-import-position
 import keras_mpq  # pylint: disable=wrong-import-position
-from keras_mpq import api, apply, augment, costs, distill, fileio, report, synthesis, synthesis_losses  # pylint: disable=wrong-import-position
+from keras_mpq import recipe as recipe_lib  # pylint: disable=wrong-import-position
+from keras_mpq.quantization import access as access_lib  # pylint: disable=wrong-import-position
+from keras_mpq.quantization import apply as apply_lib  # pylint: disable=wrong-import-position
+from keras_mpq.quantization import fold as fold_lib  # pylint: disable=wrong-import-position
+from keras_mpq.synthesis import augment as augment_lib  # pylint: disable=wrong-import-position
+from keras_mpq.plan import costs as costs_lib  # pylint: disable=wrong-import-position
+from keras_mpq.quantization import distill as distill_lib  # pylint: disable=wrong-import-position
+from keras_mpq.base import fileio as fileio_lib  # pylint: disable=wrong-import-position
+from keras_mpq import report as report_lib  # pylint: disable=wrong-import-position
+from keras_mpq.synthesis import generators as generators_lib  # pylint: disable=wrong-import-position
+from keras_mpq.synthesis import losses as losses_lib  # pylint: disable=wrong-import-position
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "bench_out" / "quantizer"
@@ -79,18 +89,18 @@ def _synthetic(model, name, seed, n=None, avg_bits=None):
   """Labeled synthetic calibration data (the library's default generator), cached.
 
   ``n`` None: as many samples as data-free `keras_mpq.quantize` makes for the
-  model at an ``avg_bits`` budget (`api.default_calibration_sizes`: synthesized,
+  model at an ``avg_bits`` budget (`keras_mpq.recipe.default_calibration_sizes`: synthesized,
   then shifted copies), with the same seed, so the same data.
   """
   made_n = n
   if n is None:
-    folded = apply.fold_batchnorm(model)
+    folded = fold_lib.fold_batchnorm(model)
     budget = None if avg_bits is None else keras_mpq.Budget.avg_bits(avg_bits)
-    made_n, n = api.default_calibration_sizes(costs.cost_table(folded, bits=CANDIDATES),
+    made_n, n = recipe_lib.default_calibration_sizes(costs_lib.cost_table(folded, bits=CANDIDATES),
                                               budget, tuple(folded.inputs[0].shape)[1:])
   # Keyed on the generator's source too: a change to synthesis makes new data.
   source = b"".join(pathlib.Path(m.__file__).read_bytes()
-                    for m in (synthesis, synthesis_losses, augment))
+                    for m in (generators_lib, losses_lib, augment_lib))
   path = OUT / (f"synthetic-{name}-seed{seed}-{made_n}-{n}-"
                 f"{hashlib.sha1(source).hexdigest()[:8]}.npz")
   if path.exists():
@@ -100,10 +110,10 @@ def _synthetic(model, name, seed, n=None, avg_bits=None):
   made = keras_mpq.synthesize_with_info(model, num_samples=made_n, seed=0, progress=False)
   x, y = made.x, made.y
   if n > made_n:  # as data-free quantize does: shifted copies make up the rest
-    x, index = augment.shifted_copies(x, n, seed=0)
+    x, index = augment_lib.shifted_copies(x, n, seed=0)
     y = y[index]
   took = time.perf_counter() - t
-  fileio.ensure_dir(OUT)
+  fileio_lib.ensure_dir(OUT)
   np.savez(path, x=x, y=y)
   return x, y, took
 
@@ -111,7 +121,7 @@ def _synthetic(model, name, seed, n=None, avg_bits=None):
 def run_group(name, seed, source, uniform, mixed, steps, litert, log):
   model = bench_models.get(name, seed)
   data = bench_models.dataset_for(name)
-  folded = apply.fold_batchnorm(model)
+  folded = fold_lib.fold_batchnorm(model)
 
   def calibration(avg_bits):
     if source == "real":
@@ -123,16 +133,16 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
 
   float_acc = _accuracy_keras(folded, data.x_test, data.y_test)
   free = source == "synthetic"
-  temperature = distill.DATA_FREE_TEMPERATURE if free else 1.0
+  temperature = distill_lib.DATA_FREE_TEMPERATURE if free else 1.0
   rows = []
   tag = f"{name}-s{seed}-{source}"
   for bits in uniform:
-    plan = keras_mpq.QuantizationPlan.uniform(apply.plan_layers(folded), bits)
+    plan = keras_mpq.QuantizationPlan.uniform(access_lib.plan_layers(folded), bits)
     x, y = calibration(bits)
     base_time = None
     for label, method, bc, tune in steps:
       t = time.perf_counter()
-      q = apply.apply_plan(folded, plan, x, fold_bn=False, weight_method=method,
+      q = apply_lib.apply_plan(folded, plan, x, fold_bn=False, weight_method=method,
                            bias_correction=bc, tune_steps=tune, tune_temperature=temperature)
       took = time.perf_counter() - t
       base_time = took if label == "rtn" else base_time
@@ -141,7 +151,7 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
                                                                           data.y_test),
              "seconds": took, "x_rtn": took / base_time if base_time else None}
       if litert:
-        row["litert"] = _litert(apply.bake(q), plan, x, data,
+        row["litert"] = _litert(access_lib.bake(q), plan, x, data,
                                 OUT / f"{tag}-u{bits}-{method}-{bc}.tflite")
       rows.append(row)
       log(json.dumps(row))
@@ -166,7 +176,7 @@ def run_group(name, seed, source, uniform, mixed, steps, litert, log):
              "sens_s": timings.get("sensitivity+allocation"), "apply_s": timings.get("apply"),
              "plan": "".join(str(b) if b < 10 else "f" for b in result.plan.weight_bits.values())}
       if litert:
-        row["litert"] = _litert(apply.bake(result.model), result.plan,
+        row["litert"] = _litert(access_lib.bake(result.model), result.plan,
                                 result.calibration_data, data,
                                 OUT / f"{tag}-m{avg}-{method}-{bc}.tflite")
       rows.append(row)
@@ -263,7 +273,7 @@ def side_by_side(rows, ours="+tune"):
         cells[2] = "fails"  # MCT's file did not load or run in LiteRT
       line[b] = " / ".join(cells)
     out.append(line)
-  return report.format_table(out, ["model", "data", "float"] + budgets,
+  return report_lib.format_table(out, ["model", "data", "float"] + budgets,
                              ["model", "data", "float %"] +
                              [f"{b.split()[1]} bits: ours / MCT / MCT file %"
                               for b in budgets])
@@ -294,7 +304,7 @@ def main():
   args = parser.parse_args()
   steps = [s for s in STEPS if s[0] in args.steps]
   start = time.perf_counter()
-  fileio.ensure_dir(OUT)
+  fileio_lib.ensure_dir(OUT)
   rows = []
   if args.assemble is not None:
     for path in args.assemble:
@@ -321,7 +331,7 @@ def main():
             rows += run_mct(name, seed, source, args.mixed, log)
     jsonl.close()
     cmd = ".venv/bin/python benchmarks/bench_quantizer.py " + " ".join(sys.argv[1:])
-  table = report.format_table(
+  table = report_lib.format_table(
       _fmt(rows), ["model", "data", "budget", "step", "float", "keras", "litert", "drop",
                    "time", "x_rtn", "plan"],
       ["model", "data", "budget", "weights", "float %", "Keras %", "LiteRT %",
@@ -337,15 +347,15 @@ def main():
       "alpha 0.35 on 32x32x3 MNIST). Test: the 2,000 held-out MNIST images.",
       "- Data: 'real' = first 256 training images with labels; 'synthetic' = the "
       "library's labeled synthesis, as many samples as data-free `quantize` makes "
-      "(`api.default_calibration_sizes`: for the MNIST CNNs, at budgets that force "
-      "layers below 3 bits, 256 synthesized and 768 shifted copies, `keras_mpq.augment`; "
+      "(`keras_mpq.recipe.default_calibration_sizes`: for the MNIST CNNs, at budgets that force "
+      "layers below 3 bits, 256 synthesized and 768 shifted copies, `keras_mpq.synthesis.augment`; "
       "else 256; the search measures on the 256 synthesized), "
       "tuned at `distill.DATA_FREE_TEMPERATURE`; mixed synthetic rows run `quantize` "
       "data-free, its synthesis cached across steps (time excludes it). Activations 8-bit.",
       "- '+dfq' steps: the analytic bias correction from BatchNorm statistics "
-      "(`bias_correction='analytic'`, `keras_mpq.analytic_bias`, DFQ) in place of the "
+      "(`bias_correction='analytic'`, `keras_mpq.quantization.analytic_bias`, DFQ) in place of the "
       "empirical one, for layers whose input follows a BatchNorm (empirical for the others).",
-      "- '+tune': '+adaround', then `keras_mpq.distill.tune` (per-channel scales and biases "
+      "- '+tune': '+adaround', then `keras_mpq.quantization.distill.tune` (per-channel scales and biases "
       "fitted to the float model's outputs, integers kept). Uniform '+tune' rows tune at "
       "every bit-width, to show where it pays; `quantize` data-free tunes only where the "
       "budget forces layers below 3 bits (so its mixed 4 and 3 '+tune' rows equal "
@@ -371,7 +381,7 @@ def main():
         "LiteRT refused to load it, e.g. `conv.cc:390 affine_quantization->zero_point "
         "!= 0` where MCT gave a layer 2 bits; '-': not measured).", "",
         "```", peer, "```", ""])
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
   return 0
 

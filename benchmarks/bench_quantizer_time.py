@@ -10,8 +10,8 @@ data-free from scratch (synthesis included, no cache):
 * ``default``: what `quantize` does when not told (AdaRound on GPTQ, bias
   correction, `api.default_calibration_sizes` samples: 256 synthesized, and at
   a budget that forces layers below 3 bits 768 shifted copies of them
-  (`keras_mpq.augment`), the search measuring on the 256; then the scale
-  tuning of `keras_mpq.distill`).
+  (`keras_mpq.synthesis.augment`), the search measuring on the 256; then the scale
+  tuning of `keras_mpq.quantization.distill`).
 
 Issue 13 asks `quantize` to stay within 2x of the simpler quantizer's wall
 time; these are the ratios, measured in one run so that machine load moves
@@ -33,7 +33,8 @@ import numpy as np
 
 import bench_models  # pylint: disable=wrong-import-position
 import keras_mpq  # pylint: disable=wrong-import-position
-from keras_mpq import fileio, report  # pylint: disable=wrong-import-position
+from keras_mpq.base import fileio as fileio_lib  # pylint: disable=wrong-import-position
+from keras_mpq import report as report_lib  # pylint: disable=wrong-import-position
 
 CONFIGS = {
     "rtn-256": dict(weight_method="rtn", bias_correction=False, num_samples=256, tune_steps=0),
@@ -94,9 +95,9 @@ def main():
         "- `x rtn-256`: the default's total time over the other's, the ratio issue 13 "
         "caps at 2.",
         "",
-        report.format_table(table, cols, cols),
+        report_lib.format_table(table, cols, cols),
     ])
-    fileio.write_text(args.out, text + "\n")
+    fileio_lib.write_text(args.out, text + "\n")
   return 0
 
 

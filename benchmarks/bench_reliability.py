@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import keras_mpq  # pylint: disable=g-import-not-at-top
-from keras_mpq import cli  # pylint: disable=g-import-not-at-top
-from keras_mpq.types import KerasMpqError, QuantizationPlan  # pylint: disable=g-import-not-at-top
+from keras_mpq import cli as cli_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.errors import KerasMpqError  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -80,7 +81,7 @@ def command(argv: List[str], subprocess_: bool = False) -> Callable[[], str]:
       out, errio = io.StringIO(), io.StringIO()
       try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errio):
-          code = cli.main(["keras-mpq", *argv])
+          code = cli_lib.main(["keras-mpq", *argv])
       except Exception as e:  # pylint: disable=broad-except
         return f"crash: {type(e).__name__} escaped cli.main: {e}"
       err = errio.getvalue()
@@ -106,7 +107,7 @@ def with_marker(run: Callable[[], str], marker: pathlib.Path) -> Callable[[], st
 
 
 def tiny(classes=3, nan=None, no_quantizable=False, out_3d=False):
-  from keras_mpq.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
   set_global_seed(0)
   inp = keras.Input((8, 8, 1))
   if no_quantizable:
@@ -123,7 +124,7 @@ def tiny(classes=3, nan=None, no_quantizable=False, out_3d=False):
 
 
 def make_cases(d: pathlib.Path) -> List[Case]:
-  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
   import keras as keras3  # pylint: disable=g-import-not-at-top
   good = d / "good.h5"
   tiny().save(good)
@@ -327,7 +328,7 @@ COMMANDS = {
     "model file carrying code (Lambda, custom layer)":
         "pytest tests/test_reliability.py -k 'lambda or custom'",
     "unsupported model (no quantizable layer, NaN/Inf weights, not a classifier)":
-        "pytest tests/test_model_io.py -k check_model",
+        "pytest tests/test_load.py -k check_model",
     "bad data (empty, wrong shape, NaN, wrong labels)":
         "pytest tests/test_reliability.py -k labels",
     "bad data file (--data, --eval_data)": "pytest tests/test_reliability.py -k validate_refuses",
@@ -420,8 +421,8 @@ def write_markdown(rows, path: pathlib.Path, seconds: float, argv: List[str]) ->
       "  error; now it is recomputed.",
   ]
   text = "\n".join(lines) + "\n"
-  from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
-  fileio.write_text(path, text)
+  from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+  fileio_lib.write_text(path, text)
   return text
 
 

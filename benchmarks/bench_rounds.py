@@ -23,7 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 import keras_mpq
-from keras_mpq import demo_data, fileio, model_zoo, report
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq import report as report_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "rounds.md"
 
@@ -34,12 +37,12 @@ def main():
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
   start = time.perf_counter()
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   models = ["separable_cnn"] if args.quick else ["separable_cnn", "plain_cnn"]
   budgets = ["4bit"] if args.quick else ["5bit", "4bit", "3bit"]
   rows = []
   for name in models:
-    model = model_zoo.build_and_train(name, data, seed=0)
+    model = model_zoo_lib.build_and_train(name, data, seed=0)
     for budget in budgets:
       row = {"model": name, "budget": budget}
       for rounds in (1, 3):
@@ -52,7 +55,7 @@ def main():
       row["delta"] = row["acc_r3"] - row["acc_r1"]
       rows.append(row)
       print(row, flush=True)
-  table = report.format_table(
+  table = report_lib.format_table(
       rows, ["model", "budget", "acc_r1", "bits_r1", "acc_r3", "bits_r3", "chosen_r3", "delta"],
       ["model", "budget", "acc rounds=1", "bits", "acc rounds=3", "bits", "round kept", "delta"])
   worse = sum(r["delta"] < 0 for r in rows)
@@ -74,7 +77,7 @@ def main():
       "confidence rather than fidelity). `quantize` therefore defaults to rounds=1; "
       "`rounds=3` (or `--rounds 3`) runs the refinement.",
       ""])
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
   return 0
 

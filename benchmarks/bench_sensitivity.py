@@ -22,7 +22,7 @@ split: first 8,000 images train and calibrate, last 2,000 test), the
    images for each plan, as `apply_plan` does).
 3. Data: the task-interaction metric measured on labeled synthetic, ZeroQ
    distilled, noise, and real (256 real training images) data.
-4. Iterative search (`keras_mpq.sensitivity.search`) rounds at one budget.
+4. Iterative search (`keras_mpq.plan.search.search`) rounds at one budget.
 5. Cost: wall time of one full task-interaction measurement beside the floor
    (evaluations x one forward pass over the same data, same run), for the
    MNIST CNN and for keras.applications.MobileNetV2(alpha=0.35,
@@ -53,11 +53,20 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from scipy import stats  # pylint: disable=g-import-not-at-top
 
 import bench_models  # pylint: disable=g-import-not-at-top
-from keras_mpq import allocation, apply, demo_data, fileio  # pylint: disable=g-import-not-at-top
-from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq import sensitivity, synthesis  # pylint: disable=g-import-not-at-top
-from keras_mpq.compat import keras, tf  # pylint: disable=g-import-not-at-top
-from keras_mpq.types import Budget, QuantizationPlan  # pylint: disable=g-import-not-at-top
+from keras_mpq.plan import allocation as allocation_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import calibrate as calibrate_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.quantization import optimize as optimize_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.plan import costs as costs_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.plan import search as search_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.sensitivity import job as job_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.sensitivity import measure as measure_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.synthesis import generators as generators_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.compat import keras, tf  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.types import Budget, QuantizationPlan  # pylint: disable=g-import-not-at-top
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sensitivity.md"
 BITS = (2, 4, 8)
@@ -102,12 +111,12 @@ class TestHarness:
   def __init__(self, folded, layers, x_cal, x_test, y_test, weights="rtn"):
     self.layers, self.x_cal = layers, x_cal
     self.x_test, self.y_test = x_test, y_test
-    self.qmodel = apply.quantize_model(folded, QuantizationPlan.uniform(layers, 8))
-    self.bank = None if weights == "rtn" else apply.WeightBank(
-        self.qmodel, x_cal, apply.DEFAULT_WEIGHT_METHOD, apply.DEFAULT_BIAS_CORRECTION)
+    self.qmodel = access_lib.quantize_model(folded, QuantizationPlan.uniform(layers, 8))
+    self.bank = None if weights == "rtn" else optimize_lib.WeightBank(
+        self.qmodel, x_cal, optimize_lib.DEFAULT_WEIGHT_METHOD, optimize_lib.DEFAULT_BIAS_CORRECTION)
     if self.bank is not None:
       self.bank.set_weight_bits({n: 8 for n in layers})
-    apply.calibrate(self.qmodel, x_cal)
+    calibrate_lib.calibrate(self.qmodel, x_cal)
     qmodel = self.qmodel
     self.forward = tf.function(
         lambda x: qmodel(x, training=False),
@@ -116,11 +125,11 @@ class TestHarness:
   def measure(self, bits, recalibrate=False):
     """(test loss, test accuracy) at ``bits`` ({layer: bits})."""
     if self.bank is None:
-      apply.set_weight_bits(self.qmodel, bits)
+      access_lib.set_weight_bits(self.qmodel, bits)
     else:
       self.bank.set_weight_bits(bits)
     if recalibrate:
-      apply.calibrate(self.qmodel, self.x_cal)
+      calibrate_lib.calibrate(self.qmodel, self.x_cal)
     logits = np.concatenate([self.forward(tf.constant(self.x_test[s:s + 500])).numpy()
                              for s in range(0, len(self.x_test), 500)])
     loss = keras.losses.sparse_categorical_crossentropy(
@@ -130,10 +139,10 @@ class TestHarness:
   def reset(self):
     """All 8 bits, calibrated at 8 bits (the state random configurations use)."""
     if self.bank is None:
-      apply.set_weight_bits(self.qmodel, {n: 8 for n in self.layers})
+      access_lib.set_weight_bits(self.qmodel, {n: 8 for n in self.layers})
     else:
       self.bank.set_weight_bits({n: 8 for n in self.layers})
-    apply.calibrate(self.qmodel, self.x_cal)
+    calibrate_lib.calibrate(self.qmodel, self.x_cal)
 
 
 def random_configs(layers, k, rng):
@@ -175,7 +184,7 @@ def bootstrap(rows, losses, rng, resamples=1000):
 def plan_accuracies(table, costs, harness):
   out = {}
   for avg in BUDGETS:
-    plan = allocation.allocate(table, Budget.avg_bits(avg), costs)
+    plan = allocation_lib.allocate(table, Budget.avg_bits(avg), costs)
     loss, acc = harness.measure(plan.weight_bits, recalibrate=True)
     out[avg] = {"acc": acc, "loss": loss, "bits": plan.weight_bits,
                 "achieved": plan.info["achieved"]["avg_bits"]}
@@ -190,8 +199,8 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
   log(f"{name} seed {model_seed}: loading")
   t0 = time.perf_counter()
   model = bench_models.get(name, model_seed)
-  folded = apply.fold_batchnorm(model)
-  layers = apply.plan_layers(folded)
+  folded = fold_lib.fold_batchnorm(model)
+  layers = access_lib.plan_layers(folded)
   costs = costs_lib.cost_table(folded, bits=BITS)
   float_acc = float(np.mean(model.predict(ds.x_test, verbose=0).argmax(-1) == ds.y_test))
   harness = TestHarness(folded, layers, ds.x_train[:CALIBRATION], ds.x_test, ds.y_test,
@@ -219,7 +228,7 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
   data = {}
   for method in ("labeled", "zeroq", "noise"):
     t = time.perf_counter()
-    data[method] = synthesis.synthesize(model, num_samples, method, seed=seed,
+    data[method] = generators_lib.synthesize(model, num_samples, method, seed=seed,
                                         progress=False)
     log(f"  {method}: {time.perf_counter() - t:.1f}s")
   data["real"] = (ds.x_train[:num_samples], ds.y_train[:num_samples])
@@ -227,7 +236,7 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
   # Real-data task_interaction predictions: the reference ranking for claim 2.
   tables = {}
   t = time.perf_counter()
-  tables[(TI_LABEL, "real")] = sensitivity.measure_sensitivity(
+  tables[(TI_LABEL, "real")] = measure_lib.measure_sensitivity(
       model, data["real"], metric="task_interaction", seed=seed, progress=False,
       **METRICS[0][2])
   _, ref_pred = correlations(tables[(TI_LABEL, "real")], configs, losses, errors)
@@ -239,7 +248,7 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
     if kwargs.get("context") == "ctx4":
       kwargs["context"] = {n: 4 for n in layers}
     t = time.perf_counter()
-    table = sensitivity.measure_sensitivity(
+    table = measure_lib.measure_sensitivity(
         model, None if metric == "weight_mse" else data["labeled"], metric=metric,
         seed=seed, progress=False, **kwargs)
     seconds = time.perf_counter() - t
@@ -258,7 +267,7 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
       log(f"{name}: {label} on {source} data")
       key = (label, source)
       if key not in tables:
-        tables[key] = sensitivity.measure_sensitivity(
+        tables[key] = measure_lib.measure_sensitivity(
             model, data[source], metric="task_interaction", seed=seed, progress=False,
             **kwargs)
       row, _ = correlations(tables[key], configs, losses, errors, ref_pred)
@@ -273,7 +282,7 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
     return res
   log(f"{name}: iterative search at 3 bits")
   t = time.perf_counter()
-  found = sensitivity.search(model, data["labeled"], Budget.avg_bits(3.0), rounds=3,
+  found = search_lib.search(model, data["labeled"], Budget.avg_bits(3.0), rounds=3,
                              costs=costs, seed=seed, progress=False)
   res["search_s"] = time.perf_counter() - t
   rounds = []
@@ -291,10 +300,10 @@ def bench_model(name, ds, k, num_samples, seed, model_seed, no_search=False, wei
 
 def forward_time(model, x, repeats=5):
   """Median seconds of one forward pass of ``model`` (quantized, 8-bit) over ``x``."""
-  folded = sensitivity._fold(model)  # pylint: disable=protected-access
-  layers = apply.plan_layers(folded)
-  qmodel = apply.quantize_model(folded, QuantizationPlan.uniform(layers, 8))
-  apply.calibrate(qmodel, x[:128])
+  folded = job_lib._fold(model)  # pylint: disable=protected-access
+  layers = access_lib.plan_layers(folded)
+  qmodel = access_lib.quantize_model(folded, QuantizationPlan.uniform(layers, 8))
+  calibrate_lib.calibrate(qmodel, x[:128])
   fwd = tf.function(lambda t: qmodel(t, training=False),
                     input_signature=[tf.TensorSpec((None,) + x.shape[1:], tf.float32)])
 
@@ -314,10 +323,10 @@ def forward_time(model, x, repeats=5):
 def bench_cost(label, model, x, y):
   log(f"cost: {label}")
   t = time.perf_counter()
-  table = sensitivity.measure_sensitivity(model, (x, y), progress=False)
+  table = measure_lib.measure_sensitivity(model, (x, y), progress=False)
   wall = time.perf_counter() - t
   t = time.perf_counter()
-  plain = sensitivity.measure_sensitivity(model, (x, y), progress=False, reuse_prefix=False)
+  plain = measure_lib.measure_sensitivity(model, (x, y), progress=False, reuse_prefix=False)
   wall_plain = time.perf_counter() - t
   fwd = forward_time(model, x)
   return {"label": label, "n": len(x), "layers": len(table.layers),
@@ -351,8 +360,8 @@ def render(results, costs, args, started, elapsed):
       f"{'' if args.weights == 'rtn' else ' --weights ' + args.weights}`",
       "- Weights of each measured configuration: " + (
           "round to nearest on the max-abs grid (bits variables only)." if args.weights == "rtn"
-          else f"the library's default quantizer (`{apply.DEFAULT_WEIGHT_METHOD}`, bias "
-          f"correction {apply.DEFAULT_BIAS_CORRECTION}) per (layer, bits) on the "
+          else f"the library's default quantizer (`{optimize_lib.DEFAULT_WEIGHT_METHOD}`, bias "
+          f"correction {optimize_lib.DEFAULT_BIAS_CORRECTION}) per (layer, bits) on the "
           f"{CALIBRATION} real calibration images (`apply.WeightBank`)."),
       f"- Date: {started:%Y-%m-%d %H:%M} (took {elapsed / 60:.1f} min)",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
@@ -496,7 +505,7 @@ def main(argv=None):
   k = 30 if args.quick else args.k
   started = datetime.datetime.now()
   t0 = time.perf_counter()
-  ds = demo_data.load_default()
+  ds = demo_data_lib.load_default()
   names = ("plain_cnn",) if args.quick else tuple(args.names.split(","))
   args.model_seeds = (1,) if args.quick else tuple(
       int(v) for v in args.model_seeds.split(","))
@@ -518,7 +527,7 @@ def main(argv=None):
     y = rng.integers(0, 10, n)
     costs.append(bench_cost("MobileNetV2 0.35, 96x96 (random data)", mnv2, x, y))
   text = render(results, costs, args, started, time.perf_counter() - t0)
-  fileio.write_text(args.out, "# Sensitivity benchmark\n\n" + text)
+  fileio_lib.write_text(args.out, "# Sensitivity benchmark\n\n" + text)
   print(text)
 
 

@@ -40,17 +40,19 @@ def worker(name: str, samples: int, steps: int, emit=print) -> dict:
   """Runs the pipeline on ``name`` stage by stage; ``emit``s the row (JSON) after each."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import keras_mpq  # pylint: disable=g-import-not-at-top
-  from keras_mpq import demo_data, model_zoo, quantizers  # pylint: disable=g-import-not-at-top
-  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
   row = {"model": name, "samples": samples, "synthesis_steps": steps, "done": []}
 
   def done(stage):
     row["done"].append(stage)
     emit(json.dumps(row))
 
-  if name in model_zoo.BUILDERS:
-    data = demo_data.load_default()
-    model = model_zoo.build_and_train(name, data, seed=0)
+  if name in model_zoo_lib.BUILDERS:
+    data = demo_data_lib.load_default()
+    model = model_zoo_lib.build_and_train(name, data, seed=0)
     x_eval, y_eval = data.x_test[:500], data.y_test[:500]
   else:
     build = {"MobileNetV2": lambda: keras.applications.MobileNetV2(
@@ -63,7 +65,7 @@ def worker(name: str, samples: int, steps: int, emit=print) -> dict:
     x_eval = rng.random((64, 96, 96, 3), dtype=np.float32)
     y_eval = rng.integers(0, 10, 64)
   row["params"] = int(model.count_params())
-  row["weight_layers"] = len(quantizers.quantizable_layers(model))
+  row["weight_layers"] = len(layers_lib.quantizable_layers(model))
   row["peak_mb_model"] = _peak_mb()
   emit(json.dumps(row))
 
@@ -188,7 +190,8 @@ def main():
     row = run_worker(*job)
     print(row, flush=True)
     rows.append(row)
-  from keras_mpq import fileio, report  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
   cols = ["model", "weight_layers", "params", "samples", "synthesis_steps", "synthesis_s",
           "sensitivity_allocation_s", "evaluations", "apply_s", "export_s", "validate_s",
           "tflite_bytes", "peak_mb_synthesis", "peak_mb_quantize", "peak_mb_export", "peak_mb"]
@@ -216,12 +219,12 @@ def main():
           f"{m} {n} samples, at most {s} steps" for m, n, s in jobs
           if m != "plain_cnn") + (" (plain_cnn: 500 steps at most)." if not args.quick
                                   else "none in --quick (plain_cnn only)."),
-      "", "```", report.format_table(rows, cols, heads), "```", "",
+      "", "```", report_lib.format_table(rows, cols, heads), "```", "",
       "How time grows:", "", *scaling_notes(rows), "",
       "Failures (a row's later stages are blank after one):" if failures else
       "Failures: none.", "",
       *[f"- {r['model']} ({r['samples']} samples): {r['error']}" for r in failures], ""])
-  fileio.write_text(args.out, text)
+  fileio_lib.write_text(args.out, text)
   print(text)
   return 1 if failures else 0
 

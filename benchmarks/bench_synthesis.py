@@ -32,8 +32,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from keras_mpq import demo_data, fileio, model_zoo, synthesis
-from keras_mpq.compat import keras, tf
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq.synthesis import classifier as classifier_lib
+from keras_mpq.synthesis import generators as generators_lib
+from keras_mpq.base.compat import keras, tf
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "synthesis.md"
 TITLE = "# Synthetic calibration data benchmark\n"
@@ -74,7 +78,7 @@ def describe_set(name, model, x, y, seconds, result=None):
 def bench_mnist(args, dataset):
   """Rows for real data and each method on the plain CNN."""
   start = time.perf_counter()
-  model = model_zoo.build_and_train("plain_cnn", dataset, seed=args.seed)
+  model = model_zoo_lib.build_and_train("plain_cnn", dataset, seed=args.seed)
   train_s = time.perf_counter() - start
   test_acc = float(np.mean(model.predict(dataset.x_test, verbose=0).argmax(-1)
                            == dataset.y_test))
@@ -82,9 +86,9 @@ def bench_mnist(args, dataset):
                        dataset.x_train[:NUM_SAMPLES], dataset.y_train[:NUM_SAMPLES],
                        float("nan"))]
   settings = {}
-  for method in synthesis.SynthesisMethod:
+  for method in generators_lib.SynthesisMethod:
     kwargs = {"max_steps": args.zeroq_steps} if method.value == "zeroq" else {}
-    result = synthesis.synthesize_with_info(
+    result = generators_lib.synthesize_with_info(
         model, num_samples=NUM_SAMPLES, method=method.value, seed=args.seed,
         batch_size=BATCH, progress=args.progress, **kwargs)
     rows.append(describe_set(method.value, model, result.x, result.y, result.seconds,
@@ -102,7 +106,7 @@ def bench_mobilenet(args):
   keras.utils.set_random_seed(args.seed)
   model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3),
                                          weights=None, classes=10)
-  classifier = synthesis.inspect_classifier(model)
+  classifier = classifier_lib.inspect_classifier(model)
   x = tf.constant(np.random.default_rng(args.seed).uniform(
       0, 1, (BATCH, 96, 96, 3)).astype(np.float32))
   y = tf.constant(np.arange(BATCH) % 10, tf.int32)
@@ -121,7 +125,7 @@ def bench_mobilenet(args):
     start = time.perf_counter()
     forward_backward(x).numpy()
     floor.append(time.perf_counter() - start)
-  result = synthesis.synthesize_with_info(
+  result = generators_lib.synthesize_with_info(
       model, num_samples=NUM_SAMPLES, seed=args.seed, batch_size=BATCH,
       max_steps=args.mobilenet_steps, progress=args.progress)
   total_steps = int(sum(result.info["batch_steps"]))
@@ -206,7 +210,7 @@ def write_section(path, mode, section):
   sections[mode] = section.rstrip("\n").splitlines()
   body = "\n\n".join("\n".join(sections[m]).rstrip("\n")
                      for m in ("full", "quick") if m in sections)
-  fileio.write_text(path, TITLE + "\n" + body + "\n")
+  fileio_lib.write_text(path, TITLE + "\n" + body + "\n")
 
 
 def main(argv=None):
@@ -222,7 +226,7 @@ def main(argv=None):
   args.floor_runs = 3 if args.quick else 7
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
-  dataset = demo_data.load_default()
+  dataset = demo_data_lib.load_default()
   _, test_acc, train_s, rows, settings = bench_mnist(args, dataset)
   mnv2 = bench_mobilenet(args)
   section = render(args, dataset, test_acc, train_s, rows, settings, mnv2,

@@ -42,8 +42,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `keras_mpq` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from keras_mpq.types import (Budget, BudgetKind, InvalidInputError,  # pylint: disable=g-import-not-at-top
-                             KerasMpqError, MissingDependencyError)
+from keras_mpq.base.types import Budget, BudgetKind
+from keras_mpq.base.errors import InvalidInputError, KerasMpqError, MissingDependencyError
 
 HERE = pathlib.Path(__file__).resolve().parent / "peer_mct"
 REPO = HERE.parents[1]
@@ -277,10 +277,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-  from keras_mpq import costs, demo_data, model_zoo  # pylint: disable=g-import-not-at-top
-  data = demo_data.load_default()
-  model = model_zoo.build_and_train(args.model, data, seed=args.seed)
-  n_params = sum(c.n_params for c in costs.layer_costs(model))
+  from keras_mpq.model import size as size_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
+  data = demo_data_lib.load_default()
+  model = model_zoo_lib.build_and_train(args.model, data, seed=args.seed)
+  n_params = sum(c.n_params for c in size_lib.layer_costs(model))
   rng = np.random.default_rng(args.seed)
   idx = rng.choice(len(data.x_train), size=min(args.n_calib, len(data.x_train)), replace=False)
   # Byte targets from keras_mpq's own kernel counts: n_params * bits / 8.

@@ -121,14 +121,14 @@ time); sections older than the latest changes say so in their data line.
 - **The quantizer (issue 13):** GPTQ on a searched clipping grid, refined by
   AdaRound at 2 and 3 bits, each channel's scale refit to its integers, bias
   correction, and now a last step that tunes every layer's per-channel scales
-  and bias together to the float model's outputs (`keras_mpq.distill`: the
+  and bias together to the float model's outputs (`keras_mpq.quantization.distill`: the
   integers stay, kept only if a held-out part of the calibration data agrees
   better), carried as exact integers into the exported file. With 256 real
   images the tuning lifts uniform 2-bit by 2.1 points on the plain CNN
   (seed 1) and 3.8 and 16 on the separable CNN, and moves 3-8 bits by -0.25
   to +0.65. Data-free, budgets that force layers below 3 bits now get
   1024 calibration samples: 256 synthesized (the search measures on those)
-  and 768 copies of them shifted by up to two pixels (`keras_mpq.augment`),
+  and 768 copies of them shifted by up to two pixels (`keras_mpq.synthesis.augment`),
   which scored as well as 1024 synthesized ones: the plain CNN at
   a 2-bit average is 1.0 and 0.5 points below float on its two copies in
   LiteRT (the goal is 1.5; 0.65 and 0.35 with 1024 synthesized; 1.7 and 2.5
@@ -270,7 +270,7 @@ def nest(text: str) -> str:
 def assemble(results_dir, path,
              run_text="sections from separate runs; each gives its own command and time"):
   sys.path.insert(0, str(ROOT))
-  from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
   parts = [HEADER.format(date=datetime.date.today().isoformat(), machine=platform.machine(),
                          cores=os.cpu_count(), summary=SUMMARY, run=run_text)]
   seen = set()
@@ -283,7 +283,7 @@ def assemble(results_dir, path,
         text = f"{top} ({name.replace('_', ' ')})\n{rest}"
       seen.add(top)
       parts.append(text)
-  fileio.write_text(path, "\n\n".join(parts) + "\n")
+  fileio_lib.write_text(path, "\n\n".join(parts) + "\n")
   print(f"wrote {path}")
 
 

@@ -27,7 +27,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 import keras_mpq
-from keras_mpq import apply, demo_data, model_zoo, report
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq import report as report_lib
 
 
 def keras_accuracy(model, x, y):
@@ -38,16 +42,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="demo_out")
   parser.add_argument("--budgets", default="5bit,4bit")
-  parser.add_argument("--model", default="separable_cnn", choices=sorted(model_zoo.BUILDERS))
+  parser.add_argument("--model", default="separable_cnn", choices=sorted(model_zoo_lib.BUILDERS))
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
   t0 = time.perf_counter()
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   print(f"data: {data.split}")
-  model = model_zoo.build_and_train(args.model, data, seed=args.seed)
+  model = model_zoo_lib.build_and_train(args.model, data, seed=args.seed)
   x_test, y_test = data.x_test, data.y_test
   print(f"trained {args.model} ({model.count_params()} params) in "
         f"{time.perf_counter() - t0:.0f}s")
@@ -61,7 +65,7 @@ def main():
     results[budget] = result
     print(f"\n== mixed precision, budget {budget} (data-free, "
           f"{time.perf_counter() - t:.0f}s) ==")
-    print(report.summary_table(result.report))
+    print(report_lib.summary_table(result.report))
     result.save(out / f"mixed_{budget}")
 
   first = next(iter(results.values()))
@@ -69,8 +73,8 @@ def main():
   folded, costs = first.float_model, first.costs
   configs = []
   for bits in (8, 4):
-    plan = keras_mpq.QuantizationPlan.uniform(apply.plan_layers(folded), bits)
-    qmodel = apply.apply_plan(folded, plan, synthetic_x, fold_bn=False)
+    plan = keras_mpq.QuantizationPlan.uniform(access_lib.plan_layers(folded), bits)
+    qmodel = apply_lib.apply_plan(folded, plan, synthetic_x, fold_bn=False)
     configs.append((f"uniform {bits}-bit", qmodel, plan))
   for budget, result in results.items():
     configs.append((f"mixed {budget}", result.model, result.plan))
@@ -79,10 +83,10 @@ def main():
     row = {"config": name, "keras_acc": keras_accuracy(qmodel, x_test, y_test),
            "pred_bytes": int(round(costs.plan_cost(plan, "bytes"))),
            "avg_bits": costs.plan_cost(plan, "avg_bits")}
-    baked = apply.bake(qmodel)
+    baked = access_lib.bake(qmodel)
     for target, runtime in (("mobile", "litert"), ("mcu", "tflm")):
       path = out / f"{name.replace(' ', '_')}_{target}.tflite"
-      keras_mpq.export_tflite(baked, path, apply.current_plan(qmodel), target=target,
+      keras_mpq.export_tflite(baked, path, access_lib.current_plan(qmodel), target=target,
                               calibration_data=synthetic_x)
       checked = keras_mpq.validate_tflite(path, x_test, y_test, runtime=runtime)
       row[f"{target}_bytes"] = path.stat().st_size
@@ -92,7 +96,7 @@ def main():
 
   print(f"\n== {data.name} held-out accuracy and size (every figure measured in this run) ==")
   print(f"test data: {data.split}; quantization data: {len(synthetic_x)} synthetic samples")
-  print(report.format_table(
+  print(report_lib.format_table(
       rows, ["config", "avg_bits", "pred_bytes", "keras_acc", "mobile_bytes", "litert_acc",
              "mcu_bytes", "tflm_acc"],
       ["config", "avg bits", "weights B (pred)", "Keras acc", "mobile .tflite B",

@@ -15,8 +15,9 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras_mpq
-from keras_mpq import demo_data, model_zoo
-from keras_mpq.compat import keras
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq.base.compat import keras
 
 
 def main():
@@ -26,8 +27,8 @@ def main():
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
-  data = demo_data.load_default()
-  model = model_zoo.build_and_train("separable_cnn", data, seed=0)
+  data = demo_data_lib.load_default()
+  model = model_zoo_lib.build_and_train("separable_cnn", data, seed=0)
   result = keras_mpq.quantize(model, "3bit", seed=0)  # data-free
   qmodel = result.model
   qmodel.compile(optimizer=keras.optimizers.Adam(1e-4),

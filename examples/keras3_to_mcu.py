@@ -17,7 +17,8 @@ import keras  # Keras 3, as the user has it
 import numpy as np
 
 import keras_mpq
-from keras_mpq import demo_data, report
+from keras_mpq import demo_data as demo_data_lib
+from keras_mpq import report as report_lib
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   keras.utils.set_random_seed(0)
   model = keras.Sequential([
       keras.Input((28, 28, 1)),
@@ -48,14 +49,14 @@ def main():
 
   # A byte budget (the mcu file's size) halfway between the smallest file and
   # the all-8-bit one; one cheap export measures the file's fixed part.
-  from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.export import storage as storage_lib  # pylint: disable=g-import-not-at-top
   folded = keras_mpq.fold_batchnorm(keras_mpq.load_model(path))
-  costs = keras_mpq.file_cost_table(folded, export_lib.measure_storage(folded, "mcu"))
+  costs = keras_mpq.file_cost_table(folded, storage_lib.measure_storage(folded, "mcu"))
   per_layer = costs.matrix("bytes")
   smallest, largest = per_layer.min(axis=1).sum(), per_layer.max(axis=1).sum()
   budget = keras_mpq.Budget.bytes(smallest + 0.5 * (largest - smallest))
   result = keras_mpq.quantize(path, budget, target="mcu", seed=0)
-  print(report.summary_table(result.report))
+  print(report_lib.summary_table(result.report))
 
   exported = result.export(out / "model_mcu.tflite", target="mcu")
   print(exported.table())

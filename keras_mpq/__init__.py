@@ -15,47 +15,48 @@ Each stage is a public function too: `synthesize`, `measure_sensitivity`,
 `search`, `allocate`, `pareto_front`, `cost_table`, `apply_plan`,
 `export_tflite`, `validate_tflite`, `inspect_tflite`; the weight quantizer
 they share (clipping search, GPTQ, bias correction) is `quantize_kernel`
-(`keras_mpq.weight_quant`), applied layer by layer by `optimize_weights`; `tune`
-(`keras_mpq.distill`) then fits each layer's scales and bias to the float
-model's outputs, keeping the integers. Names are imported
-lazily so ``import keras_mpq`` does not load TensorFlow until needed.
+(`keras_mpq.quantization.weights`), applied layer by layer by
+`optimize_weights`; `tune` (`keras_mpq.quantization.distill`) then fits each
+layer's scales and bias to the float model's outputs, keeping the integers.
+Names are imported lazily so ``import keras_mpq`` does not load TensorFlow
+until needed. docs/architecture.md maps the sub-packages.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-from keras_mpq.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetInfeasibleError,
-                             InputRangeAssumedWarning,
-                             BudgetKind, CostTable, ExportResult, FileOverBudgetError,
-                             InvalidInputError, RamLimitError,
-                             KerasMpqError, LayerCost, LayerExport, MissingDependencyError,
-                             ParetoPoint, QuantizationPlan, SearchResult,
-                             SensitivityTable, SynthesisResult, UnsupportedModelError, ValidationResult)
+from keras_mpq.base.errors import (BudgetInfeasibleError, FileOverBudgetError,
+                                   InputRangeAssumedWarning, InvalidInputError, KerasMpqError,
+                                   MissingDependencyError, RamLimitError, UnsupportedModelError)
+from keras_mpq.base.results import (ExportResult, LayerExport, ParetoPoint, SearchResult,
+                                    SynthesisResult, ValidationResult)
+from keras_mpq.base.types import (ACTIVATION_BITS, FLOAT_BITS, Budget, BudgetKind, CostTable,
+                                  LayerCost, QuantizationPlan, SensitivityTable)
 
 # public name -> module that defines it
 _LAZY = {
-    "quantize": "api", "QuantizationResult": "api",
-    "synthesize": "synthesis", "synthesize_with_info": "synthesis",
-    "register_generator": "synthesis",
-    "resolve_input_range": "input_range", "check_data_range": "input_range",
-    "choose_range": "act_ranges",
-    "activation_statistics": "realism", "compare_statistics": "realism",
-    "measure_sensitivity": "sensitivity", "search": "sensitivity",
-    "register_metric": "sensitivity", "available_metrics": "sensitivity",
+    "quantize": "api", "QuantizationResult": "result",
+    "synthesize": "synthesis.generators", "synthesize_with_info": "synthesis.generators",
+    "register_generator": "synthesis.generators",
+    "resolve_input_range": "model.input_range", "check_data_range": "model.input_range",
+    "choose_range": "base.act_ranges",
+    "activation_statistics": "synthesis.realism", "compare_statistics": "synthesis.realism",
+    "measure_sensitivity": "sensitivity.measure", "search": "plan.search",
+    "register_metric": "sensitivity.metrics", "available_metrics": "sensitivity.metrics",
     "plot_sensitivity": "report", "summary_table": "report",
-    "allocate": "allocation", "pareto_front": "allocation",
-    "cost_table": "costs", "layer_costs": "costs",
-    "apply_plan": "apply", "fold_batchnorm": "apply", "bake": "apply",
-    "optimize_weights": "apply", "quantize_kernel": "weight_quant",
-    "tune": "distill", "tune_report": "distill", "shifted_copies": "augment",
-    "quantize_scope": "quantizers",
-    "export_tflite": "export",
-    "validate_tflite": "validate", "benchmark_latency": "validate",
-    "tflm_arena_bytes": "validate", "deployment_report": "validate",
-    "file_cost_table": "costs",
-    "inspect_tflite": "tflite_inspect",
-    "load_model": "model_io",
+    "allocate": "plan.allocation", "pareto_front": "plan.allocation",
+    "cost_table": "plan.costs", "layer_costs": "model.size",
+    "apply_plan": "quantization.apply", "fold_batchnorm": "quantization.fold", "bake": "quantization.access",
+    "optimize_weights": "quantization.optimize", "quantize_kernel": "quantization.weights",
+    "tune": "quantization.distill", "tune_report": "quantization.distill", "shifted_copies": "synthesis.augment",
+    "quantize_scope": "quantization.configs",
+    "export_tflite": "export.exporter",
+    "validate_tflite": "validate", "benchmark_latency": "export.runtime",
+    "tflm_arena_bytes": "export.runtime", "deployment_report": "export.runtime",
+    "file_cost_table": "plan.costs",
+    "inspect_tflite": "export.reader",
+    "load_model": "model.load",
     "FreezeRanges": "callbacks", "FreezeBatchNorm": "callbacks",
     "ExportAndValidate": "callbacks", "SensitivityMonitor": "callbacks",
 }

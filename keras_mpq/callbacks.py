@@ -1,6 +1,6 @@
 """Keras callbacks for quantization-aware fine-tuning of a keras_mpq model with ``fit``.
 
-The model `keras_mpq.apply.apply_plan` returns trains like any tf_keras model
+The model `keras_mpq.quantization.apply.apply_plan` returns trains like any tf_keras model
 (straight-through gradients through the weight quantizers, activation ranges
 followed by an exponential moving average). These callbacks do the usual
 chores of such a fine-tune:
@@ -15,8 +15,8 @@ chores of such a fine-tune:
 
 Example:
 
->>> from keras_mpq import apply, callbacks
->>> qmodel = apply.apply_plan(model, plan, x_train[:256])  # doctest: +SKIP
+>>> from keras_mpq import callbacks
+>>> qmodel = keras_mpq.apply_plan(model, plan, x_train[:256])  # doctest: +SKIP
 >>> qmodel.compile(keras.optimizers.Adam(1e-4), loss, metrics=["accuracy"])  # doctest: +SKIP
 >>> qmodel.fit(x_train, y_train, epochs=2, callbacks=[
 ...     callbacks.FreezeRanges(after_steps=100),
@@ -31,10 +31,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keras_mpq import apply, quantizers
-from keras_mpq.compat import keras, tf, tfmot
-from keras_mpq.types import (InvalidInputError, MissingDependencyError,
-                             SensitivityTable, check_weight_bits)
+from keras_mpq.base import layers as layers_lib
+from keras_mpq.base.compat import keras, tf, tfmot
+from keras_mpq.base.errors import InvalidInputError, MissingDependencyError
+from keras_mpq.base.types import SensitivityTable, check_weight_bits
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import calibrate as calibrate_lib
+from keras_mpq.quantization import configs as configs_lib
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 
@@ -89,7 +92,7 @@ class FreezeRanges(keras.callbacks.Callback):
     return None if iterations is None else int(iterations.numpy())
 
   def on_train_begin(self, logs=None):
-    if not apply._act_quant_vars(self.model):  # pylint: disable=protected-access
+    if not access_lib.act_quant_vars(self.model):  # pylint: disable=protected-access
       raise InvalidInputError(
           "Expected a model quantized by keras_mpq.apply_plan (with activation "
           f"quantizers). Received: model {self.model.name!r} has none.")
@@ -111,7 +114,7 @@ class FreezeRanges(keras.callbacks.Callback):
     if frozen and not self.frozen:
       self.frozen_at_step = self.steps
     self.frozen = frozen
-    apply.set_range_tracking(self.model, not frozen)
+    access_lib.set_range_tracking(self.model, not frozen)
 
 
 # --------------------------------------------------------------------------- BatchNorm
@@ -130,7 +133,7 @@ def batchnorm_layers(model) -> List:
 class FreezeBatchNorm(keras.callbacks.Callback):
   """Puts the model's remaining BatchNorm layers in inference mode after N epochs.
 
-  `keras_mpq.apply.apply_plan` folds every BatchNorm it can; the ones left
+  `keras_mpq.quantization.apply.apply_plan` folds every BatchNorm it can; the ones left
   (after an Add, on the input, ...) keep updating their moving statistics
   while fine-tuning until this callback sets them ``trainable = False``, which
   in tf_keras makes them normalize with their moving statistics and stop
@@ -181,9 +184,9 @@ class FreezeBatchNorm(keras.callbacks.Callback):
 class ExportAndValidate(keras.callbacks.Callback):
   """Exports the model being fine-tuned to TFLite and measures it, every N epochs.
 
-  Each time: `keras_mpq.apply.bake` the current weights, export with
-  `keras_mpq.export.export_tflite` for the current plan
-  (`keras_mpq.apply.current_plan`, which follows `set_weight_bits`), run the
+  Each time: `keras_mpq.quantization.access.bake` the current weights, export with
+  `keras_mpq.export.exporter.export_tflite` for the current plan
+  (`keras_mpq.quantization.access.current_plan`, which follows `set_weight_bits`), run the
   file with `keras_mpq.validate.validate_tflite` on ``(x_val, y_val)``, and
   write ``logs["tflite_accuracy"]`` and ``logs["tflite_bytes"]`` (so they land
   in ``fit``'s History). ``self.results`` keeps ``(epoch, accuracy, bytes,
@@ -192,7 +195,7 @@ class ExportAndValidate(keras.callbacks.Callback):
   Args:
     path: the ``.tflite`` file to write; may contain ``{epoch}`` (1-based).
     x_val, y_val: validation inputs and integer labels.
-    target: export target, as `keras_mpq.export.export_tflite` takes it.
+    target: export target, as `keras_mpq.export.exporter.export_tflite` takes it.
     calibration_data: inputs for the exporter's activation calibration
       (defaults to the first 256 of ``x_val``).
     every_n_epochs: export after every N-th epoch.
@@ -221,17 +224,17 @@ class ExportAndValidate(keras.callbacks.Callback):
 
   def on_train_begin(self, logs=None):
     # Fail at the start of fit, not after the first epoch, if a module is missing.
-    _lazy_import("export", "ExportAndValidate")
+    _lazy_import("export.exporter", "ExportAndValidate")
     _lazy_import("validate", "ExportAndValidate")
 
   def on_epoch_end(self, epoch, logs=None):
     if (epoch + 1) % self.every_n_epochs:
       return
-    export = _lazy_import("export", "ExportAndValidate")
+    export = _lazy_import("export.exporter", "ExportAndValidate")
     validate = _lazy_import("validate", "ExportAndValidate")
     path = self.path.format(epoch=epoch + 1)
-    baked = apply.bake(self.model)
-    plan = apply.current_plan(self.model, epoch=epoch + 1)
+    baked = access_lib.bake(self.model)
+    plan = access_lib.current_plan(self.model, epoch=epoch + 1)
     result = export.export_tflite(baked, path, plan, target=self.target,
                                   calibration_data=self.calibration_data)
     written = os.fspath(getattr(result, "path", None) or path)
@@ -274,12 +277,12 @@ def weight_mse_table(qmodel, bits: Sequence[int]) -> SensitivityTable:
     if not isinstance(layer, _QuantizeWrapper):
       continue
     kernels = [(v.numpy(), q.reduce_axes) for v, q, _ in layer._weight_vars  # pylint: disable=protected-access
-               if isinstance(q, quantizers.WeightQuantizer)]
+               if isinstance(q, configs_lib.WeightQuantizer)]
     if not kernels:
       continue
     row = []
     for b in bits:
-      err, norm, _ = quantizers.quantization_error(kernels, b)
+      err, norm, _ = layers_lib.quantization_error(kernels, b)
       row.append(err / norm if norm > 0 else 0.0)
     names.append(layer.layer.name)
     rows.append(row)
@@ -292,12 +295,12 @@ def task_interaction_table(qmodel, x, y, bits: Sequence[int], loss,
   """``L(c[i<-b]) - L(c)`` for each layer and bit-width, ``c`` the model's current plan.
 
   Measured on the quantized model itself: each (layer, bits) is a variable
-  write inside `keras_mpq.apply.weight_bits_override` and one pass of the
+  write inside `keras_mpq.quantization.access.weight_bits_override` and one pass of the
   same compiled function, never a rebuild.
 
   >>> table = task_interaction_table(qmodel, x, y, (2, 4, 8), loss)  # doctest: +SKIP
   """
-  x = apply.check_data(qmodel, x, "sensitivity data")
+  x = calibrate_lib.check_data(qmodel, x, "sensitivity data")
   y = np.asarray(y)
   batches = [(tf.constant(x[i:i + batch_size]), tf.constant(y[i:i + batch_size]))
              for i in range(0, len(x), batch_size)]
@@ -311,14 +314,14 @@ def task_interaction_table(qmodel, x, y, bits: Sequence[int], loss,
     return total / len(x)
 
   base = mean_loss()
-  names = list(apply.get_weight_bits(qmodel))  # model order
+  names = list(access_lib.get_weight_bits(qmodel))  # model order
   scores = np.zeros((len(names), len(bits)))
   for i, name in enumerate(names):
     for j, b in enumerate(bits):
-      with apply.weight_bits_override(qmodel, {name: b}):
+      with access_lib.weight_bits_override(qmodel, {name: b}):
         scores[i, j] = mean_loss() - base
   return SensitivityTable(tuple(names), tuple(bits), scores, metric="task_interaction",
-                          info={"context": apply.get_weight_bits(qmodel), "base_loss": base})
+                          info={"context": access_lib.get_weight_bits(qmodel), "base_loss": base})
 
 
 class SensitivityMonitor(keras.callbacks.Callback):

@@ -33,6 +33,8 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from keras_mpq.base import choices as choices_lib
+
 PROG = "keras-mpq"
 
 
@@ -96,7 +98,7 @@ def _general(parser) -> None:
 
 def _parse_range(text):
   """``"lo,hi"`` -> ``(lo, hi)``; None stays None (quantize checks the values)."""
-  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
   if text is None:
     return None
   parts = text.split(",")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
   budget = q.add_argument_group("budget and target")
   budget.add_argument("--budget", help="required: '48KB', '1.5MiB', '4bit' (average weight "
                       "bits) or '2e8bops'")
-  budget.add_argument("--target", default="mobile", choices=["mobile", "mcu", "ethos-u"],
+  budget.add_argument("--target", default="mobile", choices=list(choices_lib.values(choices_lib.Target)),
                       help="export target (default: mobile)")
   budget.add_argument("--bits", type=_list_flag, default=None, metavar="B,B,...",
                       help="candidate weight bit-widths (default: 2,3,4,8 for bit and BOPs "
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--input_range", metavar="LO,HI",
                     help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
                     "off a Rescaling/Normalization input layer, else 0,1, assumed)")
-  data.add_argument("--range_policy", default=None, choices=["minmax", "percentile", "mse"],
+  data.add_argument("--range_policy", default=None, choices=list(choices_lib.values(choices_lib.RangePolicy)),
                     help="activation ranges from the calibration data (default: minmax)")
   data.add_argument("--tune_steps", type=int, default=None, metavar="N",
                     help="steps tuning per-channel scales and biases to the float model's "
@@ -275,7 +277,6 @@ def _native_logs_muted(quiet: bool):
 
 def _import_tensorflow(quiet: bool) -> None:
   """Imports TensorFlow and lists devices (where cuInit runs) with the loggers set quiet."""
-  import keras_mpq.compat  # pylint: disable=g-import-not-at-top,unused-import
   if quiet:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.get_logger().setLevel("ERROR")
@@ -288,10 +289,11 @@ def _import_tensorflow(quiet: bool) -> None:
 def load_data(spec: str, need_labels: bool = False) -> Tuple:
   """``(x, y)`` from an ``.npz``/``.npy`` path or 'mnist'/'digits' (test split)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from keras_mpq import demo_data  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+
+  from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
   if spec in ("mnist", "digits"):
-    d = demo_data.load_mnist() if spec == "mnist" else demo_data.load_digits()
+    d = demo_data_lib.load_mnist() if spec == "mnist" else demo_data_lib.load_digits()
     return d.x_test, d.y_test
   path = pathlib.Path(spec)
   if not path.exists():
@@ -320,7 +322,7 @@ def load_data(spec: str, need_labels: bool = False) -> Tuple:
 
 
 def _parse_pins(items: Sequence[str]):
-  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
   pins = {}
   for item in items:
     name, sep, bits = item.partition("=")
@@ -337,14 +339,14 @@ def _output_dir(path: str):
   Temporary files a killed run left there (and in its cache/) are removed
   once the lock is held.
   """
-  from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(path)
   created = [p for p in (out / "cache", out, *out.parents) if not p.exists()]
   ok = False
   try:
-    with fileio.lock_dir(out):
+    with fileio_lib.lock_dir(out):
       for directory in (out, out / "cache"):
-        fileio.remove_stale_temps(directory)
+        fileio_lib.remove_stale_temps(directory)
       yield out
       ok = True
   finally:
@@ -355,10 +357,11 @@ def _output_dir(path: str):
 
 
 def cmd_quantize(args) -> int:
+  import warnings  # pylint: disable=g-import-not-at-top
+
   import keras_mpq  # pylint: disable=g-import-not-at-top
   from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import InputRangeAssumedWarning, InvalidInputError  # pylint: disable=g-import-not-at-top
-  import warnings  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InputRangeAssumedWarning, InvalidInputError  # pylint: disable=g-import-not-at-top
   if not args.budget:
     raise InvalidInputError("Expected --budget, e.g. --budget 4bit or --budget 48KB.")
   if not args.out:
@@ -415,7 +418,8 @@ def cmd_quantize(args) -> int:
 
 
 def _parse_ram(text):
-  from keras_mpq.types import Budget, BudgetKind, InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.types import Budget, BudgetKind  # pylint: disable=g-import-not-at-top
   if not text:
     return None
   try:
@@ -439,7 +443,8 @@ def _file_vs_budget(report, exported) -> None:
 
 def _asdict(obj):
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import to_jsonable  # pylint: disable=g-import-not-at-top
+
+  from keras_mpq.base.types import to_jsonable  # pylint: disable=g-import-not-at-top
   if dataclasses.is_dataclass(obj):
     if hasattr(obj, "to_dict"):
       return to_jsonable(obj.to_dict())
@@ -454,7 +459,7 @@ def _with_report(result, report):
 
 def cmd_validate(args) -> int:
   import keras_mpq  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
   if not args.data:
     raise InvalidInputError("Expected --data with labeled inputs (.npz with x and y, "
                             "'mnist' or 'digits').")
@@ -467,18 +472,18 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-  from keras_mpq import tflite_inspect  # pylint: disable=g-import-not-at-top
+  from keras_mpq.export import reader as reader_lib  # pylint: disable=g-import-not-at-top
   if args.view == "deploy":
-    from keras_mpq import validate  # pylint: disable=g-import-not-at-top
-    micro = validate.is_full_integer_batch1(args.tflite)
-    print(validate.format_deployment(validate.deployment_report(
+    from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+    micro = runtime_lib.is_full_integer_batch1(args.tflite)
+    print(runtime_lib.format_deployment(runtime_lib.deployment_report(
         args.tflite, "mcu" if micro else "mobile")))
     return 0
-  rows = tflite_inspect.inspect_tflite(args.tflite)
+  rows = reader_lib.inspect_tflite(args.tflite)
   plan = _read_plan(args.plan) if args.plan else None
-  print(tflite_inspect.format_rows(rows, file_size=pathlib.Path(args.tflite).stat().st_size))
+  print(reader_lib.format_rows(rows, file_size=pathlib.Path(args.tflite).stat().st_size))
   if plan is not None:
-    problems = tflite_inspect.check_against_plan(args.tflite, plan)
+    problems = reader_lib.check_against_plan(args.tflite, plan)
     if problems:
       print("\nplan check FAILED:\n  " + "\n  ".join(str(p) for p in problems))
       return 1
@@ -488,7 +493,8 @@ def cmd_inspect(args) -> int:
 
 def _read_plan(spec: str):
   """A `QuantizationPlan` from a plan.json path, or one clear error."""
-  from keras_mpq.types import InvalidInputError, KerasMpqError, QuantizationPlan  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import InvalidInputError, KerasMpqError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
   try:
     return QuantizationPlan.from_json(pathlib.Path(spec).read_text())
   except KerasMpqError as e:
@@ -543,7 +549,7 @@ def main(argv: Sequence[str]) -> int:
     sys.stderr.write(f"\n{PROG}: interrupted; no partial output was written.{where}\n")
     return 130
   except Exception as e:  # pylint: disable=broad-except
-    from keras_mpq.types import KerasMpqError  # pylint: disable=g-import-not-at-top
+    from keras_mpq.base.errors import KerasMpqError  # pylint: disable=g-import-not-at-top
     if args.debug:
       raise
     if isinstance(e, KerasMpqError):

@@ -6,15 +6,17 @@ the last 2,000 to test. Without the files (a machine without ``../shared``), the
 8x8 scikit-learn digits are upsampled to 28x28 so the same models run.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import gzip
 import os
 import pathlib
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
-from keras_mpq.types import InvalidInputError
+from keras_mpq.base.errors import InvalidInputError
 
 TRAIN_SPLIT = 8000  # first 8,000 train/calibrate, last 2,000 test
 

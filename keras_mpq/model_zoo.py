@@ -5,7 +5,9 @@ plain CNN (Conv2D + BatchNorm + Dense) and a depthwise-separable CNN
 (MobileNet-style DepthwiseConv2D + pointwise Conv2D blocks). Both are tf_keras.
 """
 
-from keras_mpq.compat import keras, set_global_seed
+from __future__ import annotations
+
+from keras_mpq.base.compat import keras, set_global_seed
 
 layers = keras.layers
 

@@ -15,12 +15,91 @@ conv1  Conv2D     144       8       8     144 B               0.000
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from keras_mpq import fileio
-from keras_mpq.types import FLOAT_BITS, InvalidInputError, SensitivityTable
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq.base.errors import InvalidInputError
+from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan, SensitivityTable
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import calibrate as calibrate_lib
+
+
+def range_report(qmodel, folded, x, policy: str) -> Dict[str, Any]:
+  """The range policy and, per layer it clipped, the range against the min/max seen."""
+  info: Dict[str, Any] = {"policy": policy, "clipped": {}}
+  if policy == "minmax":
+    return info
+  chosen = access_lib.activation_ranges(qmodel)
+  seen = calibrate_lib.observed_ranges(qmodel, x)
+  for name, (lo, hi) in chosen.items():
+    if name in seen and (lo, hi) != seen[name]:
+      info["clipped"][name] = {"range": [lo, hi], "minmax": list(seen[name])}
+  return info
+
+
+def build_report(folded, qmodel, plan, table, cost_table, budget, target, data_info,
+                 rounds_info, timings, settings) -> Dict[str, Any]:
+  """The JSON-able report of a run: what was asked, what was chosen, what it costs."""
+  by_name = {c.name: c for c in cost_table.layer_costs}
+  rows = []
+  for row in access_lib.layer_report(qmodel):
+    name = row["layer"]
+    cost = by_name.get(name)
+    b = plan.weight_bits.get(name)
+    rows.append({
+        **row,
+        "params": cost.n_params if cost else None,
+        "macs": cost.macs if cost else None,
+        "weight_bytes": cost.weight_bytes(b) if cost and b is not None else None,
+        "sensitivity": (table.score(name, b) if name in table.layers and b in table.bits
+                        else None),
+    })
+  achieved = {kind: cost_table.plan_cost(plan, kind) for kind in cost_table.table}
+  total_params = sum(c.n_params for c in cost_table.layer_costs)
+  float_bytes = sum(c.weight_bytes(FLOAT_BITS) for c in cost_table.layer_costs)
+  if cost_table.target is not None:
+    for row in rows:
+      b = plan.weight_bits.get(row["layer"])
+      if row["layer"] in cost_table.layers and b in cost_table.bits:
+        row["weight_bytes"] = cost_table.layer_bytes(row["layer"], b)
+  top = QuantizationPlan({n: max(cost_table.bits) for n in cost_table.layers})
+  top_cost = cost_table.plan_cost(top, budget.kind) if cost_table.has(budget.kind) else None
+  binds = not (top_cost is not None and top_cost <= budget.value
+               and all(plan.weight_bits.get(n) == max(cost_table.bits) for n in cost_table.layers))
+  note = None
+  if not binds:
+    note = (f"budget {budget.describe()} does not bind: the all-{max(cost_table.bits)}-bit plan "
+            f"costs {top_cost:.6g} ({budget.kind.value}), so every layer got "
+            f"{max(cost_table.bits)} bits")
+  return {
+      "budget": {**budget.to_dict(), "text": budget.describe()},
+      "achieved": achieved,
+      "within_budget": achieved[budget.kind.value] <= budget.value * (1 + 1e-9),
+      "within_budget_basis": ("predicted file bytes for target " + str(cost_table.target)
+                              if cost_table.target else "predicted costs"),
+      "budget_binds": binds,
+      "budget_note": note,
+      "fixed_file_bytes": cost_table.fixed_bytes if cost_table.target else None,
+      "cost_target": cost_table.target,
+      "float_weight_bytes": float_bytes,
+      "total_params": total_params,
+      "predicted_loss_increase": table.predicted(plan),
+      "target": target,
+      "data": data_info,
+      "metric": table.metric,
+      "search_rounds": rounds_info,
+      "plan_selection": plan.info.get("selection"),
+      "notes": [n for n in (plan.info.get("note"),
+                            (plan.info.get("selection") or {}).get("note"),
+                            ((plan.info.get("search") or {}).get("holdout") or {}).get("note"))
+                if n],
+      "layers": rows,
+      "unsupported_layers": access_lib.unsupported_layers(folded),
+      "timings_s": dict(timings),
+      "settings": settings,
+  }
 
 # What a sensitivity score of each metric measures (the table's unit).
 METRIC_UNITS = {
@@ -234,7 +313,7 @@ def _pyplot():
 
 
 def _save(fig, path) -> str:
-  with fileio.atomic_path(path) as tmp:
+  with fileio_lib.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
   _pyplot().close(fig)
   return str(path)
@@ -305,7 +384,7 @@ def plot_pareto(front: Sequence[Any], path, chosen: Optional[tuple] = None,
 
 def write_plots(result, directory) -> Dict[str, str]:
   """sensitivity.png, bits.png and pareto.png for a `QuantizationResult`."""
-  from keras_mpq import allocation  # pylint: disable=g-import-not-at-top
+  from keras_mpq.plan import allocation as allocation_lib  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   files = {"sensitivity_png": plot_sensitivity(result.sensitivity,
                                                directory / "sensitivity.png"),
@@ -313,7 +392,7 @@ def write_plots(result, directory) -> Dict[str, str]:
   kind = result.report["budget"]["kind"]
   if not result.costs.has(kind):
     kind = "bytes"
-  front = allocation.pareto_front(result.sensitivity, result.costs, kind=kind, points=20)
+  front = allocation_lib.pareto_front(result.sensitivity, result.costs, kind=kind, points=20)
   chosen = (result.costs.plan_cost(result.plan, kind), result.sensitivity.predicted(result.plan))
   files["pareto_png"] = plot_pareto(front, directory / "pareto.png", chosen, kind)
   return files

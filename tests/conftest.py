@@ -11,8 +11,8 @@ import pytest
 @pytest.fixture(scope="session")
 def dataset():
   """MNIST split (8000/2000) from ../shared/data, else scikit-learn digits."""
-  from keras_mpq import demo_data
-  return demo_data.load_default()
+  from keras_mpq import demo_data as demo_data_lib
+  return demo_data_lib.load_default()
 
 
 @pytest.fixture(scope="session")
@@ -25,15 +25,15 @@ def small_data(dataset):
 @pytest.fixture(scope="session")
 def trained_cnn(dataset):
   """The zoo's plain CNN trained on the real data (~97% on MNIST)."""
-  from keras_mpq import model_zoo
-  return model_zoo.build_and_train("plain_cnn", dataset, seed=0)
+  from keras_mpq import model_zoo as model_zoo_lib
+  return model_zoo_lib.build_and_train("plain_cnn", dataset, seed=0)
 
 
 @pytest.fixture(scope="session")
 def trained_separable(dataset):
   """The zoo's depthwise-separable CNN trained on the real data (~95% on MNIST)."""
-  from keras_mpq import model_zoo
-  return model_zoo.build_and_train("separable_cnn", dataset, seed=0)
+  from keras_mpq import model_zoo as model_zoo_lib
+  return model_zoo_lib.build_and_train("separable_cnn", dataset, seed=0)
 
 
 @pytest.fixture

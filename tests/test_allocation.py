@@ -1,4 +1,4 @@
-"""Tests of keras_mpq.allocation: the exact allocator against brute force, and its edges."""
+"""Tests of keras_mpq.plan.allocation: the exact allocator against brute force, and its edges."""
 
 import itertools
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from keras_mpq import allocation
-from keras_mpq.types import (FLOAT_BITS, Budget, BudgetInfeasibleError, CostTable,
-                             InvalidInputError, LayerCost, SensitivityTable)
+from keras_mpq.plan import allocation as allocation_lib
+from keras_mpq.base.types import FLOAT_BITS, Budget, CostTable, LayerCost, SensitivityTable
+from keras_mpq.base.errors import BudgetInfeasibleError, InvalidInputError
 
 BITS = (2, 4, 8)
 
@@ -68,7 +68,7 @@ def test_matches_brute_force_on_random_instances(seed):
   for _ in range(4):
     value = float(rng.uniform(low, high * 0.999))
     budget = Budget(kind, value)
-    plan = allocation.allocate(sens, budget, costs)
+    plan = allocation_lib.allocate(sens, budget, costs)
     best = _brute_force(sens, costs, kind, value * (1 + 1e-9))
     assert budget.is_satisfied_by(plan, costs)
     assert _cost(costs, plan, kind) <= value * (1 + 1e-9)
@@ -86,7 +86,7 @@ def test_budget_exactly_at_and_just_below_the_optimum(seed):
   obj, choice = _brute_force(sens, costs, "bytes", value)
   at = math.fsum(m[i, j] for i, j in enumerate(choice))  # the optimum's own cost
 
-  plan = allocation.allocate(sens, Budget.bytes(at), costs)
+  plan = allocation_lib.allocate(sens, Budget.bytes(at), costs)
   assert sens.predicted(plan) == pytest.approx(obj, abs=1e-12)
   assert _cost(costs, plan, "bytes") <= at * (1 + 1e-9)
 
@@ -94,10 +94,10 @@ def test_budget_exactly_at_and_just_below_the_optimum(seed):
   best_below = _brute_force(sens, costs, "bytes", below)
   if best_below is None:  # the optimum was the cheapest plan
     with pytest.raises(BudgetInfeasibleError, match="at least") as err:
-      allocation.allocate(sens, Budget.bytes(below), costs)
+      allocation_lib.allocate(sens, Budget.bytes(below), costs)
     assert err.value.smallest == at
     return
-  plan = allocation.allocate(sens, Budget.bytes(below), costs)
+  plan = allocation_lib.allocate(sens, Budget.bytes(below), costs)
   assert _cost(costs, plan, "bytes") <= below
   assert sens.predicted(plan) == pytest.approx(best_below[0], abs=1e-12)
   assert sens.predicted(plan) >= obj - 1e-12
@@ -109,16 +109,16 @@ def test_hand_made_table_at_and_below_the_optimum():
   costs = CostTable(("a", "b", "c"), (4, 8),
                     {"bytes": np.array([[10, 20], [10, 20], [10, 20]])})
   # 45 B: one layer can stay at 8 bits: the most sensitive, a.
-  plan = allocation.allocate(sens, "45B", costs)
+  plan = allocation_lib.allocate(sens, "45B", costs)
   assert plan.weight_bits == {"a": 8, "b": 4, "c": 4}
   assert plan.info["achieved"]["bytes"] == 40.0
   # 40 B is exactly that plan's cost; 39.9 B allows only the all-4-bit plan.
-  assert allocation.allocate(sens, "40B", costs).weight_bits == {"a": 8, "b": 4, "c": 4}
-  assert allocation.allocate(sens, Budget.bytes(39.9), costs).weight_bits == {
+  assert allocation_lib.allocate(sens, "40B", costs).weight_bits == {"a": 8, "b": 4, "c": 4}
+  assert allocation_lib.allocate(sens, Budget.bytes(39.9), costs).weight_bits == {
       "a": 4, "b": 4, "c": 4}
   assert plan.info["predicted_loss"] == 4.0
   # 50 B: two layers at 8 bits, a and b.
-  assert allocation.allocate(sens, "50B", costs).weight_bits == {"a": 8, "b": 8, "c": 4}
+  assert allocation_lib.allocate(sens, "50B", costs).weight_bits == {"a": 8, "b": 8, "c": 4}
 
 
 def test_infeasible_budget_names_the_smallest():
@@ -126,24 +126,24 @@ def test_infeasible_budget_names_the_smallest():
   costs = CostTable(("a", "b"), (4, 8), {"bytes": np.array([[40.5, 80], [60, 100]]),
                                          "avg_bits": np.array([[2, 4], [2, 4]])})
   with pytest.raises(BudgetInfeasibleError, match=r"at least 100.5B") as err:
-    allocation.allocate(sens, "100B", costs)
+    allocation_lib.allocate(sens, "100B", costs)
   assert err.value.smallest == 100.5
   with pytest.raises(BudgetInfeasibleError, match=r"at least 4 bits avg") as err:
-    allocation.allocate(sens, "3.5bit", costs)
+    allocation_lib.allocate(sens, "3.5bit", costs)
   assert err.value.smallest == 4.0
   # Pinning raises the floor, and the message says so.
   with pytest.raises(BudgetInfeasibleError, match="pinned layers as pinned") as err:
-    allocation.allocate(sens, "120B", costs, pinned={"b": 8})
+    allocation_lib.allocate(sens, "120B", costs, pinned={"b": 8})
   assert err.value.smallest == 140.5
   # Exactly the smallest is feasible.
-  assert allocation.allocate(sens, Budget.bytes(100.5), costs).weight_bits == {"a": 4, "b": 4}
+  assert allocation_lib.allocate(sens, Budget.bytes(100.5), costs).weight_bits == {"a": 4, "b": 4}
 
 
 def test_not_binding_budget_returns_all_highest_with_a_note():
   rng = np.random.default_rng(7)
   sens, costs = _instance(rng, 4, monotone=False)  # lower bits may even score better
   for budget in (Budget.bytes(math.inf), Budget.bytes(costs.matrix("bytes")[:, -1].sum())):
-    plan = allocation.allocate(sens, budget, costs)
+    plan = allocation_lib.allocate(sens, budget, costs)
     assert set(plan.weight_bits.values()) == {8}
     assert "not binding" in plan.info["note"]
     assert plan.info["solver"]["status"] == "not needed"
@@ -158,7 +158,7 @@ def test_pinned_layers_are_respected():
     low = sum(m[sens.layers.index(l), BITS.index(b)] for l, b in pinned.items()) + sum(
         m[i, 0] for i, l in enumerate(sens.layers) if l not in pinned)
     value = float(rng.uniform(low, m[:, -1].sum()))
-    plan = allocation.allocate(sens, Budget.bytes(value), costs, pinned=pinned)
+    plan = allocation_lib.allocate(sens, Budget.bytes(value), costs, pinned=pinned)
     for layer, bits in pinned.items():
       assert plan.weight_bits[layer] == bits
     assert plan.info["pinned"] == pinned
@@ -170,11 +170,11 @@ def test_pinned_layers_are_respected():
 def test_bad_pins_raise():
   sens, costs = _instance(np.random.default_rng(0), 3)
   with pytest.raises(InvalidInputError, match=r"pinned\['nope'\]"):
-    allocation.allocate(sens, "1MB", costs, pinned={"nope": 8})
+    allocation_lib.allocate(sens, "1MB", costs, pinned={"nope": 8})
   with pytest.raises(InvalidInputError, match=r"candidates \[2, 4, 8\].*=6"):
-    allocation.allocate(sens, "1MB", costs, pinned={"layer0": 6})
+    allocation_lib.allocate(sens, "1MB", costs, pinned={"layer0": 6})
   with pytest.raises(InvalidInputError, match="mapping"):
-    allocation.allocate(sens, "1MB", costs, pinned=[("layer0", 8)])
+    allocation_lib.allocate(sens, "1MB", costs, pinned=[("layer0", 8)])
 
 
 def test_mismatched_tables_raise_with_the_difference():
@@ -182,17 +182,17 @@ def test_mismatched_tables_raise_with_the_difference():
   costs = CostTable(("a", "c"), (4, 8), {"bytes": np.ones((2, 2))})
   with pytest.raises(InvalidInputError,
                      match=r"only in sensitivity: \['b'\]; only in costs: \['c'\]"):
-    allocation.allocate(sens, "1KB", costs)
+    allocation_lib.allocate(sens, "1KB", costs)
   costs = CostTable(("a", "b"), (4,), {"bytes": np.ones((2, 1))})
   with pytest.raises(InvalidInputError, match=r"none for \[8\]"):
-    allocation.allocate(sens, "1KB", costs)
+    allocation_lib.allocate(sens, "1KB", costs)
   costs = CostTable(("a", "b"), (4, 8), {"bytes": np.ones((2, 2))})
   with pytest.raises(InvalidInputError, match="'latency'"):
-    allocation.allocate(sens, "5ms", costs)
+    allocation_lib.allocate(sens, "5ms", costs)
   with pytest.raises(InvalidInputError, match="bare number is ambiguous"):
-    allocation.allocate(sens, 1000, costs)
+    allocation_lib.allocate(sens, 1000, costs)
   with pytest.raises(InvalidInputError, match="SensitivityTable"):
-    allocation.allocate(np.zeros((2, 2)), "1KB", costs)
+    allocation_lib.allocate(np.zeros((2, 2)), "1KB", costs)
 
 
 def test_layer_and_bit_order_do_not_matter():
@@ -203,8 +203,8 @@ def test_layer_and_bit_order_do_not_matter():
   shuffled = CostTable(costs.layers[::-1], (FLOAT_BITS, 8, 4, 2),
                        {"bytes": np.hstack([m[::-1, -1:] * 4, m[::-1, ::-1]])})
   value = float(m[:, 1].sum())
-  a = allocation.allocate(sens, Budget.bytes(value), costs)
-  b = allocation.allocate(sens, Budget.bytes(value), shuffled)
+  a = allocation_lib.allocate(sens, Budget.bytes(value), costs)
+  b = allocation_lib.allocate(sens, Budget.bytes(value), shuffled)
   assert a.weight_bits == b.weight_bits
   assert list(b.weight_bits) == list(sens.layers)
 
@@ -213,7 +213,7 @@ def test_info_records_budget_costs_and_solver():
   sens, costs = _instance(np.random.default_rng(5), 4)
   extra = CostTable(costs.layers, costs.bits,
                     {"bytes": costs.matrix("bytes"), "avg_bits": np.ones((4, 3))})
-  plan = allocation.allocate(sens, Budget.bytes(costs.matrix("bytes")[:, 1].sum()), extra)
+  plan = allocation_lib.allocate(sens, Budget.bytes(costs.matrix("bytes")[:, 1].sum()), extra)
   info = plan.info
   assert info["budget"] == {"kind": "bytes", "value": costs.matrix("bytes")[:, 1].sum()}
   assert info["achieved"]["bytes"] == pytest.approx(extra.plan_cost(plan, "bytes"))
@@ -233,7 +233,7 @@ def test_large_costs_never_over_budget():
   low, high = m[:, 0].sum(), m[:, -1].sum()
   for frac in np.linspace(0.0, 0.999, 12):
     value = float(low + frac * (high - low))
-    plan = allocation.allocate(sens, Budget.bops(value), costs)
+    plan = allocation_lib.allocate(sens, Budget.bops(value), costs)
     assert costs.plan_cost(plan, "bops") <= value * (1 + 1e-9)
 
 
@@ -251,7 +251,7 @@ def test_property_never_over_budget(n_layers, n_bits, seed, frac, scale):
   low, high = matrix.min(axis=1).sum(), matrix.max(axis=1).sum()
   value = max(low + frac * (high - low), 1e-300)
   try:
-    plan = allocation.allocate(sens, Budget.bops(value), costs)
+    plan = allocation_lib.allocate(sens, Budget.bops(value), costs)
   except BudgetInfeasibleError as e:
     assert value * (1 + 1e-9) < low
     assert e.smallest == pytest.approx(low, rel=1e-12)
@@ -267,7 +267,7 @@ def test_pareto_front_is_monotone_and_optimal(seed):
   rng = np.random.default_rng(200 + seed)
   sens, costs = _instance(rng, 5, monotone=seed % 2 == 0)
   m = costs.matrix("bytes")
-  front = allocation.pareto_front(sens, costs, kind="bytes", points=15)
+  front = allocation_lib.pareto_front(sens, costs, kind="bytes", points=15)
   assert 2 <= len(front) <= 15
   cost_list = [p.cost for p in front]
   losses = [p.predicted_loss for p in front]
@@ -288,23 +288,23 @@ def test_pareto_front_is_monotone_and_optimal(seed):
 
 def test_pareto_front_with_pins_and_errors():
   sens, costs = _instance(np.random.default_rng(9), 4)
-  front = allocation.pareto_front(sens, costs, points=6, pinned={"layer1": 8})
+  front = allocation_lib.pareto_front(sens, costs, points=6, pinned={"layer1": 8})
   assert all(p.plan.weight_bits["layer1"] == 8 for p in front)
-  single = allocation.pareto_front(sens, costs, points=3,
+  single = allocation_lib.pareto_front(sens, costs, points=3,
                                    pinned={l: 4 for l in sens.layers})
   assert len(single) == 1 and set(single[0].plan.weight_bits.values()) == {4}
   with pytest.raises(InvalidInputError, match="points"):
-    allocation.pareto_front(sens, costs, points=1)
+    allocation_lib.pareto_front(sens, costs, points=1)
   with pytest.raises(InvalidInputError, match="kind"):
-    allocation.pareto_front(sens, costs, kind="watts")
+    allocation_lib.pareto_front(sens, costs, kind="watts")
   with pytest.raises(InvalidInputError, match="'avg_bits'"):
-    allocation.pareto_front(sens, costs, kind="avg_bits")
+    allocation_lib.pareto_front(sens, costs, kind="avg_bits")
 
 
 def test_solver_chatter_on_c_stdout_is_swallowed(capfd):
   import ctypes  # pylint: disable=g-import-not-at-top
   libc = ctypes.CDLL(None)
-  with allocation._quiet_c_stdout():  # pylint: disable=protected-access
+  with allocation_lib._quiet_c_stdout():  # pylint: disable=protected-access
     os.write(1, b"raw fd write\n")
     libc.puts(b"buffered C stdio line")
   libc.fflush(None)  # anything still buffered would surface now
@@ -331,8 +331,8 @@ def test_over_budget_solver_answer_is_never_returned(monkeypatch):
                           np.array([[5.0, 0.0], [3.0, 0.0], [1.0, 0.0]]))
   costs = CostTable(("a", "b", "c"), (4, 8),
                     {"bytes": np.array([[10, 20], [10, 20], [10, 20]])})
-  monkeypatch.setattr(allocation.optimize, "milp", sloppy_milp)
-  plan = allocation.allocate(sens, "45B", costs)
+  monkeypatch.setattr(allocation_lib.optimize, "milp", sloppy_milp)
+  plan = allocation_lib.allocate(sens, "45B", costs)
   # the over-budget answer, the tightened re-solve, then the tie-break solve
   assert len(calls) == 3 and calls[1][0] < calls[0][0] and calls[2][0] == calls[1][0]
   assert plan.info["solver"]["rhs_tightened"] is True
@@ -350,9 +350,9 @@ def test_ties_go_to_more_bits():
   costs = CostTable(("a", "b", "c"), BITS,
                     {"avg_bits": np.tile([2 / 3, 4 / 3, 8 / 3], (3, 1))})
   # 6 bits: (4, 4, 8) is the only harmless plan that fits
-  assert allocation.allocate(sens, "6bit", costs).weight_bits == {"a": 4, "b": 4, "c": 8}
+  assert allocation_lib.allocate(sens, "6bit", costs).weight_bits == {"a": 4, "b": 4, "c": 8}
   # 20/3 bits: (4, 4, 8), (8, 4, 8) and (4, 8, 8) all score 0; the tie goes to more bits
-  plan = allocation.allocate(sens, Budget.avg_bits(20 / 3), costs)
+  plan = allocation_lib.allocate(sens, Budget.avg_bits(20 / 3), costs)
   assert plan.weight_bits["c"] == 8
   assert sorted([plan.weight_bits["a"], plan.weight_bits["b"]]) == [4, 8]
   assert plan.info["predicted_loss"] == 0.0
@@ -369,7 +369,7 @@ def test_ties_go_to_more_bits_in_the_solver_and_the_closed_form():
   total8 = float(np.sum(n))
   for frac in (0.55, 0.7, 0.85, 0.99):
     budget = Budget.bytes(total8 * frac)
-    plan = allocation.allocate(sens, budget, costs)
+    plan = allocation_lib.allocate(sens, budget, costs)
     assert all(b >= 4 for b in plan.weight_bits.values())  # never buys harm
     assert plan.info["predicted_loss"] == 0.0
     # no layer left at 4 bits could go to 8 within the budget: the spare is spent
@@ -384,27 +384,27 @@ def test_greedy_fits_and_is_never_better_than_exact():
     sens, costs = _instance(rng, int(rng.integers(3, 7)))
     m = costs.matrix("bytes")
     value = float(rng.uniform(m[:, 0].sum(), m[:, -1].sum() * 0.999))
-    exact = allocation.allocate(sens, Budget.bytes(value), costs)
-    greedy = allocation.greedy(sens, Budget.bytes(value), costs)
+    exact = allocation_lib.allocate(sens, Budget.bytes(value), costs)
+    greedy = allocation_lib.greedy(sens, Budget.bytes(value), costs)
     assert costs.plan_cost(greedy, "bytes") <= value * (1 + 1e-9)
     assert sens.predicted(greedy) >= sens.predicted(exact) - 1e-9
     assert greedy.info["method"] == "greedy"
   with pytest.raises(BudgetInfeasibleError, match="at least"):
-    allocation.greedy(sens, Budget.bytes(1.0), costs)
+    allocation_lib.greedy(sens, Budget.bytes(1.0), costs)
 
 
 def test_greedy_respects_pins():
   sens = SensitivityTable(("a", "b"), (4, 8), np.array([[1.0, 0.0], [0.2, 0.0]]))
   costs = CostTable(("a", "b"), (4, 8), {"bytes": np.array([[50, 100], [50, 100]])})
-  assert allocation.greedy(sens, "150B", costs).weight_bits == {"a": 8, "b": 4}
-  assert allocation.greedy(sens, "150B", costs, pinned={"b": 8}).weight_bits == {
+  assert allocation_lib.greedy(sens, "150B", costs).weight_bits == {"a": 8, "b": 4}
+  assert allocation_lib.greedy(sens, "150B", costs, pinned={"b": 8}).weight_bits == {
       "a": 4, "b": 8}
 
 
 def test_default_candidates_by_budget_kind():
-  assert allocation.default_weight_bits("4bit") == (2, 3, 4, 8)
-  assert allocation.default_weight_bits("2e8bops") == (2, 3, 4, 8)
-  assert allocation.default_weight_bits("48KB") == (2, 4, 8)
+  assert allocation_lib.default_weight_bits("4bit") == (2, 3, 4, 8)
+  assert allocation_lib.default_weight_bits("2e8bops") == (2, 3, 4, 8)
+  assert allocation_lib.default_weight_bits("48KB") == (2, 4, 8)
   # 3 bits are stored like 4 in bytes, so they would only cost accuracy there
   cost = LayerCost("c", "Conv2D", 1000, 8, 8, 1000)
   assert cost.weight_bytes(3) == cost.weight_bytes(4)

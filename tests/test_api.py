@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 import keras_mpq
-from keras_mpq import apply, augment, distill
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq.quantization import fold as fold_lib
+from keras_mpq.quantization import optimize as optimize_lib
+from keras_mpq.synthesis import augment as augment_lib
+from keras_mpq.quantization import distill as distill_lib
 from keras_mpq import report as report_lib
 
 
@@ -26,14 +31,14 @@ def test_datafree_quantize_meets_budget_and_keeps_accuracy(datafree_result, trai
   result = datafree_result
   assert result.report["within_budget"]
   assert result.report["achieved"]["avg_bits"] <= 4.0 + 1e-9
-  assert set(result.plan.weight_bits) == set(apply.plan_layers(result.float_model))
+  assert set(result.plan.weight_bits) == set(access_lib.plan_layers(result.float_model))
   assert result.report["data"]["source"] == "synthetic"
   assert len(result.calibration_data) == 64
   # the quantized model's real accuracy stays close to float at 4 bits average
   float_acc, q_acc = _acc(trained_cnn, x_test, y_test), _acc(result.model, x_test, y_test)
   assert q_acc > float_acc - 0.05, (float_acc, q_acc)
   # the wrappers carry exactly the plan
-  assert apply.get_weight_bits(result.model) == dict(result.plan.weight_bits)
+  assert access_lib.get_weight_bits(result.model) == dict(result.plan.weight_bits)
   # data-free at a budget that needs no layer below 3 bits: no scale tuning, and it says so
   tuning = result.report["tuning"]
   assert tuning["steps"] == 0 and "no layer below 3 bits" in tuning["reason"]
@@ -54,10 +59,10 @@ def test_datafree_2bit_plain_cnn_stays_near_float(trained_cnn, small_data):
   assert result.report["data"]["shifted_copies"] == 768
   assert result.report["data"]["search_samples"] == 256
   x = result.calibration_data
-  assert np.array_equal(x, augment.shifted_copies(x[:256], 1024, seed=0)[0])
+  assert np.array_equal(x, augment_lib.shifted_copies(x[:256], 1024, seed=0)[0])
   tuning = result.report["tuning"]
-  assert tuning["steps"] == distill.DEFAULT_STEPS
-  assert tuning["temperature"] == distill.DATA_FREE_TEMPERATURE
+  assert tuning["steps"] == distill_lib.DEFAULT_STEPS
+  assert tuning["temperature"] == distill_lib.DATA_FREE_TEMPERATURE
   summary = report_lib.summary_table(result.report)
   assert "scale tuning (200 steps, temperature 4)" in summary
   assert ("calibration data: 256 synthetic samples + 768 shifted copies, sensitivity "
@@ -70,7 +75,7 @@ def test_datafree_2bit_plain_cnn_stays_near_float(trained_cnn, small_data):
 def test_result_model_evaluates_as_returned_and_round_trips_as_keras(datafree_result,
                                                                      small_data, tmp_path):
   """The README's ``result.model.evaluate(x, y)`` used to raise 'You must compile your model'."""
-  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
   _, _, x_test, y_test = small_data
   loss, acc = datafree_result.model.evaluate(x_test, y_test, verbose=0)
   assert acc == pytest.approx(_acc(datafree_result.model, x_test, y_test), abs=1e-6)
@@ -81,7 +86,7 @@ def test_result_model_evaluates_as_returned_and_round_trips_as_keras(datafree_re
     loaded = keras.models.load_model(path)
   np.testing.assert_array_equal(loaded.predict(x_test, verbose=0),
                                 datafree_result.model.predict(x_test, verbose=0))
-  assert apply.get_weight_bits(loaded) == apply.get_weight_bits(datafree_result.model)
+  assert access_lib.get_weight_bits(loaded) == access_lib.get_weight_bits(datafree_result.model)
   assert loaded.evaluate(x_test, y_test, verbose=0)[1] == pytest.approx(acc, abs=1e-6)
 
 
@@ -110,12 +115,12 @@ def test_export_mobile_runs_in_litert(datafree_result, small_data, tmp_path):
 
 def test_real_data_and_byte_budget(trained_separable, small_data):
   x, y, x_test, y_test = small_data
-  from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-  folded = apply.fold_batchnorm(trained_separable)
+  from keras_mpq.export import storage as storage_lib  # pylint: disable=g-import-not-at-top
+  folded = fold_lib.fold_batchnorm(trained_separable)
   # A byte budget is the mobile file's size (issue 15): its costs come from one export.
-  costs = keras_mpq.file_cost_table(folded, export_lib.measure_storage(folded, "mobile"),
+  costs_lib = keras_mpq.file_cost_table(folded, storage_lib.measure_storage(folded, "mobile"),
                                     bits=(2, 4, 8))
-  per_layer = costs.matrix("bytes")
+  per_layer = costs_lib.matrix("bytes")
   cheapest, dearest = per_layer.min(axis=1).sum(), per_layer.max(axis=1).sum()
   budget = keras_mpq.Budget.bytes(cheapest + 0.5 * (dearest - cheapest))
   result = keras_mpq.quantize(trained_separable, budget, data=(x[:128], y[:128]), rounds=1,
@@ -132,7 +137,7 @@ def test_same_seed_same_plan(trained_cnn, small_data):
   b = keras_mpq.quantize(trained_cnn, "3bit", data=x, rounds=1, seed=3, progress=False)
   assert a.plan == b.plan
   np.testing.assert_array_equal(a.sensitivity.scores, b.sensitivity.scores)
-  # With data, the last stage tunes scales and biases (keras_mpq.distill), repeatably.
+  # With data, the last stage tunes scales and biases (keras_mpq.quantization.distill), repeatably.
   assert a.report["tuning"]["steps"] > 0 and a.report["settings"]["tune_steps"] is None
   for wa, wb in zip(a.model.get_weights(), b.model.get_weights()):
     np.testing.assert_array_equal(wa, wb)
@@ -166,7 +171,7 @@ def test_bad_input_is_a_clear_error(trained_cnn, kwargs, match):
 
 def _signed_input_model():
   """A classifier for inputs in [-1, 1] with no Rescaling layer (the issue's pretrained case)."""
-  from keras_mpq.compat import keras
+  from keras_mpq.base.compat import keras
   keras.utils.set_random_seed(3)
   inp = keras.Input((8, 8, 1))
   h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
@@ -196,7 +201,7 @@ def test_assumed_range_is_loud_and_the_keras_model_shows_its_clipping():
     result = keras_mpq.quantize(model, "8bit", num_samples=32, seed=0, progress=False)
   assert result.report["input_range"]["assumed"] is True
   # The input quantizer clips the negative half, as the exported file would.
-  assert apply.activation_ranges(result.model)[apply.INPUT_QUANTIZER][0] >= 0.0
+  assert access_lib.activation_ranges(result.model)[access_lib.INPUT_QUANTIZER][0] >= 0.0
   float_out = model.predict(x, verbose=0)
   keras_out = result.model.predict(x, verbose=0)
   assert np.abs(keras_out - float_out).max() > 0.1
@@ -228,8 +233,8 @@ def test_report_says_which_plan_won(datafree_result):
   assert datafree_result.plan.info["selection"]["winner"] == sel["winner"]
   assert report["settings"]["bits"] == (2, 3, 4, 8)  # the default for a 4-bit budget
   # Data-free: the data-free weight quantizer (GPTQ and bias correction, as with data).
-  assert report["settings"]["weight_method"] == apply.DATA_FREE_WEIGHT_METHOD == "adaround"
-  assert report["settings"]["bias_correction"] is apply.DATA_FREE_BIAS_CORRECTION is True
+  assert report["settings"]["weight_method"] == optimize_lib.DATA_FREE_WEIGHT_METHOD == "adaround"
+  assert report["settings"]["bias_correction"] is optimize_lib.DATA_FREE_BIAS_CORRECTION is True
   json.dumps(report)
   assert "plan check (kl on " in report_lib.summary_table(report)
 
@@ -237,7 +242,7 @@ def test_report_says_which_plan_won(datafree_result):
 def test_mixed_is_not_worse_than_uniform_at_4_bits(datafree_result, trained_cnn, small_data):
   """Seeded regression: the returned plan against uniform 4-bit on 500 MNIST test images."""
   _, _, x_test, y_test = small_data
-  uniform = apply.apply_plan(
+  uniform = apply_lib.apply_plan(
       datafree_result.float_model,
       keras_mpq.QuantizationPlan.uniform(datafree_result.plan.weight_bits, 4),
       datafree_result.calibration_data, fold_bn=False,
@@ -281,7 +286,7 @@ def _keras3_applications_blocks(size=16):
 
 
 def test_applications_layers_quantize_and_export_for_both_runtimes(tmp_path):
-  from keras_mpq import tflite_inspect
+  from keras_mpq.export import reader as reader_lib
   model = _keras3_applications_blocks()
   result = keras_mpq.quantize(model, "4bit", num_samples=16, seed=0, progress=False)
   assert result.report["unsupported_layers"] == []
@@ -289,7 +294,7 @@ def test_applications_layers_quantize_and_export_for_both_runtimes(tmp_path):
   for target, runtime in (("mobile", "litert"), ("mcu", "tflm")):
     path = tmp_path / f"{target}.tflite"
     result.export(path, target=target)
-    ops = {op.op for op in tflite_inspect.parse(path.read_bytes()).ops}  # mcu: LiteRT-unloadable
+    ops = {op.op for op in reader_lib.parse(path.read_bytes()).ops}  # mcu: LiteRT-unloadable
     assert {"MEAN", "HARD_SWISH", "MUL"} <= ops, (target, ops)
     checked = keras_mpq.validate_tflite(path, x, reference=result.float_model,
                                         runtime=runtime)
@@ -300,7 +305,7 @@ def test_applications_layers_quantize_and_export_for_both_runtimes(tmp_path):
 @pytest.fixture(scope="module")
 def binary_cnn(dataset):
   """A small CNN told MNIST 0s from 1s, with one sigmoid output unit."""
-  from keras_mpq.compat import keras, set_global_seed
+  from keras_mpq.base.compat import keras, set_global_seed
   set_global_seed(0)
   pick = np.isin(dataset.y_train, (0, 1))
   x, y = dataset.x_train[pick][:1000], dataset.y_train[pick][:1000]
@@ -333,13 +338,13 @@ def test_binary_sigmoid_classifier_goes_through_as_two_classes(binary_cnn, tmp_p
                              k.layers.Flatten(), k.layers.Dense(3)]), "token ids"),
 ])
 def test_non_classifiers_are_refused_before_synthesis(build, match, monkeypatch):
-  from keras_mpq import synthesis
-  from keras_mpq.compat import keras
+  from keras_mpq.synthesis import generators as generators_lib
+  from keras_mpq.base.compat import keras
 
   def never(*args, **kwargs):
     raise AssertionError("synthesis ran")
 
-  monkeypatch.setattr(synthesis, "synthesize_with_info", never)
+  monkeypatch.setattr(generators_lib, "synthesize_with_info", never)
   with pytest.raises(keras_mpq.UnsupportedModelError, match=match):
     keras_mpq.quantize(build(keras), "4bit", progress=False)
 
@@ -367,40 +372,41 @@ def test_keras_applications_quantize_and_export_run_in_their_runtimes(name, tmp_
 
 
 def test_default_num_samples_keeps_256_for_small_models_and_scales_down_large_ones():
-  from keras_mpq import api, costs
-  from keras_mpq.types import LayerCost
+  from keras_mpq import recipe as recipe_lib
+  from keras_mpq.plan import costs as costs_lib
+  from keras_mpq.base.types import LayerCost
 
   def table(n_layers, macs):
-    return costs.cost_table([LayerCost(f"l{i}", "Conv2D", 1000, 10, 10, macs)
+    return costs_lib.cost_table([LayerCost(f"l{i}", "Conv2D", 1000, 10, 10, macs)
                              for i in range(n_layers)], bits=(2, 4, 8))
 
-  assert api.default_num_samples(table(5, 400_000)) == api.DEFAULT_NUM_SAMPLES  # MNIST CNN size
+  assert recipe_lib.default_num_samples(table(5, 400_000)) == recipe_lib.DEFAULT_NUM_SAMPLES  # MNIST CNN size
   # EfficientNetB0 at 96x96: 82 weight layers, about 72M MACs in all.
-  big = api.default_num_samples(table(82, 72_000_000 // 82))
-  assert big == api.MIN_DEFAULT_SAMPLES
-  middle = api.default_num_samples(table(28, 11_600_000 // 28))  # MobileNet at 32x32
-  assert api.MIN_DEFAULT_SAMPLES < middle < api.DEFAULT_NUM_SAMPLES and middle % 16 == 0
+  big = recipe_lib.default_num_samples(table(82, 72_000_000 // 82))
+  assert big == recipe_lib.MIN_DEFAULT_SAMPLES
+  middle = recipe_lib.default_num_samples(table(28, 11_600_000 // 28))  # MobileNet at 32x32
+  assert recipe_lib.MIN_DEFAULT_SAMPLES < middle < recipe_lib.DEFAULT_NUM_SAMPLES and middle % 16 == 0
   # A budget that forces layers below 3 bits gets more synthetic samples, where the
   # model is small; the search still measures on default_search_samples of them.
   two, four = keras_mpq.Budget.avg_bits(2), keras_mpq.Budget.avg_bits(4)
   small = table(5, 400_000)
-  assert not api.forces_low_bits(small, four) and api.forces_low_bits(small, two)
-  assert api.default_num_samples(small, four) == api.DEFAULT_NUM_SAMPLES
-  assert api.default_num_samples(small, two) == api.MAX_DEFAULT_SAMPLES
-  assert api.default_num_samples(table(82, 72_000_000 // 82), two) == api.MIN_DEFAULT_SAMPLES
-  assert api.default_search_samples(small) == api.DEFAULT_NUM_SAMPLES
+  assert not recipe_lib.forces_low_bits(small, four) and recipe_lib.forces_low_bits(small, two)
+  assert recipe_lib.default_num_samples(small, four) == recipe_lib.DEFAULT_NUM_SAMPLES
+  assert recipe_lib.default_num_samples(small, two) == recipe_lib.MAX_DEFAULT_SAMPLES
+  assert recipe_lib.default_num_samples(table(82, 72_000_000 // 82), two) == recipe_lib.MIN_DEFAULT_SAMPLES
+  assert recipe_lib.default_search_samples(small) == recipe_lib.DEFAULT_NUM_SAMPLES
   # Image models synthesize the search's share and shift copies for the rest.
-  assert api.default_calibration_sizes(small, two, (28, 28, 1)) == (256, 1024)
-  assert api.default_calibration_sizes(small, two, (64,)) == (1024, 1024)
-  assert api.default_calibration_sizes(small, four, (28, 28, 1)) == (256, 256)
+  assert recipe_lib.default_calibration_sizes(small, two, (28, 28, 1)) == (256, 1024)
+  assert recipe_lib.default_calibration_sizes(small, two, (64,)) == (1024, 1024)
+  assert recipe_lib.default_calibration_sizes(small, four, (28, 28, 1)) == (256, 256)
   # Candidates without a bit-width below 3 never force one.
-  wide = costs.cost_table([LayerCost("l", "Conv2D", 1000, 10, 10, 400_000)], bits=(4, 8))
-  assert not api.forces_low_bits(wide, two)
+  wide = costs_lib.cost_table([LayerCost("l", "Conv2D", 1000, 10, 10, 400_000)], bits=(4, 8))
+  assert not recipe_lib.forces_low_bits(wide, two)
 
 
 def test_search_subset_is_seeded_sorted_and_capped():
-  from keras_mpq import api
-  np.testing.assert_array_equal(api.search_subset(10, 256), np.arange(10))
-  a, b = api.search_subset(1024, 256, seed=3), api.search_subset(1024, 256, seed=3)
+  from keras_mpq import recipe as recipe_lib
+  np.testing.assert_array_equal(recipe_lib.search_subset(10, 256), np.arange(10))
+  a, b = recipe_lib.search_subset(1024, 256, seed=3), recipe_lib.search_subset(1024, 256, seed=3)
   np.testing.assert_array_equal(a, b)
   assert len(a) == 256 and len(set(a)) == 256 and np.all(np.diff(a) > 0)

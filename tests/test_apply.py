@@ -1,14 +1,21 @@
-"""Tests of keras_mpq.apply: BatchNorm folding, plan application, bits access, bake, save/load."""
+"""Tests of keras_mpq.quantization.apply: BatchNorm folding, plan application, bits access, bake, save/load."""
 
 import os
 
 import numpy as np
 import pytest
 
-from keras_mpq import apply, quantizers
-from keras_mpq.compat import keras, tf
-from keras_mpq.types import (FLOAT_BITS, InvalidInputError, QuantizationPlan,
-                             UnsupportedModelError)
+from keras_mpq.base import model_data
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq.quantization import calibrate as calibrate_lib
+from keras_mpq.quantization import fold as fold_lib
+from keras_mpq.quantization import optimize as optimize_lib
+from keras_mpq.base import layers as layers_lib
+from keras_mpq.quantization import configs as configs_lib
+from keras_mpq.base.compat import keras, tf
+from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
+from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 
 L = keras.layers
 
@@ -172,7 +179,7 @@ def _inputs(model, n=16, seed=1):
 
 
 def _mixed_plan(model, cycle=(8, 4, 2, 6, FLOAT_BITS, 3)):
-  names = apply.plan_layers(model)
+  names = access_lib.plan_layers(model)
   return QuantizationPlan({n: cycle[i % len(cycle)] for i, n in enumerate(names)})
 
 
@@ -193,10 +200,10 @@ def test_fold_batchnorm_preserves_outputs(case):
   model = _randomize_batchnorm(builder())
   x = _inputs(model)
   bn_before = _count_bn(model)
-  folded = apply.fold_batchnorm(model)
+  folded = fold_lib.fold_batchnorm(model)
   assert bn_before > bn_left and _count_bn(folded) == bn_left
   assert _count_bn(model) == bn_before  # the original is untouched
-  assert sorted(apply.plan_layers(folded)) == sorted(apply.plan_layers(model))  # names kept
+  assert sorted(access_lib.plan_layers(folded)) == sorted(access_lib.plan_layers(model))  # names kept
   assert _rel_err(folded(x).numpy(), model(x).numpy()) < 1e-4
 
 
@@ -206,27 +213,27 @@ def test_apply_plan_mixed_bits_and_bake(case):
   model = _randomize_batchnorm(builder())
   x = _inputs(model)
   plan = _mixed_plan(model)
-  qmodel = apply.apply_plan(model, plan, x)
+  qmodel = apply_lib.apply_plan(model, plan, x)
 
-  assert apply.get_weight_bits(qmodel) == dict(plan.weight_bits)
-  assert apply.current_plan(qmodel).weight_bits == dict(plan.weight_bits)
+  assert access_lib.get_weight_bits(qmodel) == dict(plan.weight_bits)
+  assert access_lib.current_plan(qmodel).weight_bits == dict(plan.weight_bits)
   out = qmodel(x).numpy()
   assert out.shape == model(x).shape and np.all(np.isfinite(out))
-  roles = {r["layer"]: r["role"] for r in apply.layer_report(qmodel)}
+  roles = {r["layer"]: r["role"] for r in access_lib.layer_report(qmodel)}
   assert all(roles[n] == "weights" for n in plan.weight_bits)
   assert "unsupported" not in roles.values()
 
   # bake: plain layers, kernels on the grid, same outputs as the model with float activations
-  apply.set_activation_quantization(qmodel, False)
+  access_lib.set_activation_quantization(qmodel, False)
   ref = qmodel(x).numpy()
-  baked = apply.bake(qmodel)
+  baked = access_lib.bake(qmodel)
   assert not any("quant" in type(l).__name__.lower() for l in baked.layers)
   assert _rel_err(baked(x).numpy(), ref) < 1e-5
   for layer in baked.layers:
-    for attr, axes in quantizers.weight_spec(layer):
+    for attr, axes in layers_lib.weight_spec(layer):
       w = getattr(layer, attr).numpy()
       bits = plan.weight_bits[layer.name]
-      np.testing.assert_allclose(quantizers.quantize_array(w, bits, axes)[0], w,
+      np.testing.assert_allclose(layers_lib.quantize_array(w, bits, axes)[0], w,
                                  rtol=1e-5, atol=1e-6)
       if bits != FLOAT_BITS:
         channels = np.moveaxis(w, [a for a in range(w.ndim) if a not in axes][0], 0)
@@ -236,16 +243,16 @@ def test_apply_plan_mixed_bits_and_bake(case):
 def test_activation_quantization_changes_output_and_calibration_covers_data():
   model = _randomize_batchnorm(_residual())
   x = _inputs(model, n=32)
-  qmodel = apply.apply_plan(model, QuantizationPlan.uniform(apply.plan_layers(model), 8), x)
-  ranges = apply.activation_ranges(qmodel)
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan.uniform(access_lib.plan_layers(model), 8), x)
+  ranges = access_lib.activation_ranges(qmodel)
   assert set(ranges) >= {"stem_relu", "b1_relu", "add_relu", "gap", "fc", "down"}
   assert "stem" not in ranges  # fused with its ReLU: quantized after the ReLU only
   assert all(lo <= hi for lo, hi in ranges.values())
   quantized = qmodel(x).numpy()
-  apply.set_activation_quantization(qmodel, False)
+  access_lib.set_activation_quantization(qmodel, False)
   wq_only = qmodel(x).numpy()
   assert not np.array_equal(quantized, wq_only)
-  float_out = apply.fold_batchnorm(model)(x).numpy()
+  float_out = fold_lib.fold_batchnorm(model)(x).numpy()
   assert _rel_err(quantized, float_out) < 0.1  # w8a8 stays close to float
 
 
@@ -255,12 +262,12 @@ def test_calibrating_a_model_again_reuses_its_traced_probe():
   import weakref  # pylint: disable=g-import-not-at-top
   model = _functional_cnn()
   x = _inputs(model, n=32)
-  qmodel = apply.apply_plan(model, QuantizationPlan.uniform(apply.plan_layers(model), 8), x)
-  first = apply.calibrate(qmodel, x, batch_size=16)
-  (probe,) = apply._RANGE_PROBES[qmodel].values()
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan.uniform(access_lib.plan_layers(model), 8), x)
+  first = calibrate_lib.calibrate(qmodel, x, batch_size=16)
+  (probe,) = model_data.get(qmodel, calibrate_lib.RANGE_PROBES).values()
   traces = probe.experimental_get_tracing_count()
-  assert apply.calibrate(qmodel, x, batch_size=16) == first
-  assert list(apply._RANGE_PROBES[qmodel].values()) == [probe]
+  assert calibrate_lib.calibrate(qmodel, x, batch_size=16) == first
+  assert list(model_data.get(qmodel, calibrate_lib.RANGE_PROBES).values()) == [probe]
   assert probe.experimental_get_tracing_count() == traces
   # The cache does not keep the model alive (other tests' models may go at the same time,
   # so the model itself is checked, not the cache's size).
@@ -274,40 +281,40 @@ def test_plan_check_errors():
   model = _functional_cnn()
   good = {"c1": 8, "c2": 4, "fc": 8}
   with pytest.raises(InvalidInputError, match="not quantizable weight layers.*nope"):
-    apply.apply_plan(model, QuantizationPlan({**good, "nope": 4}), _inputs(model))
+    apply_lib.apply_plan(model, QuantizationPlan({**good, "nope": 4}), _inputs(model))
   with pytest.raises(InvalidInputError, match=r"gives no bits to layers \['c2'\]"):
-    apply.apply_plan(model, QuantizationPlan({"c1": 8, "fc": 8}), _inputs(model))
+    apply_lib.apply_plan(model, QuantizationPlan({"c1": 8, "fc": 8}), _inputs(model))
   with pytest.raises(InvalidInputError, match="not quantizable weight layers.*bn1"):
-    apply.check_plan(model, QuantizationPlan({**good, "bn1": 8}))
+    access_lib.check_plan(model, QuantizationPlan({**good, "bn1": 8}))
   with pytest.raises(InvalidInputError, match="QuantizationPlan"):
-    apply.apply_plan(model, {"c1": 8}, _inputs(model))
+    apply_lib.apply_plan(model, {"c1": 8}, _inputs(model))
 
 
 def test_bad_models_and_data_raise_clear_errors():
   with pytest.raises(InvalidInputError, match="Expected a tf_keras Model"):
-    apply.fold_batchnorm("model.h5")
+    fold_lib.fold_batchnorm("model.h5")
   with pytest.raises(UnsupportedModelError, match="not built"):
-    apply.fold_batchnorm(keras.Sequential([L.Dense(2)]))
+    fold_lib.fold_batchnorm(keras.Sequential([L.Dense(2)]))
   shared = L.Dense(4, name="shared")
   inp = keras.Input((4,))
   with pytest.raises(UnsupportedModelError, match="called 2 times"):
-    apply.fold_batchnorm(keras.Model(inp, shared(shared(inp))))
+    fold_lib.fold_batchnorm(keras.Model(inp, shared(shared(inp))))
   inner = keras.Sequential([L.Dense(4)], name="inner")
   inp = keras.Input((4,))
   with pytest.raises(UnsupportedModelError, match="nested model"):
-    apply.fold_batchnorm(keras.Model(inp, L.Dense(2)(inner(inp))))
+    fold_lib.fold_batchnorm(keras.Model(inp, L.Dense(2)(inner(inp))))
   a, b = keras.Input((4,)), keras.Input((4,))
   two = keras.Model([a, b], L.Dense(2, name="d")(L.Concatenate()([a, b])))
   with pytest.raises(UnsupportedModelError, match="one input"):
-    apply.apply_plan(two, QuantizationPlan({"d": 4}), np.zeros((2, 4)))
+    apply_lib.apply_plan(two, QuantizationPlan({"d": 4}), np.zeros((2, 4)))
   model = _mlp()
-  plan = QuantizationPlan.uniform(apply.plan_layers(model), 4)
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(model), 4)
   with pytest.raises(InvalidInputError, match=r"shape \(N, 20\).*\(8, 21\)"):
-    apply.apply_plan(model, plan, np.zeros((8, 21)))
+    apply_lib.apply_plan(model, plan, np.zeros((8, 21)))
   with pytest.raises(InvalidInputError, match="NaN"):
-    apply.apply_plan(model, plan, np.full((8, 20), np.nan))
+    apply_lib.apply_plan(model, plan, np.full((8, 20), np.nan))
   with pytest.raises(InvalidInputError, match="at least one sample"):
-    apply.apply_plan(model, plan, np.zeros((0, 20)))
+    apply_lib.apply_plan(model, plan, np.zeros((0, 20)))
 
 
 def test_unsupported_layers_stay_float_and_are_reported():
@@ -320,14 +327,14 @@ def test_unsupported_layers_stay_float_and_are_reported():
   x = L.Flatten(name="flat")(x)
   model = keras.Model(inp, L.Dense(3, name="fc")(x))
   x_data = _inputs(model)
-  assert apply.unsupported_layers(model) == ["ln", "lam", "tf.nn.relu6"]
-  qmodel = apply.apply_plan(model, QuantizationPlan({"c1": 8, "ct": 3, "fc": 4}), x_data)
-  rows = {r["layer"]: r for r in apply.layer_report(qmodel)}
+  assert access_lib.unsupported_layers(model) == ["ln", "lam", "tf.nn.relu6"]
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan({"c1": 8, "ct": 3, "fc": 4}), x_data)
+  rows = {r["layer"]: r for r in access_lib.layer_report(qmodel)}
   assert {n for n, r in rows.items() if r["role"] == "unsupported"} == {
       "ln", "lam", "tf.nn.relu6"}
   assert rows["ct"]["weight_bits"] == 3 and rows["flat"]["role"] == "passthrough"
-  apply.set_activation_quantization(qmodel, False)
-  assert _rel_err(apply.bake(qmodel)(x_data).numpy(), qmodel(x_data).numpy()) < 1e-5
+  access_lib.set_activation_quantization(qmodel, False)
+  assert _rel_err(access_lib.bake(qmodel)(x_data).numpy(), qmodel(x_data).numpy()) < 1e-5
 
 
 # --------------------------------------------------------------------------- bits access
@@ -336,41 +343,41 @@ def test_unsupported_layers_stay_float_and_are_reported():
 def test_set_weight_bits_is_a_variable_write_without_retracing():
   model = _randomize_batchnorm(_functional_cnn())
   x = tf.constant(_inputs(model))
-  qmodel = apply.apply_plan(model, QuantizationPlan.uniform(apply.plan_layers(model), 8),
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan.uniform(access_lib.plan_layers(model), 8),
                             x.numpy())
   forward = tf.function(lambda t: qmodel(t, training=False))
   at8 = forward(x).numpy()
-  apply.set_weight_bits(qmodel, {"c2": 2})
+  access_lib.set_weight_bits(qmodel, {"c2": 2})
   at2 = forward(x).numpy()
-  assert apply.get_weight_bits(qmodel)["c2"] == 2
+  assert access_lib.get_weight_bits(qmodel)["c2"] == 2
   assert not np.allclose(at8, at2)
-  with apply.weight_bits_override(qmodel, {"c2": 8, "fc": FLOAT_BITS}):
-    assert apply.get_weight_bits(qmodel) == {"c1": 8, "c2": 8, "fc": FLOAT_BITS}
+  with access_lib.weight_bits_override(qmodel, {"c2": 8, "fc": FLOAT_BITS}):
+    assert access_lib.get_weight_bits(qmodel) == {"c1": 8, "c2": 8, "fc": FLOAT_BITS}
     forward(x)
-  assert apply.get_weight_bits(qmodel) == {"c1": 8, "c2": 2, "fc": 8}
+  assert access_lib.get_weight_bits(qmodel) == {"c1": 8, "c2": 2, "fc": 8}
   np.testing.assert_allclose(forward(x).numpy(), at2)
   assert forward.experimental_get_tracing_count() == 1
   with pytest.raises(InvalidInputError, match="not a quantized weight layer"):
-    apply.set_weight_bits(qmodel, {"bn1": 4})
+    access_lib.set_weight_bits(qmodel, {"bn1": 4})
   with pytest.raises(InvalidInputError, match="Expected weight bits"):
-    apply.set_weight_bits(qmodel, {"c2": 1})
+    access_lib.set_weight_bits(qmodel, {"c2": 1})
   with pytest.raises(RuntimeError):
-    with apply.weight_bits_override(qmodel, {"c1": 3}):
+    with access_lib.weight_bits_override(qmodel, {"c1": 3}):
       raise RuntimeError("boom")
-  assert apply.get_weight_bits(qmodel)["c1"] == 8  # restored on error
+  assert access_lib.get_weight_bits(qmodel)["c1"] == 8  # restored on error
 
 
 def test_range_tracking_switch():
   model = _mlp()
   x = _inputs(model, n=64)
-  qmodel = apply.apply_plan(model, QuantizationPlan.uniform(apply.plan_layers(model), 8), x[:8])
-  before = apply.activation_ranges(qmodel)
-  apply.set_range_tracking(qmodel, False)
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan.uniform(access_lib.plan_layers(model), 8), x[:8])
+  before = access_lib.activation_ranges(qmodel)
+  access_lib.set_range_tracking(qmodel, False)
   qmodel(x * 5, training=True)
-  assert apply.activation_ranges(qmodel) == before
-  apply.set_range_tracking(qmodel, True)
+  assert access_lib.activation_ranges(qmodel) == before
+  access_lib.set_range_tracking(qmodel, True)
   qmodel(x * 5, training=True)
-  assert apply.activation_ranges(qmodel) != before
+  assert access_lib.activation_ranges(qmodel) != before
 
 
 # --------------------------------------------------------------------------- save and load
@@ -380,20 +387,20 @@ def test_range_tracking_switch():
 def test_save_and_load_round_trip(tmp_path, fmt):
   model = _randomize_batchnorm(_unfoldable_bn())
   x = _inputs(model)
-  qmodel = apply.apply_plan(model, _mixed_plan(model), x)
-  apply.set_weight_bits(qmodel, {"c2": 2})  # state that lives only in variables
-  apply.set_range_tracking(qmodel, False)
+  qmodel = apply_lib.apply_plan(model, _mixed_plan(model), x)
+  access_lib.set_weight_bits(qmodel, {"c2": 2})  # state that lives only in variables
+  access_lib.set_range_tracking(qmodel, False)
   ref = qmodel(x).numpy()
   path = str(tmp_path / {"keras": "q.keras", "h5": "q.h5"}.get(fmt, "q_savedmodel"))
   qmodel.save(path)
-  with quantizers.quantize_scope():
+  with configs_lib.quantize_scope():
     loaded = keras.models.load_model(path)
   np.testing.assert_array_equal(loaded(x).numpy(), ref)
-  assert apply.get_weight_bits(loaded) == apply.get_weight_bits(qmodel)
-  assert apply.activation_ranges(loaded) == apply.activation_ranges(qmodel)
+  assert access_lib.get_weight_bits(loaded) == access_lib.get_weight_bits(qmodel)
+  assert access_lib.activation_ranges(loaded) == access_lib.activation_ranges(qmodel)
   loaded(x * 3, training=True)  # tracking stayed off
-  assert apply.activation_ranges(loaded) == apply.activation_ranges(qmodel)
-  assert apply.current_plan(loaded) == apply.current_plan(qmodel)
+  assert access_lib.activation_ranges(loaded) == access_lib.activation_ranges(qmodel)
+  assert access_lib.current_plan(loaded) == access_lib.current_plan(qmodel)
   assert os.path.exists(path)
 
 
@@ -402,11 +409,11 @@ def test_save_and_load_round_trip(tmp_path, fmt):
 
 def test_post_training_accuracy_on_real_data(trained_cnn, small_data):
   x_cal, _, x_test, y_test = small_data
-  names = apply.plan_layers(trained_cnn)
+  names = access_lib.plan_layers(trained_cnn)
   float_acc = np.mean(np.argmax(trained_cnn.predict(x_test, verbose=0), -1) == y_test)
   accs = {}
   for bits in (8, 2):
-    qmodel = apply.apply_plan(trained_cnn, QuantizationPlan.uniform(names, bits), x_cal[:256])
+    qmodel = apply_lib.apply_plan(trained_cnn, QuantizationPlan.uniform(names, bits), x_cal[:256])
     accs[bits] = np.mean(np.argmax(qmodel.predict(x_test, verbose=0), -1) == y_test)
   assert float_acc > 0.9
   assert accs[8] >= float_acc - 0.02
@@ -419,17 +426,17 @@ def test_post_training_accuracy_on_real_data(trained_cnn, small_data):
 def _check_application(model, expect_no_bn=True):
   x = _inputs(model, n=2)
   plan = _mixed_plan(model, cycle=(8, 4, 2, 6))
-  folded = apply.fold_batchnorm(model)
+  folded = fold_lib.fold_batchnorm(model)
   if expect_no_bn:
     assert _count_bn(folded) == 0
   assert _rel_err(folded(x).numpy(), model(x).numpy()) < 1e-3
-  qmodel = apply.apply_plan(model, plan, x)
-  assert apply.get_weight_bits(qmodel) == dict(plan.weight_bits)
-  assert len(plan.weight_bits) == len(quantizers.quantizable_layers(model))
+  qmodel = apply_lib.apply_plan(model, plan, x)
+  assert access_lib.get_weight_bits(qmodel) == dict(plan.weight_bits)
+  assert len(plan.weight_bits) == len(layers_lib.quantizable_layers(model))
   out = qmodel(x).numpy()
   assert out.shape == (2, 10) and np.all(np.isfinite(out))
-  apply.set_activation_quantization(qmodel, False)
-  assert _rel_err(apply.bake(qmodel)(x).numpy(), qmodel(x).numpy()) < 1e-4
+  access_lib.set_activation_quantization(qmodel, False)
+  assert _rel_err(access_lib.bake(qmodel)(x).numpy(), qmodel(x).numpy()) < 1e-4
   return qmodel
 
 
@@ -451,10 +458,10 @@ def test_efficientnet_b0():
   model = keras.applications.EfficientNetB0(input_shape=(96, 96, 3), weights=None,
                                             classes=10, classifier_activation=None)
   qmodel = _check_application(_randomize_batchnorm(model))
-  roles = {r["type"]: r["role"] for r in apply.layer_report(qmodel)}
+  roles = {r["type"]: r["role"] for r in access_lib.layer_report(qmodel)}
   assert roles["Multiply"] == "output" and roles["Rescaling"] == "output"
   assert roles["Normalization"] == "output"
-  assert apply.unsupported_layers(model) == []
+  assert access_lib.unsupported_layers(model) == []
 
 
 # --------------------------------------------------------------------------- weight optimization
@@ -467,13 +474,13 @@ def _accuracy(model, x, y):
 def test_error_minimizing_weights_beat_round_to_nearest(trained_separable, small_data):
   """Seeded: GPTQ + clipping + bias correction beats round to nearest at 3 bits (loose)."""
   x_cal, _, x_test, y_test = small_data
-  folded = apply.fold_batchnorm(trained_separable)
-  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 3)
+  folded = fold_lib.fold_batchnorm(trained_separable)
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(folded), 3)
   accs, rows = {}, {}
   for method, bc in (("rtn", False), ("gptq", True)):
-    q = apply.apply_plan(folded, plan, x_cal[:256], fold_bn=False, weight_method=method,
+    q = apply_lib.apply_plan(folded, plan, x_cal[:256], fold_bn=False, weight_method=method,
                          bias_correction=bc, tune_steps=0)
-    accs[method], rows[method] = _accuracy(q, x_test, y_test), apply.weight_report(q)
+    accs[method], rows[method] = _accuracy(q, x_test, y_test), optimize_lib.weight_report(q)
   assert accs["gptq"] >= accs["rtn"] + 0.03, accs
   assert [r["layer"] for r in rows["gptq"]] == list(plan.weight_bits)
   assert all(r["method"] == "rtn" and not r["bias_corrected"] for r in rows["rtn"])
@@ -489,16 +496,16 @@ def test_data_free_4bit_weights_stay_close_to_float(trained_separable, small_dat
   with the data-free default quantizer; the full figure (two trained copies,
   LiteRT) is in BENCHMARKS.md, *Weight quantizer*.
   """
-  from keras_mpq import synthesis
+  from keras_mpq.synthesis import generators as generators_lib
   _, _, x_test, y_test = small_data
-  folded = apply.fold_batchnorm(trained_separable)
-  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 4)
-  x_syn, _ = synthesis.synthesize(trained_separable, num_samples=128, seed=0, progress=False)
-  method, bc = apply.check_weight_method(None, None, data_free=True)
+  folded = fold_lib.fold_batchnorm(trained_separable)
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(folded), 4)
+  x_syn, _ = generators_lib.synthesize(trained_separable, num_samples=128, seed=0, progress=False)
+  method, bc = optimize_lib.check_weight_method(None, None, data_free=True)
   accs = {}
   for name, (m, b) in (("rtn", ("rtn", False)), ("default", (method, bc))):
     # Data-free quantize does not tune scales at a 4-bit budget (api.forces_low_bits).
-    q = apply.apply_plan(folded, plan, x_syn, fold_bn=False, weight_method=m,
+    q = apply_lib.apply_plan(folded, plan, x_syn, fold_bn=False, weight_method=m,
                          bias_correction=b, tune_steps=0)
     accs[name] = _accuracy(q, x_test, y_test)
   float_acc = _accuracy(folded, x_test, y_test)
@@ -511,55 +518,55 @@ def test_adaround_at_2_bits_keeps_what_gptq_keeps_and_more(trained_cnn, small_da
   bits) ends at least level with GPTQ and far above round to nearest; every layer
   reports which rounding it kept."""
   x_cal, _, x_test, y_test = small_data
-  folded = apply.fold_batchnorm(trained_cnn)
-  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 2)
+  folded = fold_lib.fold_batchnorm(trained_cnn)
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(folded), 2)
   accs, rows = {}, {}
   for method, bc in (("rtn", False), ("gptq", True), ("adaround", True)):
-    q = apply.apply_plan(folded, plan, x_cal[:256], fold_bn=False, weight_method=method,
+    q = apply_lib.apply_plan(folded, plan, x_cal[:256], fold_bn=False, weight_method=method,
                          bias_correction=bc, tune_steps=0)
-    accs[method], rows[method] = _accuracy(q, x_test, y_test), apply.weight_report(q)
+    accs[method], rows[method] = _accuracy(q, x_test, y_test), optimize_lib.weight_report(q)
   assert accs["adaround"] >= accs["gptq"] - 0.02, accs
   assert accs["adaround"] >= accs["rtn"] + 0.05, accs
   assert any(r["method"] == "adaround" for r in rows["adaround"]), rows["adaround"]
   assert all(r["error"] <= r["rtn_error"] * (1 + 1e-9) for r in rows["adaround"])
-  assert apply.DEFAULT_WEIGHT_METHOD == "adaround"
+  assert optimize_lib.DEFAULT_WEIGHT_METHOD == "adaround"
 
 
 def test_bake_writes_the_optimized_integers():
   model = _randomize_batchnorm(CASES["depthwise_separable"][0]())
   x = _inputs(model, n=32)
   plan = _mixed_plan(model)
-  q = apply.apply_plan(model, plan, x, weight_method="gptq")
-  ints = apply.weight_integers(q)
-  baked = apply.bake(q)
+  q = apply_lib.apply_plan(model, plan, x, weight_method="gptq")
+  ints = access_lib.weight_integers(q)
+  baked = access_lib.bake(q)
   assert ints
   for name, by_attr in ints.items():
     layer = baked.get_layer(name)
-    for attr, axes in quantizers.weight_spec(layer):
-      got = quantizers.quantize_array(getattr(layer, attr).numpy(),
+    for attr, axes in layers_lib.weight_spec(layer):
+      got = layers_lib.quantize_array(getattr(layer, attr).numpy(),
                                       plan.weight_bits[name], axes)[1]
       np.testing.assert_array_equal(got, by_attr[attr])
       # The wrapper's fake quantizer computes exactly these values (no re-rounding).
       np.testing.assert_allclose(getattr(layer, attr).numpy(),
-                                 quantizers.quantize_array(getattr(layer, attr).numpy(),
+                                 layers_lib.quantize_array(getattr(layer, attr).numpy(),
                                                            plan.weight_bits[name], axes)[0],
                                  rtol=0, atol=0)
 
 
 def test_weight_bank_swaps_and_restores_kernels():
-  model = apply.fold_batchnorm(_randomize_batchnorm(CASES["sequential_cnn"][0]()))
+  model = fold_lib.fold_batchnorm(_randomize_batchnorm(CASES["sequential_cnn"][0]()))
   x = _inputs(model, n=32)
-  names = apply.plan_layers(model)
-  q = apply.quantize_model(model, QuantizationPlan.uniform(names, FLOAT_BITS))
-  bank = apply.WeightBank(q, x, "gptq", True)
+  names = access_lib.plan_layers(model)
+  q = access_lib.quantize_model(model, QuantizationPlan.uniform(names, FLOAT_BITS))
+  bank = optimize_lib.WeightBank(q, x, "gptq", True)
   wrapper = bank.wrappers[names[0]]
-  kernel = apply._kernels_of(wrapper)[0][0]  # pylint: disable=protected-access
+  kernel = access_lib.kernels_of(wrapper)[0][0]  # pylint: disable=protected-access
   original = kernel.numpy().copy()
   bank.set_weight_bits({names[0]: 2})
-  assert apply.get_weight_bits(q)[names[0]] == 2
+  assert access_lib.get_weight_bits(q)[names[0]] == 2
   assert not np.array_equal(kernel.numpy(), original)
-  axes = apply._kernels_of(wrapper)[0][1]  # pylint: disable=protected-access
-  np.testing.assert_array_equal(quantizers.quantize_array(kernel.numpy(), 2, axes)[0],
+  axes = access_lib.kernels_of(wrapper)[0][1]  # pylint: disable=protected-access
+  np.testing.assert_array_equal(layers_lib.quantize_array(kernel.numpy(), 2, axes)[0],
                                 kernel.numpy())
   bank.set_weight_bits({names[0]: FLOAT_BITS})
   np.testing.assert_array_equal(kernel.numpy(), original)
@@ -568,31 +575,31 @@ def test_weight_bank_swaps_and_restores_kernels():
 def test_weight_method_errors():
   model = CASES["sequential_cnn"][0]()
   x = _inputs(model, n=4)
-  plan = QuantizationPlan.uniform(apply.plan_layers(model), 4)
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(model), 4)
   with pytest.raises(InvalidInputError, match="weight_method"):
-    apply.apply_plan(model, plan, x, weight_method="brecq")
+    apply_lib.apply_plan(model, plan, x, weight_method="brecq")
   with pytest.raises(InvalidInputError, match="bias_correction"):
-    apply.apply_plan(model, plan, x, bias_correction="yes")
+    apply_lib.apply_plan(model, plan, x, bias_correction="yes")
 
 
 def test_optimize_weights_groups_layers_into_at_most_sequential_passes(monkeypatch):
-  from keras_mpq import model_zoo
-  model = model_zoo.tiny_conv_dense(seed=0)
+  from keras_mpq import model_zoo as model_zoo_lib
+  model = model_zoo_lib.tiny_conv_dense(seed=0)
   x = np.random.default_rng(0).random((32, 8, 8, 1), dtype=np.float32)
   calls = []
-  real = apply._input_stats  # pylint: disable=protected-access
+  real = optimize_lib._input_stats  # pylint: disable=protected-access
 
   def counting(qmodel, wrappers, *args, **kwargs):
     calls.append([w.layer.name for w in wrappers])
     return real(qmodel, wrappers, *args, **kwargs)
 
-  monkeypatch.setattr(apply, "_input_stats", counting)
+  monkeypatch.setattr(optimize_lib, "_input_stats", counting)
   plan = QuantizationPlan.uniform(["conv", "fc"], 4)
-  apply.apply_plan(model, plan, x)
+  apply_lib.apply_plan(model, plan, x)
   assert calls == [["conv", "fc"], ["conv"], ["fc"]]  # float means, then one layer at a time
   calls.clear()
-  monkeypatch.setattr(apply, "SEQUENTIAL_PASSES", 1)
-  qmodel = apply.apply_plan(model, plan, x)
+  monkeypatch.setattr(optimize_lib, "SEQUENTIAL_PASSES", 1)
+  qmodel = apply_lib.apply_plan(model, plan, x)
   assert calls == [["conv", "fc"], ["conv", "fc"]]  # float means, then both in one pass
-  rows = apply.weight_report(qmodel)
+  rows = optimize_lib.weight_report(qmodel)
   assert [r["layer"] for r in rows] == ["conv", "fc"] and all(r["bias_corrected"] for r in rows)

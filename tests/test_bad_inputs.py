@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_mpq
-from keras_mpq.types import KerasMpqError
+from keras_mpq.base.errors import KerasMpqError
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -50,7 +50,7 @@ def run_cli(*args, timeout=300):
 
 def tiny_model(nan=False, no_quantizable=False):
   """A tf_keras 8x8x1 -> 3-class Conv+Dense model (or one without quantizable layers)."""
-  from keras_mpq.compat import keras, set_global_seed
+  from keras_mpq.base.compat import keras, set_global_seed
   set_global_seed(0)
   inp = keras.Input((8, 8, 1))
   if no_quantizable:
@@ -245,7 +245,7 @@ def test_bad_input_gives_a_clear_error(cases, case_id):
 
 
 def test_impossible_budget_error_carries_the_smallest(cases):
-  from keras_mpq.types import BudgetInfeasibleError
+  from keras_mpq.base.errors import BudgetInfeasibleError
   with pytest.raises(BudgetInfeasibleError) as info:
     cases["impossible budget/api avg bits"].call()
   assert info.value.smallest >= 2.0  # every layer at 2 bits (plus any float layers)

@@ -8,9 +8,13 @@ import types
 import numpy as np
 import pytest
 
-from keras_mpq import apply, callbacks, quantizers
-from keras_mpq.compat import keras
-from keras_mpq.types import InvalidInputError, QuantizationPlan, SensitivityTable
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq import callbacks as callbacks_lib
+from keras_mpq.base import layers as layers_lib
+from keras_mpq.base.compat import keras
+from keras_mpq.base.errors import InvalidInputError
+from keras_mpq.base.types import QuantizationPlan, SensitivityTable
 
 L = keras.layers
 
@@ -37,7 +41,7 @@ def _toy_model(with_unfoldable_bn=False):
 
 
 def _quantized(model, x, bits=8, lr=1e-3):
-  qmodel = apply.apply_plan(model, QuantizationPlan.uniform(apply.plan_layers(model), bits),
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan.uniform(access_lib.plan_layers(model), bits),
                             x[:32])
   qmodel.compile(keras.optimizers.Adam(lr),
                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -72,8 +76,8 @@ class _Recorder(keras.callbacks.Callback):
 def test_freeze_ranges_after_steps():
   x, y = _toy_data()
   qmodel = _quantized(_toy_model(), x)
-  freeze = callbacks.FreezeRanges(after_steps=3)
-  recorder = _Recorder(apply.activation_ranges)
+  freeze = callbacks_lib.FreezeRanges(after_steps=3)
+  recorder = _Recorder(access_lib.activation_ranges)
   qmodel.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
              callbacks=[freeze, recorder])
   ranges = recorder.values
@@ -83,22 +87,22 @@ def test_freeze_ranges_after_steps():
   assert freeze.frozen and freeze.frozen_at_step == 3 and freeze.steps == 16
   # a second fit continues the count: still frozen from the start
   qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[freeze])
-  assert apply.activation_ranges(qmodel) == ranges[-1]
+  assert access_lib.activation_ranges(qmodel) == ranges[-1]
 
 
 def test_freeze_ranges_zero_steps_and_bad_arguments():
   x, y = _toy_data(64)
   qmodel = _quantized(_toy_model(), x)
-  before = apply.activation_ranges(qmodel)
+  before = access_lib.activation_ranges(qmodel)
   qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0,
-             callbacks=[callbacks.FreezeRanges(after_steps=0)])
-  assert apply.activation_ranges(qmodel) == before
+             callbacks=[callbacks_lib.FreezeRanges(after_steps=0)])
+  assert access_lib.activation_ranges(qmodel) == before
   with pytest.raises(InvalidInputError, match="after_steps"):
-    callbacks.FreezeRanges(after_steps=-1)
+    callbacks_lib.FreezeRanges(after_steps=-1)
   float_model = _toy_model()
   float_model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   with pytest.raises(InvalidInputError, match="apply_plan"):
-    float_model.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.FreezeRanges(1)])
+    float_model.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks_lib.FreezeRanges(1)])
 
 
 # --------------------------------------------------------------------------- FreezeBatchNorm
@@ -106,7 +110,7 @@ def test_freeze_ranges_zero_steps_and_bad_arguments():
 
 def _bn_stats(model):
   return {bn.name: (bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy())
-          for bn in callbacks.batchnorm_layers(model)}
+          for bn in callbacks_lib.batchnorm_layers(model)}
 
 
 def _same(a, b):
@@ -118,7 +122,7 @@ def test_freeze_batchnorm_after_epochs():
   qmodel = _quantized(_toy_model(with_unfoldable_bn=True), x)
   assert sorted(_bn_stats(qmodel)) == ["add_bn", "input_bn"]  # c1_bn was folded
   initial = _bn_stats(qmodel)
-  freeze = callbacks.FreezeBatchNorm(after_epochs=1)
+  freeze = callbacks_lib.FreezeBatchNorm(after_epochs=1)
   stats = _Recorder(_bn_stats, per="epoch")
   kernels = _Recorder(lambda m: _kernel(m, "c2"), per="epoch")
   qmodel.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[freeze, stats, kernels])
@@ -133,10 +137,10 @@ def test_freeze_batchnorm_from_the_start():
   qmodel = _quantized(_toy_model(with_unfoldable_bn=True), x)
   initial = _bn_stats(qmodel)
   qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0,
-             callbacks=[callbacks.FreezeBatchNorm(after_epochs=0)])
+             callbacks=[callbacks_lib.FreezeBatchNorm(after_epochs=0)])
   assert _same(_bn_stats(qmodel), initial)
   with pytest.raises(InvalidInputError, match="after_epochs"):
-    callbacks.FreezeBatchNorm(after_epochs=1.5)
+    callbacks_lib.FreezeBatchNorm(after_epochs=1.5)
 
 
 # --------------------------------------------------------------------------- ExportAndValidate
@@ -144,9 +148,9 @@ def test_freeze_batchnorm_from_the_start():
 
 @pytest.fixture
 def fake_export_modules(monkeypatch):
-  """Stand-ins for keras_mpq.export / keras_mpq.validate that record their calls."""
+  """Stand-ins for keras_mpq.export.exporter / keras_mpq.validate that record their calls."""
   calls = {"export": [], "validate": []}
-  export = types.ModuleType("keras_mpq.export")
+  export = types.ModuleType("keras_mpq.export.exporter")
   validate = types.ModuleType("keras_mpq.validate")
 
   def export_tflite(model, path, plan, target, calibration_data):
@@ -162,7 +166,7 @@ def fake_export_modules(monkeypatch):
 
   export.export_tflite = export_tflite
   validate.validate_tflite = validate_tflite
-  monkeypatch.setitem(sys.modules, "keras_mpq.export", export)
+  monkeypatch.setitem(sys.modules, "keras_mpq.export.exporter", export)
   monkeypatch.setitem(sys.modules, "keras_mpq.validate", validate)
   return calls
 
@@ -170,8 +174,8 @@ def fake_export_modules(monkeypatch):
 def test_export_and_validate_logs_into_history(tmp_path, fake_export_modules):
   x, y = _toy_data(64)
   qmodel = _quantized(_toy_model(), x)
-  apply.set_weight_bits(qmodel, {"c2": 4})
-  cb = callbacks.ExportAndValidate(str(tmp_path / "m_{epoch}.tflite"), x[:40], y[:40],
+  access_lib.set_weight_bits(qmodel, {"c2": 4})
+  cb = callbacks_lib.ExportAndValidate(str(tmp_path / "m_{epoch}.tflite"), x[:40], y[:40],
                                    target="mcu", calibration_data=x[:16], every_n_epochs=2)
   history = qmodel.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[cb])
   calls = fake_export_modules
@@ -191,9 +195,9 @@ def test_export_and_validate_logs_into_history(tmp_path, fake_export_modules):
 def test_export_and_validate_checks_arguments():
   x, y = _toy_data(16)
   with pytest.raises(InvalidInputError, match="same, non-zero number"):
-    callbacks.ExportAndValidate("m.tflite", x, y[:3])
+    callbacks_lib.ExportAndValidate("m.tflite", x, y[:3])
   with pytest.raises(InvalidInputError, match="every_n_epochs"):
-    callbacks.ExportAndValidate("m.tflite", x, y, every_n_epochs=0)
+    callbacks_lib.ExportAndValidate("m.tflite", x, y, every_n_epochs=0)
 
 
 def _have(module):
@@ -204,13 +208,13 @@ def _have(module):
     return False
 
 
-@pytest.mark.skipif(not (_have("keras_mpq.export") and _have("keras_mpq.validate")),
-                    reason="keras_mpq.export / keras_mpq.validate not available")
+@pytest.mark.skipif(not (_have("keras_mpq.export.exporter") and _have("keras_mpq.export.runtime")),
+                    reason="keras_mpq.export.exporter / keras_mpq.export.runtime not available")
 def test_export_and_validate_real_tflite(tmp_path, trained_cnn, small_data):
   x_train, y_train, x_test, y_test = small_data
   qmodel = _quantized(trained_cnn, x_train, bits=8, lr=1e-4)
   path = str(tmp_path / "cnn.tflite")
-  cb = callbacks.ExportAndValidate(path, x_test[:200], y_test[:200], target="mobile",
+  cb = callbacks_lib.ExportAndValidate(path, x_test[:200], y_test[:200], target="mobile",
                                    calibration_data=x_train[:64])
   history = qmodel.fit(x_train[:256], y_train[:256], batch_size=64, epochs=1, verbose=0,
                        callbacks=[cb])
@@ -226,16 +230,16 @@ def test_export_and_validate_real_tflite(tmp_path, trained_cnn, small_data):
 def test_sensitivity_monitor_task_interaction(trained_cnn, small_data):
   x_train, y_train, _, _ = small_data
   qmodel = _quantized(trained_cnn, x_train, bits=8, lr=1e-4)
-  apply.set_weight_bits(qmodel, {"conv2": 4})
-  context = apply.get_weight_bits(qmodel)
-  monitor = callbacks.SensitivityMonitor((x_train[:128], y_train[:128]), bits=(2, 4, 8))
+  access_lib.set_weight_bits(qmodel, {"conv2": 4})
+  context = access_lib.get_weight_bits(qmodel)
+  monitor = callbacks_lib.SensitivityMonitor((x_train[:128], y_train[:128]), bits=(2, 4, 8))
   history = qmodel.fit(x_train[:128], y_train[:128], batch_size=64, epochs=2, verbose=0,
                        callbacks=[monitor])
-  assert apply.get_weight_bits(qmodel) == context  # bits restored after each measurement
+  assert access_lib.get_weight_bits(qmodel) == context  # bits restored after each measurement
   assert [epoch for epoch, _ in monitor.history] == [1, 2]
   table = monitor.history[-1][1]
   assert isinstance(table, SensitivityTable) and table.metric == "task_interaction"
-  assert table.layers == tuple(apply.plan_layers(trained_cnn)) and table.bits == (2, 4, 8)
+  assert table.layers == tuple(access_lib.plan_layers(trained_cnn)) and table.bits == (2, 4, 8)
   # a layer set to the bits it already has does not change the loss
   for name, bits in context.items():
     assert table.score(name, bits) == pytest.approx(0.0, abs=1e-6)
@@ -246,7 +250,7 @@ def test_sensitivity_monitor_task_interaction(trained_cnn, small_data):
   # one entry checked by hand: L(c[conv3<-2]) - L(c)
   loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   base = float(loss(y_train[:128], qmodel(x_train[:128])))
-  with apply.weight_bits_override(qmodel, {"conv3": 2}):
+  with access_lib.weight_bits_override(qmodel, {"conv3": 2}):
     dropped = float(loss(y_train[:128], qmodel(x_train[:128])))
   assert table.score("conv3", 2) == pytest.approx(dropped - base, rel=1e-3, abs=1e-5)
 
@@ -254,22 +258,22 @@ def test_sensitivity_monitor_task_interaction(trained_cnn, small_data):
 def test_sensitivity_monitor_weight_mse():
   x, y = _toy_data(64)
   qmodel = _quantized(_toy_model(), x)
-  monitor = callbacks.SensitivityMonitor(metric="weight_mse", bits=(8, 2, 4),
+  monitor = callbacks_lib.SensitivityMonitor(metric="weight_mse", bits=(8, 2, 4),
                                          every_n_epochs=2)
   history = qmodel.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor])
   (epoch, table), = monitor.history
   assert epoch == 2 and table.bits == (2, 4, 8) and table.metric == "weight_mse"
   assert np.all(np.diff(table.scores, axis=1) < 0)  # error falls as bits grow
   w = _kernel(qmodel, "c1")
-  q = quantizers.quantize_array(w, 2, (0, 1, 2))[0]
+  q = layers_lib.quantize_array(w, 2, (0, 1, 2))[0]
   assert table.score("c1", 2) == pytest.approx(np.sum((q - w) ** 2) / np.sum(w ** 2), rel=1e-5)
   assert history.history["sensitivity_max_layer"] == [int(np.argmax(table.scores[:, 0]))]
 
 
 def test_sensitivity_monitor_checks_arguments():
   with pytest.raises(InvalidInputError, match="metric"):
-    callbacks.SensitivityMonitor(metric="hessian")
+    callbacks_lib.SensitivityMonitor(metric="hessian")
   with pytest.raises(InvalidInputError, match=r"data=\(x, y\)"):
-    callbacks.SensitivityMonitor(None)
+    callbacks_lib.SensitivityMonitor(None)
   with pytest.raises(InvalidInputError, match="weight bits"):
-    callbacks.SensitivityMonitor(metric="weight_mse", bits=(1, 4))
+    callbacks_lib.SensitivityMonitor(metric="weight_mse", bits=(1, 4))

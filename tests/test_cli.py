@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_mpq import cli
+from keras_mpq import cli as cli_lib
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -85,7 +85,7 @@ def test_errors_are_one_line_and_exit_2(args, match, keras3_file, tmp_path, caps
   subst = {"MODEL": str(keras3_file), "OUT": str(tmp_path / "o"), "GARBAGE": str(garbage),
            "DATA": str(data)}
   argv = ["keras-mpq"] + [subst.get(a, a) for a in args]
-  code = cli.main(argv)
+  code = cli_lib.main(argv)
   err = capsys.readouterr().err
   assert code == 2
   assert "Traceback" not in err
@@ -101,7 +101,7 @@ OWN_FLAGS = {"quantize": ["--budget", "--target", "--out", "--data", "--eval_dat
 @pytest.mark.parametrize("command", sorted(OWN_FLAGS))
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_each_command_has_its_own_help(command, flag, capsys):
-  assert cli.main(["keras-mpq", command, flag]) == 0
+  assert cli_lib.main(["keras-mpq", command, flag]) == 0
   text = capsys.readouterr().out
   assert text.startswith(f"usage: keras-mpq {command}")
   for own in OWN_FLAGS[command]:
@@ -116,11 +116,11 @@ def test_each_command_has_its_own_help(command, flag, capsys):
 
 def test_top_level_help_lists_the_commands(capsys):
   for argv in (["--help"], ["-h"]):
-    assert cli.main(["keras-mpq", *argv]) == 0
+    assert cli_lib.main(["keras-mpq", *argv]) == 0
     text = capsys.readouterr().out
     for command in OWN_FLAGS:
       assert f"    {command}  " in text
-  assert cli.main(["keras-mpq"]) == 2  # no command: the same help, as a usage error
+  assert cli_lib.main(["keras-mpq"]) == 2  # no command: the same help, as a usage error
   assert "quantize" in capsys.readouterr().err
 
 
@@ -132,10 +132,10 @@ def test_help_in_a_real_process_exits_0():
 def test_a_run_prints_no_tensorflow_start_up_lines(tmp_path):
   """Before: ~8 lines, among them 'failed call to cuInit: INTERNAL: CUDA error'."""
   import keras_mpq  # pylint: disable=g-import-not-at-top
-  from keras_mpq import model_zoo  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
   path = tmp_path / "m.tflite"
   x = np.random.default_rng(0).random((8, 8, 8, 1)).astype(np.float32)
-  keras_mpq.export_tflite(model_zoo.tiny_conv_dense(seed=0), path,
+  keras_mpq.export_tflite(model_zoo_lib.tiny_conv_dense(seed=0), path,
                           keras_mpq.QuantizationPlan({"conv": 8, "fc": 8}), "mobile",
                           calibration_data=x)
   data = tmp_path / "d.npz"
@@ -151,23 +151,23 @@ def test_a_run_prints_no_tensorflow_start_up_lines(tmp_path):
 def test_bad_ram_flag_is_one_line_error(keras3_file, tmp_path, capsys):
   argv = ["keras-mpq", "quantize", str(keras3_file), "--budget", "4bit", "--out",
           str(tmp_path / "o"), "--ram", "lots"]
-  code = cli.main(argv)
+  code = cli_lib.main(argv)
   err = capsys.readouterr().err
   assert code == 2 and "--ram" in err and "Traceback" not in err
 
 
 def test_inspect_deploy_view(tmp_path, capsys):
   pytest.importorskip("tflite_micro")
-  from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
+  from keras_mpq.export import exporter as exporter_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
   inp = keras.Input((12,))
   model = keras.Model(inp, keras.layers.Dense(4, name="fc")(inp))
   x = np.random.default_rng(0).normal(0, 1, (16, 12)).astype(np.float32)
   path = tmp_path / "m.tflite"
-  export_lib.export_tflite(model, path, QuantizationPlan({"fc": 8}), "mcu", x)
+  exporter_lib.export_tflite(model, path, QuantizationPlan({"fc": 8}), "mcu", x)
   argv = ["keras-mpq", "inspect", str(path), "--view", "deploy"]
-  code = cli.main(argv)
+  code = cli_lib.main(argv)
   out = capsys.readouterr().out
   assert code == 0
   assert f"flash {path.stat().st_size} bytes" in out and "TFLite Micro arena" in out

@@ -1,4 +1,4 @@
-"""Tests of keras_mpq.costs: counts read off tiny hand-built models, checked by hand."""
+"""Tests of keras_mpq.plan.costs: counts read off tiny hand-built models, checked by hand."""
 
 import os
 
@@ -7,16 +7,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-from keras_mpq import costs
-from keras_mpq.compat import keras
-from keras_mpq.types import FLOAT_BITS, InvalidInputError, LayerCost, UnsupportedModelError
+from keras_mpq.model import size as size_lib
+from keras_mpq.plan import costs as costs_lib
+from keras_mpq.base.compat import keras
+from keras_mpq.base.types import FLOAT_BITS, LayerCost
+from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 
 L = keras.layers
 
 
 def _single(layer, input_shape):
   model = keras.Sequential([keras.Input(input_shape), layer])
-  (cost,) = costs.layer_costs(model)
+  (cost,) = size_lib.layer_costs(model)
   return cost
 
 
@@ -69,60 +71,61 @@ def test_layer_costs_in_model_order_and_subset():
   x = L.Flatten()(x)
   out = L.Dense(2, name="last")(x)
   model = keras.Model(inp, out)
-  assert [c.name for c in costs.layer_costs(model)] == ["first", "last"]
-  assert [c.name for c in costs.layer_costs(model, layers=["last"])] == ["last"]
+  assert [c.name for c in size_lib.layer_costs(model)] == ["first", "last"]
+  assert [c.name for c in size_lib.layer_costs(model, layers=["last"])] == ["last"]
   # Dense on the flattened 6*6*4 = 144 features.
-  assert costs.layer_costs(model, layers=[model.get_layer("last")])[0].macs == 288
+  assert size_lib.layer_costs(model, layers=[model.get_layer("last")])[0].macs == 288
   with pytest.raises(InvalidInputError, match="quantizable layers are"):
-    costs.layer_costs(model, layers=["bn"])
+    size_lib.layer_costs(model, layers=["bn"])
 
 
 def test_shared_layer_counts_each_call():
   inp = keras.Input((6,))
   dense = L.Dense(6, name="shared")
   model = keras.Model(inp, dense(dense(inp)))
-  (cost,) = costs.layer_costs(model)
+  (cost,) = size_lib.layer_costs(model)
   assert cost.n_params == 36
   assert cost.macs == 72
 
 
 def test_unknown_spatial_size_gives_no_macs_and_no_bops():
   model = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3, name="c")])
-  (cost,) = costs.layer_costs(model)
+  (cost,) = size_lib.layer_costs(model)
   assert cost.macs is None and cost.n_params == 108
-  table = costs.cost_table(model, bits=(4, 8))
+  table = costs_lib.cost_table(model, bits=(4, 8))
   assert not table.has("bops") and table.has("bytes")
   with pytest.raises(InvalidInputError, match="bops"):
     table.matrix("bops")
 
 
 def test_folded_batchnorm_adds_a_bias():
-  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
   inp = keras.Input((6, 6, 2))
   x = L.Conv2D(3, 3, use_bias=False, name="conv")(inp)
   x = L.BatchNormalization(name="bn")(x)
   model = keras.Model(inp, L.Flatten()(x))
-  assert costs.layer_costs(model)[0].n_bias == 0
-  assert costs.layer_costs(apply.fold_batchnorm(model))[0].n_bias == 3
+  assert size_lib.layer_costs(model)[0].n_bias == 0
+  assert size_lib.layer_costs(fold_lib.fold_batchnorm(model))[0].n_bias == 3
 
 
 def test_zoo_models_are_costed():
-  from keras_mpq import model_zoo, quantizers  # pylint: disable=g-import-not-at-top
-  for model in (model_zoo.plain_cnn(), model_zoo.separable_cnn()):
-    got = costs.layer_costs(model)
-    assert [c.name for c in got] == [l.name for l in quantizers.quantizable_layers(model)]
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  for model in (model_zoo_lib.plain_cnn(), model_zoo_lib.separable_cnn()):
+    got = size_lib.layer_costs(model)
+    assert [c.name for c in got] == [l.name for l in layers_lib.quantizable_layers(model)]
     assert sum(c.n_params for c in got) == sum(
         int(np.prod(l.kernel.shape)) if hasattr(l, "kernel") else
         int(np.prod(l.depthwise_kernel.shape))
-        for l in quantizers.quantizable_layers(model))
+        for l in layers_lib.quantizable_layers(model))
     assert all(c.macs > 0 for c in got)
   # plain_cnn conv1: 3x3x1x16 kernel over 28x28 (same padding).
-  assert costs.layer_costs(model_zoo.plain_cnn())[0].macs == 144 * 28 * 28
+  assert size_lib.layer_costs(model_zoo_lib.plain_cnn())[0].macs == 144 * 28 * 28
 
 
 def test_bytes_formula():
   dense = LayerCost("d", "Dense", n_params=70, n_bias=7, n_scales=7, macs=70)
-  table = costs.cost_table([dense], bits=(2, 4, 8, FLOAT_BITS))
+  table = costs_lib.cost_table([dense], bits=(2, 4, 8, FLOAT_BITS))
   # int4 containers for 2 and 4 bits, int8 for 8; int32 bias; 12 B per scale.
   assert table.matrix("bytes").tolist() == [[35 + 28 + 84, 35 + 28 + 84, 70 + 28 + 84,
                                              4 * (70 + 7)]]
@@ -132,7 +135,7 @@ def test_bytes_formula():
 def test_avg_bits_sum_to_the_average():
   a = LayerCost("a", "Dense", n_params=300, n_bias=0, n_scales=3, macs=300)
   b = LayerCost("b", "Conv2D", n_params=100, n_bias=0, n_scales=3, macs=1000)
-  table = costs.cost_table([a, b], bits=(2, 8))
+  table = costs_lib.cost_table([a, b], bits=(2, 8))
   m = table.matrix("avg_bits")
   # a at 2 bits, b at 8 bits: (300 * 2 + 100 * 8) / 400 = 3.5
   assert m[0, 0] + m[1, 1] == pytest.approx(3.5)
@@ -142,36 +145,36 @@ def test_avg_bits_sum_to_the_average():
 def test_bops_with_activation_bits_and_float():
   a = LayerCost("a", "Dense", n_params=10, n_bias=0, n_scales=1, macs=10)
   b = LayerCost("b", "Conv2D", n_params=10, n_bias=0, n_scales=1, macs=1000)
-  table = costs.cost_table([a, b], bits=(4, FLOAT_BITS), activation_bits={"b": 16})
+  table = costs_lib.cost_table([a, b], bits=(4, FLOAT_BITS), activation_bits={"b": 16})
   assert table.matrix("bops").tolist() == [[10 * 4 * 8, 10 * 32 * 32],
                                            [1000 * 4 * 16, 1000 * 32 * 32]]
   with pytest.raises(InvalidInputError, match="unknown layers"):
-    costs.cost_table([a, b], activation_bits={"zz": 16})
+    costs_lib.cost_table([a, b], activation_bits={"zz": 16})
   with pytest.raises(InvalidInputError, match="activation bits"):
-    costs.cost_table([a, b], activation_bits=4)
+    costs_lib.cost_table([a, b], activation_bits=4)
 
 
 def test_latency_by_name_then_type():
   a = LayerCost("a", "Dense", n_params=10, n_bias=0, n_scales=1, macs=10)
   b = LayerCost("b", "Dense", n_params=10, n_bias=0, n_scales=1, macs=10)
-  table = costs.cost_table(
+  table = costs_lib.cost_table(
       [a, b], bits=(4, 8, FLOAT_BITS),
       latency_table={"Dense": {"4": 1.0, 8: 2.0, "float": 5.0}, "b": {4: 0.5, 8: 0.7, 32: 3}})
   assert table.matrix("latency").tolist() == [[1.0, 2.0, 5.0], [0.5, 0.7, 3.0]]
   with pytest.raises(InvalidInputError, match=r"none for \['c \(Conv2D\)'\]"):
-    costs.cost_table([a, LayerCost("c", "Conv2D", 1, 0, 1, 1)], bits=(4,),
+    costs_lib.cost_table([a, LayerCost("c", "Conv2D", 1, 0, 1, 1)], bits=(4,),
                      latency_table={"Dense": {4: 1.0}})
   with pytest.raises(InvalidInputError, match=r"has none for \[8\]"):
-    costs.cost_table([a], bits=(4, 8), latency_table={"Dense": {4: 1.0}})
+    costs_lib.cost_table([a], bits=(4, 8), latency_table={"Dense": {4: 1.0}})
   with pytest.raises(InvalidInputError, match="finite latencies"):
-    costs.cost_table([a], bits=(4,), latency_table={"Dense": {4: -1.0}})
-  assert not costs.cost_table([a], bits=(4,)).has("latency")
+    costs_lib.cost_table([a], bits=(4,), latency_table={"Dense": {4: -1.0}})
+  assert not costs_lib.cost_table([a], bits=(4,)).has("latency")
 
 
 def test_cost_table_from_model_lines_up_with_layer_costs():
   model = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, name="c"),
                             L.Flatten(), L.Dense(4, name="d")])
-  table = costs.cost_table(model, bits=(8, 2, 4))
+  table = costs_lib.cost_table(model, bits=(8, 2, 4))
   assert table.layers == ("c", "d") and table.bits == (2, 4, 8)
   assert [c.name for c in table.layer_costs] == ["c", "d"]
   assert set(table.table) == {"bytes", "avg_bits", "bops"}
@@ -180,16 +183,16 @@ def test_cost_table_from_model_lines_up_with_layer_costs():
 
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(InvalidInputError, match="Expected a tf_keras Model"):
-    costs.layer_costs("model.h5")
+    size_lib.layer_costs("model.h5")
   with pytest.raises(UnsupportedModelError, match="at least one quantizable layer"):
-    costs.layer_costs(keras.Sequential([keras.Input((4,)), L.ReLU()]))
+    size_lib.layer_costs(keras.Sequential([keras.Input((4,)), L.ReLU()]))
   with pytest.raises(UnsupportedModelError, match="Expected a built model"):
-    costs.layer_costs(keras.Sequential([L.Dense(3)]))
+    size_lib.layer_costs(keras.Sequential([L.Dense(3)]))
   with pytest.raises(InvalidInputError, match="distinct"):
-    costs.cost_table([LayerCost("a", "Dense", 1, 0, 1, 1)], bits=(4, 4))
+    costs_lib.cost_table([LayerCost("a", "Dense", 1, 0, 1, 1)], bits=(4, 4))
   with pytest.raises(InvalidInputError, match="weight bits"):
-    costs.cost_table([LayerCost("a", "Dense", 1, 0, 1, 1)], bits=(1, 4))
+    costs_lib.cost_table([LayerCost("a", "Dense", 1, 0, 1, 1)], bits=(1, 4))
   with pytest.raises(InvalidInputError, match="empty list"):
-    costs.cost_table([])
+    costs_lib.cost_table([])
   with pytest.raises(InvalidInputError, match="distinct layer names"):
-    costs.cost_table([LayerCost("a", "Dense", 1, 0, 1, 1)] * 2)
+    costs_lib.cost_table([LayerCost("a", "Dense", 1, 0, 1, 1)] * 2)

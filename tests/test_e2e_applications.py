@@ -17,8 +17,9 @@ keras3 = pytest.importorskip("keras")
 pytest.importorskip("ai_edge_litert")
 
 import keras_mpq  # pylint: disable=g-import-not-at-top
-from keras_mpq import demo_data, validate  # pylint: disable=g-import-not-at-top
-from keras_mpq.compat import tf  # pylint: disable=g-import-not-at-top
+from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.compat import tf  # pylint: disable=g-import-not-at-top
 
 ARCHITECTURES = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
                  "EfficientNetB0", "ResNet50", "DenseNet121", "NASNetMobile")
@@ -28,7 +29,7 @@ SIZE = 32
 def _images(n, model):
   """``n`` real images on ``model``'s input scale (`keras_mpq.resolve_input_range`)."""
   low, high = keras_mpq.resolve_input_range(model)[:2]
-  data = demo_data.load_default()
+  data = demo_data_lib.load_default()
   x = np.asarray(data.x_test[:n], np.float32)
   if x.max() <= 1.0:
     x = x * 255.0
@@ -54,5 +55,5 @@ def test_stock_architecture_quantizes_and_both_files_run(arch, tmp_path):
     checked = keras_mpq.validate_tflite(path, x[16:], reference=result.float_model,
                                         runtime=runtime)
     assert checked.runtime == runtime
-    out = validate.run_tflite(str(path), x[16:], runtime=runtime)
+    out = runtime_lib.run_tflite(str(path), x[16:], runtime=runtime)
     assert np.all(np.isfinite(out)) and out.shape == (8, 10)

@@ -1,4 +1,4 @@
-"""Tests for keras_mpq.export: tensor types per target, sizes, runtimes, atomic writes."""
+"""Tests for keras_mpq.export.exporter: tensor types per target, sizes, runtimes, atomic writes."""
 
 import json
 import os
@@ -10,10 +10,19 @@ import pytest
 pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("ai_edge_litert")
 
-from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq import quantizers, tflite_inspect, validate
-from keras_mpq.compat import keras, set_global_seed
-from keras_mpq.types import FLOAT_BITS, InvalidInputError, QuantizationPlan
+from keras_mpq.export import checks as export_checks_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import convert as convert_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import exporter as exporter_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import recipe as export_recipe_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import targets as targets_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import vela as vela_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base import layers as layers_lib
+from keras_mpq.export import reader as reader_lib
+from keras_mpq.export import runtime as runtime_lib
+from keras_mpq import validate as validate_lib
+from keras_mpq.base.compat import keras, set_global_seed
+from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
+from keras_mpq.base.errors import InvalidInputError
 
 PROBE = pathlib.Path(__file__).resolve().parents[1] / "export" / "targets_probe.json"
 
@@ -38,15 +47,15 @@ def _single(kind, seed=0):
 
 
 def _weight_dtype(path):
-  ops = tflite_inspect.layer_weight_ops(path, ["layer"])["layer"]
-  rows = {r.name: r for r in tflite_inspect.inspect_tflite(path)}
+  ops = reader_lib.layer_weight_ops(path, ["layer"])["layer"]
+  rows = {r.name: r for r in reader_lib.inspect_tflite(path)}
   return rows[ops[0]["weight_name"]].dtype, rows[ops[0]["weight_name"]].levels
 
 
 def _expected(target, op, bits):
   if bits == FLOAT_BITS:
     return "FLOAT32" if target == "mobile" else "INT8"
-  if bits <= 4 and export_lib.supported(target, op, "int4", 8):
+  if bits <= 4 and targets_lib.supported(target, op, "int4", 8):
     return "INT4"
   return "INT8"
 
@@ -58,26 +67,26 @@ def test_single_layer_tensor_types(tmp_path, target, kind, bits):
   model, x = _single(kind)
   plan = QuantizationPlan({"layer": bits})
   path = tmp_path / "m.tflite"
-  result = export_lib.export_tflite(model, path, plan, target, calibration_data=x)
+  result = exporter_lib.export_tflite(model, path, plan, target, calibration_data=x)
   dtype, levels = _weight_dtype(path)
   assert dtype == _expected(target, LAYERS[kind][2], bits)
   if bits != FLOAT_BITS:
     assert levels <= 2**bits - 1
-    assert tflite_inspect.check_against_plan(path, plan) == []
+    assert reader_lib.check_against_plan(path, plan) == []
   assert result.layers[0].stored_type == dtype
   assert result.size == path.stat().st_size
   if target == "mcu":
-    assert validate.is_full_integer_batch1(path)
+    assert runtime_lib.is_full_integer_batch1(path)
 
 
 def test_int16_activations_mobile(tmp_path):
   model, x = _single("Conv2D")
   plan = QuantizationPlan({"layer": 8}, {"layer": 16})
   path = tmp_path / "a16.tflite"
-  export_lib.export_tflite(model, path, plan, "mobile", calibration_data=x)
-  types = {r.dtype for r in tflite_inspect.inspect_tflite(path) if not r.is_constant}
+  exporter_lib.export_tflite(model, path, plan, "mobile", calibration_data=x)
+  types = {r.dtype for r in reader_lib.inspect_tflite(path) if not r.is_constant}
   assert "INT16" in types
-  out = validate.run_tflite(path, x)
+  out = runtime_lib.run_tflite(path, x)
   ref = model.predict(x, verbose=0)
   assert np.max(np.abs(out - ref)) < 0.02 * np.ptp(ref)
 
@@ -85,7 +94,7 @@ def test_int16_activations_mobile(tmp_path):
 def test_unsupported_int4_falls_back_and_says_so(tmp_path):
   model, x = _single("Dense")
   plan = QuantizationPlan({"layer": 4})
-  result = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", calibration_data=x)
+  result = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", calibration_data=x)
   layer = result.layers[0]
   assert layer.stored_type == "INT8" and layer.storage == "int8 holding 15 levels"
   assert "does not run on tflm" in layer.note
@@ -96,48 +105,49 @@ def test_three_bit_repacked_exact_grid(tmp_path):
   model, x = _single("Conv2D")
   plan = QuantizationPlan({"layer": 3})
   path = tmp_path / "m.tflite"
-  result = export_lib.export_tflite(model, path, plan, "mobile", calibration_data=x)
+  result = exporter_lib.export_tflite(model, path, plan, "mobile", calibration_data=x)
   assert result.layers[0].storage.startswith("int4 holding")
-  reader = tflite_inspect.parse(path)
-  w = tflite_inspect.layer_weight_ops(reader, ["layer"])["layer"][0]["weight_tensor"]
+  reader = reader_lib.parse(path)
+  w = reader_lib.layer_weight_ops(reader, ["layer"])["layer"][0]["weight_tensor"]
   assert np.abs(reader.int_values(w)).max() <= 3  # the 3-bit grid, not the int4 one
-  out = validate.run_tflite(path, x)
-  snapped = export_lib.snap_to_plan(model, plan).predict(x, verbose=0)
+  out = runtime_lib.run_tflite(path, x)
+  snapped = convert_lib.snap_to_plan(model, plan).predict(x, verbose=0)
   assert np.max(np.abs(out - snapped)) < 0.02 * np.ptp(snapped)
 
 
 def test_grid_matches_keras_quantizer(tmp_path):
-  """ai-edge-quantizer's max-abs grid reproduces keras_mpq.quantizers' integers."""
-  from keras_mpq import quantizers  # pylint: disable=g-import-not-at-top
+  """ai-edge-quantizer's max-abs grid reproduces keras_mpq.quantization.configs' integers."""
+  from keras_mpq.base import layers as layers_lib  # pylint: disable=g-import-not-at-top
   model, x = _single("Conv2D")
   for bits in (4, 8):
     path = tmp_path / f"m{bits}.tflite"
-    export_lib.export_tflite(model, path, QuantizationPlan({"layer": bits}), "mobile",
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"layer": bits}), "mobile",
                              calibration_data=x)
-    reader = tflite_inspect.parse(path)
-    w = tflite_inspect.layer_weight_ops(reader, ["layer"])["layer"][0]["weight_tensor"]
+    reader = reader_lib.parse(path)
+    w = reader_lib.layer_weight_ops(reader, ["layer"])["layer"][0]["weight_tensor"]
     stored = reader.int_values(w).reshape(reader.shape(w))  # (out, h, w, in)
-    _, ints, _ = quantizers.quantize_array(model.get_layer("layer").kernel.numpy(), bits,
+    _, ints, _ = layers_lib.quantize_array(model.get_layer("layer").kernel.numpy(), bits,
                                            (0, 1, 2))
     assert np.array_equal(stored, np.transpose(ints, (3, 0, 1, 2)))
 
 
 def test_mobile_on_mnist_matches_keras_and_shrinks(tmp_path, trained_cnn, small_data):
-  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
   x_cal, _, x_test, y_test = small_data
-  model = apply.fold_batchnorm(trained_cnn)
-  names = [l for l in apply.plan_layers(model)]
+  model = fold_lib.fold_batchnorm(trained_cnn)
+  names = [l for l in access_lib.plan_layers(model)]
   plan8 = QuantizationPlan.uniform(names, 8)
   plan4 = plan8.replace(**{n: 4 for n in names[1:-1]})
-  r8 = export_lib.export_tflite(model, tmp_path / "w8.tflite", plan8, "mobile",
+  r8 = exporter_lib.export_tflite(model, tmp_path / "w8.tflite", plan8, "mobile",
                                 calibration_data=x_cal)
-  r4 = export_lib.export_tflite(model, tmp_path / "w4.tflite", plan4, "mobile",
+  r4 = exporter_lib.export_tflite(model, tmp_path / "w4.tflite", plan4, "mobile",
                                 calibration_data=x_cal)
   assert r4.size < r8.size
   assert os.path.getsize(r4.path) < os.path.getsize(r8.path)
   for r, plan in ((r8, plan8), (r4, plan4)):
-    v = validate.validate_tflite(r.path, x_test, y_test,
-                                 reference=export_lib.snap_to_plan(model, plan))
+    v = validate_lib.validate_tflite(r.path, x_test, y_test,
+                                 reference=convert_lib.snap_to_plan(model, plan))
     assert v.runtime == "litert"
     assert v.agreement >= 0.97
     assert v.accuracy >= 0.9
@@ -145,18 +155,19 @@ def test_mobile_on_mnist_matches_keras_and_shrinks(tmp_path, trained_cnn, small_
 
 def test_mcu_runs_in_tflm(tmp_path, trained_cnn, small_data):
   pytest.importorskip("tflite_micro")
-  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
   x_cal, _, x_test, y_test = small_data
-  model = apply.fold_batchnorm(trained_cnn)
-  names = apply.plan_layers(model)
+  model = fold_lib.fold_batchnorm(trained_cnn)
+  names = access_lib.plan_layers(model)
   plan = QuantizationPlan.uniform(names, 8).replace(**{names[1]: 4, names[-2]: 4})
-  r = export_lib.export_tflite(model, tmp_path / "mcu.tflite", plan, "mcu",
+  r = exporter_lib.export_tflite(model, tmp_path / "mcu.tflite", plan, "mcu",
                                calibration_data=x_cal)
   storage = {l.layer: l.storage for l in r.layers}
   assert storage[names[1]] == "int4 packed"  # CONV_2D packs on TFLM
   assert storage[names[-2]] == "int8 holding 15 levels"  # FULLY_CONNECTED cannot
-  micro = validate.validate_tflite(r.path, x_test[:200], y_test[:200], runtime="tflm")
-  lite = validate.validate_tflite(r.path, x_test[:200], y_test[:200])
+  micro = validate_lib.validate_tflite(r.path, x_test[:200], y_test[:200], runtime="tflm")
+  lite = validate_lib.validate_tflite(r.path, x_test[:200], y_test[:200])
   assert micro.runtime == "tflm" and micro.accuracy >= 0.9
   assert abs(micro.accuracy - lite.accuracy) <= 0.01
 
@@ -164,7 +175,7 @@ def test_mcu_runs_in_tflm(tmp_path, trained_cnn, small_data):
 def test_ethos_u_vela(tmp_path):
   pytest.importorskip("ethosu.vela")
   model, x = _single("Conv2D")
-  r = export_lib.export_tflite(model, tmp_path / "npu.tflite", QuantizationPlan({"layer": 4}),
+  r = exporter_lib.export_tflite(model, tmp_path / "npu.tflite", QuantizationPlan({"layer": 4}),
                                "ethos-u", calibration_data=x)
   assert r.vela["npu_op_share"] == 1.0
   assert r.vela["sram_kib"] > 0 and r.vela["total_cycles"] > 0 and r.vela["npu_cycles"] > 0
@@ -172,14 +183,14 @@ def test_ethos_u_vela(tmp_path):
   assert r.vela["weights_bytes"] == r.layers[0].bytes and 0 < r.vela["encoded_weights_bytes"]
   assert r.layers[0].stored_type == "INT8"  # Vela crashes on INT4
   assert os.path.exists(r.mcu_path) and os.path.exists(r.path)
-  assert validate.run_tflite(r.mcu_path, x[:2], runtime="tflm").shape[0] == 2
+  assert runtime_lib.run_tflite(r.mcu_path, x[:2], runtime="tflm").shape[0] == 2
   with pytest.raises(InvalidInputError, match="Vela-compiled"):
-    validate.run_tflite(r.path, x[:2])  # the NPU file does not run in LiteRT
+    runtime_lib.run_tflite(r.path, x[:2])  # the NPU file does not run in LiteRT
 
 
 def test_ethos_u_without_vela_is_clear(monkeypatch):
-  monkeypatch.setattr(export_lib.shutil, "which", lambda name: None)
-  monkeypatch.setattr(export_lib.os.path, "exists", lambda p: False)
+  monkeypatch.setattr(vela_lib.shutil, "which", lambda name: None)
+  monkeypatch.setattr(vela_lib.os.path, "exists", lambda p: False)
   import builtins  # pylint: disable=g-import-not-at-top
   real_import = builtins.__import__
 
@@ -189,14 +200,14 @@ def test_ethos_u_without_vela_is_clear(monkeypatch):
     return real_import(name, *args, **kwargs)
 
   monkeypatch.setattr(builtins, "__import__", fake_import)
-  from keras_mpq.types import MissingDependencyError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.errors import MissingDependencyError  # pylint: disable=g-import-not-at-top
   with pytest.raises(MissingDependencyError, match="pip install 'ethos-u-vela"):
-    export_lib.compile_vela(b"")
+    vela_lib.compile_vela(b"")
 
 
 def test_capability_table_agrees_with_probe():
   probe = json.loads(PROBE.read_text())
-  for runtime, table in export_lib.CAPABILITIES.items():
+  for runtime, table in targets_lib.CAPABILITIES.items():
     for op, containers in table.items():
       for container, acts in containers.items():
         assert sorted(acts) == sorted(probe["capabilities"][runtime][op][container]), (
@@ -207,14 +218,14 @@ def test_bad_arguments_raise_clearly(tmp_path):
   model, x = _single("Dense")
   plan = QuantizationPlan({"layer": 8})
   with pytest.raises(InvalidInputError, match="target"):
-    export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "gpu", calibration_data=x)
+    exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "gpu", calibration_data=x)
   with pytest.raises(InvalidInputError, match="does not have"):
-    export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"nope": 8}),
+    exporter_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"nope": 8}),
                              calibration_data=x)
   with pytest.raises(InvalidInputError, match="shape"):
-    export_lib.export_tflite(model, tmp_path / "m.tflite", plan, calibration_data=x[:, :3])
+    exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, calibration_data=x[:, :3])
   with pytest.raises(InvalidInputError, match="calibration_data"):
-    export_lib.export_tflite(model, tmp_path / "m.tflite", plan)
+    exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan)
   assert not (tmp_path / "m.tflite").exists()
 
 
@@ -226,9 +237,9 @@ def test_write_is_atomic(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise RuntimeError("killed")
 
-  monkeypatch.setattr(export_lib, "_read_back", boom)
+  monkeypatch.setattr(exporter_lib, "_read_back", boom)
   with pytest.raises(RuntimeError):
-    export_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), calibration_data=x)
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), calibration_data=x)
   assert path.read_bytes() == b"previous"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite"]
 
@@ -239,8 +250,8 @@ def test_collapsed_activation_ranges_are_widened():
   calib = {"const": {"min": np.array(0.0, np.float32), "max": np.array(0.0, np.float32)},
            "normal": {"min": np.array(-1.0, np.float32), "max": np.array(3.0, np.float32)},
            "other": {"value": 1}}
-  export_lib._widen_collapsed_ranges(calib)  # pylint: disable=protected-access
-  assert float(calib["const"]["max"] - calib["const"]["min"]) >= export_lib.MIN_RANGE_WIDTH - 1e-9
+  export_recipe_lib._widen_collapsed_ranges(calib)  # pylint: disable=protected-access
+  assert float(calib["const"]["max"] - calib["const"]["min"]) >= export_recipe_lib.MIN_RANGE_WIDTH - 1e-9
   assert float(calib["const"]["min"]) <= 0.0 <= float(calib["const"]["max"])
   assert float(calib["normal"]["min"]) == -1.0 and float(calib["normal"]["max"]) == 3.0
   assert calib["other"] == {"value": 1}
@@ -251,7 +262,7 @@ def test_collapsed_activation_ranges_are_widened():
 
 def _stored_ints(reader, entry):
   t = entry["weight_tensor"]
-  return reader.int_values(t).reshape(reader.shape(t)), tflite_inspect.inspect_tflite(
+  return reader.int_values(t).reshape(reader.shape(t)), reader_lib.inspect_tflite(
       reader.data)[t].dtype
 
 
@@ -261,22 +272,25 @@ def test_exported_integers_equal_the_keras_models(tmp_path, trained_cnn, small_d
   On 'mcu' the 4-bit Dense layer has no INT4 kernel: its INT4 integers are
   unpacked into INT8, not re-derived on the 8-bit grid.
   """
-  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import apply as apply_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import optimize as optimize_lib  # pylint: disable=g-import-not-at-top
   x_cal = small_data[0][:64]
-  folded = apply.fold_batchnorm(trained_cnn)
-  names = apply.plan_layers(folded)
+  folded = fold_lib.fold_batchnorm(trained_cnn)
+  names = access_lib.plan_layers(folded)
   assert names == ["conv1", "conv2", "conv3", "fc1", "logits"]
   plan = QuantizationPlan(dict(zip(names, [2, 3, 8, 4, 4])))
-  q = apply.apply_plan(folded, plan, x_cal, fold_bn=False, weight_method="gptq")
-  assert any(r["method"] == "gptq" for r in apply.weight_report(q))
-  keras_ints = apply.weight_integers(q)
-  baked = apply.bake(q)
+  q = apply_lib.apply_plan(folded, plan, x_cal, fold_bn=False, weight_method="gptq")
+  assert any(r["method"] == "gptq" for r in optimize_lib.weight_report(q))
+  keras_ints = access_lib.weight_integers(q)
+  baked = access_lib.bake(q)
   layout = {"CONV_2D": (3, 0, 1, 2), "FULLY_CONNECTED": (1, 0)}
   for target in ("mobile", "mcu"):
     path = tmp_path / f"{target}.tflite"
-    export_lib.export_tflite(baked, path, plan, target, calibration_data=x_cal)
-    reader = tflite_inspect.parse(path)
-    ops = tflite_inspect.layer_weight_ops(reader, names)
+    exporter_lib.export_tflite(baked, path, plan, target, calibration_data=x_cal)
+    reader = reader_lib.parse(path)
+    ops = reader_lib.layer_weight_ops(reader, names)
     for name in names:
       (entry,) = ops[name]
       got, dtype = _stored_ints(reader, entry)
@@ -292,7 +306,7 @@ def test_exported_integers_equal_the_keras_models(tmp_path, trained_cnn, small_d
 def test_export_fails_naming_the_tensor_whose_integers_differ(tmp_path, monkeypatch):
   from tflite_micro.tensorflow.lite.micro.compression import model_editor  # pylint: disable=g-import-not-at-top
   model, x = _single("Conv2D")
-  original = export_lib.quantize_with_recipe
+  original = export_recipe_lib.quantize_with_recipe
 
   def corrupted(*args, **kwargs):
     edited = model_editor.read(original(*args, **kwargs))
@@ -304,10 +318,10 @@ def test_export_fails_naming_the_tensor_whose_integers_differ(tmp_path, monkeypa
         tensor.array = values
     return bytes(edited.build())
 
-  monkeypatch.setattr(export_lib, "quantize_with_recipe", corrupted)
+  monkeypatch.setattr(exporter_lib, "quantize_with_recipe", corrupted)
   path = tmp_path / "m.tflite"
-  with pytest.raises(export_lib.KerasMpqError, match=r"layer 'layer'.*1 of \d+ integers differ"):
-    export_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), "mobile",
+  with pytest.raises(exporter_lib.KerasMpqError, match=r"layer 'layer'.*1 of \d+ integers differ"):
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"layer": 8}), "mobile",
                              calibration_data=x)
   assert not path.exists()
 
@@ -319,7 +333,7 @@ def _rescaled_stem(seed=0):
   convolution's kernel (and removes the Mul), so the file's scales are the
   Keras model's times 1/255 while its integers stay the same.
   """
-  from keras_mpq import apply  # pylint: disable=g-import-not-at-top
+  from keras_mpq.quantization import fold as fold_lib  # pylint: disable=g-import-not-at-top
   set_global_seed(seed)
   inp = keras.Input((12, 12, 3), name="x")
   h = keras.layers.Rescaling(1 / 255.0, name="rescale")(inp)
@@ -337,35 +351,35 @@ def _rescaled_stem(seed=0):
     weights.append(values.astype(np.float32))
   model.set_weights(weights)
   x = rng.uniform(0, 255, (32, 12, 12, 3)).astype(np.float32)
-  return apply.fold_batchnorm(model), x
+  return fold_lib.fold_batchnorm(model), x
 
 
 @pytest.mark.parametrize("target", ["mobile", "mcu"])
 def test_scalar_folded_into_a_kernel_by_the_converter_exports(tmp_path, target):
   model, x = _rescaled_stem()
-  float_bytes = export_lib.to_float_tflite(model)
-  reader = tflite_inspect.parse(float_bytes)
-  (entry,) = tflite_inspect.layer_weight_ops(reader, ["stem_conv"])["stem_conv"]
+  float_bytes = convert_lib.to_float_tflite(model)
+  reader = reader_lib.parse(float_bytes)
+  (entry,) = reader_lib.layer_weight_ops(reader, ["stem_conv"])["stem_conv"]
   kernel = model.get_layer("stem_conv").get_weights()[0]
   assert reader.ops[0].op == "CONV_2D"  # no MUL before it: the Rescaling is inside the conv
   values = reader.float_values(entry["weight_tensor"])
-  factor = export_lib.converter_factor(values, kernel)
+  factor = export_checks_lib.converter_factor(values, kernel)
   np.testing.assert_allclose(factor, 1 / 255.0, rtol=1e-5)
   perturbed = kernel.copy()
   perturbed.flat[0] *= 1.5  # no longer a scalar multiple: no factor is assumed
-  assert export_lib.converter_factor(values, perturbed) == 1.0
+  assert export_checks_lib.converter_factor(values, perturbed) == 1.0
 
   plan = QuantizationPlan({"stem_conv": 4, "head": 8})
   path = tmp_path / f"{target}.tflite"
-  export_lib.export_tflite(model, path, plan, target, calibration_data=x)
-  q = tflite_inspect.parse(path)
-  (qentry,) = tflite_inspect.layer_weight_ops(q, ["stem_conv"])["stem_conv"]
+  exporter_lib.export_tflite(model, path, plan, target, calibration_data=x)
+  q = reader_lib.parse(path)
+  (qentry,) = reader_lib.layer_weight_ops(q, ["stem_conv"])["stem_conv"]
   stored = q.tensors[qentry["weight_tensor"]].Quantization().ScaleAsNumpy()
-  snapped = export_lib.snap_to_plan(model, plan).get_layer("stem_conv").get_weights()[0]
-  _, _, keras_scales = quantizers.quantize_array(snapped, 4, (0, 1, 2))
+  snapped = convert_lib.snap_to_plan(model, plan).get_layer("stem_conv").get_weights()[0]
+  _, _, keras_scales = layers_lib.quantize_array(snapped, 4, (0, 1, 2))
   np.testing.assert_allclose(np.sort(stored), np.sort(np.ravel(keras_scales)) / 255.0, rtol=1e-5)
   want = model.predict(x, verbose=0)
-  got = validate.run_tflite(str(path), x, runtime="tflm" if target == "mcu" else "auto")
+  got = runtime_lib.run_tflite(str(path), x, runtime="tflm" if target == "mcu" else "auto")
   # 4-bit stem: close to the float model, not equal; a lost 1/255 would be off by ~255x.
   assert np.corrcoef(want.ravel(), np.asarray(got, np.float64).ravel())[0, 1] > 0.9
 
@@ -381,11 +395,11 @@ def test_large_model_4bit_dense_is_unpacked_for_tflm(tmp_path):
   model = keras.Model(inp, keras.layers.Dense(10, name="out")(h))
   x = np.random.default_rng(0).normal(0, 1, (16, 1024)).astype(np.float32)
   path = tmp_path / "m.tflite"
-  export_lib.export_tflite(model, path, QuantizationPlan({"fc": 4, "big": 8, "out": 8}),
+  exporter_lib.export_tflite(model, path, QuantizationPlan({"fc": 4, "big": 8, "out": 8}),
                            "mcu", calibration_data=x)
-  reader = tflite_inspect.parse(path)
+  reader = reader_lib.parse(path)
   dtypes = {e["op"]: _stored_ints(reader, e)[1]
-            for e in tflite_inspect.layer_weight_ops(reader, ["fc"])["fc"]}
+            for e in reader_lib.layer_weight_ops(reader, ["fc"])["fc"]}
   assert dtypes == {"FULLY_CONNECTED": "INT8"}
-  out = validate.run_tflite(str(path), x[:4], runtime="tflm")
+  out = runtime_lib.run_tflite(str(path), x[:4], runtime="tflm")
   np.testing.assert_allclose(out, model.predict(x[:4], verbose=0), atol=0.5)

@@ -1,6 +1,6 @@
 """Byte budgets are file bytes per target (issue 15): storage rules, fixed part, checks.
 
-Covers keras_mpq.costs.file_cost_table / storage_bytes, export.measure_storage,
+Covers keras_mpq.plan.costs.file_cost_table / storage_bytes, export.measure_storage,
 the exporter's TFLite Micro operator check, scale check, stripping, RAM limit
 and deployment report, and quantize's budget errors.
 """
@@ -13,11 +13,19 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tflite_micro")
 
 import keras_mpq  # pylint: disable=g-import-not-at-top
-from keras_mpq import costs, tflite_inspect, validate
-from keras_mpq import export as export_lib
-from keras_mpq.compat import keras, set_global_seed
-from keras_mpq.types import (BudgetInfeasibleError, FileOverBudgetError, InvalidInputError,
-                             LayerCost, QuantizationPlan, RamLimitError, UnsupportedModelError)
+from keras_mpq.export import storage as storage_lib
+from keras_mpq.plan import costs as costs_lib
+from keras_mpq.export import reader as reader_lib
+from keras_mpq.export import runtime as runtime_lib
+from keras_mpq.export import checks as export_checks_lib
+from keras_mpq.export import convert as convert_lib
+from keras_mpq.export import exporter as exporter_lib
+from keras_mpq.export import flatbuffer as flatbuffer_lib
+from keras_mpq.export import recipe as export_recipe_lib
+from keras_mpq.export import targets as targets_lib
+from keras_mpq.base.compat import keras, set_global_seed
+from keras_mpq.base.errors import BudgetInfeasibleError, FileOverBudgetError, InvalidInputError, RamLimitError, UnsupportedModelError
+from keras_mpq.base.types import LayerCost, QuantizationPlan
 
 
 def _conv_dense(seed=0):
@@ -44,39 +52,39 @@ def test_storage_rules_per_target():
   # mobile packs int4 fully connected; mcu stores it int8 (TFLite Micro cannot run it).
   quant = 4 * 10 + 8 * 10 + (4 + 4) * 10 + 8 * 10
   # (mobile: a non-int8 buffer is charged its data rounded up to 16 bytes, plus 16)
-  assert costs.storage_bytes(c, ops, 4, 8, "mobile") == 512 + 16 + quant
+  assert storage_lib.storage_bytes(c, ops, 4, 8, "mobile") == 512 + 16 + quant
   # (the exact 4-bit integers are unpacked into int8 by a rebuild of the file,
   # charged as costs.REPACK_ALLOWANCE: 4 bits saves nothing over 8 there)
   # (mcu files align each buffer to 16 bytes: 1000 weights take 1008)
-  assert costs.storage_bytes(c, ops, 4, 8, "mcu") == 1008 + quant + costs.REPACK_ALLOWANCE
-  assert costs.storage_bytes(c, ops, 8, 8, "mcu") == 1008 + quant
+  assert storage_lib.storage_bytes(c, ops, 4, 8, "mcu") == 1008 + quant + storage_lib.REPACK_ALLOWANCE
+  assert storage_lib.storage_bytes(c, ops, 8, 8, "mcu") == 1008 + quant
   # conv packs int4 on mcu too
   conv = [("CONV_2D", 1000)]
-  assert costs.storage_bytes(c, conv, 4, 8, "mcu") == 512 + quant
+  assert storage_lib.storage_bytes(c, conv, 4, 8, "mcu") == 512 + quant
   # stripped zero points: one int64 per tensor instead of one per channel
-  assert costs.storage_bytes(c, ops, 8, 8, "mcu", zero_points_stripped=True) == \
+  assert storage_lib.storage_bytes(c, ops, 8, 8, "mcu", zero_points_stripped=True) == \
       1008 + 4 * 10 + 8 + (4 + 4) * 10 + 8
 
 
 @pytest.mark.parametrize("target", ["mobile", "mcu"])
 def test_predicted_file_bytes_equal_written(tmp_path, conv_dense, target):
   model, x = conv_dense
-  profile = export_lib.measure_storage(model, target)
-  table = costs.file_cost_table(model, profile, bits=(2, 4, 8))
+  profile = storage_lib.measure_storage(model, target)
+  table = costs_lib.file_cost_table(model, profile, bits=(2, 4, 8))
   assert table.target == target and table.fixed_bytes > 0
   for bits in ((4, 8), (2, 4), (8, 2)):
     plan = QuantizationPlan({"conv": bits[0], "fc": bits[1]})
-    r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, target, x,
+    r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, target, x,
                                  deployment=False)
     predicted = table.plan_cost(plan, "bytes")
-    rebuilt = any(export_lib.decide(name, op, b, 8, target).unpack_int8
-                  or export_lib.decide(name, op, b, 8, target).repack_int4
+    rebuilt = any(export_recipe_lib.decide(name, op, b, 8, target).unpack_int8
+                  or export_recipe_lib.decide(name, op, b, 8, target).repack_int4
                   for name, b in (("conv", bits[0]), ("fc", bits[1]))
                   for op in ("CONV_2D", "FULLY_CONNECTED"))
     if rebuilt:  # the model editor's rebuild is charged as an upper bound
-      assert predicted - costs.REPACK_ALLOWANCE <= r.size <= predicted, (target, bits)
+      assert predicted - storage_lib.REPACK_ALLOWANCE <= r.size <= predicted, (target, bits)
     elif target == "mobile" and min(bits) < 8:  # int4 buffers: an upper bound too
-      assert predicted - 2 * 2 * costs.BUFFER_ALIGNMENT <= r.size <= predicted, (target, bits)
+      assert predicted - 2 * 2 * storage_lib.BUFFER_ALIGNMENT <= r.size <= predicted, (target, bits)
     else:
       assert r.size == pytest.approx(predicted, abs=1), (target, bits)
   # the fixed part is what the table's rows do not account for
@@ -89,7 +97,7 @@ def test_export_refuses_file_over_max_bytes(tmp_path, conv_dense):
   model, x = conv_dense
   path = tmp_path / "m.tflite"
   with pytest.raises(FileOverBudgetError) as e:
-    export_lib.export_tflite(model, path, QuantizationPlan({"conv": 8, "fc": 8}), "mcu", x,
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"conv": 8, "fc": 8}), "mcu", x,
                              max_bytes=1000, deployment=False)
   assert e.value.size > 1000 and "nothing was written" in str(e.value)
   assert not path.exists()
@@ -98,9 +106,9 @@ def test_export_refuses_file_over_max_bytes(tmp_path, conv_dense):
 def test_mcu_stripping_saves_bytes_and_keeps_tflm_outputs(tmp_path, conv_dense):
   model, x = conv_dense
   plan = QuantizationPlan({"conv": 4, "fc": 8})
-  full = export_lib.export_tflite(model, tmp_path / "full.tflite", plan, "mcu", x, strip=False)
-  default = export_lib.export_tflite(model, tmp_path / "default.tflite", plan, "mcu", x)
-  small = export_lib.export_tflite(model, tmp_path / "small.tflite", plan, "mcu", x, strip=True)
+  full = exporter_lib.export_tflite(model, tmp_path / "full.tflite", plan, "mcu", x, strip=False)
+  default = exporter_lib.export_tflite(model, tmp_path / "default.tflite", plan, "mcu", x)
+  small = exporter_lib.export_tflite(model, tmp_path / "small.tflite", plan, "mcu", x, strip=True)
   # mcu strips everything by default; the names step keeps each weight tensor's layer name
   assert small.size == default.size < full.size
   assert default.deployment["steps"] == small.deployment["steps"]
@@ -110,25 +118,25 @@ def test_mcu_stripping_saves_bytes_and_keeps_tflm_outputs(tmp_path, conv_dense):
     assert steps[step] > 0, steps
   assert steps["quantized_file"] - sum(v for k, v in steps.items() if k != "quantized_file") \
       == small.size
-  a = validate.run_tflite(full.path, x[:8], runtime="tflm")
-  b = validate.run_tflite(small.path, x[:8], runtime="tflm")
+  a = runtime_lib.run_tflite(full.path, x[:8], runtime="tflm")
+  b = runtime_lib.run_tflite(small.path, x[:8], runtime="tflm")
   np.testing.assert_array_equal(a, b)
-  names = {r.name for r in tflite_inspect.inspect_tflite(small.path)}
+  names = {r.name for r in reader_lib.inspect_tflite(small.path)}
   assert names == {"", "conv", "fc"}, names
-  assert tflite_inspect.check_against_plan(small.path, plan) == []
-  ops = tflite_inspect.layer_weight_ops(small.path, ["conv", "fc"])
+  assert reader_lib.check_against_plan(small.path, plan) == []
+  ops = reader_lib.layer_weight_ops(small.path, ["conv", "fc"])
   assert [e["op"] for e in ops["conv"]] == ["CONV_2D"] and len(ops["fc"]) == 1
   # LiteRT runs the stripped file too (zero points restored in memory)
-  c = validate.run_tflite(small.path, x[:8], runtime="litert")
+  c = runtime_lib.run_tflite(small.path, x[:8], runtime="litert")
   np.testing.assert_allclose(c, b, atol=0.02 * float(np.ptp(b)))
   with pytest.raises(InvalidInputError, match="zero_points"):
-    export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mobile", x,
+    exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mobile", x,
                              strip=["zero_points"])
 
 
 def test_deployment_report_arena_is_what_tflm_needs(tmp_path, conv_dense):
   model, x = conv_dense
-  r = export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"conv": 8, "fc": 8}),
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"conv": 8, "fc": 8}),
                                "mcu", x)
   d = r.deployment
   assert d["flash_bytes"] == r.size == (tmp_path / "m.tflite").stat().st_size
@@ -142,27 +150,27 @@ def test_deployment_report_arena_is_what_tflm_needs(tmp_path, conv_dense):
   interp.invoke()
   with pytest.raises(Exception):  # too little: TFLite Micro cannot allocate
     tflm.Interpreter.from_bytes(data, arena_size=arena // 2)
-  assert "arena" in validate.format_deployment(d)
+  assert "arena" in runtime_lib.format_deployment(d)
 
 
 def test_ram_limit_refuses_before_writing(tmp_path, conv_dense):
   model, x = conv_dense
   path = tmp_path / "m.tflite"
   with pytest.raises(RamLimitError) as e:
-    export_lib.export_tflite(model, path, QuantizationPlan({"conv": 8, "fc": 8}), "mcu", x,
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"conv": 8, "fc": 8}), "mcu", x,
                              ram=100)
   assert e.value.arena > 100 and "TFLite Micro" in str(e.value)
   assert not path.exists()
   with pytest.raises(InvalidInputError):
-    export_lib.export_tflite(model, path, QuantizationPlan({"conv": 8}), "mcu", x, ram=-1)
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"conv": 8}), "mcu", x, ram=-1)
 
 
 def test_scale_check_names_bad_tensor(conv_dense, tmp_path):
   model, x = conv_dense
-  r = export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"conv": 8, "fc": 8}),
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"conv": 8, "fc": 8}),
                                "mobile", x, deployment=False)
   data = (tmp_path / "m.tflite").read_bytes()
-  assert export_lib.check_scales(data) == []
+  assert export_checks_lib.check_scales(data) == []
   from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
   m = fu.read_model_from_bytearray(bytearray(data))
   bad = next(t for t in m.subgraphs[0].tensors
@@ -171,7 +179,7 @@ def test_scale_check_names_bad_tensor(conv_dense, tmp_path):
   bad.quantization.scale = np.array(bad.quantization.scale, np.float32)
   bad.quantization.scale[0] = np.nan
   bad.quantization.scale[1] = 0.0
-  problems = export_lib.check_scales(bytes(fu.convert_object_to_bytearray(m)))
+  problems = export_checks_lib.check_scales(bytes(fu.convert_object_to_bytearray(m)))
   assert len(problems) == 1 and bad.name.decode() in problems[0]
   assert "NaN" in problems[0] and "zero-width" in problems[0]
   assert r.size > 0
@@ -191,16 +199,16 @@ def _gelu_model(seed=0):
 def test_gelu_is_written_in_tanh_form_for_mcu(tmp_path):
   model, x = _gelu_model()
   plan = QuantizationPlan({"fc1": 8, "out": 8})
-  r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x)
-  ops = {o.op for o in tflite_inspect.list_ops(tmp_path / "m.tflite")}
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x)
+  ops = {o.op for o in reader_lib.list_ops(tmp_path / "m.tflite")}
   assert "GELU" not in ops and "LOGISTIC" in ops
   assert any("GELU" in n and "tanh form" in n for n in r.notes)
-  y = validate.run_tflite(r.path, x, runtime="tflm")  # runs in TFLite Micro itself
+  y = runtime_lib.run_tflite(r.path, x, runtime="tflm")  # runs in TFLite Micro itself
   assert y.shape == (64, 4)
   # LayerNorm is integer on mcu: the file says so, per target.
   assert r.other_layers.get("ln") == "int8"
-  mobile = export_lib.export_tflite(model, tmp_path / "f.tflite", plan, "mobile", x)
-  assert "GELU" in {o.op for o in tflite_inspect.list_ops(mobile.path)}
+  mobile = exporter_lib.export_tflite(model, tmp_path / "f.tflite", plan, "mobile", x)
+  assert "GELU" in {o.op for o in reader_lib.list_ops(mobile.path)}
 
 
 def test_operator_without_tflm_kernel_is_refused_naming_layer(tmp_path):
@@ -211,21 +219,21 @@ def test_operator_without_tflm_kernel_is_refused_naming_layer(tmp_path):
   x = np.random.default_rng(0).normal(0, 1, (16, 16)).astype(np.float32)
   path = tmp_path / "m.tflite"
   with pytest.raises(UnsupportedModelError, match="SIGN.*sign_layer") as e:
-    export_lib.export_tflite(model, path, QuantizationPlan({"fc": 8, "out": 8}), "mcu", x)
+    exporter_lib.export_tflite(model, path, QuantizationPlan({"fc": 8, "out": 8}), "mcu", x)
   assert "TFLite Micro" in str(e.value)
   assert not path.exists()
 
 
 def tf_sign(t):
-  from keras_mpq.compat import tf  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import tf  # pylint: disable=g-import-not-at-top
   return tf.math.sign(t)
 
 
 def test_gelu_refused_when_tanh_form_does_not_match(tmp_path, monkeypatch):
   model, x = _gelu_model()
-  monkeypatch.setattr(export_lib, "GELU_MATCH_TOLERANCE", 0.0)
+  monkeypatch.setattr(convert_lib, "GELU_MATCH_TOLERANCE", 0.0)
   with pytest.raises(UnsupportedModelError, match="GELU in layers \\['act'\\]"):
-    export_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"fc1": 8}),
+    exporter_lib.export_tflite(model, tmp_path / "m.tflite", QuantizationPlan({"fc1": 8}),
                              "mcu", x)
   assert not (tmp_path / "m.tflite").exists()
 
@@ -233,15 +241,15 @@ def test_gelu_refused_when_tanh_form_does_not_match(tmp_path, monkeypatch):
 def test_runtime_op_table_matches_tflm():
   """Ops the table says TFLite Micro has load there; GELU (absent) is refused by TFLM."""
   model, x = _gelu_model()
-  float_bytes = export_lib.to_float_tflite(model, 1)
+  float_bytes = convert_lib.to_float_tflite(model, 1)
   from tflite_micro.python.tflite_micro import runtime as tflm  # pylint: disable=g-import-not-at-top
-  assert "GELU" not in export_lib.TFLM_KERNELS
-  assert "GELU" in {o.op for o in tflite_inspect.list_ops(float_bytes)}
+  assert "GELU" not in targets_lib.TFLM_KERNELS
+  assert "GELU" in {o.op for o in reader_lib.list_ops(float_bytes)}
   with pytest.raises(Exception):  # "Didn't find op for builtin opcode 'GELU'" on stderr
     tflm.Interpreter.from_bytes(float_bytes, arena_size=1 << 20)
-  ok = export_lib.to_float_tflite(export_lib.replace_gelu(model)[0], 1)
-  ops = {o.op for o in tflite_inspect.list_ops(ok)}
-  assert ops <= export_lib.TFLM_KERNELS
+  ok = convert_lib.to_float_tflite(convert_lib.replace_gelu(model)[0], 1)
+  ops = {o.op for o in reader_lib.list_ops(ok)}
+  assert ops <= targets_lib.TFLM_KERNELS
   tflm.Interpreter.from_bytes(ok, arena_size=1 << 20)
 
 
@@ -256,8 +264,8 @@ def test_quantize_refuses_budget_below_fixed_part(dataset):
 def test_quantize_file_budget_end_to_end(tmp_path):
   model, x = _conv_dense()
   y = np.argmax(model.predict(x, verbose=0), axis=1)
-  profile = export_lib.measure_storage(model, "mcu")
-  table = costs.file_cost_table(model, profile, bits=(2, 4, 8))
+  profile = storage_lib.measure_storage(model, "mcu")
+  table = costs_lib.file_cost_table(model, profile, bits=(2, 4, 8))
   all8 = table.plan_cost(QuantizationPlan({"conv": 8, "fc": 8}), "bytes")
   all_low = table.plan_cost(QuantizationPlan({"conv": 2, "fc": 2}), "bytes")
   budget = int((all8 + all_low) / 2)
@@ -284,34 +292,35 @@ def test_mcu_file_with_large_weights_has_inline_buffers_and_right_tflm_outputs(t
   rng = np.random.default_rng(3)
   x = rng.normal(0, 1, (16, 1024)).astype(np.float32)
   plan = QuantizationPlan({"fc1": 8, "fc2": 8})
-  r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x, strip=False,
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x, strip=False,
                                deployment=False)
-  reader = tflite_inspect.parse(r.path)
+  reader = reader_lib.parse(r.path)
   assert not any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers))
   ref = model.predict(x[:8], verbose=0)
-  got = validate.run_tflite(r.path, x[:8], runtime="tflm")
+  got = runtime_lib.run_tflite(r.path, x[:8], runtime="tflm")
   assert np.abs(got - ref).max() < 0.05 * np.ptp(ref)
   # without inlining, the same export's file has offset buffers and TFLite Micro is off
-  monkeypatch.setattr(export_lib, "inline_buffers", lambda b, **kwargs: b)
-  raw = export_lib.export_tflite(model, tmp_path / "raw.tflite", plan, "mcu", x, strip=False,
+  monkeypatch.setattr(exporter_lib, "inline_buffers", lambda b, **kwargs: b)
+  raw = exporter_lib.export_tflite(model, tmp_path / "raw.tflite", plan, "mcu", x, strip=False,
                                  deployment=False)
-  reader = tflite_inspect.parse(raw.path)
+  reader = reader_lib.parse(raw.path)
   assert any(reader.model.Buffers(i).Offset() > 1 for i in range(reader.n_buffers))
-  bad = validate.run_tflite(raw.path, x[:8], runtime="tflm")
+  bad = runtime_lib.run_tflite(raw.path, x[:8], runtime="tflm")
   assert np.abs(bad - ref).max() > 0.05 * np.ptp(ref)
 
 
 def test_digits_cnn_mcu_files_within_three_byte_budgets(tmp_path):
   # the bench_deploy.py rows in small: a seeded separable CNN on digits, three budgets
-  from keras_mpq import demo_data, model_zoo  # pylint: disable=g-import-not-at-top
-  from keras_mpq.types import SensitivityTable  # pylint: disable=g-import-not-at-top
-  data = demo_data.load_digits()
+  from keras_mpq import demo_data as demo_data_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.types import SensitivityTable  # pylint: disable=g-import-not-at-top
+  data = demo_data_lib.load_digits()
   set_global_seed(5)
-  model = keras_mpq.fold_batchnorm(model_zoo.separable_cnn(input_shape=data.x_train.shape[1:]))
+  model = keras_mpq.fold_batchnorm(model_zoo_lib.separable_cnn(input_shape=data.x_train.shape[1:]))
   x = np.asarray(data.x_train[:16], np.float32)
-  profile = export_lib.measure_storage(model, "mcu")
-  assert set(profile.strip) == set(export_lib.STRIP_STEPS)  # all stripping is the mcu default
-  table = costs.file_cost_table(model, profile, bits=(2, 4, 8))
+  profile = storage_lib.measure_storage(model, "mcu")
+  assert set(profile.strip) == set(flatbuffer_lib.STRIP_STEPS)  # all stripping is the mcu default
+  table = costs_lib.file_cost_table(model, profile, bits=(2, 4, 8))
   by = {c.name: c for c in table.layer_costs}
   sens = SensitivityTable(table.layers, table.bits, np.array(
       [[by[n].n_params * 4.0 ** -b for b in table.bits] for n in table.layers]))
@@ -325,8 +334,8 @@ def test_digits_cnn_mcu_files_within_three_byte_budgets(tmp_path):
     plan = plan.plan if hasattr(plan, "plan") else plan
     plans.add(tuple(sorted(plan.weight_bits.items())))
     predicted = table.plan_cost(plan, "bytes")
-    r = export_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x,
+    r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", x,
                                  max_bytes=budget, deployment=False)
     assert r.size == (tmp_path / "m.tflite").stat().st_size <= budget
-    assert predicted - costs.REPACK_ALLOWANCE * len(table.layers) <= r.size <= predicted
+    assert predicted - storage_lib.REPACK_ALLOWANCE * len(table.layers) <= r.size <= predicted
   assert len(plans) >= 2  # the budgets bind differently

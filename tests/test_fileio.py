@@ -5,19 +5,19 @@ import os
 
 import pytest
 
-from keras_mpq import fileio
-from keras_mpq.types import InvalidInputError
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq.base.errors import InvalidInputError
 
 
 def test_write_json_and_text(tmp_path):
-  fileio.write_json(tmp_path / "a" / "x.json", {"k": 1})
+  fileio_lib.write_json(tmp_path / "a" / "x.json", {"k": 1})
   assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"k": 1}
-  fileio.write_text(tmp_path / "t.txt", "hello")
+  fileio_lib.write_text(tmp_path / "t.txt", "hello")
   assert (tmp_path / "t.txt").read_text() == "hello"
 
 
 def test_written_files_get_the_usual_mode(tmp_path):
-  fileio.write_text(tmp_path / "r.md", "x")
+  fileio_lib.write_text(tmp_path / "r.md", "x")
   mask = os.umask(0)
   os.umask(mask)
   assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o666 & ~mask
@@ -25,9 +25,9 @@ def test_written_files_get_the_usual_mode(tmp_path):
 
 def test_failed_write_keeps_previous_file(tmp_path):
   target = tmp_path / "model.tflite"
-  fileio.write_bytes(target, b"old contents")
+  fileio_lib.write_bytes(target, b"old contents")
   with pytest.raises(RuntimeError):
-    with fileio.atomic_path(target) as tmp:
+    with fileio_lib.atomic_path(target) as tmp:
       with open(tmp, "wb") as f:
         f.write(b"half")
       raise RuntimeError("killed mid-write")
@@ -38,10 +38,10 @@ def test_failed_write_keeps_previous_file(tmp_path):
 def test_unwritable_directory():
   # /proc refuses new directories even to root, so this runs the same under CI.
   with pytest.raises(InvalidInputError, match="Cannot create output directory"):
-    fileio.ensure_dir("/proc/keras_mpq_out")
+    fileio_lib.ensure_dir("/proc/keras_mpq_out")
 
 
 def test_directory_over_a_file(tmp_path):
   (tmp_path / "f").write_text("x")
   with pytest.raises(InvalidInputError, match="Cannot create output directory"):
-    fileio.ensure_dir(tmp_path / "f" / "sub")
+    fileio_lib.ensure_dir(tmp_path / "f" / "sub")

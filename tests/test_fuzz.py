@@ -31,9 +31,11 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tflite")
 
-from keras_mpq import model_zoo
-from keras_mpq import cli, tflite_inspect  # pylint: disable=g-import-not-at-top
-from keras_mpq.types import KerasMpqError, QuantizationPlan
+from keras_mpq import model_zoo as model_zoo_lib
+from keras_mpq import cli as cli_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import reader as reader_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.errors import KerasMpqError
+from keras_mpq.base.types import QuantizationPlan
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 KINDS = ("flip", "truncate", "splice", "word", "random")
@@ -46,14 +48,14 @@ STEPS = ("litert", "tflm", "cli")  # what the validation child runs per file, in
 
 def export_originals(d) -> Dict[str, pathlib.Path]:
   """A mobile file (fc packed at 4 bits) and an mcu file of a tiny Conv+Dense model."""
-  from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-  from keras_mpq.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
+  from keras_mpq.export import exporter as exporter_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(d)
-  model = model_zoo.tiny_conv_dense(seed=0)
+  model = model_zoo_lib.tiny_conv_dense(seed=0)
   x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
-  mobile = export_lib.export_tflite(model, d / "mobile.tflite", PLAN.replace(fc=4), "mobile",
+  mobile = exporter_lib.export_tflite(model, d / "mobile.tflite", PLAN.replace(fc=4), "mobile",
                                     calibration_data=x)
-  mcu = export_lib.export_tflite(model, d / "mcu.tflite", PLAN, "mcu", calibration_data=x)
+  mcu = exporter_lib.export_tflite(model, d / "mcu.tflite", PLAN, "mcu", calibration_data=x)
   np.savez(d / "data.npz", x=x, y=np.arange(16) % 4)
   return {"mobile": pathlib.Path(mobile.path), "mcu": pathlib.Path(mcu.path),
           "data": d / "data.npz"}
@@ -104,7 +106,7 @@ def run_cli_in_process(argv: List[str]) -> Tuple[int, str]:
   """``keras-mpq ARGV`` through `cli.main` in this process: (exit code, stderr)."""
   err, out = io.StringIO(), io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-    code = cli.main(["keras-mpq", *argv])
+    code = cli_lib.main(["keras-mpq", *argv])
   return code, err.getvalue()
 
 
@@ -115,9 +117,9 @@ def inspect_outcome(path, plan_json=None) -> str:
   the check fails); it must fail with status 2 exactly when the library raised.
   """
   try:
-    tflite_inspect.inspect_tflite(path)
-    tflite_inspect.check_against_plan(path, PLAN)
-    tflite_inspect.list_ops(path)
+    reader_lib.inspect_tflite(path)
+    reader_lib.check_against_plan(path, PLAN)
+    reader_lib.list_ops(path)
     result = "ok"
   except KerasMpqError:
     result = "clear"
@@ -140,7 +142,7 @@ _CHILD = textwrap.dedent("""
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import numpy as np
     from keras_mpq.validate import validate_tflite
-    from keras_mpq.types import KerasMpqError
+    from keras_mpq.base.types import KerasMpqError
     data = sys.argv[1]
     with np.load(data) as z:
       x, y = z["x"], z["y"]

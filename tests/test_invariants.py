@@ -1,6 +1,6 @@
 """Algebraic invariants of the quantizer, the allocator and budget parsing (hypothesis).
 
-Complements test_quantizers / test_allocation / test_types: idempotence, sign
+Complements test_configs / test_allocation / test_types: idempotence, sign
 symmetry and per-channel scale equivariance of `quantize_array`; BOPs-kind
 tables never over budget; `Budget.parse` only ever raises InvalidInputError.
 """
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_mpq import allocation
-from keras_mpq.quantizers import quantize_array
-from keras_mpq.types import (Budget, BudgetInfeasibleError, CostTable, InvalidInputError,
-                             SensitivityTable)
+from keras_mpq.plan import allocation as allocation_lib
+from keras_mpq.base.layers import quantize_array
+from keras_mpq.base.types import Budget, CostTable, SensitivityTable
+from keras_mpq.base.errors import BudgetInfeasibleError, InvalidInputError
 
 BITS = st.integers(2, 8)
 # Conv-like kernels (kh, kw, cin, cout) reduced over all but the last axis, and
@@ -86,7 +86,7 @@ def test_bops_allocation_is_within_budget_or_infeasible(n_layers, seed, frac):
   lo, hi = matrix[:, 0].sum(), matrix[:, -1].sum()
   budget = Budget.bops(max(1.0, lo + frac * (hi - lo)) if frac > 0 else lo * 0.9)
   try:
-    plan = allocation.allocate(sens, budget, costs)
+    plan = allocation_lib.allocate(sens, budget, costs)
   except BudgetInfeasibleError as e:
     assert budget.value < lo
     assert math.isclose(e.smallest, lo, rel_tol=1e-9)

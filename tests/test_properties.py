@@ -1,6 +1,6 @@
 """Properties of the quantizer, the budget parser and the allocator, checked by hypothesis.
 
-Adds to test_quantizers / test_types / test_allocation (fixed examples and an
+Adds to test_configs / test_types / test_allocation (fixed examples and an
 unpinned BOPs property) what only generated inputs can show:
 
 - `quantize_array` on any shape, reduction axes and magnitudes: error within
@@ -28,10 +28,10 @@ import pytest
 from hypothesis import assume, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_mpq import allocation
-from keras_mpq.quantizers import quantize_array
-from keras_mpq.types import (Budget, BudgetInfeasibleError, BudgetKind, CostTable,
-                             InvalidInputError, SensitivityTable)
+from keras_mpq.plan import allocation as allocation_lib
+from keras_mpq.base.layers import quantize_array
+from keras_mpq.base.types import Budget, BudgetKind, CostTable, SensitivityTable
+from keras_mpq.base.errors import BudgetInfeasibleError, InvalidInputError
 
 # --------------------------------------------------------------------------- quantize_array
 
@@ -254,14 +254,14 @@ def test_allocate_never_over_budget_and_optimal_with_pins(problem):
   assume(value > 0)
   budget = Budget(BudgetKind(kind), value)
   try:
-    plan = allocation.allocate(sens, budget, costs, pinned)
+    plan = allocation_lib.allocate(sens, budget, costs, pinned)
   except BudgetInfeasibleError as e:
     assert value * (1 + 1e-9) < cheapest
     assert e.smallest == pytest.approx(cheapest, rel=1e-12, abs=1e-300)
     assert re.search(r"at least", str(e))
     # the smallest it names is feasible
     assume(e.smallest > 0)
-    again = allocation.allocate(sens, Budget(BudgetKind(kind), e.smallest), costs, pinned)
+    again = allocation_lib.allocate(sens, Budget(BudgetKind(kind), e.smallest), costs, pinned)
     assert costs.plan_cost(again, kind) <= e.smallest * (1 + 1e-9)
     return
   achieved = costs.plan_cost(plan, kind)
@@ -279,5 +279,5 @@ def test_infeasible_budget_names_the_cheapest_plan(problem):
   cheapest = min(c for c, _ in _brute(sens, costs, kind, pinned))
   assume(cheapest > 1e-12)
   with pytest.raises(BudgetInfeasibleError) as err:
-    allocation.allocate(sens, Budget(BudgetKind(kind), cheapest * 0.999), costs, pinned)
+    allocation_lib.allocate(sens, Budget(BudgetKind(kind), cheapest * 0.999), costs, pinned)
   assert err.value.smallest == pytest.approx(cheapest, rel=1e-12)

@@ -23,13 +23,13 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
   small (an 8x8 four-class CNN briefly trained on random labeled data) so the
   blocks run in seconds; the code itself is the README's, unchanged.
   """
-  from keras_mpq import model_zoo  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
   blocks = _blocks("python")
   assert len(blocks) >= 2, "the README lost its Python quickstart"
   rng = np.random.default_rng(0)
   x = rng.random((96, 8, 8, 1)).astype(np.float32)
   y = (x[:, :4].mean(axis=(1, 2, 3)) * 8).astype(np.int64) % 4
-  model = model_zoo.train(model_zoo.tiny_conv_dense(seed=0), x, y, epochs=2, seed=0)
+  model = model_zoo_lib.train(model_zoo_lib.tiny_conv_dense(seed=0), x, y, epochs=2, seed=0)
   namespace = {"model": model, "x": x[:64], "y": y[:64], "x_test": x[64:], "y_test": y[64:]}
   monkeypatch.chdir(tmp_path)
   for block in blocks:
@@ -42,10 +42,10 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
 
 
 def _help(*argv):
-  from keras_mpq import cli  # pylint: disable=g-import-not-at-top
+  from keras_mpq import cli as cli_lib  # pylint: disable=g-import-not-at-top
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    assert cli.main(["keras-mpq", *argv]) == 0
+    assert cli_lib.main(["keras-mpq", *argv]) == 0
   return out.getvalue().rstrip("\n")
 
 

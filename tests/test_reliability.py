@@ -27,9 +27,10 @@ import numpy as np
 import pytest
 
 import keras_mpq
-from keras_mpq import cli, fileio
-from keras_mpq.types import (BudgetInfeasibleError, InvalidInputError, KerasMpqError,
-                             QuantizationPlan, UnsupportedModelError)
+from keras_mpq import cli as cli_lib
+from keras_mpq.base import fileio as fileio_lib
+from keras_mpq.base.errors import BudgetInfeasibleError, InvalidInputError, KerasMpqError, UnsupportedModelError
+from keras_mpq.base.types import QuantizationPlan
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 TEMP_NAME = re.compile(r"^\..+\.tmp")  # what fileio.atomic_path names its temporary files
@@ -45,7 +46,7 @@ def cli_in_process(argv):
   """``keras-mpq ARGV`` through `cli.main` in this process: (exit code, stdout, stderr)."""
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(["keras-mpq", *[str(a) for a in argv]])
+    code = cli_lib.main(["keras-mpq", *[str(a) for a in argv]])
   return code, out.getvalue(), err.getvalue()
 
 
@@ -59,7 +60,7 @@ def assert_clear(code, err, match):
 
 
 def tiny_model(classes=3):
-  from keras_mpq.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
   set_global_seed(0)
   inp = keras.Input((8, 8, 1))
   h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
@@ -163,13 +164,13 @@ def test_inspect_plan_mismatch_is_a_result_not_an_error(files, tmp_path):
 @pytest.fixture
 def no_synthesis(monkeypatch):
   """Makes any synthesis call fail the test: these errors must come first."""
-  from keras_mpq import synthesis  # pylint: disable=g-import-not-at-top
+  from keras_mpq.synthesis import generators as generators_lib  # pylint: disable=g-import-not-at-top
 
   def refuse(*args, **kwargs):
     raise AssertionError("synthesis ran before the bad setting was refused")
 
-  monkeypatch.setattr(synthesis, "synthesize_with_info", refuse)
-  monkeypatch.setattr(synthesis, "synthesize", refuse)
+  monkeypatch.setattr(generators_lib, "synthesize_with_info", refuse)
+  monkeypatch.setattr(generators_lib, "synthesize", refuse)
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -231,7 +232,7 @@ def test_malformed_budget_dicts_are_clear(spec):
 
 
 def test_tf_keras_h5_lambda_is_refused_without_running_it(tmp_path):
-  from keras_mpq.compat import keras  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
   marker = tmp_path / "lambda_ran"
   code = f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]"
   inp = keras.Input((8, 8, 1))
@@ -335,10 +336,10 @@ def test_damaged_caches_are_recomputed_not_trusted(files, tmp_path):
 @pytest.fixture(scope="module")
 def trained_h5(tmp_path_factory, dataset):
   """The zoo's plain CNN trained for 1 epoch on 1000 real images, saved as .h5."""
-  from keras_mpq import model_zoo  # pylint: disable=g-import-not-at-top
-  model = model_zoo.plain_cnn(input_shape=dataset.x_train.shape[1:],
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
+  model = model_zoo_lib.plain_cnn(input_shape=dataset.x_train.shape[1:],
                               num_classes=int(dataset.y_train.max()) + 1)
-  model_zoo.train(model, dataset.x_train[:1000], dataset.y_train[:1000], epochs=1, seed=0)
+  model_zoo_lib.train(model, dataset.x_train[:1000], dataset.y_train[:1000], epochs=1, seed=0)
   path = tmp_path_factory.mktemp("trained") / "cnn.h5"
   model.save(path)
   return path
@@ -362,12 +363,12 @@ def _signal_at(argv, spec, timeout=300):
   "KILL before report.json" kills the run exactly when report.json's
   temporary file is written and not yet renamed. No polling, no race.
   """
-  from keras_mpq import fileio  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
   # The child starts with SIGINT at its default even where this process ignores it
   # (a suite run in the background by a shell without job control: `make test &`);
   # Python then installs its KeyboardInterrupt handler, as in a terminal.
   return subprocess.run([sys.executable, "-m", "keras_mpq.cli", *argv],
-                        env={**ENV, fileio.TEST_SIGNAL_ENV: spec}, capture_output=True,
+                        env={**ENV, fileio_lib.TEST_SIGNAL_ENV: spec}, capture_output=True,
                         text=True, timeout=timeout,
                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -419,7 +420,7 @@ def test_killed_run_leaves_outputs_whole_and_resumes_to_the_same_plan(trained_h5
   leftovers = sorted(n for n in os.listdir(run) if n.startswith("."))
   temps = [n for n in leftovers if TEMP_NAME.match(n)]
   assert len(temps) == 1 and temps[0].startswith(".report.json."), leftovers
-  assert set(leftovers) - set(temps) <= {fileio.LOCK_NAME}, leftovers  # a dead run's lock
+  assert set(leftovers) - set(temps) <= {fileio_lib.LOCK_NAME}, leftovers  # a dead run's lock
 
   # 4. Resumed to completion: the same plan as the uninterrupted run.
   code, _, err = cli_in_process(_quantize_argv(trained_h5, run))
@@ -465,7 +466,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_output(files, tmp_pat
 
 def test_second_run_into_a_locked_out_dir_is_refused(files, tmp_path):
   out = tmp_path / "o"
-  with fileio.lock_dir(out):
+  with fileio_lib.lock_dir(out):
     code, _, err = cli_in_process(_tiny_argv(files, out))
     assert_clear(code, err, r"in use by another run \(process \d+\)")
   assert list(out.iterdir()) == []  # the refused run wrote nothing
@@ -475,7 +476,7 @@ def test_stale_lock_and_temp_files_are_taken_over_and_removed(files, tmp_path, n
   """A lock file and temporary files from a killed run: the next run cleans them up."""
   out = tmp_path / "o"
   (out / "cache").mkdir(parents=True)
-  (out / fileio.LOCK_NAME).write_text("999999")  # a dead process; no flock is held
+  (out / fileio_lib.LOCK_NAME).write_text("999999")  # a dead process; no flock is held
   stale = [out / ".plan.json.k2x9q0ab.tmp.json", out / ".model_mobile.tflite.a1b2c3d4.tmp.tflite",
            out / "cache" / ".synthetic-0123456789abcdef.npz.zz00yy11.tmp.npz"]
   for path in stale:
@@ -485,7 +486,7 @@ def test_stale_lock_and_temp_files_are_taken_over_and_removed(files, tmp_path, n
   code, _, err = cli_in_process(_tiny_argv(files, out, "--rounds", "0"))
   assert_clear(code, err, "rounds")  # the lock was taken: the error is about the flag
   assert not any(p.exists() for p in stale)
-  assert keep.exists() and not (out / fileio.LOCK_NAME).exists()
+  assert keep.exists() and not (out / fileio_lib.LOCK_NAME).exists()
 
 
 def test_error_runs_leave_no_empty_output_dirs(files, tmp_path, no_synthesis):

@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from keras_mpq import report
-from keras_mpq.types import (CostTable, InvalidInputError, ParetoPoint, QuantizationPlan,
-                             SensitivityTable)
+from keras_mpq import report as report_lib
+from keras_mpq.base.types import CostTable, QuantizationPlan, SensitivityTable
+from keras_mpq.base.errors import InvalidInputError
+from keras_mpq.base.results import ParetoPoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +38,7 @@ def _report():
 
 
 def test_summary_table_lists_weight_layers_and_totals():
-  text = report.summary_table(_report())
+  text = report_lib.summary_table(_report())
   lines = text.splitlines()
   assert lines[0].split()[:4] == ["layer", "type", "params", "w_bits"]
   assert any(l.startswith("conv1") and " 8 " in l for l in lines)
@@ -53,9 +54,9 @@ def test_summary_table_says_what_the_scale_tuning_did():
   r["tuning"] = {"steps": 200, "temperature": 4.0, "kl_before": 0.0561, "kl_after": 0.0193,
                  "kept": True}
   assert "scale tuning (200 steps, temperature 4): held-out KL 0.0561 -> 0.0193, kept" in (
-      report.summary_table(r))
+      report_lib.summary_table(r))
   r["tuning"] = {"steps": 0, "reason": "no quantized weight layer"}
-  assert "scale tuning skipped: no quantized weight layer" in report.summary_table(r)
+  assert "scale tuning skipped: no quantized weight layer" in report_lib.summary_table(r)
 
 
 def test_summary_table_reads_at_a_glance():
@@ -65,7 +66,7 @@ def test_summary_table_reads_at_a_glance():
   r["metric"] = "task_interaction"
   r["layers"][2]["sensitivity"] = -0.0123456
   r["layers"][2]["params"] = 123456
-  text = report.summary_table(r)
+  text = report_lib.summary_table(r)
   lines = text.splitlines()
   assert "e+" not in text  # no scientific notation for bytes
   assert "10.0 KiB of weights" in text and "8.4 KiB float" in text and "276 MBOPs" in text
@@ -88,13 +89,13 @@ def test_summary_table_reads_at_a_glance():
 def test_summary_table_flags_over_budget():
   r = _report()
   r["within_budget"] = False
-  assert "OVER BUDGET" in report.summary_table(r)
+  assert "OVER BUDGET" in report_lib.summary_table(r)
 
 
 def test_plots_are_pngs_written_atomically(table, tmp_path):
-  paths = [report.plot_sensitivity(table, tmp_path / "s.png"),
-           report.plot_bits(_report(), tmp_path / "b.png"),
-           report.plot_pareto([ParetoPoint(100.0, 0.5, QuantizationPlan({"conv1": 2})),
+  paths = [report_lib.plot_sensitivity(table, tmp_path / "s.png"),
+           report_lib.plot_bits(_report(), tmp_path / "b.png"),
+           report_lib.plot_pareto([ParetoPoint(100.0, 0.5, QuantizationPlan({"conv1": 2})),
                                ParetoPoint(200.0, 0.1, QuantizationPlan({"conv1": 8}))],
                               tmp_path / "p.png", chosen=(200.0, 0.1))]
   for p in paths:
@@ -102,11 +103,11 @@ def test_plots_are_pngs_written_atomically(table, tmp_path):
       assert f.read(8) == PNG
   assert sorted(os.listdir(tmp_path)) == ["b.png", "p.png", "s.png"]  # no temp files
   with pytest.raises(InvalidInputError, match="SensitivityTable"):
-    report.plot_sensitivity({"a": 1}, tmp_path / "x.png")
+    report_lib.plot_sensitivity({"a": 1}, tmp_path / "x.png")
 
 
 def test_format_table_aligns_columns():
-  text = report.format_table([{"a": 1, "b": "xy"}, {"a": 123, "b": None}], ["a", "b"])
+  text = report_lib.format_table([{"a": 1, "b": "xy"}, {"a": 123, "b": None}], ["a", "b"])
   lines = text.splitlines()
   assert len({len(l.rstrip()) for l in lines[:2]}) == 1 or len(lines) == 4
   assert lines[3].split() == ["123"]  # a missing value is blank, not a column-breaking '-'
@@ -121,7 +122,7 @@ def test_summary_table_judges_file_budget_by_written_file():
            budget_note=None,
            export={"deployment": {"flash_bytes": 2100, "arena_bytes": 4064, "latency_ms": 0.01},
                    "other_layers": {"lambda": "int8"}})
-  text = report.summary_table(r)
+  text = report_lib.summary_table(r)
   assert "OVER BUDGET, written file (2100 B)" in text
   assert "predicted 1400 B (fixed part 600 B), written 2100 B" in text
   assert "arena) 4064 B" in text
@@ -132,7 +133,7 @@ def test_summary_table_judges_file_budget_by_written_file():
 def test_summary_table_says_when_budget_does_not_bind():
   r = _report()
   r["budget_note"] = "budget 1e+06B does not bind: the all-8-bit plan costs 5000 (bytes)"
-  assert "does not bind" in report.summary_table(r)
+  assert "does not bind" in report_lib.summary_table(r)
 
 
 def test_summary_table_says_why_a_tied_plan_won():
@@ -144,7 +145,7 @@ def test_summary_table_says_why_a_tied_plan_won():
                      {"name": "uniform 4-bit", "measured_loss": 1.7e-8}],
       "tie_break": {"rule": "more bits", "lowest_loss": "allocated",
                     "loss_above_lowest": 1e-9, "stderr": 9e-9, "noise_z": 2.0}}
-  text = report.summary_table(r)
+  text = report_lib.summary_table(r)
   assert "uniform 4-bit returned (ties go to more bits: within 2 standard errors of " \
          "allocated" in text
   assert "below the allocated plan" not in text  # it is not below: it is tied

@@ -1,4 +1,4 @@
-"""Tests of keras_mpq.sensitivity: metrics, compiled-once evaluation, prefix reuse, search."""
+"""Tests of keras_mpq.sensitivity.metrics: metrics, compiled-once evaluation, prefix reuse, search."""
 
 import json
 import os
@@ -6,12 +6,24 @@ import os
 import numpy as np
 import pytest
 
-from keras_mpq import apply, sensitivity
-from keras_mpq.compat import keras
-from keras_mpq.types import (FLOAT_BITS, Budget, InvalidInputError, QuantizationPlan,
-                             SensitivityTable, UnsupportedModelError)
+from keras_mpq.quantization import access as access_lib
+from keras_mpq.quantization import apply as apply_lib
+from keras_mpq.quantization import calibrate as calibrate_lib
+from keras_mpq.quantization import fold as fold_lib
+from keras_mpq.quantization import optimize as optimize_lib
+from keras_mpq.plan import search as search_lib
+from keras_mpq.sensitivity import evaluator as evaluator_lib
+from keras_mpq.sensitivity import job as job_lib
+from keras_mpq.sensitivity import measure as measure_lib
+from keras_mpq.sensitivity import metrics as metrics_lib
+from keras_mpq.base.compat import keras
+from keras_mpq.base.types import FLOAT_BITS, Budget, QuantizationPlan, SensitivityTable
+from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 
 CNN_LAYERS = ("conv1", "conv2", "conv3", "fc1", "logits")
+
+
+LIBRARY_DEFAULTS = (optimize_lib.DEFAULT_WEIGHT_METHOD, optimize_lib.DEFAULT_BIAS_CORRECTION)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +34,9 @@ def _round_to_nearest():
   than the GPTQ default; the optimized weights the table swaps in are tested
   in tests/test_apply.py (`WeightBank`) and end to end in tests/test_api.py.
   """
-  with apply.weight_defaults("rtn", False):
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(optimize_lib, "DEFAULT_WEIGHT_METHOD", "rtn")
+    patch.setattr(optimize_lib, "DEFAULT_BIAS_CORRECTION", False)
     yield
 
 
@@ -35,7 +49,7 @@ def data(small_data):
 @pytest.fixture(scope="module")
 def ti_table(trained_cnn, data):
   """The default task-interaction table of the trained CNN (measured once)."""
-  return sensitivity.measure_sensitivity(trained_cnn, data, progress=False)
+  return measure_lib.measure_sensitivity(trained_cnn, data, progress=False)
 
 
 def _tiny(seed=0, softmax=False):
@@ -71,9 +85,9 @@ def _tiny_data(shape, n=48, classes=4, seed=0):
 # --------------------------------------------------------------------------- metrics
 
 
-@pytest.mark.parametrize("metric", sensitivity.available_metrics())
+@pytest.mark.parametrize("metric", metrics_lib.available_metrics())
 def test_every_metric_gives_a_finite_table(trained_cnn, data, metric):
-  table = sensitivity.measure_sensitivity(
+  table = measure_lib.measure_sensitivity(
       trained_cnn, None if metric == "weight_mse" else data, metric=metric,
       progress=False)
   assert table.layers == CNN_LAYERS
@@ -89,28 +103,28 @@ def test_every_metric_gives_a_finite_table(trained_cnn, data, metric):
 
 
 def test_metric_registry_lists_names_and_rejects_unknown():
-  assert sensitivity.available_metrics()[0] == "task_interaction"
-  assert set(sensitivity.available_metrics()) == {m.value for m in sensitivity.Metric}
-  assert sensitivity.get_metric(sensitivity.Metric.ZEROQ_KL).needs_labels is False
+  assert metrics_lib.available_metrics()[0] == "task_interaction"
+  assert set(metrics_lib.available_metrics()) == {m.value for m in job_lib.Metric}
+  assert metrics_lib.get_metric(job_lib.Metric.ZEROQ_KL).needs_labels is False
   with pytest.raises(InvalidInputError, match="task_interaction.*Received: metric='l2'"):
-    sensitivity.get_metric("l2")
+    metrics_lib.get_metric("l2")
 
 
 def test_register_metric_adds_a_metric(trained_cnn):
-  @sensitivity.register_metric("test_constant", needs_data=False, needs_labels=False)
+  @metrics_lib.register_metric("test_constant", needs_data=False, needs_labels=False)
   def _constant(job):
     return np.full((len(job.layers), len(job.bits)), 0.5), {"note": "constant"}
 
   try:
-    table = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_constant",
+    table = measure_lib.measure_sensitivity(trained_cnn, None, metric="test_constant",
                                             clean=False)
     assert table.metric == "test_constant"
     assert np.all(table.scores == 0.5) and table.info["note"] == "constant"
     # cleaned: relative to the highest bits, so a constant carries nothing
-    cleaned = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_constant")
+    cleaned = measure_lib.measure_sensitivity(trained_cnn, None, metric="test_constant")
     assert np.all(cleaned.scores == 0) and cleaned.info["cleaning"]["all_zero"]
   finally:
-    sensitivity._METRICS.pop("test_constant")  # pylint: disable=protected-access
+    metrics_lib._METRICS.pop("test_constant")  # pylint: disable=protected-access
 
 
 def test_task_interaction_low_bits_hurt_most_layers(ti_table):
@@ -127,12 +141,12 @@ def test_task_interaction_low_bits_hurt_most_layers(ti_table):
 
 
 def test_weight_mse_matches_numpy_quantizer(trained_cnn):
-  from keras_mpq import quantizers  # pylint: disable=g-import-not-at-top
-  table = sensitivity.measure_sensitivity(trained_cnn, None, metric="weight_mse",
+  from keras_mpq.base import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  table = measure_lib.measure_sensitivity(trained_cnn, None, metric="weight_mse",
                                           weight_bits=(3,), clean=False)
-  folded = apply.fold_batchnorm(trained_cnn)
+  folded = fold_lib.fold_batchnorm(trained_cnn)
   w = folded.get_layer("fc1").kernel.numpy()
-  q = quantizers.quantize_array(w, 3, (0,))[0]
+  q = layers_lib.quantize_array(w, 3, (0,))[0]
   assert table.score("fc1", 3) == pytest.approx(np.sum((q - w) ** 2) / np.sum(w ** 2),
                                                 rel=1e-5)
 
@@ -140,7 +154,7 @@ def test_weight_mse_matches_numpy_quantizer(trained_cnn):
 def test_softmax_output_and_argmax_labels():
   model = _tiny(softmax=True)
   x, _ = _tiny_data((6, 6, 1))
-  table = sensitivity.measure_sensitivity(model, x, metric="task_float_context")
+  table = measure_lib.measure_sensitivity(model, x, metric="task_float_context")
   probs = model.predict(x, verbose=0)
   y = probs.argmax(1)
   expected = -np.mean(np.log(probs[np.arange(len(y)), y]))
@@ -163,10 +177,10 @@ def test_no_retracing_across_evaluations(ti_table):
 
 
 def test_evaluator_reused_across_contexts_does_not_retrace(trained_cnn, data):
-  job = sensitivity._prepare(  # pylint: disable=protected-access
-      trained_cnn, data, (2, 4, 8), sensitivity.get_metric("task_interaction"), None, 8,
+  job = job_lib.prepare(  # pylint: disable=protected-access
+      trained_cnn, data, (2, 4, 8), metrics_lib.get_metric("task_interaction"), None, 8,
       128, 0, False)
-  ev = sensitivity._evaluator_for(job)  # pylint: disable=protected-access
+  ev = evaluator_lib.evaluator_for(job)  # pylint: disable=protected-access
   for bits in (8, 4, FLOAT_BITS):
     ev.set_context({n: bits for n in CNN_LAYERS}, activations=bits != FLOAT_BITS)
     ev.layer_scores((2, 4, 8), "cross_entropy")
@@ -176,7 +190,7 @@ def test_evaluator_reused_across_contexts_does_not_retrace(trained_cnn, data):
 
 
 def test_prefix_reuse_gives_the_full_model_numbers(trained_cnn, data, ti_table):
-  full = sensitivity.measure_sensitivity(trained_cnn, data, reuse_prefix=False)
+  full = measure_lib.measure_sensitivity(trained_cnn, data, reuse_prefix=False)
   np.testing.assert_allclose(ti_table.scores, full.scores, atol=1e-5)
   # conv1 reads the input quantizer's output (apply.INPUT_QUANTIZER): a cut too.
   assert ti_table.info["prefix_reuse"] == {"conv1": True, "conv2": True, "conv3": True,
@@ -188,8 +202,8 @@ def test_prefix_reuse_gives_the_full_model_numbers(trained_cnn, data, ti_table):
 def test_prefix_reuse_on_residual_graph():
   model = _residual()
   x, y = _tiny_data((6, 6, 2), classes=3)
-  reused = sensitivity.measure_sensitivity(model, (x, y), metric="task_float_context")
-  full = sensitivity.measure_sensitivity(model, (x, y), metric="task_float_context",
+  reused = measure_lib.measure_sensitivity(model, (x, y), metric="task_float_context")
+  full = measure_lib.measure_sensitivity(model, (x, y), metric="task_float_context",
                                          reuse_prefix=False)
   np.testing.assert_allclose(reused.scores, full.scores, atol=1e-6)
   assert np.any(np.abs(full.scores) > 1e-6)
@@ -205,29 +219,29 @@ def test_prefix_reuse_on_residual_graph():
 
 
 def test_context_changes_the_scores(trained_cnn, data, ti_table):
-  at4 = sensitivity.measure_sensitivity(trained_cnn, data,
+  at4 = measure_lib.measure_sensitivity(trained_cnn, data,
                                         context={n: 4 for n in CNN_LAYERS}, clean=False)
   assert at4.info["context"] == {n: 4 for n in CNN_LAYERS}
   assert np.all(at4.scores[:, 1] == 0.0)  # 4 bits is the context now
   assert not np.allclose(at4.scores, ti_table.scores, atol=1e-4)
-  cleaned, _ = sensitivity.respect_known(at4.scores, at4.bits, at4.info["stderr"])
+  cleaned, _ = measure_lib.respect_known(at4.scores, at4.bits, at4.info["stderr"])
   assert np.all(cleaned[:, 2] == 0) and np.all(cleaned >= 0)  # relative to 8 bits again
   plan = QuantizationPlan({"conv1": 2})  # missing layers default to max(bits)
-  partial = sensitivity.measure_sensitivity(trained_cnn, data, context=plan, clean=False)
+  partial = measure_lib.measure_sensitivity(trained_cnn, data, context=plan, clean=False)
   assert partial.info["context"]["conv1"] == 2 and partial.info["context"]["fc1"] == 8
   assert partial.score("conv1", 2) == 0.0
   assert not np.allclose(partial.scores[1:], ti_table.scores[1:], atol=1e-5)
 
 
 def test_same_seed_same_table(trained_cnn, data, ti_table):
-  again = sensitivity.measure_sensitivity(trained_cnn, data, seed=0)
+  again = measure_lib.measure_sensitivity(trained_cnn, data, seed=0)
   np.testing.assert_array_equal(again.scores, ti_table.scores)
-  h0 = sensitivity.measure_sensitivity(trained_cnn, data, metric="hessian_trace", seed=3)
-  h1 = sensitivity.measure_sensitivity(trained_cnn, data, metric="hessian_trace", seed=3)
-  h2 = sensitivity.measure_sensitivity(trained_cnn, data, metric="hessian_trace", seed=4)
+  h0 = measure_lib.measure_sensitivity(trained_cnn, data, metric="hessian_trace", seed=3)
+  h1 = measure_lib.measure_sensitivity(trained_cnn, data, metric="hessian_trace", seed=3)
+  h2 = measure_lib.measure_sensitivity(trained_cnn, data, metric="hessian_trace", seed=4)
   np.testing.assert_array_equal(h0.scores, h1.scores)
   assert not np.array_equal(h0.scores, h2.scores)
-  assert h0.info["probes"] == sensitivity.HUTCHINSON_PROBES
+  assert h0.info["probes"] == job_lib.HUTCHINSON_PROBES
 
 
 def test_json_round_trip(ti_table):
@@ -242,14 +256,13 @@ def test_json_round_trip(ti_table):
 
 
 def test_search_returns_a_plan_within_budget(trained_cnn, data):
-  from keras_mpq import costs as costs_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.plan import costs as costs_lib  # pylint: disable=g-import-not-at-top
   # Round to nearest: the search's weights and apply_plan's are then the same,
   # so the measured loss can be checked exactly (GPTQ's statistics differ
   # between the two: per layer on float inputs, and on quantized ones).
-  with apply.weight_defaults("rtn", False):
-    found = sensitivity.search(trained_cnn, data, "4bit", rounds=3, pinned={"conv1": 8},
-                               progress=False)
-  costs = costs_lib.cost_table(apply.fold_batchnorm(trained_cnn))
+  found = search_lib.search(trained_cnn, data, "4bit", rounds=3, pinned={"conv1": 8},
+                            progress=False, weight_method="rtn", bias_correction=False)
+  costs = costs_lib.cost_table(fold_lib.fold_batchnorm(trained_cnn))
   assert Budget.avg_bits(4).is_satisfied_by(found.plan, costs)
   assert found.plan.weight_bits["conv1"] == 8
   assert 1 <= len(found.rounds) <= 3
@@ -266,8 +279,8 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
     assert allocated == found.plan.weight_bits
   # The plan's loss is what it measures: apply it with ranges from the
   # calibration part, KL from the float model on the held-out part.
-  cal, held, _ = sensitivity.split_holdout(len(data[0]), seed=0)
-  qmodel = apply.apply_plan(trained_cnn, found.plan, data[0][cal], weight_method="rtn",
+  cal, held, _ = job_lib.split_holdout(len(data[0]), seed=0)
+  qmodel = apply_lib.apply_plan(trained_cnn, found.plan, data[0][cal], weight_method="rtn",
                             bias_correction=False, tune_steps=0)
   logits = qmodel.predict(data[0][held], verbose=0).astype(np.float64)
   ref = trained_cnn.predict(data[0][held], verbose=0).astype(np.float64)
@@ -289,7 +302,7 @@ def test_search_returns_a_plan_within_budget(trained_cnn, data):
 
 def test_search_stops_when_plans_repeat():
   x, y = _tiny_data((6, 6, 1), n=64)
-  found = sensitivity.search(_tiny(), (x, y), "5bit", rounds=6)
+  found = search_lib.search(_tiny(), (x, y), "5bit", rounds=6)
   plans = [r["weight_bits"] for r in found.rounds]
   # every round's plan is new, except the last one when it repeats (and stops)
   assert all(p not in plans[:i] for i, p in enumerate(plans[:-1]))
@@ -300,7 +313,7 @@ def test_search_stops_when_plans_repeat():
 
 def test_search_with_a_context_free_metric_stops_after_one_round(trained_cnn):
   x, y = _tiny_data((28, 28, 1), n=32, classes=10)
-  found = sensitivity.search(trained_cnn, (x, y), "6bit", metric="weight_mse", rounds=3)
+  found = search_lib.search(trained_cnn, (x, y), "6bit", metric="weight_mse", rounds=3)
   assert len(found.rounds) == 1
   assert found.sensitivity.metric == "weight_mse"
 
@@ -314,55 +327,55 @@ def test_search_with_a_context_free_metric_stops_after_one_round(trained_cnn):
 def test_bad_bits(bits, match):
   x, y = _tiny_data((6, 6, 1))
   with pytest.raises(InvalidInputError, match=match):
-    sensitivity.measure_sensitivity(_tiny(), (x, y), weight_bits=bits)
+    measure_lib.measure_sensitivity(_tiny(), (x, y), weight_bits=bits)
 
 
 def test_bad_inputs_raise_clear_errors():
   model = _tiny()
   x, y = _tiny_data((6, 6, 1))
   with pytest.raises(InvalidInputError, match="weight_mse"):
-    sensitivity.measure_sensitivity(model, (x, y), metric="mse")
+    measure_lib.measure_sensitivity(model, (x, y), metric="mse")
   with pytest.raises(InvalidInputError, match=r"unknown layers: \['nope'\]"):
-    sensitivity.measure_sensitivity(model, (x, y), context={"nope": 4})
+    measure_lib.measure_sensitivity(model, (x, y), context={"nope": 4})
   with pytest.raises(InvalidInputError, match="2..8"):
-    sensitivity.measure_sensitivity(model, (x, y), context={"c": 9})
+    measure_lib.measure_sensitivity(model, (x, y), context={"c": 9})
   with pytest.raises(InvalidInputError, match="takes no context"):
-    sensitivity.measure_sensitivity(model, (x, y), metric="zeroq_kl", context={"c": 4})
+    measure_lib.measure_sensitivity(model, (x, y), metric="zeroq_kl", context={"c": 4})
   with pytest.raises(InvalidInputError, match=r"shape \(N, 6, 6, 1\)"):
-    sensitivity.measure_sensitivity(model, (x[:, :5], y))
+    measure_lib.measure_sensitivity(model, (x[:, :5], y))
   with pytest.raises(InvalidInputError, match=r"labels in 0..3"):
-    sensitivity.measure_sensitivity(model, (x, y + 4))
+    measure_lib.measure_sensitivity(model, (x, y + 4))
   with pytest.raises(InvalidInputError, match="labels of shape"):
-    sensitivity.measure_sensitivity(model, (x, y[:-1]))
+    measure_lib.measure_sensitivity(model, (x, y[:-1]))
   with pytest.raises(InvalidInputError, match="integer class labels"):
-    sensitivity.measure_sensitivity(model, (x, y + 0.5))
+    measure_lib.measure_sensitivity(model, (x, y + 0.5))
   with pytest.raises(InvalidInputError, match="needs data"):
-    sensitivity.measure_sensitivity(model, None)
+    measure_lib.measure_sensitivity(model, None)
   with pytest.raises(InvalidInputError, match="batch_size"):
-    sensitivity.measure_sensitivity(model, (x, y), batch_size=0)
+    measure_lib.measure_sensitivity(model, (x, y), batch_size=0)
   with pytest.raises(InvalidInputError, match="rounds >= 1"):
-    sensitivity.search(model, (x, y), "4bit", rounds=0)
+    search_lib.search(model, (x, y), "4bit", rounds=0)
   with pytest.raises(InvalidInputError, match="activation bits"):
-    sensitivity.measure_sensitivity(model, (x, y), activation_bits=4)
+    measure_lib.measure_sensitivity(model, (x, y), activation_bits=4)
 
 
 def test_unsupported_models_are_refused():
   inp = keras.Input((6, 6, 1))
   no_head = keras.Model(inp, keras.layers.Conv2D(2, 3, name="c")(inp))
   with pytest.raises(UnsupportedModelError, match=r"\(batch, classes\)"):
-    sensitivity.measure_sensitivity(no_head, _tiny_data((6, 6, 1)))
+    measure_lib.measure_sensitivity(no_head, _tiny_data((6, 6, 1)))
   no_weights = keras.Sequential([keras.Input((4,)), keras.layers.Softmax()])
   with pytest.raises(UnsupportedModelError, match="quantizable layer"):
-    sensitivity.measure_sensitivity(no_weights, None, metric="weight_mse")
+    measure_lib.measure_sensitivity(no_weights, None, metric="weight_mse")
   with pytest.raises(InvalidInputError, match="tf_keras"):
-    sensitivity.measure_sensitivity("model.h5", None, metric="weight_mse")
+    measure_lib.measure_sensitivity("model.h5", None, metric="weight_mse")
 
 
 def test_one_hot_labels_are_accepted():
   model = _tiny()
   x, y = _tiny_data((6, 6, 1))
-  a = sensitivity.measure_sensitivity(model, (x, y), metric="task_float_context")
-  b = sensitivity.measure_sensitivity(model, (x, np.eye(4)[y]), metric="task_float_context")
+  a = measure_lib.measure_sensitivity(model, (x, y), metric="task_float_context")
+  b = measure_lib.measure_sensitivity(model, (x, np.eye(4)[y]), metric="task_float_context")
   np.testing.assert_array_equal(a.scores, b.scores)
 
 
@@ -374,46 +387,46 @@ def test_respect_known_is_monotone_nonnegative_and_zeroes_noise():
                   [0.01, 0.30, 0.0],    # 2 bits within noise, 4 bits not: 2 raised to 0.3
                   [0.90, 0.40, 0.05]])  # highest bits not 0 (another context): relative
   se = np.array([[0.1, 0.1, 0.0], [0.1, 0.1, 0.0], [0.01, 0.01, 0.01]])
-  clean, info = sensitivity.respect_known(raw, (2, 4, 8), se)
+  clean, info = measure_lib.respect_known(raw, (2, 4, 8), se)
   np.testing.assert_allclose(clean, [[0.5, 0.0, 0.0], [0.3, 0.3, 0.0], [0.85, 0.35, 0.0]])
   assert info["zeroed_as_noise"] == 2 and info["raised_for_monotonicity"] == 1
   assert not info["all_zero"]
   # columns in any order: the same answer, in that order
-  shuffled, _ = sensitivity.respect_known(raw[:, [2, 0, 1]], (8, 2, 4), se[:, [2, 0, 1]])
+  shuffled, _ = measure_lib.respect_known(raw[:, [2, 0, 1]], (8, 2, 4), se[:, [2, 0, 1]])
   np.testing.assert_allclose(shuffled, clean[:, [2, 0, 1]])
   # without stderr nothing is zeroed as noise, and it is still monotone
-  plain, info = sensitivity.respect_known(raw, (2, 4, 8))
+  plain, info = measure_lib.respect_known(raw, (2, 4, 8))
   assert info["zeroed_as_noise"] == 0
   assert np.all(np.diff(plain, axis=1) <= 0) and np.all(plain >= 0)
 
 
 def test_respect_known_all_noise_is_all_zero():
-  clean, info = sensitivity.respect_known([[0.01, 0.005, 0.0]], (2, 4, 8),
+  clean, info = measure_lib.respect_known([[0.01, 0.005, 0.0]], (2, 4, 8),
                                           [[0.1, 0.1, 0.0]])
   assert np.all(clean == 0) and info["all_zero"]
 
 
 def test_non_finite_scores_become_the_worst_and_all_non_finite_is_an_error():
-  clean, info = sensitivity.respect_known([[np.nan, 0.2, 0.0], [np.inf, 1.0, 0.0]],
+  clean, info = measure_lib.respect_known([[np.nan, 0.2, 0.0], [np.inf, 1.0, 0.0]],
                                           (2, 4, 8))
   assert np.all(np.isfinite(clean)) and info["non_finite"] == 2
   assert clean[0, 0] > max(clean[0, 1:].max(), clean[1, 1:].max())
   assert clean[0, 0] == clean[1, 0] == info["non_finite_penalty"] > 10 * 1.0
   with pytest.raises(InvalidInputError, match="every score is NaN or infinite"):
-    sensitivity.respect_known([[np.nan, np.inf]], (4, 8))
+    measure_lib.respect_known([[np.nan, np.inf]], (4, 8))
 
 
 def test_a_diverging_metric_gives_a_finite_table_with_a_penalty(trained_cnn):
-  @sensitivity.register_metric("test_diverging", needs_data=False, needs_labels=False)
+  @metrics_lib.register_metric("test_diverging", needs_data=False, needs_labels=False)
   def _diverging(job):
     scores = np.tile([0.3, 0.1, 0.0], (len(job.layers), 1))
     scores[0, 0] = np.nan
     return scores, {}
 
   try:
-    table = sensitivity.measure_sensitivity(trained_cnn, None, metric="test_diverging")
+    table = measure_lib.measure_sensitivity(trained_cnn, None, metric="test_diverging")
   finally:
-    sensitivity._METRICS.pop("test_diverging")  # pylint: disable=protected-access
+    metrics_lib._METRICS.pop("test_diverging")  # pylint: disable=protected-access
   assert np.all(np.isfinite(table.scores))
   assert table.score("conv1", 2) == table.scores.max() > 0.3
   assert table.info["cleaning"]["non_finite"] == 1
@@ -431,12 +444,12 @@ def test_measured_scores_are_monotone_nonnegative_with_noise(ti_table):
   clear = raw[:, 0] > 3 * stderr[:, 0] + raw[:, 1].clip(0)
   assert np.any(clear)
   np.testing.assert_allclose(ti_table.scores[clear, 0], raw[clear, 0])
-  assert ti_table.info["objective"] == sensitivity.DEFAULT_OBJECTIVE == "kl"
+  assert ti_table.info["objective"] == job_lib.DEFAULT_OBJECTIVE == "kl"
   assert ti_table.info["holdout"] == {"samples": 256, "held_out": 128, "calibration": 128}
 
 
 def test_kl_and_cross_entropy_objectives(trained_cnn, data, ti_table):
-  ce = sensitivity.measure_sensitivity(trained_cnn, data, objective="cross_entropy",
+  ce = measure_lib.measure_sensitivity(trained_cnn, data, objective="cross_entropy",
                                        clean=False)
   assert ce.info["objective"] == "cross_entropy"
   assert ce.info["context_objective"] == pytest.approx(ce.info["context_loss"])
@@ -444,35 +457,35 @@ def test_kl_and_cross_entropy_objectives(trained_cnn, data, ti_table):
   assert 0 < ti_table.info["context_objective"] < ce.info["context_loss"]
   assert not np.allclose(ce.scores, ti_table.scores)
   with pytest.raises(InvalidInputError, match=r"objective in \['cross_entropy', 'kl'\]"):
-    sensitivity.measure_sensitivity(trained_cnn, data, objective="mse")
+    measure_lib.measure_sensitivity(trained_cnn, data, objective="mse")
 
 
 def test_split_holdout_sizes_and_fallback():
-  cal, held, info = sensitivity.split_holdout(200, 0.5, seed=1)
+  cal, held, info = job_lib.split_holdout(200, 0.5, seed=1)
   assert len(cal) == len(held) == 100 and not set(cal) & set(held)
   assert sorted(np.concatenate([cal, held]).tolist()) == list(range(200))
-  again = sensitivity.split_holdout(200, 0.5, seed=1)
+  again = job_lib.split_holdout(200, 0.5, seed=1)
   np.testing.assert_array_equal(again[1], held)
-  cal, held, info = sensitivity.split_holdout(63)
+  cal, held, info = job_lib.split_holdout(63)
   assert cal is None and len(held) == 63 and info["held_out"] == 0
   assert "fewer than the 64" in info["note"]
-  assert sensitivity.split_holdout(100, 0)[0] is None
+  assert job_lib.split_holdout(100, 0)[0] is None
   with pytest.raises(InvalidInputError, match=r"holdout as a share in \[0, 1\)"):
-    sensitivity.split_holdout(100, 1.5)
+    job_lib.split_holdout(100, 1.5)
 
 
 # --------------------------------------------------------------------------- safeguard
 
 
 def _constant_metric(name, scores_fn):
-  @sensitivity.register_metric(name, needs_data=False, needs_labels=False)
+  @metrics_lib.register_metric(name, needs_data=False, needs_labels=False)
   def _metric(job):
     return scores_fn(job), {}
   return _metric
 
 
 def test_safeguard_returns_uniform_when_it_measures_better(trained_cnn, data):
-  from keras_mpq.types import CostTable  # pylint: disable=g-import-not-at-top
+  from keras_mpq.base.types import CostTable  # pylint: disable=g-import-not-at-top
   # A misleading metric: fc1 must stay at 8 bits, every other layer is "free"
   # at 2 bits. With equal-weight costs a 4-bit budget then puts several
   # small layers at 2 bits, which measures worse than uniform 4-bit.
@@ -484,12 +497,12 @@ def test_safeguard_returns_uniform_when_it_measures_better(trained_cnn, data):
   costs = CostTable(CNN_LAYERS, (2, 4, 8),
                     {"avg_bits": np.tile([2 / 5, 4 / 5, 8 / 5], (5, 1))})
   try:
-    found = sensitivity.search(trained_cnn, data, "4bit", metric="test_misleading",
+    found = search_lib.search(trained_cnn, data, "4bit", metric="test_misleading",
                                costs=costs, progress=False)
-    unguarded = sensitivity.search(trained_cnn, data, "4bit", metric="test_misleading",
+    unguarded = search_lib.search(trained_cnn, data, "4bit", metric="test_misleading",
                                    costs=costs, progress=False, safeguard=False)
   finally:
-    sensitivity._METRICS.pop("test_misleading")  # pylint: disable=protected-access
+    metrics_lib._METRICS.pop("test_misleading")  # pylint: disable=protected-access
   sel = found.plan.info["selection"]
   allocated = found.rounds[0]["weight_bits"]
   assert allocated["fc1"] == 8 and sorted(allocated.values()).count(2) >= 2
@@ -512,10 +525,10 @@ def test_safeguard_returns_uniform_when_it_measures_better(trained_cnn, data):
 def test_all_zero_scores_fall_back_to_the_best_uniform_plan(trained_cnn, data):
   _constant_metric("test_zero", lambda job: np.zeros((len(job.layers), len(job.bits))))
   try:
-    found = sensitivity.search(trained_cnn, data, "5bit", metric="test_zero",
+    found = search_lib.search(trained_cnn, data, "5bit", metric="test_zero",
                                progress=False, safeguard=False)
   finally:
-    sensitivity._METRICS.pop("test_zero")  # pylint: disable=protected-access
+    metrics_lib._METRICS.pop("test_zero")  # pylint: disable=protected-access
   sel = found.plan.info["selection"]
   assert sel["winner"].startswith("uniform")
   assert "cannot rank layers" in sel["note"]
@@ -542,7 +555,7 @@ def test_plans_within_noise_of_each_other_tie_to_more_bits():
   # to more bits, seed 1 returned uniform 2-bit under a 4-bit budget, the
   # way untrained DenseNet121 and NASNetMobile went to all 2 bits.
   x = np.random.default_rng(0).uniform(0, 1, (96, 6, 6, 1)).astype(np.float32)
-  found = sensitivity.search(_quiet_model(), x, "4bit", progress=False)
+  found = search_lib.search(_quiet_model(), x, "4bit", progress=False)
   sel = found.plan.info["selection"]
   assert found.plan.weight_bits == {"c": 4, "h": 4, "d": 4}
   losses = {c["name"]: c["measured_loss"] for c in sel["candidates"]}
@@ -565,7 +578,7 @@ def test_tie_rule_keeps_a_difference_beyond_the_noise():
   cheap = row("uniform 2-bit", (2, 2), 0.0, 1)
   within = row("uniform 4-bit", (4, 4), 0.0005, 0)  # 0.0005 against a SE of ~0.0005
   beyond = row("uniform 4-bit", (4, 4), 0.01, 0)  # 20 standard errors worse
-  tie_to = sensitivity._tie_to_more_bits  # pylint: disable=protected-access
+  tie_to = search_lib._tie_to_more_bits  # pylint: disable=protected-access
   win, tie = tie_to([cheap, within], 2.0)
   assert win is within and tie["tied"] == ["uniform 2-bit", "uniform 4-bit"]
   win, tie = tie_to([cheap, beyond], 2.0)
@@ -580,30 +593,30 @@ def test_tie_rule_keeps_a_difference_beyond_the_noise():
 
 
 def test_non_binding_budget_returns_all_highest_with_a_note(trained_cnn, data):
-  found = sensitivity.search(trained_cnn, data, "8bit", progress=False)
+  found = search_lib.search(trained_cnn, data, "8bit", progress=False)
   assert found.plan.weight_bits == {n: 8 for n in CNN_LAYERS}
   assert "not binding" in found.plan.info["note"]
   assert found.plan.info["selection"]["winner"] == "allocated"
 
 
 def test_search_context_at_the_budget_and_a_given_table(trained_cnn, data, ti_table):
-  found = sensitivity.search(trained_cnn, data, "4.5bit", rounds=1, context="budget",
+  found = search_lib.search(trained_cnn, data, "4.5bit", rounds=1, context="budget",
                              progress=False)
   assert found.rounds[0]["context"] == {n: 4 for n in CNN_LAYERS}
   assert found.sensitivity.info["context"] == {n: 4 for n in CNN_LAYERS}
   assert found.plan.info["search"]["context"] == "budget"
-  reused = sensitivity.search(trained_cnn, data, "4bit", rounds=1, table=ti_table,
+  reused = search_lib.search(trained_cnn, data, "4bit", rounds=1, table=ti_table,
                               progress=False)
   assert reused.sensitivity is ti_table
   with pytest.raises(InvalidInputError, match="Expected context in"):
-    sensitivity.search(trained_cnn, data, "4bit", context="middle")
+    search_lib.search(trained_cnn, data, "4bit", context="middle")
   with pytest.raises(InvalidInputError, match="Expected table as a SensitivityTable"):
-    sensitivity.search(trained_cnn, data, "4bit", weight_bits=(2, 8), table=ti_table)
+    search_lib.search(trained_cnn, data, "4bit", weight_bits=(2, 8), table=ti_table)
 
 
 def test_graph_walk_finds_the_same_cuts_and_suffix_layers_as_building_the_model():
-  from keras_mpq import apply as apply_lib
-  from keras_mpq.compat import keras
+  from keras_mpq.quantization import access as access_lib
+  from keras_mpq.base.compat import keras
   inp = keras.Input((8, 8, 2))
   a = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
   b = keras.layers.Conv2D(4, 3, padding="same", name="c2")(a)
@@ -612,7 +625,7 @@ def test_graph_walk_finds_the_same_cuts_and_suffix_layers_as_building_the_model(
   d = keras.layers.Conv2D(4, 1, name="c3")(c)
   out = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(d))
   model = keras.Model(inp, out)
-  qmodel = apply_lib.quantize_model(model, QuantizationPlan.uniform(["c1", "c2", "c2b", "c3", "fc"], 8))
+  qmodel = access_lib.quantize_model(model, QuantizationPlan.uniform(["c1", "c2", "c2b", "c3", "fc"], 8))
   found = {}
   for layer in qmodel.layers[1:]:
     t = layer.input
@@ -622,7 +635,7 @@ def test_graph_walk_finds_the_same_cuts_and_suffix_layers_as_building_the_model(
       expected = {id(l) for l in keras.Model(t, qmodel.outputs).layers}
     except (ValueError, TypeError, KeyError):
       expected = None
-    got = sensitivity._layers_after(qmodel, t)  # pylint: disable=protected-access
+    got = evaluator_lib._layers_after(qmodel, t)  # pylint: disable=protected-access
     assert (got is None) == (expected is None), layer.name
     if got is not None:
       # The built Model adds an InputLayer for t; every real layer matches.
@@ -646,21 +659,22 @@ def test_the_papers_metric_ranks_random_configurations(trained_cnn, small_data):
   images, and a loose margin for 24 points.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
-  from keras_mpq import synthesis  # pylint: disable=g-import-not-at-top
+  from keras_mpq.synthesis import generators as generators_lib  # pylint: disable=g-import-not-at-top
   x_cal, _, x_test, y_test = small_data
-  with apply.weight_defaults(apply.DEFAULT_WEIGHT_METHOD, apply.DEFAULT_BIAS_CORRECTION):
-    xs, ys = synthesis.synthesize(trained_cnn, 64, "labeled", seed=0, progress=False)
-    table = sensitivity.measure_sensitivity(trained_cnn, (xs, ys), progress=False)
-    qmodel = apply.quantize_model(apply.fold_batchnorm(trained_cnn),
-                                  QuantizationPlan.uniform(table.layers, 8))
-    bank = apply.WeightBank(qmodel, x_cal[:256])
+  xs, ys = generators_lib.synthesize(trained_cnn, 64, "labeled", seed=0, progress=False)
+  method, correct = LIBRARY_DEFAULTS  # not this module's round-to-nearest
+  table = measure_lib.measure_sensitivity(trained_cnn, (xs, ys), progress=False,
+                                          weight_method=method, bias_correction=correct)
+  qmodel = access_lib.quantize_model(fold_lib.fold_batchnorm(trained_cnn),
+                                     QuantizationPlan.uniform(table.layers, 8))
+  bank = optimize_lib.WeightBank(qmodel, x_cal[:256], method, correct)
   rng = np.random.default_rng(0)
   predicted, losses = [], []
   for _ in range(24):
     low = rng.uniform()  # share of layers at 2 bits: configurations spread over sizes
     bits = {n: 2 if rng.uniform() < low else int(rng.choice([4, 8])) for n in table.layers}
     bank.set_weight_bits(bits)
-    apply.calibrate(qmodel, x_cal[:256])
+    calibrate_lib.calibrate(qmodel, x_cal[:256])
     out = qmodel.predict(x_test, verbose=0).astype(np.float64)
     log_p = out - out.max(1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))  # logits -> log-probabilities
@@ -677,11 +691,11 @@ def test_a_loose_budget_keeps_8_bit_accuracy(trained_cnn, data, small_data):
   8-bit accuracy (within 0.2 points on 2,000 images in BENCHMARKS.md; here
   within 1 point on 500)."""
   _, _, x_test, y_test = small_data
-  found = sensitivity.search(trained_cnn, data, "6bit", weight_bits=(2, 3, 4, 8),
+  found = search_lib.search(trained_cnn, data, "6bit", weight_bits=(2, 3, 4, 8),
                              progress=False)
   accuracy = {}
   for name, plan in (("mixed", found.plan),
                      ("uniform 8", QuantizationPlan.uniform(CNN_LAYERS, 8))):
-    qmodel = apply.apply_plan(trained_cnn, plan, data[0])
+    qmodel = apply_lib.apply_plan(trained_cnn, plan, data[0])
     accuracy[name] = float(np.mean(qmodel.predict(x_test, verbose=0).argmax(1) == y_test))
   assert accuracy["mixed"] >= accuracy["uniform 8"] - 0.01, (accuracy, found.plan.weight_bits)

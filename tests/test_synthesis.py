@@ -1,4 +1,4 @@
-"""Tests of keras_mpq.synthesis: labeled, ZeroQ and noise data on tiny models and a trained CNN."""
+"""Tests of keras_mpq.synthesis.generators: labeled, ZeroQ and noise data on tiny models and a trained CNN."""
 
 import os
 
@@ -7,9 +7,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-from keras_mpq import input_range, synthesis
-from keras_mpq.compat import keras, tf
-from keras_mpq.types import InvalidInputError, UnsupportedModelError
+from keras_mpq.model import input_range as input_range_lib
+from keras_mpq.synthesis import classifier as classifier_lib
+from keras_mpq.synthesis import generators as generators_lib
+from keras_mpq.synthesis import losses as losses_lib
+from keras_mpq.base.compat import keras, tf
+from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 
 layers = keras.layers
 
@@ -44,7 +47,7 @@ def _run(model, **kwargs):
   kwargs.setdefault("num_samples", 12)
   kwargs.setdefault("max_steps", 200)
   kwargs.setdefault("progress", False)
-  return synthesis.synthesize_with_info(model, **kwargs)
+  return generators_lib.synthesize_with_info(model, **kwargs)
 
 
 def _probs(model, x):
@@ -78,7 +81,7 @@ def test_labeled_holds_each_sample_at_its_target_without_batchnorm():
   assert np.all(r.steps == 200)
   assert r.reached_share() >= 0.9
   assert np.all(np.abs(r.confidences[r.reached] - tau[r.reached])
-                <= synthesis.HOLD_TOLERANCE)
+                <= generators_lib.HOLD_TOLERANCE)
   assert r.confidences.max() < 0.97
   # The confidences are the model's own p(y|x) on the returned inputs.
   p = _probs(model, r.x)[np.arange(12), r.y]
@@ -105,7 +108,7 @@ def test_stop_objective_stops_each_sample_at_its_target():
 def test_labeled_without_bn_term_never_reads_batchnorm(monkeypatch):
   def forbidden(model):
     raise AssertionError("labeled synthesis looked for BatchNorm layers")
-  monkeypatch.setattr(synthesis.losses, "batchnorm_layers", forbidden)
+  monkeypatch.setattr(generators_lib.losses_lib, "batchnorm_layers", forbidden)
   r = _run(_cnn(bn=True), bn_weight=0)
   assert r.class_counts().tolist() == [4, 4, 4] and r.reached_share() >= 0.9
   with pytest.raises(AssertionError, match="looked for BatchNorm"):
@@ -171,7 +174,7 @@ def test_sigmoid_output_is_binary():
   np.testing.assert_allclose(r.confidences, p, atol=1e-4)
   assert r.reached_share() >= 0.9
   assert np.all(np.abs(r.confidences[r.reached] - r.target_confidences[r.reached])
-                <= synthesis.HOLD_TOLERANCE)
+                <= generators_lib.HOLD_TOLERANCE)
 
 
 @pytest.mark.parametrize("head", ["layer", "activation", "dense_activation"])
@@ -217,7 +220,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_synthesize_returns_x_y():
-  x, y = synthesis.synthesize(_dense(classes=2), num_samples=4, max_steps=50,
+  x, y = generators_lib.synthesize(_dense(classes=2), num_samples=4, max_steps=50,
                               progress=False)
   assert x.shape == (4, 10) and y.tolist().count(0) == 2
 
@@ -233,16 +236,16 @@ def test_smoothness_prior_is_mean_squared_neighbour_difference():
   u = tf.constant(np.random.default_rng(0).uniform(-1, 1, (3, 5, 4, 2)), tf.float32)
   want = (np.mean(np.square(np.diff(u.numpy(), axis=1)), axis=(1, 2, 3))
           + np.mean(np.square(np.diff(u.numpy(), axis=2)), axis=(1, 2, 3)))
-  np.testing.assert_allclose(synthesis.losses.smoothness(u, (1, 2)).numpy(), want, rtol=1e-5)
+  np.testing.assert_allclose(losses_lib.smoothness(u, (1, 2)).numpy(), want, rtol=1e-5)
   signal = u[:, :, 0, :]  # (N, T, C)
   want = np.mean(np.square(np.diff(signal.numpy(), axis=1)), axis=(1, 2))
-  np.testing.assert_allclose(synthesis.losses.smoothness(signal, (1,)).numpy(), want, rtol=1e-5)
+  np.testing.assert_allclose(losses_lib.smoothness(signal, (1,)).numpy(), want, rtol=1e-5)
   smooth = tf.ones((2, 5, 4, 2))
-  np.testing.assert_allclose(synthesis.losses.smoothness(smooth, (1, 2)).numpy(), 0.0)
+  np.testing.assert_allclose(losses_lib.smoothness(smooth, (1, 2)).numpy(), 0.0)
 
 
 def test_blur_keeps_the_range_and_removes_detail_finer_than_it():
-  blur = synthesis.losses.Blur((1, 2), 1.0)
+  blur = losses_lib.Blur((1, 2), 1.0)
   checker = np.indices((6, 6)).sum(0) % 2 * 2.0 - 1.0  # +-1, the finest detail there is
   u = np.stack([checker, np.full((6, 6), 0.3)])[..., None].astype(np.float32)
   out = blur(u).numpy()
@@ -255,9 +258,9 @@ def test_blur_keeps_the_range_and_removes_detail_finer_than_it():
   np.testing.assert_allclose(blur(edge).numpy()[0, 0], 1.0, rtol=1e-5)
   # Signals (N, T, C) along their one spatial axis; sigma 0 is the identity.
   signal = np.random.default_rng(0).uniform(-1, 1, (2, 9, 3)).astype(np.float32)
-  assert (synthesis.losses.smoothness(synthesis.losses.Blur((1,), 1.0)(signal), (1,)).numpy()
-          < synthesis.losses.smoothness(tf.constant(signal), (1,)).numpy()).all()
-  np.testing.assert_array_equal(synthesis.losses.Blur((1, 2), 0.0)(u).numpy(), u)
+  assert (losses_lib.smoothness(losses_lib.Blur((1,), 1.0)(signal), (1,)).numpy()
+          < losses_lib.smoothness(tf.constant(signal), (1,)).numpy()).all()
+  np.testing.assert_array_equal(losses_lib.Blur((1, 2), 0.0)(u).numpy(), u)
 
 
 def test_labeled_samples_are_made_through_the_blur():
@@ -265,12 +268,12 @@ def test_labeled_samples_are_made_through_the_blur():
   sharp = _run(model, blur=0.0, max_steps=60)
   smooth = _run(model, blur=1.0, max_steps=60)
   assert sharp.info["blur"] == 0.0 and smooth.info["blur"] == 1.0
-  tv = lambda x: float(np.mean(synthesis.losses.smoothness(tf.constant(x), (1, 2)).numpy()))
+  tv = lambda x: float(np.mean(losses_lib.smoothness(tf.constant(x), (1, 2)).numpy()))
   assert tv(smooth.x) < 0.5 * tv(sharp.x)
   # The labels hold for the blurred inputs (the ones returned and predicted).
   assert np.mean(_probs(model, smooth.x).argmax(-1) == smooth.y) >= 0.9
   # The default scales with the image (BLUR_SHARE of the smallest side); none for vectors.
-  assert _run(model, max_steps=10).info["blur"] == pytest.approx(8 * synthesis.BLUR_SHARE)
+  assert _run(model, max_steps=10).info["blur"] == pytest.approx(8 * generators_lib.BLUR_SHARE)
   assert _run(_dense(), max_steps=10).info["blur"] == 0.0
 
 
@@ -287,9 +290,9 @@ def test_input_range_from_rescaling():
 
 def test_input_range_from_rescaling_with_offset_and_normalization():
   model = _cnn(preprocess=layers.Rescaling(1 / 127.5, offset=-1.0))
-  assert synthesis.inspect_classifier(model).input_range == (0.0, 255.0)
+  assert classifier_lib.inspect_classifier(model).input_range == (0.0, 255.0)
   model = _cnn(preprocess=layers.Normalization(mean=100.0, variance=400.0))
-  low, high, source = input_range.infer_input_range(model)
+  low, high, source = input_range_lib.infer_input_range(model)
   assert (low, high) == pytest.approx((40.0, 160.0)) and "Normalization" in source
 
 
@@ -346,24 +349,24 @@ def test_noise_labels_are_the_argmax():
 
 
 def test_registry():
-  assert synthesis.available_methods()[:3] == ["labeled", "zeroq", "noise"]
-  noise = synthesis.get_generator("noise")
-  assert synthesis.get_generator(synthesis.SynthesisMethod.NOISE) is noise
+  assert generators_lib.available_methods()[:3] == ["labeled", "zeroq", "noise"]
+  noise = generators_lib.get_generator("noise")
+  assert generators_lib.get_generator(generators_lib.SynthesisMethod.NOISE) is noise
   with pytest.raises(InvalidInputError, match=r"\['labeled', 'zeroq', 'noise'\].*'magic'"):
-    synthesis.get_generator("magic")
+    generators_lib.get_generator("magic")
 
-  @synthesis.register_generator("ones_for_test")
+  @generators_lib.register_generator("ones_for_test")
   def _ones(classifier, options, rng, bar):
     x = np.ones((options.num_samples,) + classifier.input_shape, np.float32)
-    return synthesis.GeneratedData(x=x, y=classifier.predict_labels(x))
+    return generators_lib.GeneratedData(x=x, y=classifier.predict_labels(x))
 
   try:
     r = _run(_dense(classes=2), method="ones_for_test", num_samples=3)
     assert np.all(r.x == 1.0) and r.method == "ones_for_test"
     with pytest.raises(InvalidInputError, match="already registered"):
-      synthesis.register_generator("ones_for_test")(lambda *a: None)
+      generators_lib.register_generator("ones_for_test")(lambda *a: None)
   finally:
-    synthesis._GENERATORS.pop("ones_for_test")
+    generators_lib._GENERATORS.pop("ones_for_test")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -448,15 +451,17 @@ def test_data_free_8bit_keeps_the_accuracy_of_real_calibration(trained_cnn, data
 
   The full figure (both MNIST CNNs, two seeds, LiteRT) is in BENCHMARKS.md.
   """
-  from keras_mpq import apply
-  from keras_mpq.types import QuantizationPlan
+  from keras_mpq.quantization import access as access_lib
+  from keras_mpq.quantization import apply as apply_lib
+  from keras_mpq.quantization import fold as fold_lib
+  from keras_mpq.base.types import QuantizationPlan
   x_test, y_test = dataset.x_test[:500], dataset.y_test[:500]
-  folded = apply.fold_batchnorm(trained_cnn)
-  plan = QuantizationPlan.uniform(apply.plan_layers(folded), 8)
-  x_syn, _ = synthesis.synthesize(trained_cnn, num_samples=128, seed=0, progress=False)
+  folded = fold_lib.fold_batchnorm(trained_cnn)
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(folded), 8)
+  x_syn, _ = generators_lib.synthesize(trained_cnn, num_samples=128, seed=0, progress=False)
 
   def acc(x_calib):
-    q = apply.apply_plan(folded, plan, x_calib, fold_bn=False)
+    q = apply_lib.apply_plan(folded, plan, x_calib, fold_bn=False)
     return float(np.mean(q.predict(x_test, verbose=0).argmax(-1) == y_test))
 
   float_acc = float(np.mean(trained_cnn.predict(x_test, verbose=0).argmax(-1) == y_test))
@@ -465,9 +470,9 @@ def test_data_free_8bit_keeps_the_accuracy_of_real_calibration(trained_cnn, data
 
 
 def test_progress_bar_shows_the_step_within_each_batch(capsys):
-  from keras_mpq import synthesis as synthesis_lib
-  from keras_mpq.compat import keras as tfk
+  from keras_mpq.synthesis import generators as generators_lib
+  from keras_mpq.base.compat import keras as tfk
   model = tfk.Sequential([tfk.Input((16,)), tfk.layers.Dense(4)])
-  synthesis_lib.synthesize(model, num_samples=8, batch_size=4, max_steps=20, progress=True)
+  generators_lib.synthesize(model, num_samples=8, batch_size=4, max_steps=20, progress=True)
   err = capsys.readouterr().err
   assert "batch 2/2, step 20/20" in err, err[-500:]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from keras_mpq.types import (FLOAT_BITS, Budget, BudgetKind, CostTable, InvalidInputError,
-                             LayerCost, QuantizationPlan, SensitivityTable)
+from keras_mpq.base.types import FLOAT_BITS, Budget, BudgetKind, CostTable, LayerCost, QuantizationPlan, SensitivityTable
+from keras_mpq.base.errors import InvalidInputError
 
 
 @pytest.mark.parametrize("spec,kind,value", [

@@ -1,0 +1,210 @@
+"""Integrity checks of an exported file: its weight integers, scales and operators.
+
+`check_weight_integers` refuses a file whose weight integers differ from the
+Keras model's planned integers (the file must be the model that was
+measured); `check_scales` and `check_runtime_ops` refuse scales and operators
+the target runtime cannot run.
+
+>>> check_weight_integers(model, plan, qbytes)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keras_mpq.base import layers as layers_lib
+from keras_mpq.base.errors import UnsupportedModelError
+from keras_mpq.base.types import FLOAT_BITS
+from keras_mpq.export import reader as reader_lib
+from keras_mpq.export.recipe import Decision
+from keras_mpq.export.targets import TFLM_KERNELS
+
+
+def _kernel_for_op(layer, op: str):
+  """(kernel, reduce_axes) of ``layer`` that TFLite op ``op`` carries, or None."""
+  spec = layers_lib.weight_spec(layer)
+  if len(spec) > 1:  # separable: the depthwise and the 1x1 op
+    spec = [s for s in spec if (s[0] == "depthwise_kernel") == (op == "DEPTHWISE_CONV_2D")]
+  if len(spec) != 1:
+    return None
+  attr, axes = spec[0]
+  return getattr(layer, attr).numpy(), axes
+
+
+def _layout_mismatch(expected: np.ndarray, got: np.ndarray) -> Tuple[int, int]:
+  """(differing values, max |difference|) under the best axis order of ``expected``.
+
+  TFLite stores kernels transposed (conv OHWI, fully connected (out, in),
+  depthwise (1, H, W, C*M)): every permutation of the Keras axes that
+  reshapes to the stored shape is tried.
+  """
+  import itertools  # pylint: disable=g-import-not-at-top
+  best = (got.size, int(np.max(np.abs(got))) if got.size else 0)
+  if expected.size != got.size:
+    return best
+  for perm in itertools.permutations(range(expected.ndim)):
+    cand = expected.transpose(perm).reshape(got.shape)
+    diff = np.abs(cand.astype(np.int64) - got.astype(np.int64))
+    n = int(np.count_nonzero(diff))
+    if n < best[0]:
+      best = (n, int(diff.max()))
+      if n == 0:
+        break
+  return best
+
+
+def converter_factor(values: Optional[np.ndarray], kernel: np.ndarray) -> float:
+  """The scalar the converter multiplied a Keras kernel by, 1.0 when it did not.
+
+  The TFLite converter folds a constant scalar multiply next to a weight op
+  into the op's kernel: EfficientNet's ``Rescaling(1/255)``, with the untrained
+  ``Normalization`` after it an identity, ends up inside ``stem_conv``'s
+  kernel, and the Mul is gone from the graph. The max-abs grid is scale-free,
+  so the integers stay the Keras model's and only the scales carry the
+  factor. ``values`` is the float file's tensor for that kernel (None when
+  it has none). Returns ``c`` when it holds exactly ``c * kernel`` (every
+  value, to 1e-5 relative), else 1.0 (and the scale comparison then reports
+  any difference).
+  """
+  peak = float(np.max(np.abs(kernel))) if kernel.size else 0.0
+  if values is None or values.size != kernel.size or peak == 0.0:
+    return 1.0
+  factor = float(np.max(np.abs(values))) / peak
+  if not (np.isfinite(factor) and factor > 0) or abs(factor - 1.0) <= 1e-6:
+    return 1.0
+  got = np.sort(np.abs(values.astype(np.float64)))
+  want = np.sort(np.abs(kernel.astype(np.float64).reshape(-1))) * factor
+  return factor if np.allclose(got, want, rtol=1e-5, atol=1e-7 * factor * peak) else 1.0
+
+
+def check_weight_integers(qbytes: bytes, model, decisions: Sequence[Decision],
+                          float_ops, float_bytes: Optional[bytes] = None) -> List[str]:
+  """Problems: exported weight tensors whose integers or scales differ from the model's.
+
+  For each quantized layer, the integers the Keras side holds (max-abs per
+  channel at the planned bits, `keras_mpq.base.layers.quantize_array`, which
+  reproduces `keras_mpq.quantization.apply`'s optimized integers exactly) are compared
+  value for value with the file's, after the container's exact multiple
+  (2-bit levels stored as +-7 in INT4 or +-3 in INT8), and the scales to
+  1e-5 relative. Given the float flatbuffer the file was quantized from
+  (``float_bytes``), a kernel the converter scaled by a constant (a scalar
+  multiply it folded in, `converter_factor`) is expected with its scales
+  scaled by that constant. Returns one line per mismatching tensor, naming it.
+  """
+  reader = reader_lib.parse(qbytes)
+  float_reader = reader_lib.parse(float_bytes) if float_bytes is not None else None
+  float_index = ({float_reader.name(t): t for t in range(float_reader.n_tensors)}
+                 if float_reader is not None else {})
+  index = {reader.name(t): t for t in range(reader.n_tensors)}
+  problems = []
+  for d in decisions:
+    if d.container == "float":
+      continue
+    bits = 8 if d.planned_bits == FLOAT_BITS else d.planned_bits
+    names = [e["weight_name"] for e in float_ops[d.layer] if e["output_name"] == d.output_name]
+    found = _kernel_for_op(model.get_layer(d.layer), d.op)
+    if not names or found is None:
+      continue
+    t = index.get(names[0])
+    got = reader.int_values(t) if t is not None else None
+    if got is None:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): no integer tensor in the file")
+      continue
+    kernel, axes = found
+    _, ints, scales = layers_lib.quantize_array(kernel, bits, axes)
+    ratio = (2 ** (d.request_bits - 1) - 1) / (2 ** (bits - 1) - 1)
+    if ratio != int(ratio):
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): {bits}-bit grid stored at "
+                      f"{d.request_bits} bits is not an exact multiple")
+      continue
+    got = got.reshape(reader.shape(t))
+    n_bad, worst = _layout_mismatch(ints * int(ratio), got)
+    if n_bad:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}, {bits} bits): {n_bad} of {got.size} "
+                      f"integers differ from the Keras model's (max difference {worst})")
+      continue
+    q = reader.tensors[t].Quantization()
+    stored = np.sort(q.ScaleAsNumpy()) if q is not None and q.ScaleLength() else None
+    float_t = float_index.get(names[0])
+    factor = (converter_factor(float_reader.float_values(float_t), kernel)
+              if float_t is not None else 1.0)
+    want = np.sort(np.asarray(scales, np.float64).reshape(-1) / ratio * factor)
+    nonzero = np.max(np.abs(kernel), axis=tuple(axes)).reshape(-1) > 0
+    if stored is None or stored.size != want.size:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): {0 if stored is None else stored.size} "
+                      f"scales stored, expected {want.size}")
+    elif np.all(nonzero) and not np.allclose(stored, want, rtol=1e-5, atol=0):
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): scales differ from the Keras model's "
+                      f"(max relative {np.max(np.abs(stored / want - 1)):.2e})")
+  return problems
+
+
+def layer_of_tensor(name: str, layer_names: Sequence[str]) -> Optional[str]:
+  for layer in layer_names:
+    if reader_lib.name_has_layer(name, layer):
+      return layer
+  return None
+
+
+def check_runtime_ops(float_bytes: bytes, target: str, layer_names: Sequence[str]) -> None:
+  """Raises `UnsupportedModelError` naming the layer of each operator ``target``'s runtime lacks.
+
+  'mcu' and 'ethos-u' files run in TFLite Micro (`TFLM_KERNELS`); 'mobile'
+  (LiteRT) runs every builtin operator.
+
+  >>> check_runtime_ops(b"", "mobile", [])
+  """
+  if target == "mobile":
+    return
+  reader = reader_lib.parse(float_bytes)
+  missing: Dict[str, List[str]] = {}
+  for op in reader.ops:
+    if op.op in TFLM_KERNELS:
+      continue
+    where = "?"
+    for t in list(op.outputs) + list(op.inputs):
+      if t >= 0:
+        where = layer_of_tensor(reader.name(t), layer_names) or where
+        if where != "?":
+          break
+    missing.setdefault(op.op, []).append(where)
+  if missing:
+    parts = [f"{op} (layer{'s' if len(set(ls)) > 1 else ''} {', '.join(sorted(set(ls)))})"
+             for op, ls in sorted(missing.items())]
+    raise UnsupportedModelError(
+        f"Expected only operators TFLite Micro has kernels for (target={target!r}). "
+        f"Received: {'; '.join(parts)}. Replace those layers with supported ones "
+        "(see keras_mpq.export.targets.TFLM_KERNELS), or export with target='mobile'.")
+
+
+# --------------------------------------------------------------------------- scale checks
+
+
+def check_scales(model_bytes: bytes) -> List[str]:
+  """Problems with the quantization parameters of a file: NaN/Inf or non-positive scales.
+
+  A zero, negative, NaN or infinite scale makes a tensor's integers
+  meaningless (a zero-width range). Returns one line per bad tensor, naming
+  it; an empty list when every scale is finite and > 0.
+  """
+  reader = reader_lib.parse(model_bytes)
+  problems = []
+  for t, tensor in enumerate(reader.tensors):
+    q = tensor.Quantization()
+    if q is None or q.ScaleLength() == 0:
+      continue
+    scales = q.ScaleAsNumpy()
+    bad = ~np.isfinite(scales) | (scales <= 0)
+    if np.any(bad):
+      kinds = []
+      if np.any(np.isnan(scales)):
+        kinds.append("NaN")
+      if np.any(np.isinf(scales)):
+        kinds.append("infinite")
+      if np.any(np.isfinite(scales) & (scales <= 0)):
+        kinds.append("zero-width (scale <= 0)")
+      problems.append(f"tensor {t} {reader.name(t)!r}: {int(bad.sum())} of {scales.size} "
+                      f"scales {' / '.join(kinds)}")
+  return problems

@@ -1,0 +1,166 @@
+"""The TFLite converter's side of an export: snapping weights to the plan, float conversion, target fixes.
+
+`snap_to_plan` puts each layer's weights on its planned integer grid,
+`to_float_tflite` converts the model, `replace_gelu` swaps an exact GELU for
+its tanh form where a runtime lacks the op, and `prepare_for_target` checks a
+converted file against what the target runs.
+
+>>> float_bytes = to_float_tflite(model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import warnings
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+
+from keras_mpq.base import layers as layers_lib
+from keras_mpq.base.compat import keras, tf
+from keras_mpq.base.errors import UnsupportedModelError
+from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
+
+# --------------------------------------------------------------------------- conversion
+
+
+def snap_to_plan(model, plan: QuantizationPlan):
+  """A copy of ``model`` whose planned kernels sit exactly on their bit grid.
+
+  Idempotent: weights already on the grid come back unchanged.
+  """
+  clone = keras.models.clone_model(model)
+  clone.set_weights(model.get_weights())
+  for layer in clone.layers:
+    bits = plan.weight_bits.get(layer.name)
+    if bits is None or bits == FLOAT_BITS:
+      continue
+    for attr, axes in layers_lib.weight_spec(layer):
+      var = getattr(layer, attr)
+      var.assign(layers_lib.quantize_array(var.numpy(), bits, axes)[0])
+  return clone
+
+
+def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
+  """Converts a tf_keras model to a float TFLite flatbuffer (batch fixed if given)."""
+  shape = [batch_size] + list(model.inputs[0].shape[1:])
+  spec = tf.TensorSpec(shape, tf.float32, name=model.inputs[0].name.split(":")[0])
+  fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
+  # The converter saves its trackable object as a SavedModel first; a bare module
+  # holding the variables gives the same flatbuffer, byte for byte, 3-5x faster
+  # than the Keras model (whose every layer is traced again for serialization).
+  holder = tf.Module()
+  holder.model_variables = list(model.variables)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], holder)
+  try:
+    with quiet():
+      return bytes(converter.convert())
+  except Exception as e:  # converter errors are long C++ dumps
+    raise UnsupportedModelError(
+        f"TFLiteConverter could not convert model {model.name!r}: "
+        f"{str(e).strip().splitlines()[-1][:300]}") from None
+
+
+@contextlib.contextmanager
+def quiet():
+  """Silences absl/TF logging (ai-edge-quantizer prints sizes at INFO level)."""
+  logger = logging.getLogger()
+  old = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    old_absl = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:  # pragma: no cover
+    absl_logging = None
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+      # ai-edge-quantizer's calibrator keeps all tensors on purpose; LiteRT warns.
+      warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
+      yield
+  finally:
+    logger.setLevel(old)
+    if absl_logging is not None:
+      absl_logging.set_verbosity(old_absl)
+
+GELU_TANH_COEFF = 0.044715
+_SQRT_2_OVER_PI_X2 = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+@keras.utils.register_keras_serializable(package="keras_mpq")
+def gelu_tanh_form(x):
+  """GELU's tanh form, ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))``, from MUL/ADD/LOGISTIC.
+
+  Equal to ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; written with
+  the sigmoid so that the converter does not fuse it back into a GELU op
+  (which TFLite Micro has no kernel for).
+  """
+  return x * tf.sigmoid(_SQRT_2_OVER_PI_X2 * (x + GELU_TANH_COEFF * x * x * x))
+
+
+def _is_gelu(fn) -> bool:
+  name = getattr(fn, "__name__", "") or ""
+  return name == "gelu"
+
+
+def replace_gelu(model) -> Tuple[Any, List[str]]:
+  """A copy of ``model`` whose GELU activations use `gelu_tanh_form`; and the layers changed."""
+  changed: List[str] = []
+
+  def clone(layer):
+    new = layer.__class__.from_config(layer.get_config())
+    if _is_gelu(getattr(layer, "activation", None)):
+      new.activation = gelu_tanh_form
+      changed.append(layer.name)
+    return new
+
+  if not any(_is_gelu(getattr(l, "activation", None)) for l in model.layers):
+    return model, []
+  copy = keras.models.clone_model(model, clone_function=clone)
+  copy.set_weights(model.get_weights())
+  return copy, changed
+
+
+GELU_MATCH_TOLERANCE = 1e-2
+"""Largest output change, relative to the output's range, for the GELU
+replacement to count as equivalent (the tanh form differs from the erf form
+by at most ~1e-3 per activation)."""
+
+
+def prepare_for_target(model, target: str, x: np.ndarray) -> Tuple[Any, List[str]]:
+  """The model as it will be converted for ``target``, and notes on what was replaced.
+
+  For 'mcu' and 'ethos-u', GELU activations (no TFLite Micro kernel) become
+  `gelu_tanh_form` when the model's outputs on ``x`` then change by at most
+  `GELU_MATCH_TOLERANCE` of their range; otherwise the layer is refused.
+  """
+  if target == "mobile":
+    return model, []
+  replaced, changed = replace_gelu(model)
+  if not changed:
+    return model, []
+  sample = x[:256]
+  before = np.asarray(model.predict(sample, verbose=0, batch_size=256), np.float64)
+  after = np.asarray(replaced.predict(sample, verbose=0, batch_size=256), np.float64)
+  span = float(before.max() - before.min()) or 1.0
+  change = float(np.max(np.abs(after - before))) / span
+  if not np.isfinite(change) or change > GELU_MATCH_TOLERANCE:
+    raise UnsupportedModelError(
+        f"Expected operators TFLite Micro runs (target={target!r}). Received: GELU in "
+        f"layers {changed}; its tanh form changes the outputs by {change:.2%} of their "
+        f"range (more than {GELU_MATCH_TOLERANCE:.0%}). Use another activation, or "
+        "export with target='mobile'.")
+  return replaced, [f"{name}: GELU (no TFLite Micro kernel) written in its tanh form "
+                    f"from MUL/ADD/LOGISTIC; outputs change by {change:.2e} of their range"
+                    for name in changed]
+
+
+def same_tflm_outputs(a: bytes, b: bytes, x: np.ndarray, n: int = 8) -> bool:
+  from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+  sample = x[:n]
+  ya = runtime_lib.run_tflite(a, sample, runtime="tflm")
+  yb = runtime_lib.run_tflite(b, sample, runtime="tflm")
+  return ya.shape == yb.shape and bool(np.array_equal(ya, yb))

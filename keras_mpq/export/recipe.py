@@ -1,0 +1,221 @@
+"""The ai-edge-quantizer recipe: per layer and target, how its weights are stored and quantized.
+
+`decide` says for one layer whether its weights are packed int4, int8 or kept
+(per target and operator, `keras_mpq.export.targets.CAPABILITIES`);
+`build_recipe` turns a plan into ai-edge-quantizer's per-op recipe, and
+`quantize_with_recipe` runs it with the calibrated activation ranges.
+
+>>> decide("conv1", "CONV_2D", 4, 8, "mobile").container  # doctest: +SKIP
+'int4'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from keras_mpq.base import act_ranges as act_ranges_lib
+from keras_mpq.base.errors import MissingDependencyError
+from keras_mpq.base.types import FLOAT_BITS
+from keras_mpq.export.convert import quiet
+from keras_mpq.export.targets import RUNTIME_OF_TARGET, supported
+
+
+def _op_config(weight_bits: int, activation_bits: int, skip_checks: bool) -> Dict[str, Any]:
+  return {
+      "activation_tensor_config": {
+          "num_bits": activation_bits, "symmetric": activation_bits == 16,
+          "granularity": "TENSORWISE", "dtype": "INT"},
+      "weight_tensor_config": {
+          "num_bits": weight_bits, "symmetric": True,
+          "granularity": "CHANNELWISE", "dtype": "INT"},
+      "compute_precision": "INTEGER", "explicit_dequantize": False,
+      "skip_checks": skip_checks, "min_weight_elements": 0,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  layer: str
+  op: str
+  output_name: str
+  planned_bits: int
+  activation_bits: int
+  container: str  # 'int4', 'int8' or 'float'
+  request_bits: int  # num_bits given to ai-edge-quantizer
+  repack_int4: bool
+  note: str
+  unpack_int8: bool = False  # 4-bit grid quantized as INT4, then stored as INT8
+
+
+def decide(layer: str, op: str, bits: int, act: int, target: str,
+           output_name: str = "") -> Decision:
+  """How one layer's weights will be stored on ``target`` (see module docstring).
+
+  >>> decide("fc", "FULLY_CONNECTED", 4, 8, "mcu").container
+  'int8'
+  >>> decide("conv", "CONV_2D", 2, 8, "mcu").request_bits
+  4
+  """
+  notes = []
+  full_integer = target != "mobile"
+  if bits == FLOAT_BITS and not full_integer:
+    return Decision(layer, op, output_name, bits, act, "float", 32, False, "")
+  if bits == FLOAT_BITS:
+    notes.append("planned float; full-integer target stores it as int8")
+    bits = 8
+  if not supported(target, op, "int8", act):
+    notes.append(f"{op} with int{act} activations does not run on "
+                 f"{RUNTIME_OF_TARGET[target]}; activations int8")
+    act = 8
+  if bits <= 4 and supported(target, op, "int4", act):
+    request = {2: 4, 3: 3, 4: 4}[bits]
+    return Decision(layer, op, output_name, bits if not notes else bits, act, "int4",
+                     request, bits == 3, "; ".join(notes))
+  if bits <= 4:
+    notes.append(f"packed int4 {op} does not run on {RUNTIME_OF_TARGET[target]}"
+                 f"{' with int16 activations' if act == 16 else ''}; int8 holds the levels")
+  # 2 bits nest exactly in the 3-bit grid; 4 bits are quantized on the 4-bit
+  # grid (INT4) and then unpacked into INT8, keeping the exact integers.
+  request = {2: 3}.get(bits, bits)
+  return Decision(layer, op, output_name, bits, act, "int8", request, False,
+                   "; ".join(notes), unpack_int8=bits == 4)
+
+
+def build_recipe(decisions: Sequence[Decision], target: str) -> List[Dict[str, Any]]:
+  """ai-edge-quantizer recipe: int8 everywhere, then one rule per planned layer.
+
+  Rules match the op's scope, which ai-edge-quantizer builds from the output
+  tensor names joined by ';' plus a trailing ';'.
+  """
+  recipe = [{"regex": ".*", "operation": "*",
+             "algorithm_key": "min_max_uniform_quantize",
+             "op_config": _op_config(8, 8, False)}]
+  for d in decisions:
+    regex = "^" + re.escape(d.output_name) + ";$"
+    if d.container == "float":
+      recipe.append({"regex": regex, "operation": "*", "algorithm_key": "no_quantize"})
+      continue
+    skip = d.request_bits not in (4, 8) or d.op == "DEPTHWISE_CONV_2D"
+    recipe.append({"regex": regex, "operation": d.op,
+                   "algorithm_key": "min_max_uniform_quantize",
+                   "op_config": _op_config(d.request_bits, d.activation_bits, skip)})
+  return recipe
+
+
+MIN_RANGE_WIDTH = 1e-2
+"""Narrowest activation range written: a tensor that was constant during
+calibration (a channel zeroed by 2-bit weights, a dead ReLU) would otherwise
+get a near-zero scale, which LiteRT refuses ("no_integer_overflow_from_
+quantization"). Its values still quantize exactly; only the step widens."""
+
+
+def _widen_collapsed_ranges(calib) -> None:
+  """Widens (in place) every calibrated min/max pair narrower than MIN_RANGE_WIDTH."""
+  for qsv in calib.values():
+    if not isinstance(qsv, dict) or "min" not in qsv or "max" not in qsv:
+      continue
+    lo = np.asarray(qsv["min"], np.float32)
+    hi = np.asarray(qsv["max"], np.float32)
+    narrow = (hi - lo) < MIN_RANGE_WIDTH
+    if np.any(narrow):
+      center = (lo + hi) / 2
+      qsv["min"] = np.where(narrow, np.minimum(lo, center - MIN_RANGE_WIDTH / 2), lo)
+      qsv["max"] = np.where(narrow, np.maximum(hi, center + MIN_RANGE_WIDTH / 2), hi)
+
+
+def _fill_fused_ranges(calib, interp) -> None:
+  """Gives tensors of the batch-1 file that the dynamic-batch file lacks their range.
+
+  With a fixed batch the converter fuses more, e.g. a GlobalAveragePooling
+  MEAN and the RESHAPE after it (squeeze-excite blocks) into one op whose
+  output is named ``'<reshape>;;<mean>'``; the dynamic-batch model used for
+  calibration keeps both tensors. The fused output holds the same values as
+  its parts, so it takes the range of the first part calibrated.
+  """
+  for detail in interp.get_tensor_details():
+    name = detail["name"]
+    if name in calib or ";" not in name:
+      continue
+    for part in (p for p in re.split(r";+", name) if p):
+      if part in calib:
+        calib[name] = dict(calib[part])
+        break
+
+
+def _apply_range_policy(calib, calib_bytes: bytes, samples, policy: str) -> None:
+  """Replaces (in place) each activation's min/max in ``calib`` by ``policy``'s range."""
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  interp = Interpreter(model_content=calib_bytes, experimental_preserve_all_tensors=True)
+  inputs = {d["name"] for d in interp.get_input_details()}
+  index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+  runner = interp.get_signature_runner()
+  values: Dict[str, List[np.ndarray]] = {}
+  per_feed = act_ranges_lib.MAX_VALUES // max(len(samples), 1)
+  for feed in samples:
+    runner(**feed)
+    for name in calib:
+      if name in index and name not in inputs:
+        try:
+          values.setdefault(name, []).append(
+              act_ranges_lib.sample_values(interp.get_tensor(index[name]), per_feed))
+        except ValueError:  # a tensor the interpreter did not keep
+          pass
+  for name, parts in values.items():
+    qsv = calib[name]
+    if not isinstance(qsv, dict) or "min" not in qsv or "max" not in qsv:
+      continue
+    chosen = act_ranges_lib.choose_range(np.concatenate(parts), 8, policy)
+    qsv["min"] = np.full_like(np.asarray(qsv["min"], np.float32), chosen.low)
+    qsv["max"] = np.full_like(np.asarray(qsv["max"], np.float32), chosen.high)
+
+
+def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
+                         max_samples: int = act_ranges_lib.MAX_RANGE_SAMPLES, seed: int = 0,
+                         calibration_model: Optional[bytes] = None,
+                         range_policy: Optional[str] = None) -> bytes:
+  """Calibrates and quantizes a float flatbuffer with ai-edge-quantizer.
+
+  Activation ranges are the min/max over the calibration samples (as on the
+  Keras side), not ai-edge-quantizer's default moving average: the samples go
+  through a dynamic-batch float model (``calibration_model``, else
+  ``float_bytes``) in one batch, and the ranges found, keyed by tensor name,
+  quantize ``float_bytes`` (which may have batch 1). Another ``range_policy``
+  (`keras_mpq.base.act_ranges`) then narrows each activation's range as the Keras
+  model's `calibrate` does; the model input keeps its min/max.
+  """
+  try:
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+    from ai_edge_quantizer import quantizer as aeq  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise MissingDependencyError(
+        "Expected ai-edge-quantizer and ai-edge-litert for TFLite export. "
+        "Install them with: pip install 'ai-edge-quantizer==0.10.*' 'ai-edge-litert==2.3.*'"
+    ) from None
+  calib_bytes = calibration_model or float_bytes
+  interp = Interpreter(model_content=calib_bytes)
+  sigs = interp.get_signature_list()
+  key = next(iter(sigs))
+  input_name = sigs[key]["inputs"][0]
+  dynamic = int(interp.get_input_details()[0].get("shape_signature", [1])[0]) == -1
+  # The subset the Keras model's calibrate measures on (with the default seed and limit).
+  x = act_ranges_lib.range_subset(calibration_data, max_samples, seed)
+  step = len(x) if dynamic else 1
+  samples = [{input_name: x[i:i + step]} for i in range(0, len(x), step)]
+  with quiet():
+    calibrator = aeq.Quantizer(bytearray(calib_bytes), recipe)
+    calib = (calibrator.calibrate({key: samples}, num_threads=1)
+             if calibrator.need_calibration else None)
+    if calib:
+      policy = act_ranges_lib.check_range_policy(range_policy)
+      if policy != "minmax":
+        _apply_range_policy(calib, calib_bytes, samples, policy)
+      if calibration_model is not None:
+        _fill_fused_ranges(calib, Interpreter(model_content=float_bytes))
+      _widen_collapsed_ranges(calib)
+    q = aeq.Quantizer(bytearray(float_bytes), recipe)
+    result = q.quantize(calib)
+  return bytes(result.quantized_model)

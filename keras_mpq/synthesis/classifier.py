@@ -1,0 +1,223 @@
+"""`Classifier`: a tf_keras classifier as the synthetic-data generators see it.
+
+`inspect_classifier` checks the model, finds its classes, its input range
+and what its output is (`keras_mpq.model.outputs.OUTPUT_KINDS`), looking
+through a final softmax or sigmoid to the logits underneath where it can.
+
+>>> c = inspect_classifier(model)  # doctest: +SKIP
+>>> c.num_classes, c.output_kind  # doctest: +SKIP
+(10, 'logits')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Tuple
+
+import numpy as np
+
+from keras_mpq.base.compat import is_keras3_model, keras, tf
+from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
+from keras_mpq.model import input_range as input_range_lib
+from keras_mpq.model import outputs as outputs_lib
+
+LOG_EPS = 1e-30
+"""Smallest probability the generators take the log of."""
+OUTPUT_KINDS = outputs_lib.OUTPUT_KINDS
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """A tf_keras classifier as the generators see it.
+
+  ``forward`` maps a float32 input batch to what the model's output layer sees
+  before its softmax/sigmoid when that could be recovered (``output_kind``
+  ``logits``/``sigmoid_logit``), else to the model's output itself
+  (``softmax``/``sigmoid``). `log_probs` turns either into
+  ``(batch, num_classes)`` log-probabilities.
+  """
+
+  model: Any
+  forward: Any
+  output_kind: str
+  num_classes: int
+  input_shape: Tuple[int, ...]
+  input_range: Tuple[float, float]
+  input_range_source: str
+  assumed_range: bool
+
+  @property
+  def spatial_axes(self) -> Tuple[int, ...]:
+    """Axes of a batch that TV runs along: all but batch and channels."""
+    rank = len(self.input_shape) + 1
+    return tuple(range(1, rank - 1)) if rank >= 3 else ()
+
+  def to_input(self, u):
+    """Maps ``u`` in [-1, 1] to the model's input range."""
+    low, high = self.input_range
+    return (high + low) / 2.0 + (high - low) / 2.0 * u
+
+  def log_probs(self, x):
+    """``(batch, num_classes)`` log-probabilities of a batch (tensor in, tensor out)."""
+    return self.logits_to_log_probs(self.forward(x, training=False))
+
+  def logits_to_log_probs(self, out):
+    """What ``forward`` returned, as ``(batch, num_classes)`` log-probabilities."""
+    out = tf.reshape(tf.cast(out, tf.float32),
+                     [-1, 1 if self.output_kind.startswith("sigmoid") else self.num_classes])
+    return outputs_lib.log_probs(out, self.output_kind, floor=LOG_EPS, margin=0.0)
+
+  def predict_log_probs(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Eager-friendly `log_probs` over an array, in batches."""
+    fn = _compiled(self, "_predict_fn", lambda: tf.function(self.log_probs))
+    batch_size = max(1, min(batch_size, len(x)))
+    parts = []
+    for i in range(0, len(x), batch_size):
+      chunk = np.asarray(x[i:i + batch_size], np.float32)
+      real = len(chunk)
+      if real < batch_size:  # pad: one batch shape, one trace
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, 0)])
+      parts.append(fn(tf.constant(chunk)).numpy()[:real])
+    return np.concatenate(parts, axis=0)
+
+  def predict_labels(self, x: np.ndarray) -> np.ndarray:
+    """The model's argmax labels for ``x`` (int64)."""
+    return np.argmax(self.predict_log_probs(x), axis=-1).astype(np.int64)
+
+
+def _compiled(obj, attr, make):
+  """Caches a compiled function on a frozen dataclass instance."""
+  fn = obj.__dict__.get(attr)
+  if fn is None:
+    fn = make()
+    object.__setattr__(obj, attr, fn)
+  return fn
+
+
+def inspect_classifier(model, input_range=None) -> Classifier:
+  """Checks that ``model`` is a usable classifier and reads what synthesis needs.
+
+  Finds the number of classes, whether the output is logits, softmax,
+  a sigmoid unit or its logit (looking through a final Softmax layer, a
+  softmax/sigmoid Activation layer or a layer built with
+  ``activation="softmax"``/``"sigmoid"`` to the logits underneath), and the
+  valid input range (see the module docstring).
+
+  Example:
+
+  >>> from keras_mpq.base.compat import keras
+  >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Rescaling(1 / 255),
+  ...                       keras.layers.Dense(3, activation="softmax")])
+  >>> c = inspect_classifier(m)
+  >>> c.num_classes, c.output_kind, c.input_range
+  (3, 'logits', (0.0, 255.0))
+  """
+  if not isinstance(model, keras.Model):
+    if is_keras3_model(model):
+      raise UnsupportedModelError(
+          "Expected a tf_keras model. Received a Keras 3 model; load it with "
+          "keras_mpq.load_model(...) first, which converts it.")
+    raise InvalidInputError(
+        f"Expected a tf_keras classifier (keras.Model). Received: "
+        f"model={type(model).__name__}")
+  inputs = getattr(model, "inputs", None)
+  outputs = getattr(model, "outputs", None)
+  if not inputs or not outputs:
+    raise UnsupportedModelError(
+        "Expected a functional or Sequential model with a defined input "
+        f"(built from keras.Input(...)). Received: model {model.name!r} "
+        "has no graph inputs (a subclassed or unbuilt model); wrap it as "
+        "keras.Model(inp, model(inp)) with inp = keras.Input(shape).")
+  if len(inputs) != 1:
+    raise UnsupportedModelError(
+        "Expected a model with one input. Received: "
+        f"{len(inputs)} inputs {[tuple(t.shape) for t in inputs]}; "
+        "synthesis makes single-input classifier data only.")
+  in_shape = tuple(inputs[0].shape)[1:]
+  if any(d is None for d in in_shape):
+    raise UnsupportedModelError(
+        "Expected a fixed input shape apart from the batch. Received: input "
+        f"shape {(None,) + in_shape}; rebuild the model with a fixed shape, e.g. "
+        "keras.Input((224, 224, 3)).")
+  if not tf.as_dtype(inputs[0].dtype).is_floating:
+    raise UnsupportedModelError(
+        f"Expected a float input (synthesis differentiates through it). Received: "
+        f"input dtype {inputs[0].dtype}; cast inside the model instead.")
+  if len(outputs) != 1 or len(outputs[0].shape) != 2 or not outputs[0].shape[-1]:
+    raise UnsupportedModelError(
+        "Expected a classifier with one output of shape (batch, num_classes). "
+        f"Received: output shapes {[tuple(t.shape) for t in outputs]}. End the "
+        "model with a class head (e.g. GlobalAveragePooling2D and Dense(classes)), "
+        "or calibrate with real data instead.")
+  units = int(outputs[0].shape[-1])
+  low, high, source, assumed = input_range_lib.resolve_input_range(model, input_range)
+  forward, kind = _output_head(model, units, (low, high))
+  return Classifier(model=model, forward=forward, output_kind=kind,
+                    num_classes=2 if units == 1 else units,
+                    input_shape=tuple(int(d) for d in in_shape),
+                    input_range=(low, high), input_range_source=source,
+                    assumed_range=assumed)
+
+
+def _output_head(model, units, input_range):
+  """(forward, output_kind): logits under a final softmax/sigmoid when reachable."""
+  out = model.outputs[0]
+  layer = getattr(getattr(out, "_keras_history", None), "layer", None)
+  act = outputs_lib.final_activation(layer)
+  if act == "sigmoid" and units > 1:
+    raise UnsupportedModelError(
+        "Expected a single-label classifier (softmax or logits over classes, or "
+        f"one sigmoid unit). Received: {units} sigmoid units in layer "
+        f"{layer.name!r} (multi-label); synthesis needs one class per sample.")
+  probe = _probe_batch(model, input_range)
+  try:
+    reference = np.asarray(model(probe, training=False), np.float64)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnsupportedModelError(
+        f"Expected the model to run on a batch of its input shape. Received an "
+        f"error from model {model.name!r}: {type(e).__name__}: {str(e)[:300]}") from None
+  if not np.all(np.isfinite(reference)):
+    raise UnsupportedModelError(
+        f"Expected finite outputs from model {model.name!r} on inputs in "
+        f"{input_range}; got NaN/Inf. Check the input_range and the weights.")
+  if act in ("softmax", "sigmoid"):
+    head = _logit_model(model, layer)
+    if head is not None:
+      logits = np.asarray(head(probe, training=False), np.float64)
+      if act == "softmax":
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+      else:
+        p = 1.0 / (1.0 + np.exp(-logits))
+      if logits.shape == reference.shape and np.allclose(p, reference, atol=1e-4):
+        return head, "logits" if act == "softmax" else "sigmoid_logit"
+  # No structure to look through: read the output numerically.
+  return model, outputs_lib.output_kind(reference)
+
+
+def _logit_model(model, layer):
+  """A model sharing ``model``'s layers that outputs ``layer``'s pre-activation."""
+  try:
+    if isinstance(layer, (keras.layers.Softmax, keras.layers.Activation)):
+      return keras.Model(model.inputs, layer.input, name=f"{model.name}_logits")
+    config = dict(layer.get_config(), activation="linear",
+                  name=f"{layer.name}_logits")
+    clone = layer.__class__.from_config(config)
+    logits = clone(layer.input)
+    clone.set_weights(layer.get_weights())
+    return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+  except Exception:  # pylint: disable=broad-except
+    return None  # nested or shared layers: fall back to the output itself
+
+
+def _probe_batch(model, input_range):
+  """Eight inputs spread over the range: constant low/mid/high, and noise."""
+  shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+  rng = np.random.default_rng(1234)
+  u = np.concatenate([np.full((1,) + shape, v, np.float32) for v in (-1.0, 0.0, 1.0)]
+                     + [rng.uniform(-1, 1, (5,) + shape).astype(np.float32)])
+  low, high = input_range
+  return tf.constant((high + low) / 2 + (high - low) / 2 * u, tf.float32)
