@@ -33,10 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from keras_mpq import export as export_lib  # pylint: disable=g-import-not-at-top
-from keras_mpq import fileio, tflite_inspect, validate  # pylint: disable=g-import-not-at-top
-from keras_mpq.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
-from keras_mpq.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import convert as convert_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import flatbuffer as flatbuffer_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import recipe as export_recipe_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import vela as vela_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import reader as reader_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.compat import keras, set_global_seed  # pylint: disable=g-import-not-at-top
+from keras_mpq.base.types import QuantizationPlan  # pylint: disable=g-import-not-at-top
 
 OPS = {
     "CONV_2D": lambda: keras.layers.Conv2D(8, 3, padding="same", name="layer"),
@@ -67,25 +72,25 @@ def probe_case(op, bits, container, act, x, vela=True):
   case = {"op": op, "weight_bits": bits, "container": container, "activation_bits": act}
   model = _model(op)
   plan = QuantizationPlan({"layer": bits}, {"layer": act})
-  snapped = export_lib.snap_to_plan(model, plan)
-  float_bytes = export_lib.to_float_tflite(snapped, batch_size=1)
-  calib_bytes = export_lib.to_float_tflite(snapped, batch_size=None)
-  ops = tflite_inspect.layer_weight_ops(float_bytes, ["layer"])["layer"]
+  snapped = convert_lib.snap_to_plan(model, plan)
+  float_bytes = convert_lib.to_float_tflite(snapped, batch_size=1)
+  calib_bytes = convert_lib.to_float_tflite(snapped, batch_size=None)
+  ops = reader_lib.layer_weight_ops(float_bytes, ["layer"])["layer"]
   entry = ops[0]
   request, repack = _container_request(bits, container)
-  decision = export_lib._Decision("layer", op, entry["output_name"], bits, act, container,  # pylint: disable=protected-access
+  decision = export_recipe_lib.Decision("layer", op, entry["output_name"], bits, act, container,  # pylint: disable=protected-access
                                   request, repack, "")
-  recipe = export_lib.build_recipe([decision], "mobile")
+  recipe = export_recipe_lib.build_recipe([decision], "mobile")
   try:
-    qbytes = export_lib.quantize_with_recipe(float_bytes, recipe, x,
+    qbytes = export_recipe_lib.quantize_with_recipe(float_bytes, recipe, x,
                                               calibration_model=calib_bytes)
     if repack:
-      qbytes = export_lib.repack_int4(qbytes, [entry["weight_name"]])
+      qbytes = flatbuffer_lib.repack_int4(qbytes, [entry["weight_name"]])
   except Exception as e:  # pylint: disable=broad-except
     case.update(quantizer=False, litert=False, tflm=False, vela=False,
                 error=f"quantizer: {type(e).__name__}: {str(e)[:200]}")
     return case
-  rows = {r.name: r for r in tflite_inspect.inspect_tflite(qbytes)}
+  rows = {r.name: r for r in reader_lib.inspect_tflite(qbytes)}
   row = rows.get(entry["weight_name"])
   act_types = {r.dtype for r in rows.values() if not r.is_constant}
   want = "INT4" if container == "int4" else "INT8"
@@ -96,7 +101,7 @@ def probe_case(op, bits, container, act, x, vela=True):
   reference = snapped.predict(x, verbose=0)
   span = float(np.ptp(reference)) or 1.0
   try:
-    lite = validate.run_tflite(qbytes, x, runtime="litert")
+    lite = runtime_lib.run_tflite(qbytes, x, runtime="litert")
     err = float(np.max(np.abs(lite - reference))) / span
     case["litert_rel_error"] = round(err, 4)
     case["litert"] = bool(err < 0.1)
@@ -105,7 +110,7 @@ def probe_case(op, bits, container, act, x, vela=True):
     case["litert_error"] = str(e)[:200]
     lite = None
   try:
-    micro = validate.run_tflite(qbytes, x, runtime="tflm")
+    micro = runtime_lib.run_tflite(qbytes, x, runtime="tflm")
     if lite is not None:
       case["tflm_vs_litert"] = round(float(np.max(np.abs(micro - lite))) / span, 4)
     err = float(np.max(np.abs(micro - reference))) / span
@@ -116,7 +121,7 @@ def probe_case(op, bits, container, act, x, vela=True):
     case["tflm_error"] = str(e)[:200]
   if vela:
     try:
-      _, summary = export_lib.compile_vela(qbytes)
+      _, summary = vela_lib.compile_vela(qbytes)
       case["vela_npu_ops"] = summary.get("npu_ops")
       case["vela_cpu_ops"] = summary.get("cpu_ops")
       case["vela"] = bool(summary.get("cpu_ops", 1) == 0 and summary.get("npu_ops", 0) > 0)
@@ -181,7 +186,7 @@ def main():
       "capabilities": capabilities(cases),
       "cases": cases,
   }
-  fileio.write_json(args.out, result)
+  fileio_lib.write_json(args.out, result)
   print(json.dumps(result["capabilities"], indent=1))
   print(f"wrote {args.out} in {result['seconds']} s")
 
