@@ -1,6 +1,6 @@
 """Properties of the quantizer, the budget parser and the allocator, checked by hypothesis.
 
-Adds to test_configs / test_types / test_allocation (fixed examples and an
+Adds to test_quantizers / test_types / test_allocation (fixed examples and an
 unpinned BOPs property) what only generated inputs can show:
 
 - `quantize_array` on any shape, reduction axes and magnitudes: error within
@@ -29,7 +29,7 @@ from hypothesis import assume, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from keras_mpq.plan import allocation as allocation_lib
-from keras_mpq.base.layers import quantize_array
+from keras_mpq.base.layers import MIN_WEIGHT_BOUND, quantize_array
 from keras_mpq.base.types import Budget, BudgetKind, CostTable, SensitivityTable
 from keras_mpq.base.errors import BudgetInfeasibleError, InvalidInputError
 
@@ -101,9 +101,13 @@ def test_error_never_grows_from_a_grid_to_a_finer_grid_holding_it(kernel, pair):
 def test_worst_case_error_bound_shrinks_with_every_bit(kernel):
   w, axes = kernel
   bounds = [quantize_array(w, b, axes)[2] / 2 for b in range(2, 9)]
-  nonzero = np.max(np.abs(w), axis=axes, keepdims=True) > 0
+  # Channels below MIN_WEIGHT_BOUND are dead (integers 0 at every width, issue 30).
+  live = np.max(np.abs(w), axis=axes, keepdims=True) >= MIN_WEIGHT_BOUND
   for low, high in zip(bounds, bounds[1:]):
-    assert np.all(high[nonzero] < low[nonzero])
+    assert np.all(high[live] < low[live])
+  for b in range(2, 9):
+    ints = quantize_array(w, b, axes)[1]
+    assert not np.any(np.where(live, 0, ints))
 
 
 def test_more_bits_can_mean_more_error_off_nested_grids():

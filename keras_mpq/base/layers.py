@@ -1,7 +1,9 @@
 """The quantizable-layer registry and the integer grid: which layers have weights, and how they round.
 
 Weights are quantized per output channel, symmetric: ``q = 2^(b-1) - 1``,
-``scale = max|w| / q`` per channel, the grid TFLite uses.
+``scale = max|w| / q`` per channel, the grid TFLite uses. A channel whose
+max|w| is below `MIN_WEIGHT_BOUND` is dead: its integers are all 0 (scale 1,
+as an all-zero channel), since ai-edge-quantizer floors the bound there.
 
 >>> import numpy as np
 >>> w, ints, scales = quantize_array(np.array([[1.0, -0.5]]), 8, (1,))
@@ -110,6 +112,33 @@ def is_fusable_activation(layer) -> bool:
 # --------------------------------------------------------------------------- arithmetic
 
 
+MIN_WEIGHT_BOUND = np.float32(1e-9)
+"""Smallest max|w| a weight channel is quantized from; below it the channel is dead.
+
+ai-edge-quantizer computes a channel's scale as ``max(max|w|, 1e-9) / q``
+(``tensor_zp_scale_from_min_max``): for a channel below 1e-9 (filters decayed
+to ~1e-32 by weight decay) it keeps a 1e-9 / q scale and quantizes the weights
+to 0 or a few levels, where the max-abs grid puts +-q (issue 30: 11,594 of
+16,384 integers of a person detector differed, max difference 127). Such a
+channel contributes at most 1e-9 per input to its output, so keras_mpq
+quantizes it to exactly 0: the Keras model and the exported file (snapped to
+these zeros before conversion) then agree, and the channel outputs its bias.
+"""
+
+
+def channel_scales(maxabs, qmax):
+  """Per-channel scales from max|w|: ``max|w| / qmax``, 1 for dead channels (< `MIN_WEIGHT_BOUND`).
+
+  NaN maps to 1 (the weights are checked elsewhere); dead channels quantize to 0.
+
+  >>> channel_scales(np.array([254.0, 1e-32, 0.0], np.float32), 127.0).tolist()
+  [2.0, 1.0, 1.0]
+  """
+  maxabs = np.asarray(maxabs)
+  live = maxabs >= MIN_WEIGHT_BOUND
+  return np.where(live, maxabs / qmax, 1.0).astype(maxabs.dtype)
+
+
 def quantize_array(w: np.ndarray, bits: int, reduce_axes: Sequence[int]):
   """Per-channel symmetric narrow-range quantization in NumPy.
 
@@ -127,9 +156,9 @@ def quantize_array(w: np.ndarray, bits: int, reduce_axes: Sequence[int]):
     return w.copy(), None, None
   qmax = float(2 ** (bits - 1) - 1)
   maxabs = np.max(np.abs(w), axis=tuple(reduce_axes), keepdims=True)
-  # A subnormal max|w| underflows to a zero scale in float32; TFLite needs > 0.
-  tiny = np.finfo(np.float32).tiny
-  scales = np.where(maxabs > 0, np.maximum(maxabs / qmax, tiny), 1.0).astype(np.float32)
+  # Dead channels (max|w| < MIN_WEIGHT_BOUND, zeros and subnormals included)
+  # get scale 1: their integers are 0, and no scale underflows.
+  scales = channel_scales(maxabs, np.float32(qmax)).astype(np.float32)
   ints = np.clip(np.round(w / scales), -qmax, qmax)
   return (ints * scales).astype(np.float32), ints.astype(np.int32), scales
 
@@ -162,8 +191,8 @@ def fake_quant_weights(w, bits, reduce_axes):
   bits = tf.cast(bits, w.dtype)
   qmax = tf.pow(tf.constant(2.0, w.dtype), bits - 1.0) - 1.0
   maxabs = tf.reduce_max(tf.abs(w), axis=list(reduce_axes), keepdims=True)
-  tiny = np.finfo(w.dtype.as_numpy_dtype).tiny
-  scale = tf.where(maxabs > 0, tf.maximum(maxabs / qmax, tiny), tf.ones_like(maxabs))
+  # As `quantize_array`: dead channels (max|w| < MIN_WEIGHT_BOUND) quantize to 0.
+  scale = tf.where(maxabs >= float(MIN_WEIGHT_BOUND), maxabs / qmax, tf.ones_like(maxabs))
   q = tf.clip_by_value(tf.round(w / scale), -qmax, qmax) * scale
   q = tf.where(bits >= float(FLOAT_BITS), w, q)
   return w + tf.stop_gradient(q - w)

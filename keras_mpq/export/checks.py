@@ -79,6 +79,73 @@ def converter_factor(values: Optional[np.ndarray], kernel: np.ndarray) -> float:
   return factor if np.allclose(got, want, rtol=1e-5, atol=1e-7 * factor * peak) else 1.0
 
 
+# Per weight operator: the indices of its (input, filter, bias) among the op's inputs.
+BIAS_SLOTS = {"CONV_2D": (0, 1, 2), "DEPTHWISE_CONV_2D": (0, 1, 2),
+               "FULLY_CONNECTED": (0, 1, 2), "TRANSPOSE_CONV": (2, 1, 3)}
+BIAS_INT_TYPES = {2: np.int32, 4: np.int64}  # TensorType INT32, INT64
+
+
+def quantized_biases(reader, float_reader):
+  """Each weight op with per-channel integer weights and an integer bias.
+
+  Yields ``(op, input t, filter t, bias t, filter integers per channel (n, -1),
+  filter scales, input scale, bias integers, bias scales, float bias)``; the
+  float bias is the float file's tensor of the same name (None when absent).
+  """
+  float_index = {float_reader.name(t): t for t in range(float_reader.n_tensors)}
+  for op in reader.ops:
+    slots = BIAS_SLOTS.get(op.op)
+    if slots is None or len(op.inputs) <= max(slots):
+      continue
+    x_t, w_t, b_t = (op.inputs[i] for i in slots)
+    if min(x_t, w_t, b_t) < 0:
+      continue
+    xq, wq, bq = (reader.tensors[t].Quantization() for t in (x_t, w_t, b_t))
+    if any(q is None or q.ScaleLength() == 0 for q in (xq, wq, bq)):
+      continue
+    ints, bints = reader.int_values(w_t), reader.int_values(b_t)
+    if ints is None or bints is None or reader.tensors[b_t].Type() not in BIAS_INT_TYPES:
+      continue
+    wscale = wq.ScaleAsNumpy()
+    n = wscale.size
+    if n < 2 or bints.size != n:
+      continue
+    per_channel = np.moveaxis(ints.reshape(reader.shape(w_t)), wq.QuantizedDimension(),
+                              0).reshape(n, -1)
+    f_t = float_index.get(reader.name(b_t))
+    bias = float_reader.float_values(f_t) if f_t is not None and reader.name(b_t) else None
+    if bias is not None and bias.size != n:
+      bias = None
+    yield (op, x_t, w_t, b_t, per_channel, wscale, float(xq.ScaleAsNumpy()[0]), bints,
+           bq.ScaleAsNumpy(), bias)
+
+
+def check_biases(qbytes: bytes, float_bytes: bytes) -> List[str]:
+  """Problems: integer biases in the file that do not hold the float model's biases.
+
+  Each weight op's int32 (int64) bias must dequantize to the float file's bias
+  within half its step (plus float rounding); a bias whose scale is too small
+  overflows instead (issue 30). Returns one line per bad tensor, naming it.
+  """
+  problems = []
+  reader = reader_lib.parse(qbytes)
+  for op, _, w_t, _, _, _, _, bints, bscale, bias in quantized_biases(
+      reader, reader_lib.parse(float_bytes)):
+    if bias is None:
+      continue
+    want = bias.astype(np.float64)
+    scale = np.broadcast_to(bscale.astype(np.float64), want.shape)
+    got = bints.astype(np.float64) * scale
+    bad = np.abs(got - want) > 0.5 * scale * (1 + 1e-3) + 1e-6 * np.abs(want)
+    if np.any(bad):
+      c = int(np.argmax(np.where(bad, np.abs(got - want), -1)))
+      problems.append(
+          f"bias of {reader.name(w_t)!r} ({op.op}): {int(bad.sum())} of {bad.size} values "
+          f"differ from the float model's (channel {c}: {got[c]:.6g} stored, {want[c]:.6g} "
+          f"expected, bias scale {scale[c]:.3e})")
+  return problems
+
+
 def check_weight_integers(qbytes: bytes, model, decisions: Sequence[Decision],
                           float_ops, float_bytes: Optional[bytes] = None) -> List[str]:
   """Problems: exported weight tensors whose integers or scales differ from the model's.
@@ -87,11 +154,14 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[Decision],
   channel at the planned bits, `keras_mpq.base.layers.quantize_array`, which
   reproduces `keras_mpq.quantization.apply`'s optimized integers exactly) are compared
   value for value with the file's, after the container's exact multiple
-  (2-bit levels stored as +-7 in INT4 or +-3 in INT8), and the scales to
-  1e-5 relative. Given the float flatbuffer the file was quantized from
-  (``float_bytes``), a kernel the converter scaled by a constant (a scalar
-  multiply it folded in, `converter_factor`) is expected with its scales
-  scaled by that constant. Returns one line per mismatching tensor, naming it.
+  (2-bit levels stored as +-7 in INT4 or +-3 in INT8), and the scales of the
+  channels with nonzero integers to 1e-5 relative (a channel whose integers
+  are all 0 may hold any positive scale:
+  `keras_mpq.export.flatbuffer.rescale_zero_channels`). Given the float
+  flatbuffer the file was quantized from (``float_bytes``), a kernel the
+  converter scaled by a constant (a scalar multiply it folded in,
+  `converter_factor`) is expected with its scales scaled by that constant.
+  Returns one line per mismatching tensor, naming it.
   """
   reader = reader_lib.parse(qbytes)
   float_reader = reader_lib.parse(float_bytes) if float_bytes is not None else None
@@ -130,12 +200,23 @@ def check_weight_integers(qbytes: bytes, model, decisions: Sequence[Decision],
     float_t = float_index.get(names[0])
     factor = (converter_factor(float_reader.float_values(float_t), kernel)
               if float_t is not None else 1.0)
-    want = np.sort(np.asarray(scales, np.float64).reshape(-1) / ratio * factor)
-    nonzero = np.max(np.abs(kernel), axis=tuple(axes)).reshape(-1) > 0
+    want = np.asarray(scales, np.float64).reshape(-1) / ratio * factor
     if stored is None or stored.size != want.size:
       problems.append(f"{names[0]!r} (layer {d.layer!r}): {0 if stored is None else stored.size} "
                       f"scales stored, expected {want.size}")
-    elif np.all(nonzero) and not np.allclose(stored, want, rtol=1e-5, atol=0):
+      continue
+    # Channels whose integers are all 0 (dead) may hold any scale (see
+    # `rescale_zero_channels`); every other channel's scale must be the model's.
+    live_model = np.any(np.moveaxis(ints, [a % ints.ndim for a in axes],
+                                    list(range(len(axes)))).reshape(-1, want.size) != 0, axis=0)
+    live_file = np.any(np.moveaxis(got, q.QuantizedDimension(), 0).reshape(want.size, -1) != 0,
+                       axis=1)
+    stored_all = q.ScaleAsNumpy()
+    stored, want = np.sort(stored_all[live_file]), np.sort(want[live_model])
+    if stored.size != want.size:
+      problems.append(f"{names[0]!r} (layer {d.layer!r}): {stored.size} channels with nonzero "
+                      f"integers stored, expected {want.size}")
+    elif not np.allclose(stored, want, rtol=1e-5, atol=0):
       problems.append(f"{names[0]!r} (layer {d.layer!r}): scales differ from the Keras model's "
                       f"(max relative {np.max(np.abs(stored / want - 1)):.2e})")
   return problems

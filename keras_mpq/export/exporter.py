@@ -10,7 +10,10 @@ ai-edge-quantizer's max-abs symmetric channelwise weight quantization computes
 scale = max|w| / (2^(n-1)-1) too, so it re-derives the same integers; the
 exporter reads them back from the file and compares them, value for value,
 with the Keras model's (`check_weight_integers`), and fails naming the tensor
-if they differ.
+if they differ. A channel whose integers are all 0 (a dead filter) gets a
+scale its bias fits in (`rescale_zero_channels`; ai-edge-quantizer's 1e-9 / q
+overflowed the int32 bias), and every integer bias is checked to hold the
+float model's (`check_biases`).
 
 How each planned bit-width is stored depends on what the target's runtime
 runs (``CAPABILITIES``, checked against ``export/targets_probe.json``):
@@ -56,6 +59,7 @@ from keras_mpq.base.results import ExportResult, LayerExport
 from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
 from keras_mpq.export import reader as reader_lib
 from keras_mpq.export.checks import (
+  check_biases,
   check_runtime_ops,
   check_scales,
   check_weight_integers,
@@ -71,6 +75,7 @@ from keras_mpq.export.flatbuffer import (
   inline_buffers,
   lut_compress,
   repack_int4,
+  rescale_zero_channels,
   resolve_strip,
   strip_model,
   unpack_int8,
@@ -217,6 +222,9 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
   # constants after the flatbuffer, where an edit found nothing to change
   # (MobileNetV2's 4-bit Dense stayed INT4 on 'mcu', which TFLite Micro refuses).
   qbytes = inline_buffers(qbytes)
+  # Dead channels (all integers 0) get a scale their bias fits in (issue 30).
+  qbytes, rescaled = rescale_zero_channels(qbytes, float_bytes)
+  notes.extend(rescaled)
   repack = [d for d in decisions if d.repack_int4]
   if repack:
     weight_names = [e["weight_name"] for d in repack for e in ops[d.layer]]
@@ -235,6 +243,12 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     raise KerasMpqError(
         "Expected the exported weight integers to equal the Keras model's. Received "
         f"{len(problems)} mismatching tensor(s): " + "; ".join(problems[:5]) +
+        ". Nothing was written; please report this with the model.")
+  bad_biases = check_biases(qbytes, float_bytes)
+  if bad_biases:
+    raise KerasMpqError(
+        "Expected the exported biases to equal the Keras model's. Received "
+        f"{len(bad_biases)} mismatching tensor(s): " + "; ".join(bad_biases[:5]) +
         ". Nothing was written; please report this with the model.")
   bad_scales = check_scales(qbytes)
   if bad_scales:

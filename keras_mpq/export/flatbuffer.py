@@ -12,6 +12,7 @@ import numpy as np
 
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.results import LayerExport
+from keras_mpq.export import checks as checks_lib
 from keras_mpq.export import reader as reader_lib
 
 
@@ -213,3 +214,53 @@ def lut_compress(model_bytes: bytes, layers: Sequence[LayerExport], ops,
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     return bytes(compress.compress(model_bytes, specs)), done
+
+
+def rescale_zero_channels(qbytes: bytes, float_bytes: bytes) -> Tuple[bytes, List[str]]:
+  """Gives each weight channel whose integers are all 0 a usable scale, and its bias its value.
+
+  ai-edge-quantizer gives such a channel (a dead filter: zero, or below
+  `keras_mpq.base.layers.MIN_WEIGHT_BOUND` and quantized to 0 by keras_mpq) the scale
+  ``1e-9 / q``, so the channel's bias scale, ``input scale * 1e-9 / q``, is too
+  small for any real bias: the int32 bias overflows (a bias of 0.5 was stored
+  as -2^31, its sign flipped) and the channel outputs about 0 instead of its
+  bias (issue 30). With all its integers 0 the channel's weight scale is free:
+  it gets the largest scale of the tensor's other channels (1 when none), or
+  more where the bias needs it to fit, and the bias is quantized again with it
+  from the float file's bias. Returns the file (unchanged when nothing was
+  needed) and one note per tensor changed.
+  """
+  reader = reader_lib.parse(qbytes)
+  float_reader = reader_lib.parse(float_bytes)
+  edits = []
+  for op, _, w_t, b_t, per_channel, wscale, in_scale, bints, bscale, bias in \
+      checks_lib.quantized_biases(reader, float_reader):
+    zero = ~np.any(per_channel, axis=1)
+    if not np.any(zero) or bias is None or not (np.isfinite(in_scale) and in_scale > 0):
+      continue
+    dtype = checks_lib.BIAS_INT_TYPES[reader.tensors[b_t].Type()]
+    limit = float(np.iinfo(dtype).max) / 2
+    live = wscale[~zero]
+    base = float(np.max(live)) if live.size else 1.0
+    new_w = wscale.astype(np.float32).copy()
+    need = np.abs(bias[zero].astype(np.float64)) / (in_scale * limit)
+    new_w[zero] = np.maximum(base, need).astype(np.float32)
+    new_b_scale = bscale.astype(np.float32).copy()
+    new_b_scale[zero] = np.float32(in_scale) * new_w[zero]
+    new_bints = bints.astype(dtype).copy()
+    new_bints[zero] = np.clip(np.rint(bias[zero].astype(np.float64) / new_b_scale[zero]),
+                              -limit, limit).astype(dtype)
+    edits.append((w_t, b_t, new_w, new_b_scale, new_bints, int(np.sum(zero))))
+  if not edits:
+    return qbytes, []
+  from tensorflow.lite.tools import flatbuffer_utils as fu  # pylint: disable=g-import-not-at-top
+  model = fu.read_model_from_bytearray(bytearray(qbytes))
+  tensors = model.subgraphs[0].tensors
+  notes = []
+  for w_t, b_t, new_w, new_b_scale, new_bints, n_zero in edits:
+    tensors[w_t].quantization.scale = new_w
+    tensors[b_t].quantization.scale = new_b_scale
+    model.buffers[tensors[b_t].buffer].data = np.frombuffer(new_bints.tobytes(), np.uint8)
+    notes.append(f"{reader.name(w_t)}: {n_zero} all-zero channel(s) given a usable scale "
+                 "so that their bias fits")
+  return reader_lib.align(bytes(fu.convert_object_to_bytearray(model))), notes

@@ -67,6 +67,7 @@ import numpy as np
 import threadpoolctl
 
 from keras_mpq.base import choices
+from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.types import FLOAT_BITS, check_weight_bits
 
@@ -291,8 +292,13 @@ def _channel_error(dw: np.ndarray, hessian) -> np.ndarray:
 
 
 def _maxabs_scales(w3: np.ndarray, qmax: float) -> np.ndarray:
-  maxabs = np.max(np.abs(w3), axis=1)
-  return np.where(maxabs > 0, np.maximum(maxabs / qmax, _TINY), 1.0)
+  """`keras_mpq.base.layers.channel_scales` of ``(G, d, n)`` weights: 1 for dead channels (integers 0)."""
+  return layers_lib.channel_scales(np.max(np.abs(w3), axis=1), qmax)
+
+
+def _dead_channels(w3: np.ndarray) -> np.ndarray:
+  """``(G, n)``: channels below `keras_mpq.base.layers.MIN_WEIGHT_BOUND`, which quantize to 0."""
+  return np.max(np.abs(w3), axis=1) < layers_lib.MIN_WEIGHT_BOUND
 
 
 def clip_search(w3: np.ndarray, bits: int, hessian: Optional[np.ndarray] = None,
@@ -693,6 +699,9 @@ def quantize_kernel(kernel, bits: int, reduce_axes: Sequence[int], method: str =
   names = list(cands)
   errors = np.stack([cands[k][2] for k in names])  # (K, G, n)
   choice = np.argmin(errors, axis=0)  # first minimum: rtn wins ties
+  # Dead channels stay at rtn's zeros whatever the errors say (a candidate
+  # pinned to +-q there would re-quantize to other integers in the file).
+  choice = np.where(_dead_channels(w64), 0, choice)
   ints = np.zeros_like(w64)
   scales = np.zeros(rtn_s.shape)
   for k, name in enumerate(names):
