@@ -261,9 +261,11 @@ def _input_range(model, input_range, data_free: bool) -> Dict[str, Any]:
   """The model's input range, with where it came from; warns when it was assumed."""
   low, high, range_source, range_assumed = input_range_lib.resolve_input_range(model, input_range)
   if range_assumed and data_free:
+    why = (range_source if range_source.startswith("estimated") else
+           "it has no Rescaling/Normalization input layer, its BatchNorm statistics (if "
+           "any) do not indicate another scale, and no input_range was given")
     warnings.warn(
-        f"keras_mpq assumes the model takes inputs in [{low:g}, {high:g}]: it has no "
-        "Rescaling/Normalization input layer and no input_range was given. Synthetic "
+        f"keras_mpq assumes the model takes inputs in [{low:g}, {high:g}] ({why}). Synthetic "
         "data, the input quantizer and the exported file all follow this range; pass "
         "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another.",
         InputRangeAssumedWarning, stacklevel=3)
@@ -327,6 +329,7 @@ def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str,
       y = outputs_lib.predicted_labels(
           model, x, not outputs_lib.outputs_are_probabilities(model, x), batch_size=256)
     data_info["num_samples"] = int(len(x))
+    data_info["realism"] = {"batchnorm": realism_lib.batchnorm_check(model, x)}
     return x, y, data_info
   settings = recipe.to_dict()
   key = cache_key(model, {k: settings[k] for k in
@@ -352,6 +355,7 @@ def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str,
     y = y[source]
     data_info["shifted_copies"] = int(recipe.num_samples - recipe.synthesized)
   data_info["num_samples"] = int(len(x))
+  data_info.setdefault("realism", {})["batchnorm"] = realism_lib.batchnorm_check(model, x)
   return x, y, data_info
 
 

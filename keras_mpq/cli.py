@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "synthesized and shifted copies of them)")
   data.add_argument("--input_range", metavar="LO,HI",
                     help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
-                    "off a Rescaling/Normalization input layer, else 0,1, assumed)")
+                    "off a Rescaling/Normalization input layer, else estimated from the "
+                    "first BatchNorm's statistics, else 0,1; the last two assumed)")
   data.add_argument("--range_policy", default=None, choices=list(choices_lib.values(choices_lib.RangePolicy)),
                     help="activation ranges from the calibration data (default: minmax)")
   data.add_argument("--tune_steps", type=int, default=None, metavar="N",

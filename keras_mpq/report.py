@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from keras_mpq.base import fileio as fileio_lib
+from keras_mpq.synthesis import realism as realism_lib
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan, SensitivityTable
 from keras_mpq.quantization import access as access_lib
@@ -213,8 +214,10 @@ def summary_table(report: Mapping[str, Any]) -> str:
   lines = [table]
   in_range = report.get("input_range") or {}
   if in_range.get("assumed"):
+    why = (in_range["source"] if str(in_range.get("source", "")).startswith("estimated")
+           else "no Rescaling/Normalization input layer, no --input_range")
     lines.insert(0, f"WARNING: input range ASSUMED [{in_range['low']:g}, {in_range['high']:g}]"
-                 " (no Rescaling/Normalization input layer, no --input_range). Synthetic "
+                 f" ({why}). Synthetic "
                  "data, the input quantizer and the exported file all follow it: pass "
                  "--input_range=LO,HI if the model takes other inputs.\n")
   elif in_range:
@@ -228,6 +231,10 @@ def summary_table(report: Mapping[str, Any]) -> str:
                  + (f" + {copies} shifted copies" if copies else "")
                  + (f", sensitivity measured on {data['search_samples']}"
                     if data.get("search_samples") else ""))
+    check = realism_lib.describe_batchnorm_check(
+        ((data.get("realism") or {}).get("batchnorm") or {}).get("summary") or {})
+    if check:
+      lines.append(check)
   metric = report.get("metric") or "the metric"
   lines.append(f"(sensitivity: the loss increase {metric} measures for the layer at its "
                f"chosen bits, in {unit})")

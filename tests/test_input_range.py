@@ -69,3 +69,65 @@ def test_data_in_range_passes_and_tiny_data_warns():
   assert info["input_range"] == [0.0, 1.0] and 0 <= info["data_range"][0] < info["data_range"][1] <= 1
   with pytest.warns(UserWarning, match="under 2%"):
     input_range_lib.check_data_range(x, 0.0, 255.0, "Rescaling", False)
+
+
+# --------------------------------------------------------------------------- BatchNorm estimate
+
+
+def _conv_bn(seed=0):
+  keras.utils.set_random_seed(seed)
+  inp = keras.Input((12, 12, 3))
+  h = layers.Conv2D(16, 3, padding="same", name="conv")(inp)
+  h = layers.BatchNormalization(name="bn")(h)
+  out = layers.Dense(4)(layers.GlobalAveragePooling2D()(layers.ReLU()(h)))
+  return keras.Model(inp, out)
+
+
+def _smooth_images(n, low, high, seed=0):
+  """Images with natural-image-like statistics: smooth, spread over [low, high]."""
+  rng = np.random.default_rng(seed)
+  base = rng.uniform(0, 1, (n, 3, 3, 3))
+  up = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)  # 12x12, correlated neighbours
+  noisy = np.clip(up + rng.normal(0, 0.05, up.shape), 0, 1)
+  return (low + (high - low) * noisy).astype(np.float32)
+
+
+def _set_statistics(model, x):
+  """The BatchNorm's running statistics as training on ``x`` would leave them (converged)."""
+  conv, bn = model.get_layer("conv"), model.get_layer("bn")
+  feats = keras.Model(model.inputs, conv.output)(x).numpy()
+  bn.moving_mean.assign(feats.mean(axis=(0, 1, 2)))
+  bn.moving_variance.assign(feats.var(axis=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 255.0), (-128.0, 127.0)])
+def test_batchnorm_statistics_reveal_raw_pixel_and_int8_scales(low, high):
+  # Pretrained models take raw 0..255 pixels or int8 features without a
+  # Rescaling layer; their first BatchNorm knows it (issue 30).
+  model = _conv_bn()
+  _set_statistics(model, _smooth_images(256, low, high))
+  got_low, got_high, source, assumed = input_range_lib.resolve_input_range(model)
+  assert (got_low, got_high) == (low, high) and assumed
+  assert source.startswith("estimated") and "'bn'" in source
+
+
+def test_unit_scale_statistics_and_fresh_batchnorm_keep_the_default():
+  model = _conv_bn()
+  assert input_range_lib.estimate_from_batchnorm(model) is None  # untrained: mean 0, var 1
+  _set_statistics(model, _smooth_images(256, 0.0, 1.0))
+  assert input_range_lib.estimate_from_batchnorm(model) is None  # [0, 1]: the default stands
+  assert input_range_lib.resolve_input_range(model)[:2] == (0.0, 1.0)
+
+
+def test_degenerate_batchnorm_statistics_give_no_estimate():
+  model = _conv_bn()
+  _set_statistics(model, _smooth_images(64, 0.0, 255.0))
+  model.get_layer("bn").moving_mean.assign(np.full(16, np.nan, np.float32))
+  assert input_range_lib.estimate_from_batchnorm(model) is None
+
+
+def test_a_given_range_or_a_rescaling_layer_wins_over_the_estimate():
+  model = _conv_bn()
+  _set_statistics(model, _smooth_images(256, 0.0, 255.0))
+  assert input_range_lib.resolve_input_range(model, (0, 1))[:3] == (
+      0.0, 1.0, "input_range argument")

@@ -705,3 +705,18 @@ def test_shared_layer_is_refused():
   model = keras.Model(inp, keras.layers.Dense(2)(shared(shared(inp))))
   with pytest.raises(UnsupportedModelError, match="'twice'.*shared.*called 2 times"):
     model_checks_lib.check_model(model)
+
+
+def test_h5_with_a_custom_layer_names_it_and_custom_objects(tmp_path):
+  # issue 30: a tf_keras .h5 with a custom layer failed deep inside Keras.
+  class Doubler(keras.layers.Layer):
+    def call(self, x):
+      return 2.0 * x
+
+  inp = keras.Input((4,))
+  model = keras.Model(inp, keras.layers.Dense(3)(Doubler(name="twice")(inp)))
+  path = tmp_path / "custom.h5"
+  model.save(path)
+  with pytest.raises(UnsupportedModelError,
+                     match=r"'twice' of class Doubler.*custom_objects=\{'Doubler': Doubler\}"):
+    load_lib.load_model(path)

@@ -377,9 +377,10 @@ def test_unknown_method():
     _run(_dense(), method="deepinversion")
 
 
-def test_too_few_samples():
-  with pytest.raises(InvalidInputError, match=r"num_samples >= the number of classes \(4\)"):
-    _run(_dense(classes=4), num_samples=3)
+def test_fewer_samples_than_classes_target_distinct_classes():
+  # A 1000-class model quantized on 32 samples (issue 30): the classes are sampled.
+  made = _run(_dense(classes=6), num_samples=4)
+  assert len(made.x) == 4 and len(np.unique(made.y)) == 4 and made.y.max() < 6
 
 
 def test_output_without_classes():

@@ -9,6 +9,9 @@ the exported file covers it. Where it comes from, in order:
 * a ``Rescaling`` layer the input goes straight into (``Rescaling(1/255)``
   means raw [0, 255]; ``Rescaling(1/127.5, offset=-1)`` also means [0, 255])
   or a ``Normalization`` layer (mean +- 3 std, widest over channels);
+* otherwise estimated from the BatchNorm after the first weight layer
+  (`estimate_from_batchnorm`: its running mean and variance say what the
+  inputs it was trained on looked like), reported as *assumed*;
 * otherwise [0, 1], reported as *assumed*.
 
 Example:
@@ -32,6 +35,17 @@ from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
 
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
+COMMON_RANGES = ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-128.0, 127.0))
+"""Input scales models are usually trained on; `estimate_from_batchnorm` picks one when it fits."""
+FALLBACK_STDS = 3.0
+"""Where no common range fits the estimate, the range taken: mean +- this many std."""
+LARGE_SCALE_MEAN = 2.0
+LARGE_SCALE_STD = 10.0
+"""`estimate_from_batchnorm` speaks only for inputs whose estimated mean exceeds
+`LARGE_SCALE_MEAN` in magnitude or whose std exceeds `LARGE_SCALE_STD` (raw
+pixels, int8 features): a BatchNorm's running statistics start at mean 0 and
+variance 1 and keep part of that start in a briefly trained model, which blurs
+the difference between [0, 1] and [-1, 1] inputs but not a scale of 100."""
 # Normalization layers: the raw range taken as mean +- this many std.
 NORMALIZATION_STDS = 3.0
 
@@ -125,6 +139,89 @@ def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
   return None
 
 
+def _first_weight_layer_and_batchnorm(model):
+  """(weight layer, BatchNormalization) where the input feeds a Conv/Dense whose only consumer is a BN."""
+  layers = [l for l in _input_consumers(model)]
+  while len(layers) == 1 and isinstance(layers[0], (keras.layers.ZeroPadding1D,
+                                                     keras.layers.ZeroPadding2D,
+                                                     keras.layers.Flatten, keras.layers.Reshape)):
+    layers = [node.outbound_layer for node in layers[0]._outbound_nodes]  # pylint: disable=protected-access
+  if len(layers) != 1:
+    return None
+  layer = layers[0]
+  if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)) or \
+      isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+                         keras.layers.Conv2DTranspose)):
+    return None
+  consumers = [node.outbound_layer for node in layer._outbound_nodes]  # pylint: disable=protected-access
+  if len(consumers) != 1 or not isinstance(consumers[0], keras.layers.BatchNormalization):
+    return None
+  if getattr(layer, "activation", None) not in (None, keras.activations.linear):
+    return None
+  return layer, consumers[0]
+
+
+def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
+  """``(low, high, source)`` of the inputs the model was trained on, from its first BatchNorm; or None.
+
+  A BatchNorm right after the first weight layer keeps the running mean
+  ``mu_c`` and variance ``var_c`` of that layer's outputs ``w_c . x + b_c``
+  on the training inputs. So ``mu_c - b_c = m * sum(w_c)`` gives the inputs'
+  mean ``m`` (least squares over channels), and ``var_c = a ||w_c||^2 + c
+  (sum w_c)^2`` (independent plus fully correlated inputs, fitted with
+  nonnegative least squares) their variance ``a + c``. The range is the
+  first of `COMMON_RANGES` that holds most of ``m +- 2 std`` and is not much
+  wider, else ``m +- 3 std``. None when there is no such BatchNorm, its
+  statistics are degenerate (zero, NaN), or the estimate is of unit scale
+  (`LARGE_SCALE_MEAN`, `LARGE_SCALE_STD`: the [0, 1] default stands).
+
+  >>> from keras_mpq.base.compat import keras
+  >>> m = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
+  ...                       keras.layers.BatchNormalization(), keras.layers.Flatten(),
+  ...                       keras.layers.Dense(2)])
+  >>> estimate_from_batchnorm(m) is None  # fresh BN statistics (mean 0, variance 1): no scale
+  True
+  """
+  from scipy import optimize as scipy_optimize  # pylint: disable=g-import-not-at-top
+  found = _first_weight_layer_and_batchnorm(_as_tf_keras(model))
+  if found is None:
+    return None
+  layer, bn = found
+  weights = layer.get_weights()
+  kernel = np.asarray(weights[0], np.float64)
+  bias = np.asarray(weights[1], np.float64) if layer.use_bias else np.zeros(kernel.shape[-1])
+  mean = np.asarray(bn.moving_mean.numpy(), np.float64).ravel()
+  var = np.asarray(bn.moving_variance.numpy(), np.float64).ravel()
+  cin, cout = kernel.shape[-2], kernel.shape[-1]
+  if (mean.size != cout or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
+      or np.all(mean == 0) and np.all(var == 1) or cout < 2):
+    return None  # untrained or broken statistics: nothing to read
+  taps = kernel.reshape(-1, cin, cout)
+  sums = taps.sum(axis=(0, 1))  # (cout,)
+  if np.sum(sums ** 2) <= 0:
+    return None
+  m = float(np.dot(sums, mean - bias) / np.sum(sums ** 2))
+  design = np.stack([(taps ** 2).sum(axis=(0, 1)), sums ** 2], axis=1)
+  coef, _ = scipy_optimize.nnls(design, np.maximum(var, 0.0))
+  std = float(np.sqrt(coef.sum()))
+  if not (math.isfinite(m) and math.isfinite(std) and std > 0):
+    return None
+  if abs(m) <= LARGE_SCALE_MEAN and std <= LARGE_SCALE_STD:
+    return None
+  feasible = [(low, high) for low, high in COMMON_RANGES
+              if low + 0.05 * (high - low) <= m <= high - 0.05 * (high - low)
+              and (high - low) / 50 <= std <= 0.6 * (high - low)]
+  # Raw pixels sit on [0, 255] with a positive mean; int8 features (and
+  # mean-subtracted pixels) on [-128, 127], mean near 0 or below.
+  preferred = [r for r in feasible if (r[0] >= 0) == (m >= 0)]
+  best = (preferred or feasible or [None])[0]
+  if best is None:
+    best = (m - FALLBACK_STDS * std, m + FALLBACK_STDS * std)
+  return best[0], best[1], (f"estimated [{best[0]:g}, {best[1]:g}] from BatchNorm "
+                            f"{bn.name!r} after {layer.name!r}: its training inputs had "
+                            f"mean {m:.3g} and std {std:.3g}")
+
+
 def _resolve(model, given):
   """(low, high, source, assumed): the argument, else inferred, else [0, 1]."""
   inferred = infer_input_range(model)
@@ -137,6 +234,9 @@ def _resolve(model, given):
     return low, high, "input_range argument", False
   if inferred is not None:
     return inferred[0], inferred[1], inferred[2], False
+  estimated = estimate_from_batchnorm(model)
+  if estimated is not None:
+    return estimated[0], estimated[1], estimated[2], True
   return (*DEFAULT_INPUT_RANGE, "assumed [0, 1]: no Rescaling/Normalization at the "
           "input and no input_range given", True)
 
@@ -146,7 +246,8 @@ def resolve_input_range(model, input_range=None) -> Tuple[float, float, str, boo
 
   An explicit ``input_range`` wins (with a warning when the model's
   Rescaling/Normalization layer says otherwise); else the range read off
-  that layer; else [0, 1], with ``assumed=True``.
+  that layer; else the range its first BatchNorm's statistics imply
+  (`estimate_from_batchnorm`), else [0, 1]; these two with ``assumed=True``.
 
   >>> from keras_mpq.base.compat import keras
   >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])

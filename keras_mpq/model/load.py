@@ -178,9 +178,36 @@ def _load_h5(path: pathlib.Path):
     with _loading(path, "a Keras 3 '.h5' file"):
       model = keras3.saving.load_model(str(path), compile=False, safe_mode=True)
     return keras3_to_tf_keras(model)
+  _refuse_unknown_layers(config, path)
   with _loading(path, "a tf_keras '.h5' file"):
     model = keras.models.load_model(str(path), compile=False, safe_mode=True)
   return _as_tf_keras_model(model, path)
+
+
+_CONTAINERS = ("Functional", "Sequential", "Model")
+
+
+def _refuse_unknown_layers(config: Any, path: pathlib.Path) -> None:
+  """Names the layers of a tf_keras config whose classes tf_keras does not know (custom layers)."""
+  unknown = []
+  for item in _config_dicts(config):
+    inner = item.get("config")
+    class_name = item.get("class_name")
+    if isinstance(class_name, str) and isinstance(inner, dict) and "name" in inner and (
+        "inbound_nodes" in item or "build_config" in item or class_name in _CONTAINERS):
+      known = (class_name in _CONTAINERS or hasattr(keras.layers, class_name)
+               or keras.utils.get_registered_object(class_name) is not None)
+      if not known:
+        unknown.append((inner["name"], class_name))
+  if unknown:
+    named = ", ".join(f"{n!r} of class {c}" for n, c in unknown[:5])
+    classes = ", ".join(f"{c!r}: {c}" for c in dict.fromkeys(c for _, c in unknown))
+    raise UnsupportedModelError(
+        f"Expected a model built from standard tf_keras layers. Received: {str(path)!r} "
+        f"holds custom layer(s) {named}, whose code is not in the file. Load the model "
+        f"with its code yourself: model = tf_keras.models.load_model(path, "
+        f"custom_objects={{{classes}}}, compile=False), then pass the model object to "
+        "keras_mpq (keras_mpq.quantize(model, ...)).")
 
 
 def _load_saved_model(path: pathlib.Path):
@@ -216,16 +243,21 @@ def _load_saved_model(path: pathlib.Path):
   return _as_tf_keras_model(model, path)
 
 
-def _scan_config(config: Any, path: pathlib.Path) -> None:
-  """Refuses Lambda layers and custom classes in a saved config, before loading it."""
+def _config_dicts(config: Any):
+  """Every dict nested anywhere in a saved model config (depth first)."""
   stack = [config]
   while stack:
     item = stack.pop()
     if isinstance(item, list):
       stack.extend(item)
-      continue
-    if not isinstance(item, dict):
-      continue
+    elif isinstance(item, dict):
+      yield item
+      stack.extend(item.values())
+
+
+def _scan_config(config: Any, path: pathlib.Path) -> None:
+  """Refuses Lambda layers and custom classes in a saved config, before loading it."""
+  for item in _config_dicts(config):
     class_name = item.get("class_name")
     inner = item.get("config")
     name = (inner.get("name") if isinstance(inner, dict) else None) or item.get("name")
@@ -246,7 +278,6 @@ def _scan_config(config: Any, path: pathlib.Path) -> None:
       raise UnsupportedModelError(
           f"Expected a model built from standard layers. Received: {str(path)!r} holds "
           f"{name or 'an object'!r} of custom registered class {registered}. " + WHAT_TO_DO)
-    stack.extend(item.values())
 
 
 class _loading:  # pylint: disable=invalid-name

@@ -240,7 +240,10 @@ def step_postfix(bar: Bar, batch: int, n_batches: int, max_steps: int):
 def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """The paper's labeled synthesis, run to a fixed point (module docstring)."""
   n, k = options.num_samples, classifier.num_classes
-  targets = rng.permutation(np.arange(n) % k).astype(np.int64)
+  if n >= k:  # every class, round robin, shuffled
+    targets = rng.permutation(np.arange(n) % k).astype(np.int64)
+  else:  # fewer samples than classes (a 1000-class model): n distinct classes at random
+    targets = rng.choice(k, size=n, replace=False).astype(np.int64)
   lo, hi = options.confidence_range
   tau = rng.uniform(lo, hi, n).astype(np.float32)
   batch, n_batches = _batch_layout(options)
@@ -467,7 +470,9 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
     model: a tf_keras classifier with one input of fixed shape and one
       ``(batch, classes)`` output: logits, softmax probabilities, or a single
       sigmoid unit (binary: labels 0/1).
-    num_samples: how many samples; at least the number of classes.
+    num_samples: how many samples. With fewer samples than classes (a
+      1000-class model), the labeled generator targets that many distinct
+      classes, drawn at random (seeded).
     method: a registered generator: "labeled" (the paper's, default), "zeroq"
       (needs BatchNorm), "noise", or one added with `register_generator`.
     seed: makes the result repeatable (same seed, same arrays).
@@ -534,11 +539,6 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
                            tv_weight, l2_weight, learning_rate, objective, bn_weight,
                            jitter, flip, blur)
   classifier = inspect_classifier(model, input_range)
-  if options.num_samples < classifier.num_classes:
-    raise InvalidInputError(
-        f"Expected num_samples >= the number of classes ({classifier.num_classes}) "
-        f"so every class gets a sample. Received: num_samples={options.num_samples}; "
-        f"pass num_samples={classifier.num_classes} or more.")
   rng = np.random.default_rng(int(seed))
   with Bar(options.num_samples, f"synthesize ({name})", progress, unit="sample") as bar:
     data = generator(classifier, options, rng, bar)

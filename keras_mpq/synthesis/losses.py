@@ -234,7 +234,7 @@ def batchnorm_terms(classifier, bn_weight):
   moving std)``.
   """
   model = classifier.model
-  bns = [] if bn_weight == 0 else batchnorm_layers(model)
+  bns = [] if bn_weight == 0 else [l for l in batchnorm_layers(model) if usable_statistics(l)]
   head = classifier.forward
   if not bns:
     return [], lambda x: ([], head(x, training=False))
@@ -247,8 +247,10 @@ def batchnorm_terms(classifier, bn_weight):
   for layer in bns:
     axes = [a % len(layer.input.shape) for a in tf.nest.flatten(layer.axis)]
     reduce_axes = [a for a in range(len(layer.input.shape)) if a not in axes]
+    dead = np.asarray(layer.moving_variance.numpy()) <= 0
+    live = tf.constant(~dead, tf.float32) if np.any(dead) else None  # dead channels: no target
     terms.append((layer, reduce_axes, tf.cast(layer.moving_mean, tf.float32),
-                  tf.cast(tf.sqrt(layer.moving_variance + layer.epsilon), tf.float32)))
+                  tf.cast(tf.sqrt(layer.moving_variance + layer.epsilon), tf.float32), live))
 
   def network(x):
     outs = both(x, training=False)
@@ -260,11 +262,27 @@ def batchnorm_terms(classifier, bn_weight):
 def batchnorm_loss(feats, terms):
   """Mean over BN layers of the squared batch-statistics error, relative to the moving std."""
   loss = 0.0
-  for h, (_, axes, mean, std) in zip(feats, terms):
+  for h, (_, axes, mean, std, live) in zip(feats, terms):
     m, v = tf.nn.moments(tf.cast(h, tf.float32), axes=axes)
-    loss += tf.reduce_mean(tf.square((m - mean) / std))
-    loss += tf.reduce_mean(tf.square((tf.sqrt(v + 1e-5) - std) / std))
+    if live is None:
+      loss += tf.reduce_mean(tf.square((m - mean) / std))
+      loss += tf.reduce_mean(tf.square((tf.sqrt(v + 1e-5) - std) / std))
+    else:
+      count = tf.maximum(tf.reduce_sum(live), 1.0)
+      loss += tf.reduce_sum(live * tf.square((m - mean) / std)) / count
+      loss += tf.reduce_sum(live * tf.square((tf.sqrt(v + 1e-5) - std) / std)) / count
   return loss / float(len(terms))
+
+
+def usable_statistics(layer) -> bool:
+  """A BatchNorm whose running statistics can guide synthesis: finite, some variance above 0.
+
+  Degenerate ones (NaN, all variances 0) are left out of the BatchNorm term;
+  `keras_mpq.synthesis.realism.batchnorm_check` names them in the report.
+  """
+  mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+  var = np.asarray(layer.moving_variance.numpy(), np.float64)
+  return bool(np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.any(var > 0))
 
 
 def batchnorm_layers(model) -> List[Any]:

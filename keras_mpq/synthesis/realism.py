@@ -10,6 +10,12 @@ them and compares two sets layer by layer:
   layers keras_mpq quantizes at their output);
 * `compare_statistics(a, b)`: per layer, the range ratio ``(max-min)_a / (max-min)_b``
   and the mean ratio, plus their spread;
+* `batchnorm_check(model, x)`: the check that needs no real data and says
+  whether ``x`` looks like what the model was trained on: per BatchNorm
+  layer, the mean and variance ``x`` gives its input against the running
+  statistics, and how much of the output range the statistics imply (mean
+  +- `IMPLIED_STDS` std) ``x`` reaches. Real data of the model's kind fits
+  them; data on the wrong scale, or a generator that missed, does not;
 * `self_consistency(model, x, x_midway)`: the measure every data-free run
   reports, needing no real data: how far the ranges move between the two
   halves of the set (sampling noise) and between the set halfway through the
@@ -36,7 +42,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from keras_mpq.base import batching
 from keras_mpq.base import layers as layers_lib
+from keras_mpq.base import model_data
 from keras_mpq.base.compat import keras, tf
 
 
@@ -51,8 +59,7 @@ def activation_statistics(model, x: np.ndarray, batch_size: int = 128
   layers = _measured_layers(model)
   if not layers:
     return {}
-  probe = keras.Model(model.inputs, [l.output for l in layers])
-  fn = tf.function(lambda b: probe(b, training=False))
+  fn = _probe(model, PROBE, [l.output for l in layers])
   lo = np.full(len(layers), np.inf)
   hi = np.full(len(layers), -np.inf)
   total = np.zeros(len(layers))
@@ -70,6 +77,22 @@ def activation_statistics(model, x: np.ndarray, batch_size: int = 128
   return {l.name: {"min": float(lo[i]), "max": float(hi[i]),
                    "mean": float(total[i] / max(count[i], 1))}
           for i, l in enumerate(layers)}
+
+
+PROBE = "activation statistics probe"
+"""`keras_mpq.base.model_data` key: the compiled function `activation_statistics` runs."""
+
+
+def _probe(model, key: str, tensors):
+  """One compiled function per model and ``key`` returning ``tensors``, with a free batch
+  size: traced once, however often called."""
+  fn = model_data.get(model, key)
+  if fn is None:
+    probe = keras.Model(model.inputs, tensors)
+    spec = tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)
+    fn = tf.function(lambda b: probe(b, training=False), input_signature=[spec])
+    model_data.put(model, key, fn)
+  return fn
 
 
 def _ratio(a: float, b: float) -> Optional[float]:
@@ -122,3 +145,133 @@ def self_consistency(model, x: np.ndarray, x_midway: Optional[np.ndarray] = None
     out["convergence"] = compare_statistics(activation_statistics(model, x, batch_size),
                                  activation_statistics(model, x_midway, batch_size))["summary"]
   return out
+
+
+IMPLIED_STDS = 4.0
+"""A BatchNorm output channel's implied range: beta +- this many |gamma|."""
+MEAN_Z_LIMIT = 1.0
+"""A layer fits when the data's per-channel means sit within this many running std (median)..."""
+VAR_RATIO_LIMIT = 4.0
+"""...and its variances within this factor of the running variances (median over channels)."""
+FIT_SHARE = 0.8
+"""The data passes when at least this share of BatchNorm layers fit."""
+BN_PROBE = "batchnorm probe"
+"""`keras_mpq.base.model_data` key: the compiled function `batchnorm_check` runs."""
+
+
+def _batchnorms(model):
+  return [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)
+          and len(l.get_weights()) >= 2 and int(np.prod(l.moving_mean.shape)) > 0]
+
+
+def batchnorm_check(model, x: np.ndarray, batch_size: int = 128) -> Dict[str, Any]:
+  """How ``x`` fits the running statistics of ``model``'s BatchNorm layers (module docstring).
+
+  ``model`` is the float model with its BatchNorm layers (not folded).
+  Returns ``{"layers": {name: {...}}, "summary": {...}}``: per layer the
+  median over channels of ``|mean - running mean| / running std``
+  (``mean_z``), of the variance ratio folded above 1 (``var_ratio``), the
+  share of the implied output range the data reaches (``range_cover``) and
+  ``fits``; the summary counts the layers that fit, names the worst, lists
+  layers whose statistics are degenerate (zero or negative variance, NaN),
+  and says ``passed``. Layers still at their initial statistics (mean 0,
+  variance 1: an untrained model) are listed as ``untrained`` and not
+  checked. A model without BatchNorm gives ``{"layers": {},
+  "summary": {"batchnorm_layers": 0}}``: nothing to check against.
+
+  >>> from keras_mpq.base.compat import keras
+  >>> m = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="bn")])
+  >>> _ = m.get_layer("bn").moving_mean.assign([5.0, 5.0, 5.0])  # trained on N(5, 1)
+  >>> x = np.random.default_rng(0).normal(5.0, 1.0, size=(256, 3))
+  >>> batchnorm_check(m, x)["summary"]["passed"], batchnorm_check(m, x / 5)["summary"]["passed"]
+  (True, False)
+  """
+  bns = _batchnorms(model)
+  if not bns:
+    return {"layers": {}, "summary": {"batchnorm_layers": 0}}
+  fn = _probe(model, BN_PROBE, [bn.input for bn in bns])
+  sums = [0.0] * len(bns)
+  squares = [0.0] * len(bns)
+  lows = [np.inf] * len(bns)
+  highs = [-np.inf] * len(bns)
+  count = [0] * len(bns)
+  x = np.asarray(x, np.float32)
+  for s in batching.batch_slices(len(x), batch_size):
+    outs = fn(tf.constant(x[s]))
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    for i, o in enumerate(outs):
+      o = o.numpy().astype(np.float64)
+      o = o.reshape(-1, o.shape[-1])
+      sums[i] = sums[i] + o.sum(0)
+      squares[i] = squares[i] + (o ** 2).sum(0)
+      lows[i] = np.minimum(lows[i], o.min(0))
+      highs[i] = np.maximum(highs[i], o.max(0))
+      count[i] += o.shape[0]
+  layers: Dict[str, Any] = {}
+  degenerate, untrained = [], []
+  for i, bn in enumerate(bns):
+    mu = np.asarray(bn.moving_mean.numpy(), np.float64).ravel()
+    var = np.asarray(bn.moving_variance.numpy(), np.float64).ravel()
+    gamma = np.asarray(bn.gamma.numpy(), np.float64).ravel() if bn.scale else np.ones_like(mu)
+    beta = np.asarray(bn.beta.numpy(), np.float64).ravel() if bn.center else np.zeros_like(mu)
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(var))) or np.all(var <= 0):
+      degenerate.append(bn.name)
+      continue
+    if np.all(mu == 0) and np.all(var == 1):  # initial values: never saw data
+      untrained.append(bn.name)
+      continue
+    eps = float(bn.epsilon)
+    n = max(count[i], 1)
+    mean = sums[i] / n
+    data_var = np.maximum(squares[i] / n - mean ** 2, 0.0)
+    live = var > 0
+    std = np.sqrt(var + eps)
+    mean_z = float(np.median(np.abs(mean - mu)[live] / std[live]))
+    ratio = np.abs(np.log((data_var[live] + eps) / (var[live] + eps)))
+    var_ratio = float(np.exp(np.median(ratio)))
+    a = gamma / std  # output = a * (input - mu) + beta
+    ends = np.stack([a * (lows[i] - mu) + beta, a * (highs[i] - mu) + beta])
+    reached = float(ends.max() - ends.min())
+    implied = float(np.max(beta + IMPLIED_STDS * np.abs(gamma)) -
+                    np.min(beta - IMPLIED_STDS * np.abs(gamma)))
+    layers[bn.name] = {"mean_z": mean_z, "var_ratio": var_ratio,
+                       "range_cover": reached / implied if implied > 0 else None,
+                       "fits": bool(mean_z <= MEAN_Z_LIMIT and var_ratio <= VAR_RATIO_LIMIT)}
+    if np.any(var <= 0):
+      layers[bn.name]["zero_variance_channels"] = int(np.sum(var <= 0))
+  summary: Dict[str, Any] = {"batchnorm_layers": len(bns), "degenerate": degenerate,
+                             "untrained": untrained}
+  if layers:
+    fit = sum(v["fits"] for v in layers.values())
+    worst = max(layers, key=lambda n: (layers[n]["mean_z"] / MEAN_Z_LIMIT +
+                                       np.log(layers[n]["var_ratio"]) / np.log(VAR_RATIO_LIMIT)))
+    summary.update({"fit": int(fit), "checked": len(layers), "worst_layer": worst,
+                    "worst_mean_z": layers[worst]["mean_z"],
+                    "worst_var_ratio": layers[worst]["var_ratio"],
+                    "passed": bool(fit >= FIT_SHARE * len(layers))})
+  else:
+    summary["passed"] = None
+  return {"layers": layers, "summary": summary}
+
+
+def describe_batchnorm_check(summary: Mapping[str, Any]) -> Optional[str]:
+  """One line for the run summary, or None when the model has no BatchNorm."""
+  if not summary or not summary.get("batchnorm_layers"):
+    return None
+  bad = summary.get("degenerate") or []
+  tail = (f"; degenerate statistics (zero variance or NaN) in {', '.join(bad)}: not checked"
+          if bad else "")
+  fresh = summary.get("untrained") or []
+  if fresh:
+    tail += (f"; {len(fresh)} BatchNorm layer(s) still at their initial statistics (an "
+             "untrained model?): not checked")
+  if summary.get("passed") is None:
+    return f"realism check: no usable BatchNorm statistics{tail}"
+  head = (f"realism check (BatchNorm statistics, no data needed): {summary['fit']} of "
+          f"{summary['checked']} layers fit; worst {summary['worst_layer']!r}: means "
+          f"{summary['worst_mean_z']:.2g} std off, variance x{summary['worst_var_ratio']:.2g}")
+  if summary["passed"]:
+    return head + tail
+  return (head + tail + ". FAILED: the calibration data does not look like what the model "
+          "was trained on, so its activation ranges may not hold for real inputs; pass real "
+          "inputs (data=x, --data) or check input_range")
