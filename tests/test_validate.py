@@ -124,3 +124,15 @@ def test_benchmark_latency(exported):
   _, _, mobile, _, _ = exported
   ms = runtime_lib.benchmark_latency(mobile, runs=10, threads=1)
   assert 0 < ms < 1000
+
+
+def test_a_native_crash_of_tflite_micro_is_an_error_not_the_end_of_python(monkeypatch, tmp_path):
+  # issue 30: TFLite Micro aborted inside invoke on MobileNetV2 at 224x224, killing
+  # the caller's process; it now runs in a child and a crash is an error.
+  import os as os_lib  # pylint: disable=g-import-not-at-top
+  from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime_lib, "_run_tflm_here", lambda data, x: os_lib.abort())
+  monkeypatch.setattr(runtime_lib, "_check_references", lambda reader: None)
+  monkeypatch.setattr(runtime_lib.reader_lib, "parse", lambda data: None)
+  with pytest.raises(InvalidInputError, match=r"TFLite Micro crashed .*signal 6"):
+    runtime_lib.run_tflite(b"TFL3" * 8, np.zeros((1, 4), np.float32), runtime="tflm")

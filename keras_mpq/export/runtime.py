@@ -382,7 +382,55 @@ def _tflm_interpreter(Interpreter, data: bytes, arena_size: Optional[int] = None
         f"TFLite Micro could not allocate this model: {text[:200]}. {hint}") from None
 
 
+TFLM_ISOLATED = True
+"""Run TFLite Micro in a forked child process, so that a native abort in one of its
+kernels (MobileNetV2 at 224x224 aborted inside ``invoke``) becomes an error
+naming the model instead of killing the caller's Python process."""
+
+
 def _run_tflm(data: bytes, x):
+  """`_run_tflm_here` in a forked child when `TFLM_ISOLATED` (and fork exists), else here."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  if not TFLM_ISOLATED or "fork" not in multiprocessing.get_all_start_methods():
+    return _run_tflm_here(data, x)
+  _tflm_class()  # a missing runtime is an error here, not in the child
+  context = multiprocessing.get_context("fork")
+  receive, send = context.Pipe(duplex=False)
+  child = context.Process(target=_tflm_child, args=(send, data, x), daemon=True)
+  child.start()
+  send.close()
+  try:
+    status, value = receive.recv()
+  except EOFError:  # the child died without an answer: a native crash
+    child.join()
+    code = child.exitcode
+    raise InvalidInputError(
+        f"TFLite Micro crashed running this model (its runtime process ended with "
+        f"{'signal ' + str(-code) if code is not None and code < 0 else 'code ' + str(code)}, "
+        f"model of {len(data) / 1024:.0f} KB). The file runs in LiteRT (target='mobile'); "
+        "for a microcontroller, try a smaller input size or model, and please report it "
+        "with the model.") from None
+  finally:
+    receive.close()
+  child.join()
+  if status == "error":
+    raise value
+  return value
+
+
+def _tflm_child(send, data: bytes, x) -> None:
+  try:
+    send.send(("ok", _run_tflm_here(data, x)))
+  except BaseException as e:  # pylint: disable=broad-except  # handed to the parent
+    try:
+      send.send(("error", e))
+    except Exception:  # pylint: disable=broad-except  # an exception that does not pickle
+      send.send(("error", InvalidInputError(f"TFLite Micro failed: {type(e).__name__}: {e}")))
+  finally:
+    send.close()
+
+
+def _run_tflm_here(data: bytes, x):
   Interpreter = _tflm_class()  # pylint: disable=invalid-name
   _verify_stripped_for_tflm(data)
   interp = _tflm_interpreter(Interpreter, data)
