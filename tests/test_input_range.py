@@ -84,9 +84,9 @@ def _conv_bn(seed=0):
 
 
 def _smooth_images(n, low, high, seed=0):
-  """Images with natural-image-like statistics: smooth, spread over [low, high]."""
+  """Images with natural-image-like statistics: smooth, mean 40% up [low, high]."""
   rng = np.random.default_rng(seed)
-  base = rng.uniform(0, 1, (n, 3, 3, 3))
+  base = rng.beta(2.0, 3.0, (n, 3, 3, 3))
   up = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)  # 12x12, correlated neighbours
   noisy = np.clip(up + rng.normal(0, 0.05, up.shape), 0, 1)
   return (low + (high - low) * noisy).astype(np.float32)
@@ -100,10 +100,11 @@ def _set_statistics(model, x):
   bn.moving_variance.assign(feats.var(axis=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("low, high", [(0.0, 255.0), (-128.0, 127.0)])
-def test_batchnorm_statistics_reveal_raw_pixel_and_int8_scales(low, high):
-  # Pretrained models take raw 0..255 pixels or int8 features without a
-  # Rescaling layer; their first BatchNorm knows it (issue 30).
+@pytest.mark.parametrize("low, high", [(0.0, 255.0), (-128.0, 127.0), (-1.0, 1.0)])
+def test_batchnorm_statistics_reveal_raw_pixel_int8_and_signed_unit_scales(low, high):
+  # Pretrained models take raw 0..255 pixels, int8 features or [-1, 1] pixels
+  # (preprocessed outside the model) without a Rescaling layer; their first
+  # BatchNorm knows it (issue 30).
   model = _conv_bn()
   _set_statistics(model, _smooth_images(256, low, high))
   got_low, got_high, source, assumed = input_range_lib.resolve_input_range(model)

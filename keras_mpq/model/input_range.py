@@ -39,6 +39,11 @@ COMMON_RANGES = ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-128.0, 127.0))
 """Input scales models are usually trained on; `estimate_from_batchnorm` picks one when it fits."""
 FALLBACK_STDS = 3.0
 """Where no common range fits the estimate, the range taken: mean +- this many std."""
+SIGNED_UNIT_MEAN = 0.05
+"""A unit-scale estimate with a mean below minus this is taken as [-1, 1] inputs (the
+keras.applications MobileNet convention, x / 127.5 - 1): inputs in [0, 1] cannot
+have a negative mean, and a BatchNorm that kept part of its initial mean 0 only
+shrinks the estimate toward 0, never across it."""
 LARGE_SCALE_MEAN = 2.0
 LARGE_SCALE_STD = 10.0
 """`estimate_from_batchnorm` speaks only for inputs whose estimated mean exceeds
@@ -173,7 +178,8 @@ def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
   first of `COMMON_RANGES` that holds most of ``m +- 2 std`` and is not much
   wider, else ``m +- 3 std``. None when there is no such BatchNorm, its
   statistics are degenerate (zero, NaN), or the estimate is of unit scale
-  (`LARGE_SCALE_MEAN`, `LARGE_SCALE_STD`: the [0, 1] default stands).
+  (`LARGE_SCALE_MEAN`, `LARGE_SCALE_STD`) with a mean that is not negative
+  (the [0, 1] default stands; a negative one gives [-1, 1], `SIGNED_UNIT_MEAN`).
 
   >>> from keras_mpq.base.compat import keras
   >>> m = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
@@ -207,6 +213,9 @@ def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
   if not (math.isfinite(m) and math.isfinite(std) and std > 0):
     return None
   if abs(m) <= LARGE_SCALE_MEAN and std <= LARGE_SCALE_STD:
+    if m < -SIGNED_UNIT_MEAN:  # no [0, 1] data has a negative mean: [-1, 1] pixels
+      return -1.0, 1.0, (f"estimated [-1, 1] from BatchNorm {bn.name!r} after {layer.name!r}: "
+                         f"its training inputs had mean {m:.3g} (below 0) and std {std:.3g}")
     return None
   feasible = [(low, high) for low, high in COMMON_RANGES
               if low + 0.05 * (high - low) <= m <= high - 0.05 * (high - low)
