@@ -55,7 +55,7 @@ def real_inputs(size: int, n: int, value_range=(0.0, 255.0), train: bool = False
 
 
 def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: int = 0,
-        n_train: int = 8000) -> dict:
+        n_train: int = 8000, classes: int = 10) -> dict:
   """Runs one architecture; returns its row (called in a child process).
 
   ``epochs`` > 0 first trains it that long on ``n_train`` MNIST training
@@ -65,14 +65,13 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
   import numpy as np  # pylint: disable=g-import-not-at-top
   import keras  # Keras 3  # pylint: disable=g-import-not-at-top
   import keras_mpq  # pylint: disable=g-import-not-at-top
+  from keras_mpq import model_zoo as model_zoo_lib  # pylint: disable=g-import-not-at-top
   from keras_mpq.quantization import access as access_lib  # pylint: disable=g-import-not-at-top
   from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import bench_models  # pylint: disable=g-import-not-at-top
-  row = {"model": name, "size": size}
+  row = {"model": name, "size": size, "classes": classes}
   t0 = time.perf_counter()
   k3 = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
-                                         classes=10)
+                                         classes=classes)
   row["build_s"] = time.perf_counter() - t0
   row["params"] = int(k3.count_params())
   if epochs:
@@ -82,7 +81,7 @@ def one(name: str, size: int, samples: int, n_real: int, budget: str, epochs: in
     k3.fit(xt, yt, epochs=epochs, batch_size=64, verbose=0)
     # After a brief training the moving statistics are still near their initial
     # values (ResNet50 after one epoch predicted one class): set them from data.
-    bench_models.recalibrate_batchnorm(k3, xt[:1000])
+    model_zoo_lib.recalibrate_batchnorm(k3, xt[:1000])
     row["train_s"] = time.perf_counter() - t0
     row["epochs"] = epochs
   t0 = time.perf_counter()
@@ -154,6 +153,8 @@ def main():
                       help="synthetic samples (default: quantize's, fewer for large models)")
   parser.add_argument("--real", type=int, default=200, help="real MNIST inputs for agreement")
   parser.add_argument("--budget", default="4bit")
+  parser.add_argument("--classes", type=int, default=10,
+                      help="output classes (1000: an ImageNet-shaped head)")
   parser.add_argument("--epochs", type=int, default=0,
                       help="train each model this many epochs on MNIST first (0: untrained)")
   parser.add_argument("--train", type=int, default=8000, help="training images (with --epochs)")
@@ -168,7 +169,7 @@ def main():
   args = parser.parse_args()
   if args.child:
     row = one(args.child, args.size, args.samples, args.real, args.budget, args.epochs,
-              args.train)
+              args.train, args.classes)
     print("ROW " + json.dumps(row), flush=True)
     return 0
   from keras_mpq.base import fileio as fileio_lib  # pylint: disable=g-import-not-at-top
@@ -192,7 +193,8 @@ def main():
   for name in ([] if args.rows is not None else args.models):
     cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size),
            "--samples", str(args.samples or "auto"), "--real", str(args.real),
-           "--budget", args.budget, "--epochs", str(args.epochs), "--train", str(args.train)]
+           "--budget", args.budget, "--epochs", str(args.epochs), "--train", str(args.train),
+           "--classes", str(args.classes)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = [l[4:] for l in proc.stdout.splitlines() if l.startswith("ROW ")]
     if found:
@@ -242,13 +244,15 @@ def main():
   command = ("`.venv/bin/python benchmarks/bench_applications.py"
              + (f" --models {' '.join(args.models)}" if list(args.models) != list(MODELS) else "")
              + f" --size {args.size}"
+             + (f" --classes {args.classes}" if args.classes != 10 else "")
              + (f" --samples {args.samples}" if args.samples else "") + f" --real {args.real}"
              + (f" --epochs {args.epochs} --train {args.train}" if args.epochs else "") + "`")
   text = "\n".join([
       "## Stock keras.applications models: time per stage, sizes, runtimes"
       + (f" ({', '.join(args.models)}, trained {args.epochs} epoch(s))" if args.epochs else
          f" ({', '.join(args.models)} at {args.size}x{args.size})"
-         if (list(args.models) != list(MODELS) or args.size != 32) else ""), "",
+         if (list(args.models) != list(MODELS) or args.size != 32) else "")
+      + (f", {args.classes} classes" if args.classes != 10 else ""), "",
       f"- Command: {command}" + (" (table rendered from the run's logs with --rows)"
                                  if args.rows is not None else ""),
       *([f"- {args.note}"] if args.note else []),
@@ -259,7 +263,7 @@ def main():
       + (f"then trained {args.epochs} epoch(s) on the first {args.train} MNIST training "
          "images, Adam, batch 64; accuracy on the test images below"
          if args.epochs else "untrained") + f"), {args.size}x{args.size}x3 input, "
-      f"10 classes; `keras_mpq.quantize(model, {args.budget!r}, num_samples={args.samples})` "
+      f"{args.classes} classes; `keras_mpq.quantize(model, {args.budget!r}, num_samples={args.samples})` "
       "(None: quantize's default, `default_num_samples`) "
       "(synthetic calibration data), candidate bits 2/4/8.",
       "- Floor: one forward pass of the float model over the calibration set x weight "

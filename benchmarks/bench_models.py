@@ -71,25 +71,7 @@ def _build_stock(data: demo_data_lib.Dataset, seed: int):
                                          classifier_activation=None)
   epochs = max(STOCK_EPOCHS, round(STOCK_EPOCHS * 8000 / len(data.x_train)))
   model = model_zoo_lib.train(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
-  return recalibrate_batchnorm(model, data.x_train[:2000])
-
-
-def recalibrate_batchnorm(model, x):
-  """Sets every BatchNorm's moving statistics to those of ``x`` (one batch, training mode).
-
-  keras.applications' BatchNorm momentum is 0.999, so after a brief training its
-  moving statistics still sit near their initial values and the model predicts
-  at chance in inference mode (8.5% on the MNIST split; 76% in training mode).
-  Works on tf_keras and plain Keras 3 models alike.
-  """
-  bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]  # Keras 3 too
-  saved = [l.momentum for l in bns]
-  for l in bns:
-    l.momentum = 0.0
-  model(x, training=True)
-  for l, m in zip(bns, saved):
-    l.momentum = m
-  return model
+  return model_zoo_lib.recalibrate_batchnorm(model, data.x_train[:2000])
 
 
 def nobn_cnn(input_shape=(28, 28, 1), num_classes=10):
