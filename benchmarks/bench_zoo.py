@@ -360,6 +360,10 @@ def markdown(rows, infos, args, started, finished=None) -> str:
       f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other work), no GPU; "
       f"seed {args.seed}.{wall}" + ("" if finished else " **Partial: still running.**"),
       "",
+  ]
+  head, lines = lines, [
+      "## Setup",
+      "",
       f"Real inputs (`benchmarks/zoo_data.py`), n = {args.n} per model: the first "
       f"{args.n_cal} calibrate the 'real' rows, the last {args.n - args.n_cal} are held out "
       "and judge every file. Agreement % = top-1 agreement of the file "
@@ -427,8 +431,8 @@ def markdown(rows, infos, args, started, finished=None) -> str:
         f"[{low:.4g}, {high:.4g}] ({source}); float model predicts "
         f"{info['float_classes_used']} classes on the {info['n_test']} held-out inputs"
         f"{extra}{took}.")
+  setup, lines = lines, head
   lines += [
-      "",
       "## Summary (target 'mobile')",
       "",
       "Agreement % with the float model on the held-out real inputs; 'c' = clipped "
@@ -439,6 +443,7 @@ def markdown(rows, infos, args, started, finished=None) -> str:
       "",
   ]
   lines += summary_lines(rows, infos)
+  lines += [""] + setup
   lines += ["", "## All rows", "", "| " + " | ".join(COLUMNS) + " |",
             "|" + "---|" * len(COLUMNS)]
   lines += [_row_md(r) for r in rows]
