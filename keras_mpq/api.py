@@ -328,9 +328,16 @@ def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str,
     if y is None:
       y = outputs_lib.predicted_labels(
           model, x, not outputs_lib.outputs_are_probabilities(model, x), batch_size=256)
-    data_info["num_samples"] = int(len(x))
-    data_info["realism"] = {"batchnorm": realism_lib.batchnorm_check(model, x)}
-    return x, y, data_info
+  else:
+    x, y, data_info = _synthetic_data(model, folded, recipe, input_range, cache, progress)
+  data_info["num_samples"] = int(len(x))
+  data_info.setdefault("realism", {})["batchnorm"] = realism_lib.batchnorm_check(model, x)
+  return x, y, data_info
+
+
+def _synthetic_data(model, folded, recipe: Recipe, input_range, cache, progress
+                    ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+  """Synthetic ``(x, y, data_info)``, read from the cache when there, plus shifted copies."""
   settings = recipe.to_dict()
   key = cache_key(model, {k: settings[k] for k in
                           ("synthesis", "num_samples", "synthesized", "seed", "input_range")})
@@ -354,8 +361,6 @@ def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str,
     x, source = augment_lib.shifted_copies(x, recipe.num_samples, seed=recipe.seed)
     y = y[source]
     data_info["shifted_copies"] = int(recipe.num_samples - recipe.synthesized)
-  data_info["num_samples"] = int(len(x))
-  data_info.setdefault("realism", {})["batchnorm"] = realism_lib.batchnorm_check(model, x)
   return x, y, data_info
 
 

@@ -33,10 +33,12 @@ import numpy as np
 
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
+from keras_mpq.model import batchnorm as batchnorm_lib
 
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
-COMMON_RANGES = ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-128.0, 127.0))
-"""Input scales models are usually trained on; `estimate_from_batchnorm` picks one when it fits."""
+COMMON_RANGES = ((0.0, 255.0), (-128.0, 127.0))
+"""Large input scales models are usually trained on (raw pixels, int8 features);
+`estimate_from_batchnorm` picks one when it fits (unit scales are decided apart)."""
 FALLBACK_STDS = 3.0
 """Where no common range fits the estimate, the range taken: mean +- this many std."""
 SIGNED_UNIT_MEAN = 0.05
@@ -146,7 +148,7 @@ def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
 
 def _first_weight_layer_and_batchnorm(model):
   """(weight layer, BatchNormalization) where the input feeds a Conv/Dense whose only consumer is a BN."""
-  layers = [l for l in _input_consumers(model)]
+  layers = _input_consumers(model)
   while len(layers) == 1 and isinstance(layers[0], (keras.layers.ZeroPadding1D,
                                                      keras.layers.ZeroPadding2D,
                                                      keras.layers.Flatten, keras.layers.Reshape)):
@@ -174,9 +176,10 @@ def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
   on the training inputs. So ``mu_c - b_c = m * sum(w_c)`` gives the inputs'
   mean ``m`` (least squares over channels), and ``var_c = a ||w_c||^2 + c
   (sum w_c)^2`` (independent plus fully correlated inputs, fitted with
-  nonnegative least squares) their variance ``a + c``. The range is the
-  first of `COMMON_RANGES` that holds most of ``m +- 2 std`` and is not much
-  wider, else ``m +- 3 std``. None when there is no such BatchNorm, its
+  nonnegative least squares) their variance ``a + c``. A large-scale estimate
+  takes the one of `COMMON_RANGES` that holds ``m`` well inside and could give
+  ``std`` (a nonnegative range for a positive mean, else a signed one), else
+  ``m +- 3 std``. None when there is no such BatchNorm, its
   statistics are degenerate (zero, NaN), or the estimate is of unit scale
   (`LARGE_SCALE_MEAN`, `LARGE_SCALE_STD`) with a mean that is not negative
   (the [0, 1] default stands; a negative one gives [-1, 1], `SIGNED_UNIT_MEAN`).
@@ -196,11 +199,9 @@ def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
   weights = layer.get_weights()
   kernel = np.asarray(weights[0], np.float64)
   bias = np.asarray(weights[1], np.float64) if layer.use_bias else np.zeros(kernel.shape[-1])
-  mean = np.asarray(bn.moving_mean.numpy(), np.float64).ravel()
-  var = np.asarray(bn.moving_variance.numpy(), np.float64).ravel()
+  mean, var = batchnorm_lib.running_statistics(bn)
   cin, cout = kernel.shape[-2], kernel.shape[-1]
-  if (mean.size != cout or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
-      or np.all(mean == 0) and np.all(var == 1) or cout < 2):
+  if mean.size != cout or cout < 2 or batchnorm_lib.state(bn) != batchnorm_lib.USABLE:
     return None  # untrained or broken statistics: nothing to read
   taps = kernel.reshape(-1, cin, cout)
   sums = taps.sum(axis=(0, 1))  # (cout,)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from keras_mpq.base.compat import keras, tf
+from keras_mpq.model import batchnorm as batchnorm_lib
 
 # Optimization steps run per call of the compiled step function; the progress
 # bar and the "all samples done" check update between calls.
@@ -234,7 +235,8 @@ def batchnorm_terms(classifier, bn_weight):
   moving std)``.
   """
   model = classifier.model
-  bns = [] if bn_weight == 0 else [l for l in batchnorm_layers(model) if usable_statistics(l)]
+  bns = [] if bn_weight == 0 else [l for l in batchnorm_layers(model)
+                                   if batchnorm_lib.state(l) != batchnorm_lib.DEGENERATE]
   head = classifier.forward
   if not bns:
     return [], lambda x: ([], head(x, training=False))
@@ -273,16 +275,6 @@ def batchnorm_loss(feats, terms):
       loss += tf.reduce_sum(live * tf.square((tf.sqrt(v + 1e-5) - std) / std)) / count
   return loss / float(len(terms))
 
-
-def usable_statistics(layer) -> bool:
-  """A BatchNorm whose running statistics can guide synthesis: finite, some variance above 0.
-
-  Degenerate ones (NaN, all variances 0) are left out of the BatchNorm term;
-  `keras_mpq.synthesis.realism.batchnorm_check` names them in the report.
-  """
-  mean = np.asarray(layer.moving_mean.numpy(), np.float64)
-  var = np.asarray(layer.moving_variance.numpy(), np.float64)
-  return bool(np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.any(var > 0))
 
 
 def batchnorm_layers(model) -> List[Any]:

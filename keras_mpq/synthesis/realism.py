@@ -42,10 +42,10 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from keras_mpq.base import batching
+from keras_mpq.base import batching, model_data
 from keras_mpq.base import layers as layers_lib
-from keras_mpq.base import model_data
 from keras_mpq.base.compat import keras, tf
+from keras_mpq.model import batchnorm as batchnorm_lib
 
 
 def _measured_layers(model):
@@ -210,15 +210,12 @@ def batchnorm_check(model, x: np.ndarray, batch_size: int = 128) -> Dict[str, An
   layers: Dict[str, Any] = {}
   degenerate, untrained = [], []
   for i, bn in enumerate(bns):
-    mu = np.asarray(bn.moving_mean.numpy(), np.float64).ravel()
-    var = np.asarray(bn.moving_variance.numpy(), np.float64).ravel()
+    mu, var = batchnorm_lib.running_statistics(bn)
     gamma = np.asarray(bn.gamma.numpy(), np.float64).ravel() if bn.scale else np.ones_like(mu)
     beta = np.asarray(bn.beta.numpy(), np.float64).ravel() if bn.center else np.zeros_like(mu)
-    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(var))) or np.all(var <= 0):
-      degenerate.append(bn.name)
-      continue
-    if np.all(mu == 0) and np.all(var == 1):  # initial values: never saw data
-      untrained.append(bn.name)
+    found = batchnorm_lib.state(bn)
+    if found != batchnorm_lib.USABLE:
+      (degenerate if found == batchnorm_lib.DEGENERATE else untrained).append(bn.name)
       continue
     eps = float(bn.epsilon)
     n = max(count[i], 1)
