@@ -1,7 +1,7 @@
 """Probes which operator x weight-bits x activation-bits combinations each runtime runs.
 
 For every weight operator keras_mpq quantizes (CONV_2D, DEPTHWISE_CONV_2D,
-FULLY_CONNECTED), every weight bit-width 2..8 in each container it could be
+FULLY_CONNECTED, TRANSPOSE_CONV), every weight bit-width 2..8 in each container it could be
 stored in (packed INT4 for 2..4 bits, INT8 for all) and activations int8 and
 int16, this script builds a one-layer tf_keras model, exports it through
 keras_mpq's own exporter path (ai-edge-quantizer recipe, batch 1), and asks:
@@ -47,8 +47,11 @@ OPS = {
     "CONV_2D": lambda: keras.layers.Conv2D(8, 3, padding="same", name="layer"),
     "DEPTHWISE_CONV_2D": lambda: keras.layers.DepthwiseConv2D(3, padding="same", name="layer"),
     "FULLY_CONNECTED": lambda: keras.layers.Dense(8, name="layer"),
+    "TRANSPOSE_CONV": lambda: keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same",
+                                                           name="layer"),
 }
-INPUT_SHAPES = {"CONV_2D": (6, 6, 4), "DEPTHWISE_CONV_2D": (6, 6, 4), "FULLY_CONNECTED": (16,)}
+INPUT_SHAPES = {"CONV_2D": (6, 6, 4), "DEPTHWISE_CONV_2D": (6, 6, 4), "FULLY_CONNECTED": (16,),
+                "TRANSPOSE_CONV": (6, 6, 4)}
 
 
 def _model(op, seed=0):
@@ -165,10 +168,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "targets_probe.json"))
   parser.add_argument("--no-vela", action="store_true")
+  parser.add_argument("--ops", nargs="+", choices=sorted(OPS),
+                      help="probe only these operators; the other operators' cases are kept "
+                           "from --out")
   args = parser.parse_args()
   start = time.time()
   cases = []
-  for op in OPS:
+  kept_from = None
+  if args.ops and os.path.exists(args.out):
+    with open(args.out) as f:
+      previous = json.load(f)
+    cases = [c for c in previous["cases"] if c["op"] not in args.ops]
+    kept_from = previous.get("date")
+  for op in args.ops or OPS:
     x = np.random.default_rng(1).normal(0, 1, (8,) + INPUT_SHAPES[op]).astype(np.float32)
     for bits in range(2, 9):
       for container in (("int4", "int8") if bits <= 4 else ("int8",)):
@@ -178,7 +190,9 @@ def main():
           print(json.dumps(case), flush=True)
   result = {
       "what": "which op x weight bits x container x activation bits each runtime runs",
-      "command": "python export/probe_targets.py",
+      "command": "python export/probe_targets.py" + (
+          f" --ops {' '.join(args.ops)}" if args.ops else ""),
+      "other_ops_from": kept_from,
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": f"{platform.machine()} {platform.system()} {platform.release()}",
       "versions": _versions(),

@@ -56,7 +56,7 @@ _LAZY = {
     "tflm_arena_bytes": "export.runtime", "deployment_report": "export.runtime",
     "file_cost_table": "plan.costs",
     "inspect_tflite": "export.reader",
-    "load_model": "model.load",
+    "load_model": "model.load", "heads_of": "model.outputs",
     "FreezeRanges": "callbacks", "FreezeBatchNorm": "callbacks",
     "ExportAndValidate": "callbacks", "SensitivityMonitor": "callbacks",
 }

@@ -54,6 +54,7 @@ from keras_mpq.quantization import optimize as optimize_lib
 from keras_mpq.recipe import Recipe
 from keras_mpq.report import build_report, range_report
 from keras_mpq.result import QuantizationResult
+from keras_mpq.sensitivity import job as job_lib
 from keras_mpq.sensitivity import metrics as metrics_lib
 from keras_mpq.synthesis import augment as augment_lib
 from keras_mpq.synthesis import generators as generators_lib
@@ -62,7 +63,7 @@ from keras_mpq.synthesis import realism as realism_lib
 
 def quantize(model, budget, data=None, target: str = "mobile",
              weight_bits: Optional[Sequence[int]] = None, activation_bits: int = 8,
-             metric: str = "task_interaction", synthesis: str = "labeled",
+             metric: str = "task_interaction", synthesis: Optional[str] = None,
              num_samples: Optional[int] = None, rounds: int = 1,
              pinned: Optional[Mapping[str, int]] = None, seed: int = 0,
              cache_dir=None, progress: Optional[bool] = None,
@@ -73,7 +74,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
              context: str = "highest",
              ram: Optional[float] = None, strip=None,
              range_policy: Optional[str] = None,
-             tune_steps: Optional[int] = None) -> QuantizationResult:
+             tune_steps: Optional[int] = None,
+             output_kinds: Optional[Mapping[str, str]] = None,
+             output_weights: Optional[Mapping[str, float]] = None,
+             loss=None) -> QuantizationResult:
   """Quantizes ``model`` to mixed precision within ``budget``, without training data.
 
   Args:
@@ -90,7 +94,11 @@ def quantize(model, budget, data=None, target: str = "mobile",
       default for the budget's kind (`keras_mpq.plan.allocation.default_weight_bits`).
     activation_bits: 8 or 16.
     metric: sensitivity metric (see `keras_mpq.sensitivity.metrics`).
-    synthesis: 'labeled' (the paper's), 'zeroq' or 'noise' when data is None.
+    synthesis: how calibration data is made when data is None: 'labeled'
+      (the paper's; needs a class head), 'diverse' (BatchNorm statistics, input
+      priors and outputs spread over the batch: any model), 'zeroq' or 'noise'.
+      None: 'labeled' for a model with a class head (a classifier, or one
+      softmax/logits head among several outputs), else 'diverse'.
     num_samples: synthetic samples to generate; None: `default_num_samples`
       (256, fewer for large models: EfficientNetB0 at 96x96 gets 32; for a
       budget that forces layers below 3 bits, up to 1024 for small models:
@@ -125,8 +133,12 @@ def quantize(model, budget, data=None, target: str = "mobile",
       none (default `keras_mpq.quantization.optimize.DEFAULT_BIAS_CORRECTION` with ``data``,
       `keras_mpq.quantization.optimize.DATA_FREE_BIAS_CORRECTION` data-free).
     objective: task loss the sensitivity and the plan check measure: ``"kl"``
-      (divergence from the float model's outputs; default) or
-      ``"cross_entropy"`` (against the labels).
+      (divergence from the float model's outputs; the default for a
+      single-label classifier) or ``"cross_entropy"`` (against the labels);
+      ``"distortion"`` (the default, and the only choice, for any other model):
+      per output, KL for softmax, per-unit KL for sigmoid, the squared error
+      over the float output's variance for linear heads, summed
+      (`keras_mpq.model.outputs.Heads`).
     context: first context of the task-interaction metric, ``"highest"`` or
       ``"budget"`` (see `keras_mpq.plan.search.search`).
     ram: RAM limit in bytes for the TFLite Micro arena ('mcu', 'ethos-u');
@@ -145,7 +157,24 @@ def quantize(model, budget, data=None, target: str = "mobile",
       its default for the model's size (`keras_mpq.quantization.distill.default_steps`),
       data-free only where the budget forces layers below 3 bits
       (`forces_low_bits`) and at `keras_mpq.quantization.distill.DATA_FREE_TEMPERATURE`;
-      0: none. ``report["tuning"]`` says what it did.
+      0: none. ``report["tuning"]`` says what it did. Classifiers only.
+    output_kinds: what an output is where its layers do not say, by output
+      name: 'softmax', 'logits', 'sigmoid' or 'linear', e.g.
+      ``{"embedding": "linear"}`` for a model whose one linear output is not
+      a classifier's logits (`keras_mpq.model.outputs.heads_of`).
+    output_weights: weights of the outputs' distortion terms, by name
+      (default 1 each).
+    loss: your own task loss, with ``data=(x, y)``: a Keras loss (``"mse"``,
+      a ``keras.losses.Loss``) or a callable ``fn(y_true, y_pred)``; ``y`` and
+      the outputs are lists (or ``y`` a dict by output name) for several
+      outputs. The sensitivity and the plan check measure it instead of the
+      default objective (`keras_mpq.measure_sensitivity`).
+
+  Any model with one float input is taken: a classifier is measured and
+  calibrated as one; an autoencoder, a per-pixel network, a regression or a
+  model with several outputs by the distortion of its outputs from the float
+  model's, on data that needs no labels. ``report["outputs"]`` lists the
+  heads as read.
 
   The plan is checked by measurement before it is returned: the allocated
   plan, every uniform plan that fits the budget and a greedy plan are
@@ -186,9 +215,20 @@ def quantize(model, budget, data=None, target: str = "mobile",
   model = load_lib.load_model(model)
   model_checks_lib.check_model(model)
   model_checks_lib.check_token_input(model)
-  outputs_lib.classifier_head(model)  # refuses regression heads before the slow stages
+  heads = outputs_lib.heads_of(model, output_kinds, output_weights)
+  if loss is not None and (data is None or not isinstance(data, (tuple, list))
+                           or len(data) != 2 or data[1] is None):
+    raise InvalidInputError(
+        "Expected data=(x, y) with loss=: the loss compares the outputs with your targets "
+        "y. Received: " + ("data=None (data-free)" if data is None else "no targets")
+        + ". Pass data=(x, y), or leave loss=None.")
+  outputs_lib.keep_heads(model, heads)
+  if synthesis is None:
+    synthesis = (generators_lib.SynthesisMethod.LABELED if heads.class_head() is not None
+                 else generators_lib.SynthesisMethod.DIVERSE).value
   range_info = _input_range(model, input_range, data_free=data is None)
   folded = fold_lib.fold_batchnorm(model)
+  outputs_lib.keep_heads(folded, heads)
   _check_ram(ram)
   cost_table = _cost_table(folded, budget, target, bits, activation_bits, strip, seed)
   _check_early(cost_table, budget, pinned, metric, synthesis, rounds, data)
@@ -198,18 +238,23 @@ def quantize(model, budget, data=None, target: str = "mobile",
       num_samples=num_samples, seed=seed, rounds=rounds, pinned=pinned,
       input_range=(range_info["low"], range_info["high"]), objective=objective,
       context=context, weight_method=weight_method, bias_correction=bias_correction,
-      range_policy=range_policy, ram=ram, strip=strip, tune_steps=tune_steps)
+      range_policy=range_policy, ram=ram, strip=strip, tune_steps=tune_steps,
+      output_kinds={h.name: str(h.kind) for h in heads.heads if output_kinds
+                    and h.name in output_kinds},
+      output_weights=dict(output_weights or {}),
+      loss=None if loss is None else str(getattr(loss, "name", None)
+                                          or getattr(loss, "__name__", None) or loss))
   cache = fileio_lib.ensure_dir(cache_dir) if cache_dir is not None else None
   stages.lap("load")
 
   # 1. Calibration data: synthesized from the model, or the user's.
   x, y, data_info = _calibration_data(model, folded, data, recipe, range_info, input_range,
-                                      cache, progress)
+                                      cache, progress, loss)
   stages.lap("synthesis")
 
   # 2-3. Sensitivity and allocation (the iterative task-interaction search), on a subset.
   plan, table, rounds_info = _search(model, folded, x, y, data_info, recipe, cost_table,
-                                     cache, progress)
+                                     cache, progress, loss)
   stages.lap("sensitivity+allocation")
 
   # 4. Apply through tfmot and calibrate.
@@ -217,6 +262,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
                           activation_bits, plan.info)
   qmodel = apply_lib.apply_plan(folded, plan, x, fold_bn=False, progress=show_progress(progress),
                                 **recipe.apply_settings())
+  outputs_lib.keep_heads(qmodel, heads)
   outputs_lib.compile_for_evaluation(qmodel, folded, x)
   stages.lap("apply")
   stages.close()
@@ -224,6 +270,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
   report = build_report(folded, qmodel, plan, table, cost_table, budget, target,
                         data_info, rounds_info, stages.timings, recipe.to_dict())
   report["input_range"] = range_info
+  report["outputs"] = heads.to_dict()
   report["activation_ranges"] = range_report(qmodel, folded, x, recipe.range_policy)
   report["tuning"] = distill_lib.tune_report(qmodel) or {"steps": 0, "kept": False,
                                                          "reason": tune_note or "tune_steps=0"}
@@ -308,7 +355,14 @@ def _resolve(cost_table: CostTable, folded, budget: Budget, data_free: bool, *,
     tune_steps = 0
     tune_note = (f"data-free, and the budget needs no layer below {recipe_lib.LOW_BITS} bits: "
                  "tuning on synthetic data gained little there; pass tune_steps to tune anyway")
+  steps = None
+  if data_free:
+    method = given["synthesis"]
+    default = generators_lib.DEFAULT_MAX_STEPS.get(method)
+    if default is not None:
+      steps = recipe_lib.default_synthesis_steps(cost_table, synthesized, default)
   recipe = Recipe(budget=budget, num_samples=num_samples, synthesized=synthesized,
+                  synthesis_steps=steps,
                   weight_method=weight_method, bias_correction=bias_correction,
                   range_policy=range_policy, tune_steps=tune_steps,
                   tune_temperature=distill_lib.DATA_FREE_TEMPERATURE if data_free else 1.0,
@@ -317,19 +371,22 @@ def _resolve(cost_table: CostTable, folded, budget: Budget, data_free: bool, *,
 
 
 def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str, Any],
-                      input_range, cache, progress) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+                      input_range, cache, progress, loss=None
+                      ) -> Tuple[np.ndarray, Any, Dict[str, Any]]:
   """``(x, y, data_info)``: synthesized from the model (cached), or the user's checked data."""
   if data is not None:
-    x, y = _parse_data(model, data)
+    x, y = _parse_data(model, data, loss is not None)
     range_info.update(input_range_lib.check_data_range(
         x, range_info["low"], range_info["high"], range_info["source"], range_info["assumed"],
         "data"))
     data_info: Dict[str, Any] = {"source": "user", "labeled": y is not None}
-    if y is None:
+    if y is None and outputs_lib.heads_of(model).classifier:
       y = outputs_lib.predicted_labels(
           model, x, not outputs_lib.outputs_are_probabilities(model, x), batch_size=256)
   else:
     x, y, data_info = _synthetic_data(model, folded, recipe, input_range, cache, progress)
+    if not outputs_lib.heads_of(model).classifier:
+      y = None  # measured by the outputs' distortion: no labels
   data_info["num_samples"] = int(len(x))
   data_info.setdefault("realism", {})["batchnorm"] = realism_lib.batchnorm_check(model, x)
   return x, y, data_info
@@ -340,7 +397,8 @@ def _synthetic_data(model, folded, recipe: Recipe, input_range, cache, progress
   """Synthetic ``(x, y, data_info)``, read from the cache when there, plus shifted copies."""
   settings = recipe.to_dict()
   key = cache_key(model, {k: settings[k] for k in
-                          ("synthesis", "num_samples", "synthesized", "seed", "input_range")})
+                          ("synthesis", "num_samples", "synthesized", "seed", "input_range",
+                           "synthesis_steps")})
   cached = cache / f"synthetic-{key}.npz" if cache else None
   hit = read_cached_data(cached, model) if cached is not None and cached.exists() else None
   if hit is not None:
@@ -348,6 +406,7 @@ def _synthetic_data(model, folded, recipe: Recipe, input_range, cache, progress
     data_info = {"source": "synthetic", "method": recipe.synthesis, "cached": str(cached)}
   else:
     made = generators_lib.synthesize_with_info(model, num_samples=recipe.synthesized,
+                                               max_steps=recipe.synthesis_steps,
                                                method=recipe.synthesis, seed=recipe.seed,
                                                progress=progress, input_range=input_range)
     x, y = made.x, made.y
@@ -365,7 +424,7 @@ def _synthetic_data(model, folded, recipe: Recipe, input_range, cache, progress
 
 
 def _search(model, folded, x, y, data_info: Dict[str, Any], recipe: Recipe,
-            cost_table: CostTable, cache, progress):
+            cost_table: CostTable, cache, progress, loss=None):
   """``(plan, table, rounds)`` of the sensitivity search on a seeded subset (cached)."""
   # Shifted copies sit after the synthesized samples: the search measures on those.
   made_here = len(x) - data_info.get("shifted_copies", 0)
@@ -379,11 +438,12 @@ def _search(model, folded, x, y, data_info: Dict[str, Any], recipe: Recipe,
          if cached_search is not None and cached_search.exists() else None)
   if hit is not None:
     return hit
-  found = search_lib.search(folded, (x[pick], y[pick]), recipe.budget, weight_bits=recipe.bits,
+  found = search_lib.search(folded, x[pick] if y is None else (x[pick], y[pick]),
+                            recipe.budget, weight_bits=recipe.bits,
                             rounds=recipe.rounds, metric=recipe.metric,
                             pinned=recipe.pinned or None, costs=cost_table, seed=recipe.seed,
                             activation_bits=recipe.activation_bits, progress=progress,
-                            objective=recipe.objective, context=recipe.context,
+                            objective=recipe.objective, context=recipe.context, loss=loss,
                             **recipe.quantizer_settings())
   plan, table, rounds_info = found.plan, found.sensitivity, list(found.rounds)
   if cached_search is not None:
@@ -392,12 +452,21 @@ def _search(model, folded, x, y, data_info: Dict[str, Any], recipe: Recipe,
   return plan, table, rounds_info
 
 
-def _parse_data(model, data) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def _parse_data(model, data, with_loss: bool = False) -> Tuple[np.ndarray, Any]:
   if isinstance(data, (tuple, list)) and len(data) == 2:
     x, y = data
   else:
     x, y = data, None
   x = calibrate_lib.check_data(model, x, "data")
+  heads = outputs_lib.heads_of(model)
+  if with_loss:  # the user's targets, for their loss
+    return x, job_lib.check_targets(y, len(x), heads.names)
+  if y is not None and not heads.classifier:
+    raise InvalidInputError(
+        "Expected data=x alone for a model that is not a single-label classifier: it "
+        "is calibrated and measured by the distortion of its outputs from the float "
+        "model's, which needs no labels. Received: data=(x, y) for a model with outputs "
+        f"{[(h.name, str(h.kind), tuple(h.shape)) for h in heads.heads]}. Pass data=x.")
   if y is not None:
     y = np.asarray(y)
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):

@@ -150,8 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "'mnist' or 'digits' (default: synthesized from the model)")
   data.add_argument("--eval_data", metavar="FILE",
                     help="labeled real data to validate the exported file on")
-  data.add_argument("--synthesis", default="labeled", metavar="METHOD",
-                    help="synthetic data: labeled, zeroq or noise (default: labeled)")
+  data.add_argument("--synthesis", default=None, metavar="METHOD",
+                    help="synthetic data: labeled, diverse, zeroq or noise (default: labeled "
+                    "for a model with a class head, else diverse)")
+  data.add_argument("--output_kinds", type=_list_flag, action="extend", default=[],
+                    metavar="NAME=KIND,...", help="what an output is where its layers do not "
+                    "say: softmax, logits, sigmoid or linear, e.g. embedding=linear")
+  data.add_argument("--eval_metric", default=None, metavar="METRIC",
+                    help="a Keras metric (e.g. mae) or module:function to judge the "
+                    "exported file on --eval_data (default: accuracy for a classifier, "
+                    "else each output's fidelity to the Keras model)")
   data.add_argument("--samples", type=int, default=None, metavar="N",
                     help="synthetic samples (default: 256, fewer for large models; up to "
                     "1024 where the budget forces layers below 3 bits, for images 256 "
@@ -190,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="required: labeled data, .npz (x, y), 'mnist' or 'digits'")
   group.add_argument("--runtime", default="auto", choices=["auto", "litert", "tflm", "tf"],
                      help="interpreter (default: auto, from the file)")
+  group.add_argument("--metric", default=None, metavar="METRIC",
+                     help="a Keras metric (e.g. mae) or module:function of (y, outputs) "
+                     "(default: accuracy on integer labels)")
+  group.add_argument("--reference", metavar="MODEL",
+                     help="the float Keras model: agreement, or each output's fidelity "
+                     "for a model that is not a classifier")
   _general(v)
 
   i = _command(sub, "inspect", "MODEL.tflite [--plan PLAN.json] [flags]",
@@ -376,7 +390,8 @@ def cmd_quantize(args) -> int:
   with _output_dir(args.out) as out:
     data = load_data(args.data) if args.data else None
     # Read the evaluation data now: a bad file should fail before the long run.
-    eval_data = load_data(args.eval_data, need_labels=True) if args.eval_data else None
+    metric = _parse_metric(args.eval_metric)
+    eval_data = load_data(args.eval_data) if args.eval_data else None
     if data is not None and data[1] is None:
       data = data[0]
     # The summary's first line says it when the input range is assumed.
@@ -388,7 +403,8 @@ def cmd_quantize(args) -> int:
         pinned=pins, seed=args.seed, progress=args.progress,
         cache_dir=(out / "cache") if args.cache else None,
         input_range=_parse_range(args.input_range), ram=_parse_ram(args.ram),
-        range_policy=args.range_policy, tune_steps=args.tune_steps)
+        range_policy=args.range_policy, tune_steps=args.tune_steps,
+        output_kinds=_parse_kinds(args.output_kinds))
     start = time.perf_counter()
     tflite_path = out / f"model_{args.target.replace('-', '_')}.tflite"
     exported = result.export(tflite_path, target=args.target)
@@ -402,7 +418,7 @@ def cmd_quantize(args) -> int:
       start = time.perf_counter()
       report["validation"] = _asdict(keras_mpq.validate_tflite(  # mcu: in TFLite Micro itself
           tflite_path, x, y, reference=result.model,
-          runtime="tflm" if args.target == "mcu" else "auto"))
+          runtime="tflm" if args.target == "mcu" else "auto", metric=metric))
       report["timings_s"]["validate"] = round(time.perf_counter() - start, 3)
     result = _with_report(result, report)
     files = result.save(out)
@@ -410,12 +426,53 @@ def cmd_quantize(args) -> int:
   print(f"\nexported {tflite_path} ({report_lib.human_bytes(tflite_path.stat().st_size)}, "
         f"target {args.target})")
   if "validation" in report:
-    v = report["validation"]
-    fraction = report_lib.fmt_fraction
-    print(f"validated in {v.get('runtime')}: accuracy {fraction(v.get('accuracy'))}, "
-          f"agreement with Keras {fraction(v.get('agreement'))}")
+    print(_validation_line(report["validation"]))
   print("wrote " + ", ".join(sorted(pathlib.Path(p).name for p in files.values())))
   return 0
+
+
+def _validation_line(v) -> str:
+  """One line saying what the validation measured."""
+  from keras_mpq import report as report_lib  # pylint: disable=g-import-not-at-top
+  fraction = report_lib.fmt_fraction
+  parts = []
+  if v.get("metric_name"):
+    parts.append(f"{v['metric_name']} {v['metric']:.4g}")
+  if v.get("fidelity"):
+    parts.extend(f"{name}: correlation {f['correlation']:.4f}, normalized error "
+                 f"{f['normalized_error']:.3g}" for name, f in v["fidelity"].items())
+  elif v.get("accuracy") is not None or v.get("agreement") is not None:
+    parts.append(f"accuracy {fraction(v.get('accuracy'))}, agreement with Keras "
+                 f"{fraction(v.get('agreement'))}")
+  line = f"validated in {v.get('runtime')}: " + "; ".join(parts or ["ran"])
+  return line + (f" ({v['note']})" if v.get("note") else "")
+
+
+def _parse_kinds(items):
+  """``--output_kinds name=kind,...`` as a dict (None when not given)."""
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
+  kinds = {}
+  for item in items or []:
+    name, sep, kind = item.partition("=")
+    if not sep or not name or not kind:
+      raise InvalidInputError(f"Expected --output_kinds as NAME=KIND, e.g. embedding=linear. "
+                              f"Received: {item!r}")
+    kinds[name] = kind
+  return kinds or None
+
+
+def _parse_metric(text):
+  """``--eval_metric``/``--metric``: a Keras metric name, or ``module:function``."""
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
+  if not text or ":" not in text:
+    return text or None
+  import importlib  # pylint: disable=g-import-not-at-top
+  module, _, name = text.partition(":")
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise InvalidInputError(f"Expected a metric as a Keras metric name or "
+                            f"module:function. Received: {text!r} ({e})") from None
 
 
 def _parse_ram(text):
@@ -463,11 +520,17 @@ def cmd_validate(args) -> int:
   from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
   if not args.data:
     raise InvalidInputError("Expected --data with labeled inputs (.npz with x and y, "
-                            "'mnist' or 'digits').")
-  x, y = load_data(args.data, need_labels=True)
-  result = keras_mpq.validate_tflite(args.tflite, x, y, runtime=args.runtime)
+                            "'mnist' or 'digits'; x alone with --reference).")
+  x, y = load_data(args.data, need_labels=not args.reference)
+  reference = keras_mpq.load_model(args.reference) if args.reference else None
+  result = keras_mpq.validate_tflite(args.tflite, x, y, runtime=args.runtime,
+                                     reference=reference, metric=_parse_metric(args.metric))
   for key, value in _asdict(result).items():
-    if not isinstance(value, (list, dict)):
+    if key == "fidelity" and value:
+      for name, f in value.items():
+        print(f"fidelity {name}: correlation {f['correlation']:.4f}, normalized error "
+              f"{f['normalized_error']:.3g}")
+    elif not isinstance(value, (list, dict)):
       print(f"{key}: {value}")
   return 0
 

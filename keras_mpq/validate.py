@@ -1,4 +1,4 @@
-"""`validate_tflite`: accuracy of an exported file in its runtime, on real data.
+"""`validate_tflite`: accuracy (or the user's metric, or output fidelity) of an exported file in its runtime, on real data.
 
 >>> result = validate_tflite("model.tflite", x_test, y_test)  # doctest: +SKIP
 >>> result.accuracy  # doctest: +SKIP
@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -15,61 +15,77 @@ from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.results import ValidationResult
 from keras_mpq.export import reader as reader_lib
 from keras_mpq.export.runtime import dequantize_output, run_tflite
+from keras_mpq.model import outputs as outputs_lib
 
 # --------------------------------------------------------------------------- validate
 
 
 def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "auto",
-                    per_layer: bool = False, float_model=None) -> ValidationResult:
-  """Accuracy and agreement with Keras of a .tflite file on ``x`` (and labels ``y``).
+                    per_layer: bool = False, float_model=None,
+                    metric=None) -> ValidationResult:
+  """Accuracy, the user's metric and agreement with Keras of a .tflite file on ``x``.
 
   Args:
     path_or_bytes: the .tflite file or its bytes.
     x: inputs, shape (n, *input_shape), float.
-    y: optional integer labels (n,) for accuracy.
+    y: optional labels: integer classes (n,) for a classifier's accuracy, or
+      the targets ``metric`` takes (a list, one per output, for several).
     reference: optional Keras model; agreement is the share of samples where
-      the argmax of the file's output equals the reference's.
+      the argmax of the file's output equals the reference's. For a model that
+      is not a single-label classifier (`keras_mpq.model.outputs.Heads`), each
+      output's fidelity instead: its correlation with the reference's and its
+      normalized error, outputs matched by name (by position in a file
+      stripped of names).
     runtime: 'auto' (LiteRT, then tflite_runtime, then tf.lite), 'litert',
       'tflite_runtime', 'tf' or 'tflm' (TFLite Micro; batch-1 integer files).
     per_layer: with ``float_model``, also the max abs error of each weight
       layer's output against the float model (LiteRT,
       ``experimental_preserve_all_tensors``; float-output layers only).
+    metric: the user's measure of the outputs against ``y``: a Keras metric
+      (a name such as ``"mae"``, a ``keras.metrics.Metric``) or a callable
+      ``fn(y, outputs) -> number`` (``outputs``: an array, or a list in the
+      model's order for several outputs).
 
   Example:
 
   >>> validate_tflite("m.tflite", x, y, reference=model).accuracy  # doctest: +SKIP
   0.97
+  >>> validate_tflite("ae.tflite", x, reference=autoencoder).fidelity  # doctest: +SKIP
+  {'reconstruction': {'correlation': 0.999, 'normalized_error': 0.002}}
   """
   start = time.perf_counter()
   data = reader_lib.read_bytes(path_or_bytes)
-  if y is not None:
-    y = np.asarray(y).reshape(-1)
-    if not (np.issubdtype(y.dtype, np.integer)
-            or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
-      raise InvalidInputError(
-          f"Expected integer class labels y. Received: labels of dtype {y.dtype}")
-    if len(y) != len(np.asarray(x)):
-      raise InvalidInputError(
-          f"Expected one label per input. Received: {len(np.asarray(x))} inputs and "
-          f"{len(y)} labels")
+  x = np.asarray(x)
+  heads = None if reference is None else outputs_lib.heads_of(reference)
+  n_outputs = max(1, reader_lib.parse(data).sg.OutputsLength())
+  classifier = n_outputs == 1 and (heads is None or heads.classifier)
+  if y is not None and classifier and metric is None:
+    y = _check_labels(y, len(x))  # integer classes (a per-pixel file without metric: too)
   used = runtime
   layer_errors = None
   if runtime == "tflm":
     out = run_tflite(data, x, runtime="tflm")
   elif per_layer and float_model is not None:
-    out, interp, used = run_tflite(data, np.asarray(x)[:32], runtime=runtime,
+    out, interp, used = run_tflite(data, x[:32], runtime=runtime,
                                    preserve_all_tensors=True, return_interpreter=True)
     layer_errors = _layer_errors(interp, data, float_model, np.asarray(x, np.float32)[:32])
     out = run_tflite(data, x, runtime=runtime)
   else:
     out, _, used = run_tflite(data, x, runtime=runtime, return_interpreter=True)
-  if len(out) != len(np.asarray(x)) or out.size == 0:
-    raise InvalidInputError(
-        f"Expected one output row per input. Received: {len(out)} output rows (shape "
-        f"{out.shape}) for {len(np.asarray(x))} inputs; the file's output shape is damaged "
-        "or not a classifier's. Re-export the model.")
+  outs = out if isinstance(out, list) else [out]
+  for o in outs:
+    if len(o) != len(x) or o.size == 0:
+      raise InvalidInputError(
+          f"Expected one output row per input. Received: {len(o)} output rows (shape "
+          f"{o.shape}) for {len(x)} inputs; the file's output shape is damaged. "
+          "Re-export the model.")
+  value, metric_name = (None, None) if metric is None else _user_metric(metric, y, out)
+  classifier = classifier and (heads is not None or outs[0].ndim == 2)  # else per pixel
+  if not classifier:
+    return _fidelity_result(data, outs, x, reference, heads, used, start, layer_errors,
+                            value, metric_name)
   pred = _classes(out)
-  acc = float(np.mean(pred == y)) if y is not None else None
+  acc = float(np.mean(pred == y)) if y is not None and metric is None else None
   agreement = max_err = mean_err = None
   if reference is not None:
     ref = np.asarray(reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256))
@@ -79,7 +95,115 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
     max_err, mean_err = float(diff.max()), float(diff.mean())
   return ValidationResult(runtime=used, n=len(out), seconds=time.perf_counter() - start,
                           accuracy=acc, agreement=agreement, max_abs_error=max_err,
-                          mean_abs_error=mean_err, layer_errors=layer_errors)
+                          mean_abs_error=mean_err, layer_errors=layer_errors,
+                          metric=value, metric_name=metric_name)
+
+
+def _check_labels(y, n: int) -> np.ndarray:
+  y = np.asarray(y).reshape(-1)
+  if not (np.issubdtype(y.dtype, np.integer)
+          or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+    raise InvalidInputError(
+        f"Expected integer class labels y. Received: labels of dtype {y.dtype}; for "
+        "other targets pass metric= (a Keras metric or a callable fn(y, outputs)).")
+  if len(y) != n:
+    raise InvalidInputError(
+        f"Expected one label per input. Received: {n} inputs and {len(y)} labels")
+  return y
+
+
+def _user_metric(metric, y, out) -> Tuple[float, str]:
+  """``(value, name)`` of the user's ``metric`` on targets ``y`` and the file's outputs."""
+  if y is None:
+    raise InvalidInputError(
+        "Expected y (the targets) with metric=. Received: y=None. Pass the labels or "
+        "targets the metric compares the outputs with.")
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
+  name = getattr(metric, "name", None) or getattr(metric, "__name__", None) or str(metric)
+  fn = metric
+  if isinstance(metric, str):
+    try:
+      fn = keras.metrics.get(metric)
+    except ValueError:
+      raise InvalidInputError(
+          f"Expected metric as a Keras metric name (such as 'mae' or 'accuracy'), a "
+          f"keras.metrics.Metric or a callable fn(y, outputs). Received: "
+          f"metric={metric!r}") from None
+  if not isinstance(out, list) and not isinstance(y, (list, tuple, dict)):
+    y = np.asarray(y)
+    if y.size == out.size and y.shape != out.shape:  # (n,) targets of an (n, 1) output
+      y = y.reshape(out.shape)
+  try:
+    if isinstance(fn, keras.metrics.Metric):
+      fn.reset_state()
+      fn.update_state(y, out)
+      value = fn.result()
+    elif callable(fn):
+      value = fn(y, out)
+    else:
+      raise TypeError(f"not callable: {type(fn).__name__}")
+    value = float(np.mean(np.asarray(value, np.float64)))
+  except InvalidInputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's function
+    raise InvalidInputError(
+        f"Expected metric {name!r} to take (y, outputs) and return a number. Received "
+        f"{type(e).__name__}: {str(e)[:200]}") from None
+  if not np.isfinite(value):
+    raise InvalidInputError(
+        f"Expected a finite value from metric {name!r}. Received: {value}. Check that y "
+        "matches the outputs (shape, scale).")
+  return value, str(name)
+
+
+def _fidelity_result(data, outs, x, reference, heads, used, start, layer_errors, value,
+                     metric_name) -> ValidationResult:
+  """A file that is not a classifier: each output's fidelity to the reference."""
+  if reference is None:
+    note = ("not a single-label classifier: no accuracy; pass reference= (the float "
+            "model) for each output's fidelity" + ("" if metric_name else
+                                                    ", or metric= and y for your measure"))
+    return ValidationResult(runtime=used, n=len(x), seconds=time.perf_counter() - start,
+                            layer_errors=layer_errors, metric=value,
+                            metric_name=metric_name, note=note)
+  refs = reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256)
+  refs = refs if isinstance(refs, list) else [refs]
+  names = heads.names
+  file_names = _output_names(data, len(outs))
+  if set(file_names) == set(names):  # matched by name
+    outs = [outs[file_names.index(n)] for n in names]
+  elif len(outs) != len(names):
+    raise InvalidInputError(
+        f"Expected the file to have the reference's {len(names)} outputs {names}. "
+        f"Received: {len(outs)} outputs {file_names}. Validate against the model the "
+        "file was exported from.")
+  fidelity: Dict[str, Dict[str, float]] = {}
+  diffs = []
+  for name, got, ref in zip(names, outs, refs):
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64).reshape(ref.shape)
+    diff = got - ref
+    diffs.append(np.abs(diff).ravel())
+    var = float(np.var(ref))
+    corr = (float(np.corrcoef(got.ravel(), ref.ravel())[0, 1])
+            if np.std(got) > 0 and np.std(ref) > 0 else float(np.array_equal(got, ref)))
+    fidelity[name] = {"correlation": corr,
+                      "normalized_error": float(np.mean(diff * diff)) / max(var, 1e-12)}
+  every = np.concatenate(diffs)
+  note = ("not a single-label classifier: reported each output's fidelity to the "
+          "reference (correlation, mean squared error over the reference's variance)"
+          + ("" if metric_name else "; pass metric= and y for your own measure"))
+  return ValidationResult(runtime=used, n=len(x), seconds=time.perf_counter() - start,
+                          max_abs_error=float(every.max()),
+                          mean_abs_error=float(every.mean()), layer_errors=layer_errors,
+                          metric=value, metric_name=metric_name, fidelity=fidelity,
+                          note=note)
+
+
+def _output_names(data: bytes, n: int) -> List[str]:
+  """The file's output tensor names, in order ('' where stripped)."""
+  reader = reader_lib.parse(data)
+  return [reader.name(int(reader.sg.Outputs(i))) for i in range(n)]
 
 
 def _classes(out: np.ndarray) -> np.ndarray:

@@ -332,12 +332,12 @@ def test_binary_sigmoid_classifier_goes_through_as_two_classes(binary_cnn, tmp_p
 
 
 @pytest.mark.parametrize("build,match", [
-    (lambda k: k.Sequential([k.Input((8, 8, 1)), k.layers.Flatten(), k.layers.Dense(1, name="price")]),
-     "regression"),
+    (lambda k: k.Sequential([k.Input((8, 8, 1)), k.layers.Flatten(), k.layers.Dense(1),
+                             k.layers.Reshape((), name="price")]), "rank 0"),
     (lambda k: k.Sequential([k.Input((6,), dtype="int32"), k.layers.Embedding(20, 4),
                              k.layers.Flatten(), k.layers.Dense(3)]), "token ids"),
 ])
-def test_non_classifiers_are_refused_before_synthesis(build, match, monkeypatch):
+def test_unmeasurable_models_are_refused_before_synthesis(build, match, monkeypatch):
   from keras_mpq.synthesis import generators as generators_lib
   from keras_mpq.base.compat import keras
 

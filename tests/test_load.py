@@ -611,22 +611,39 @@ def test_check_model_refuses_subclassed_models():
     model_checks_lib.check_model(net)
 
 
-def test_check_model_refuses_several_inputs_or_outputs():
+def test_check_model_refuses_several_inputs_but_takes_several_outputs():
   a, b = keras.Input((4,)), keras.Input((4,))
   two_in = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
-  with pytest.raises(UnsupportedModelError, match="not supported yet.*2 inputs"):
+  with pytest.raises(UnsupportedModelError, match="several inputs are not supported yet.*2 inputs"):
     model_checks_lib.check_model(two_in)
   two_out = keras.Model(a, [keras.layers.Dense(2)(a), keras.layers.Dense(3)(a)])
-  with pytest.raises(UnsupportedModelError, match="not supported yet.*2 outputs"):
-    model_checks_lib.check_model(two_out)
+  assert model_checks_lib.check_model(two_out) is two_out
 
 
-def test_check_model_needs_a_class_output():
+def test_check_model_takes_per_pixel_outputs_and_refuses_unmeasurable_ones():
   inp = keras.Input((8, 8, 1))
-  model = keras.Model(inp, keras.layers.Conv2D(2, 3)(inp))
-  with pytest.raises(UnsupportedModelError,
-                     match=r"shape \(batch, classes\).*\(None, 6, 6, 2\)"):
-    model_checks_lib.check_model(model)
+  model = keras.Model(inp, keras.layers.Conv2D(2, 3, name="mask")(inp))
+  assert model_checks_lib.check_model(model) is model
+  flat = keras.Input((4,))
+  rank0 = keras.Model(flat, keras.layers.Reshape(())(keras.layers.Dense(1, name="score")(flat)))
+  with pytest.raises(UnsupportedModelError, match=r"output 'reshape.*rank 0.*Reshape\(\(1,\)\)"):
+    model_checks_lib.check_model(rank0)
+  ints = keras.Model(flat, keras.layers.Lambda(lambda t: tf.cast(t, "int32"), name="ids")(
+      keras.layers.Dense(3)(flat)))
+  with pytest.raises(UnsupportedModelError, match=r"output 'ids' of dtype int32"):
+    model_checks_lib.check_model(ints)
+
+
+def test_load_model_inlines_nested_tf_keras_models():
+  inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc", activation="relu")],
+                           name="inner")
+  inp = keras.Input((4,))
+  nested = keras.Model(inp, keras.layers.Dense(2, name="fc_out")(inner(inp)))
+  flat = load_lib.load_model(nested)
+  assert [l.name for l in flat.layers][1:] == ["fc", "fc_out"]
+  x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+  np.testing.assert_allclose(flat(x).numpy(), nested(x).numpy(), atol=1e-6)
+  assert model_checks_lib.check_model(flat) is flat
 
 
 def test_check_model_refuses_nested_and_keras3_models():
@@ -671,24 +688,62 @@ def _head_model(head, input_dtype="float32"):
   return keras.Model(inp, head(keras.layers.Dense(4, activation="relu")(inp)))
 
 
-def test_classifier_head_kinds():
+def _kinds(model, **kw):
+  heads = outputs_lib.heads_of(model, **kw)
+  return [(h.name, str(h.kind)) for h in heads.heads], heads.classifier
+
+
+def test_heads_read_classifiers_as_before():
   D = keras.layers.Dense
-  assert outputs_lib.classifier_head(_head_model(lambda x: D(1, activation="sigmoid")(x))) == "binary"
-  assert outputs_lib.classifier_head(_head_model(lambda x: D(3)(x))) == "classes"
-  assert outputs_lib.classifier_head(
-      _head_model(lambda x: keras.layers.Softmax()(D(3)(x)))) == "classes"
+  assert _kinds(_head_model(lambda x: D(1, activation="sigmoid", name="p")(x))) == (
+      [("p", "sigmoid")], True)
+  assert _kinds(_head_model(lambda x: D(3, name="z")(x))) == ([("z", "logits")], True)
+  assert _kinds(_head_model(lambda x: keras.layers.Softmax(name="s")(D(3)(x)))) == (
+      [("s", "softmax")], True)
 
 
-@pytest.mark.parametrize("head,match", [
-    (lambda x: keras.layers.Dense(1, name="price")(x), r"'price' with one output unit.*regression"),
-    (lambda x: keras.layers.Dense(3, activation="relu", name="boxes")(x), r"'boxes'.*'relu'"),
-    (lambda x: keras.layers.Dense(3, activation="sigmoid", name="tags")(x), "multi-label"),
+@pytest.mark.parametrize("head,kind", [
+    (lambda x: keras.layers.Dense(1, name="price")(x), "linear"),
+    (lambda x: keras.layers.Dense(3, activation="relu", name="boxes")(x), "linear"),
+    (lambda x: keras.layers.Dense(3, activation="sigmoid", name="tags")(x), "sigmoid"),
+    (lambda x: keras.layers.Dense(6, name="reconstruction")(x), "linear"),  # the input's shape
 ])
-def test_non_classifier_heads_are_refused_with_advice(head, match):
-  with pytest.raises(UnsupportedModelError, match=match) as err:
-    outputs_lib.classifier_head(_head_model(head))
-  if "regression" in match:
-    assert "metric='weight_mse'" in str(err.value) and "Activation('sigmoid')" in str(err.value)
+def test_heads_of_non_classifiers(head, kind):
+  names, classifier = _kinds(_head_model(head))
+  assert names[0][1] == kind and not classifier
+
+
+def test_heads_of_two_heads_keeps_the_class_head_and_takes_overrides():
+  inp = keras.Input((6,))
+  h = keras.layers.Dense(8, activation="relu")(inp)
+  model = keras.Model(inp, [keras.layers.Dense(3, activation="softmax", name="cls")(h),
+                            keras.layers.Dense(4, name="box")(h)])
+  heads = outputs_lib.heads_of(model)
+  assert not heads.classifier and heads.class_head().name == "cls"
+  assert [str(h.kind) for h in heads.heads] == ["softmax", "linear"]
+  single = _head_model(lambda x: keras.layers.Dense(16, name="embedding")(x))
+  assert _kinds(single) == ([("embedding", "logits")], True)
+  assert _kinds(single, kinds={"embedding": "linear"}) == ([("embedding", "linear")], False)
+  with pytest.raises(InvalidInputError, match=r"output_kinds to name the model's outputs \['cls', 'box'\]"):
+    outputs_lib.heads_of(model, kinds={"boxes": "linear"})
+  with pytest.raises(InvalidInputError, match=r"output_kinds\['box'\] to be one of"):
+    outputs_lib.heads_of(model, kinds={"box": "regression"})
+  with pytest.raises(InvalidInputError, match=r"output_weights\['box'\] to be a finite weight"):
+    outputs_lib.heads_of(model, weights={"box": -1})
+
+
+def test_distortion_terms_per_head_kind():
+  heads = outputs_lib.Heads((outputs_lib.Head("p", "softmax", (2,)),
+                             outputs_lib.Head("s", "sigmoid", (1,)),
+                             outputs_lib.Head("y", "linear", (2,), weight=2.0)))
+  f = np.log([[0.5, 0.5]])
+  ref = np.concatenate([f, [[0.5]], [[0.0, 0.0]]], axis=1)
+  q = np.concatenate([np.log([[0.9, 0.1]]), [[0.9]], [[1.0, 3.0]]], axis=1)
+  terms = heads.head_distortion(q, ref, [1.0, 1.0, 5.0])[0]
+  kl = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+  assert np.allclose(terms, [kl, kl, 2.0 * (1 + 9) / 2 / 5.0])
+  assert np.allclose(heads.distortion(ref, ref, [1, 1, 5]), 0.0)
+  assert heads.scales(np.concatenate([ref, ref + [[0, 0, 0, 2, 2]]]))[2] == pytest.approx(1.0)
 
 
 def test_token_inputs_are_refused_with_a_fitting_message():

@@ -362,13 +362,37 @@ def test_bad_inputs_raise_clear_errors():
 def test_unsupported_models_are_refused():
   inp = keras.Input((6, 6, 1))
   no_head = keras.Model(inp, keras.layers.Conv2D(2, 3, name="c")(inp))
-  with pytest.raises(UnsupportedModelError, match=r"\(batch, classes\)"):
+  with pytest.raises(InvalidInputError, match=r"data=x alone.*'c' \(linear"):
     measure_lib.measure_sensitivity(no_head, _tiny_data((6, 6, 1)))
+  with pytest.raises(InvalidInputError, match=r"objective='distortion'"):
+    measure_lib.measure_sensitivity(no_head, _tiny_data((6, 6, 1))[0], objective="kl")
+  with pytest.raises(InvalidInputError, match=r"needs a classifier's labels"):
+    measure_lib.measure_sensitivity(no_head, _tiny_data((6, 6, 1))[0], metric="hessian_trace")
   no_weights = keras.Sequential([keras.Input((4,)), keras.layers.Softmax()])
   with pytest.raises(UnsupportedModelError, match="quantizable layer"):
     measure_lib.measure_sensitivity(no_weights, None, metric="weight_mse")
   with pytest.raises(InvalidInputError, match="tf_keras"):
     measure_lib.measure_sensitivity("model.h5", None, metric="weight_mse")
+
+
+def test_non_classifiers_are_measured_by_output_distortion():
+  """An autoencoder and a two-headed model: fewer bits, more distortion; each head counted."""
+  keras.utils.set_random_seed(0)
+  x = np.random.default_rng(0).uniform(0, 1, (64, 6, 6, 1)).astype("float32")
+  inp = keras.Input((6, 6, 1))
+  h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="enc")(inp)
+  ae = keras.Model(inp, keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
+                                            name="rec")(h))
+  table = measure_lib.measure_sensitivity(ae, x, weight_bits=(2, 8), clean=False)
+  assert table.info["objective"] == "distortion"
+  assert np.all(table.scores[:, 0] > table.scores[:, 1])
+  flat = keras.layers.Flatten()(h)
+  two = keras.Model(inp, [keras.layers.Dense(3, activation="softmax", name="cls")(flat),
+                          keras.layers.Dense(2, name="box")(flat)])
+  table = measure_lib.measure_sensitivity(two, x, weight_bits=(2, 8), clean=False)
+  assert table.layers == ("enc", "cls", "box")
+  assert np.all(table.scores[:, 0] > table.scores[:, 1])
+  assert table.scores[1, 0] > 0 and table.scores[2, 0] > 0  # each head's layer counts
 
 
 def test_one_hot_labels_are_accepted():
@@ -456,7 +480,7 @@ def test_kl_and_cross_entropy_objectives(trained_cnn, data, ti_table):
   # KL from the float model: the context (8-bit) is already a little away from float
   assert 0 < ti_table.info["context_objective"] < ce.info["context_loss"]
   assert not np.allclose(ce.scores, ti_table.scores)
-  with pytest.raises(InvalidInputError, match=r"objective in \['cross_entropy', 'kl'\]"):
+  with pytest.raises(InvalidInputError, match=r"objective in \['cross_entropy', 'kl', 'distortion'\]"):
     measure_lib.measure_sensitivity(trained_cnn, data, objective="mse")
 
 

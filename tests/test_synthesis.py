@@ -352,7 +352,7 @@ def test_registry():
   assert generators_lib.available_methods()[:3] == ["labeled", "zeroq", "noise"]
   noise = generators_lib.get_generator("noise")
   assert generators_lib.get_generator(generators_lib.SynthesisMethod.NOISE) is noise
-  with pytest.raises(InvalidInputError, match=r"\['labeled', 'zeroq', 'noise'\].*'magic'"):
+  with pytest.raises(InvalidInputError, match=r"\['labeled', 'zeroq', 'noise', 'diverse'\].*'magic'"):
     generators_lib.get_generator("magic")
 
   @generators_lib.register_generator("ones_for_test")
@@ -383,15 +383,38 @@ def test_fewer_samples_than_classes_target_distinct_classes():
   assert len(made.x) == 4 and len(np.unique(made.y)) == 4 and made.y.max() < 6
 
 
-def test_output_without_classes():
+def test_model_without_classes_gets_diverse_data_and_labeled_refuses_it():
   keras.utils.set_random_seed(0)
-  model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(3, 3)])
-  with pytest.raises(UnsupportedModelError, match=r"\(batch, num_classes\)"):
+  model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(3, 3, name="maps")])
+  with pytest.raises(UnsupportedModelError, match=r"class head.*method='diverse'"):
     _run(model)
+  r = generators_lib.synthesize_with_info(model, num_samples=8, method="diverse",
+                                          max_steps=20, progress=False)
+  assert r.num_classes == 0 and r.output_kind == "none" and np.all(r.y == -1)
+  assert r.x.shape == (8, 8, 8, 1) and 0 <= r.x.min() and r.x.max() <= 1
+  assert r.summary()["confidence"] is None and r.class_counts().size == 0
+  noise = generators_lib.synthesize_with_info(model, num_samples=8, method="noise",
+                                              progress=False)
+  assert np.all(noise.y == -1)
 
 
-def test_multi_label_sigmoid_refused():
-  with pytest.raises(UnsupportedModelError, match="multi-label"):
+def test_diverse_spreads_the_outputs_more_than_its_start():
+  """The spread term works: outputs over the batch vary more after than at the start."""
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(4, 3, activation="tanh"),
+                            layers.GlobalAveragePooling2D(), layers.Dense(3, name="y")])
+  r = generators_lib.synthesize_with_info(model, num_samples=16, method="diverse",
+                                          max_steps=60, progress=False, tv_weight=0.0,
+                                          l2_weight=0.0, blur=0.0)
+  spread_after = float(np.mean(np.std(np.asarray(model(r.x, training=False)), axis=0)))
+  u0 = generators_lib.losses_lib.initial_u(np.random.default_rng(0), r.x.shape)
+  spread_start = float(np.mean(np.std(np.asarray(model(0.5 + 0.5 * u0, training=False)),
+                                      axis=0)))
+  assert spread_after > 1.5 * spread_start, (spread_start, spread_after)
+
+
+def test_multi_label_sigmoid_is_not_a_classifier():
+  with pytest.raises(UnsupportedModelError, match="class head"):
     _run(_dense(classes=3, activation="sigmoid"))
 
 

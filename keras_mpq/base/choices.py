@@ -53,10 +53,22 @@ class RangePolicy(enum.StrEnum):
 
 
 class Objective(enum.StrEnum):
-  """The task loss the sensitivity measures: KL from the float model, or cross-entropy."""
+  """The task loss the sensitivity measures: KL from the float model, cross-entropy,
+  the outputs' distortion (any model), or the user's own loss on their targets."""
 
   CROSS_ENTROPY = "cross_entropy"
   KL = "kl"
+  DISTORTION = "distortion"
+  LOSS = "loss"  # the user's loss= on their targets
+
+
+class HeadKind(enum.StrEnum):
+  """What one output of a model is (`keras_mpq.model.outputs.Head`)."""
+
+  SOFTMAX = "softmax"  # probabilities over the last axis
+  LOGITS = "logits"  # logits over the last axis
+  SIGMOID = "sigmoid"  # independent probabilities, one per unit (binary, per pixel)
+  LINEAR = "linear"  # anything else: regression, reconstruction, embedding, box
 
 
 class Context(enum.StrEnum):

@@ -155,7 +155,11 @@ class ValidationResult:
   ``accuracy`` needs labels; ``agreement`` (share of equal argmax) and the
   output errors need a reference model. ``layer_errors`` maps a Keras layer to
   the max abs error of its output tensor against the float model (LiteRT
-  only, with ``per_layer=True``).
+  only, with ``per_layer=True``). ``metric`` is the user's measure (``metric=``)
+  on the labels, named ``metric_name``. ``fidelity`` maps each output to its
+  ``correlation`` with the reference's and its ``normalized_error`` (mean
+  squared error over the reference output's variance); ``note`` says what
+  was measured where it is not a classifier's accuracy.
   """
 
   runtime: str
@@ -166,6 +170,10 @@ class ValidationResult:
   max_abs_error: Optional[float] = None
   mean_abs_error: Optional[float] = None
   layer_errors: Optional[Mapping[str, float]] = None
+  metric: Optional[float] = None
+  metric_name: Optional[str] = None
+  fidelity: Optional[Mapping[str, Mapping[str, float]]] = None
+  note: Optional[str] = None
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
@@ -193,9 +201,11 @@ class SynthesisResult:
     input_range_source: where the range came from, in words.
     assumed_range: True when the range was neither inferred from the model nor
       given, so [0, 1] was assumed.
-    num_classes: number of classes of the model's output.
+    num_classes: number of classes of the model's output (of its class head
+      when it has several outputs); 0 for a model with no class head, whose
+      labels are all -1 and confidences NaN.
     output_kind: how the output was read: ``logits``, ``softmax``,
-      ``sigmoid_logit`` or ``sigmoid``.
+      ``sigmoid_logit`` or ``sigmoid``; ``none`` without a class head.
     seed: the seed used.
     seconds: wall time of the synthesis.
     info: settings and counters (batch size, steps, traces, ...), JSON-able.
@@ -225,7 +235,9 @@ class SynthesisResult:
     return int(len(self.y))
 
   def class_counts(self) -> np.ndarray:
-    """How many samples carry each label, shape ``(num_classes,)``."""
+    """How many samples carry each label, shape ``(num_classes,)`` (empty without classes)."""
+    if self.num_classes == 0:
+      return np.zeros(0, np.int64)
     return np.bincount(self.y, minlength=self.num_classes)
 
   def reached_share(self) -> Optional[float]:
@@ -243,7 +255,8 @@ class SynthesisResult:
         "assumed_range": self.assumed_range, "seed": self.seed,
         "seconds": round(self.seconds, 3),
         "class_counts": self.class_counts().tolist(),
-        "confidence": {"min": float(conf.min()), "median": float(np.median(conf)),
-                       "max": float(conf.max()), "mean": float(conf.mean())},
+        "confidence": None if self.num_classes == 0 else {
+            "min": float(conf.min()), "median": float(np.median(conf)),
+            "max": float(conf.max()), "mean": float(conf.mean())},
         "reached_share": self.reached_share(),
         "mean_steps": float(np.mean(self.steps)), "info": dict(self.info)})

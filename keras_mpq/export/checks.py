@@ -19,7 +19,7 @@ from keras_mpq.base.errors import UnsupportedModelError
 from keras_mpq.base.types import FLOAT_BITS
 from keras_mpq.export import reader as reader_lib
 from keras_mpq.export.recipe import Decision
-from keras_mpq.export.targets import TFLM_KERNELS
+from keras_mpq.export.targets import TFLM_KERNELS, TFLM_MAX_INPUTS
 
 
 def _kernel_for_op(layer, op: str):
@@ -229,11 +229,40 @@ def layer_of_tensor(name: str, layer_names: Sequence[str]) -> Optional[str]:
   return None
 
 
+def _layer_of_op(reader, op, layer_names: Sequence[str]) -> str:
+  """The Keras layer an operator came from, as its tensors' names tell.
+
+  The model's last operator writes a tensor the converter renames
+  (``StatefulPartitionedCall:0``): it is then named as the output layer
+  after the layer of its first named input.
+  """
+  for t in op.outputs:
+    layer = layer_of_tensor(reader.name(t), layer_names) if t >= 0 else None
+    if layer is not None:
+      return layer
+  for t in op.inputs:
+    layer = layer_of_tensor(reader.name(t), layer_names) if t >= 0 else None
+    if layer is not None:
+      outputs = {reader.sg.Outputs(i) for i in range(reader.sg.OutputsLength())}
+      return (f"the output layer after {layer}" if any(o in outputs for o in op.outputs)
+              else layer)
+  return "?"
+
+
+def _where(labels: Sequence[str]) -> str:
+  """'layer a', 'layers a, b' or 'the output layer after a', from `_layer_of_op` labels."""
+  labels = sorted(set(labels))
+  named = [l for l in labels if not l.startswith("the ")]
+  parts = ([f"layer{'s' if len(named) > 1 else ''} {', '.join(named)}"] if named else [])
+  return ", ".join(parts + [l for l in labels if l.startswith("the ")])
+
+
 def check_runtime_ops(float_bytes: bytes, target: str, layer_names: Sequence[str]) -> None:
   """Raises `UnsupportedModelError` naming the layer of each operator ``target``'s runtime lacks.
 
-  'mcu' and 'ethos-u' files run in TFLite Micro (`TFLM_KERNELS`); 'mobile'
-  (LiteRT) runs every builtin operator.
+  'mcu' and 'ethos-u' files run in TFLite Micro: every operator needs a
+  kernel there (`TFLM_KERNELS`) and at most the inputs that kernel prepares
+  (`TFLM_MAX_INPUTS`); 'mobile' (LiteRT) runs every builtin operator.
 
   >>> check_runtime_ops(b"", "mobile", [])
   """
@@ -241,23 +270,33 @@ def check_runtime_ops(float_bytes: bytes, target: str, layer_names: Sequence[str
     return
   reader = reader_lib.parse(float_bytes)
   missing: Dict[str, List[str]] = {}
+  too_many: Dict[Tuple[str, int], List[str]] = {}
   for op in reader.ops:
-    if op.op in TFLM_KERNELS:
-      continue
-    where = "?"
-    for t in list(op.outputs) + list(op.inputs):
-      if t >= 0:
-        where = layer_of_tensor(reader.name(t), layer_names) or where
-        if where != "?":
-          break
-    missing.setdefault(op.op, []).append(where)
+    if op.op not in TFLM_KERNELS:
+      missing.setdefault(op.op, []).append(_layer_of_op(reader, op, layer_names))
+    elif len(op.inputs) > TFLM_MAX_INPUTS.get(op.op, len(op.inputs)):
+      too_many.setdefault((op.op, len(op.inputs)), []).append(
+          _layer_of_op(reader, op, layer_names))
+  problems = []
   if missing:
-    parts = [f"{op} (layer{'s' if len(set(ls)) > 1 else ''} {', '.join(sorted(set(ls)))})"
-             for op, ls in sorted(missing.items())]
-    raise UnsupportedModelError(
+    parts = [f"{op} ({_where(ls)})" for op, ls in sorted(missing.items())]
+    problems.append(
         f"Expected only operators TFLite Micro has kernels for (target={target!r}). "
         f"Received: {'; '.join(parts)}. Replace those layers with supported ones "
-        "(see keras_mpq.export.targets.TFLM_KERNELS), or export with target='mobile'.")
+        "(see keras_mpq.export.targets.TFLM_KERNELS)")
+  if too_many:
+    parts = [f"{op} of {n} inputs ({_where(ls)})" for (op, n), ls in sorted(too_many.items())]
+    limits = ", ".join(f"{op} at most {TFLM_MAX_INPUTS[op]}"
+                       for op in sorted({op for op, _ in too_many}))
+    problems.append(
+        f"Expected operators TFLite Micro can prepare (target={target!r}): its kernels take "
+        f"{limits} inputs. Received: {'; '.join(parts)}. Concatenate at most "
+        f"{TFLM_MAX_INPUTS['CONCATENATION']} tensors per Concatenate layer (nest them); an "
+        "UpSampling1D(size) becomes one CONCATENATION of size x steps inputs (each step "
+        "repeated), so write it as Reshape((steps, 1, channels)), UpSampling2D((size, 1)), "
+        "Reshape((steps * size, channels)) (RESIZE_NEAREST_NEIGHBOR)")
+  if problems:
+    raise UnsupportedModelError(". ".join(problems) + ". Or export with target='mobile'.")
 
 
 # --------------------------------------------------------------------------- scale checks

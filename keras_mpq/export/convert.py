@@ -57,11 +57,55 @@ def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
   converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], holder)
   try:
     with quiet():
-      return bytes(converter.convert())
+      data = bytes(converter.convert())
   except Exception as e:  # converter errors are long C++ dumps
     raise UnsupportedModelError(
         f"TFLiteConverter could not convert model {model.name!r}: "
         f"{str(e).strip().splitlines()[-1][:300]}") from None
+  if len(model.outputs) > 1:
+    data = order_outputs(data, [str(n) for n in model.output_names])
+  return data
+
+
+def order_outputs(model_bytes: bytes, names: List[str]) -> bytes:
+  """The converted file with its outputs in the Keras model's order, named as its outputs.
+
+  The converter lists a model's several outputs in an order of its own, each
+  named ``StatefulPartitionedCall:k`` after its place ``k`` in the model; this
+  puts them back in the model's order and gives each output tensor (and
+  signature entry) the Keras output's name, so a runtime's output ``i`` is
+  the model's output ``i`` and `keras_mpq.validate_tflite` can match by name.
+  """
+  import flatbuffers  # pylint: disable=g-import-not-at-top
+  from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+  sg = model.subgraphs[0]
+  outs = [int(t) for t in sg.outputs]
+  places = []
+  for t in outs:
+    name = (sg.tensors[t].name or b"").decode("utf-8", "replace")
+    tail = name.rsplit(":", 1)[-1]
+    places.append(int(tail) if ":" in name and tail.isdigit() else None)
+  if len(outs) != len(names) or sorted(p for p in places if p is not None) != list(
+      range(len(names))):
+    raise UnsupportedModelError(
+        f"Expected the converted file's {len(outs)} outputs to name their place in the "
+        f"model's {len(names)} outputs {names}. Received output tensors "
+        f"{[(sg.tensors[t].name or b'').decode('utf-8', 'replace') for t in outs]}; "
+        "please report it with the model.")
+  ordered = [outs[places.index(k)] for k in range(len(names))]
+  sg.outputs = np.asarray(ordered, np.int32)
+  for t, name in zip(ordered, names):
+    sg.tensors[t].name = name.encode()
+  for signature in model.signatureDefs or []:
+    by_tensor = {int(m.tensorIndex): m for m in signature.outputs or []}
+    if set(by_tensor) == set(ordered):
+      signature.outputs = [by_tensor[t] for t in ordered]
+      for m, name in zip(signature.outputs, names):
+        m.name = name.encode()
+  builder = flatbuffers.Builder(len(model_bytes) + 4096)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output())
 
 
 @contextlib.contextmanager
@@ -163,4 +207,6 @@ def same_tflm_outputs(a: bytes, b: bytes, x: np.ndarray, n: int = 8) -> bool:
   sample = x[:n]
   ya = runtime_lib.run_tflite(a, sample, runtime="tflm")
   yb = runtime_lib.run_tflite(b, sample, runtime="tflm")
-  return ya.shape == yb.shape and bool(np.array_equal(ya, yb))
+  ya, yb = (v if isinstance(v, list) else [v] for v in (ya, yb))
+  return len(ya) == len(yb) and all(
+      p.shape == q.shape and bool(np.array_equal(p, q)) for p, q in zip(ya, yb))

@@ -40,7 +40,7 @@ def repack_int4(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
         done.add(tensor.name)
   if not done:
     return model_bytes
-  return bytes(model.build())
+  return _build(model_editor, model)
 
 
 def unpack_int8(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
@@ -62,7 +62,19 @@ def unpack_int8(model_bytes: bytes, tensor_names: Sequence[str]) -> bytes:
         tensor.buffer.data = values.astype(np.int8).tobytes()
         tensor.dtype = schema.TensorType.INT8
         done = True
-  return bytes(model.build()) if done else model_bytes
+  return _build(model_editor, model) if done else model_bytes
+
+
+def _build(model_editor, model) -> bytes:
+  """The edited model's bytes, without the buffers of its old metadata.
+
+  The model editor writes each metadata value into a new buffer and keeps
+  every buffer it read, so the old metadata buffers stayed in the file with
+  nothing referring to them (a 4-bit decoder's mcu file came out 144 bytes
+  larger than its 8-bit one); only buffers some tensor refers to are kept.
+  """
+  model_editor.prune_buffers(model)
+  return bytes(model.build())
 
 
 def inline_buffers(model_bytes: bytes, always: bool = False) -> bytes:

@@ -32,6 +32,7 @@ from keras_mpq.base.errors import InvalidInputError, KerasMpqError
 from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
 
 try:  # the flatbuffer schema reader; a declared dependency of keras_mpq
+  import flatbuffers
   import tflite as _tfl
 except ImportError:  # pragma: no cover - exercised only without the package
   _tfl = None
@@ -144,6 +145,22 @@ def _guarded(fn):
   return wrapper
 
 
+def builtin_code(code) -> int:
+  """An operator code's builtin operator, as LiteRT and TFLite Micro read it.
+
+  The larger of the ``builtin_code`` field and the 8-bit
+  ``deprecated_builtin_code``. The ``tflite`` package's ``BuiltinCode()``
+  returns the deprecated field for every code below 127, but ai-edge-quantizer
+  writes the QUANTIZE and DEQUANTIZE it adds with only ``builtin_code`` set
+  (the deprecated field 0, which is ADD): read through the package, a U-Net's
+  mobile file listed them as ADD operators with one input.
+  """
+  tab = code._tab  # pylint: disable=protected-access
+  o = tab.Offset(10)  # builtin_code: field 3 of OperatorCode
+  raw = int(tab.Get(flatbuffers.number_types.Int32Flags, o + tab.Pos)) if o else 0
+  return max(raw, int(code.DeprecatedBuiltinCode()))
+
+
 class _Reader:
   """Parses a model once; raises InvalidInputError if the flatbuffer is damaged."""
 
@@ -167,7 +184,7 @@ class _Reader:
   def _op(self, i) -> OpInfo:
     op = self.sg.Operators(i)
     code = self.model.OperatorCodes(op.OpcodeIndex())
-    builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    builtin = builtin_code(code)
     name = _OP_NAMES.get(builtin, f"OP_{builtin}")
     if code.CustomCode() and (name == "CUSTOM" or builtin == 0):  # TFLM_DECODE has code 0
       name = code.CustomCode().decode()

@@ -37,6 +37,16 @@ def _op_config(weight_bits: int, activation_bits: int, skip_checks: bool) -> Dic
   }
 
 
+# TFLite builtin operator name -> ai-edge-quantizer's name for it, where they
+# differ (its recipe rules name operators its own way; an unknown name fails
+# with "Unsupported operation ... for Algorithm").
+AEQ_OP_NAMES = {"TRANSPOSE_CONV": "CONV_2D_TRANSPOSE"}
+
+# The weight operators ai-edge-quantizer's policy quantizes at 4 and 8 bits
+# (its ``static_wi4_ai8``); the others need ``skip_checks`` at 4 bits.
+POLICY_INT4_OPS = ("CONV_2D", "FULLY_CONNECTED")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
   layer: str
@@ -99,8 +109,10 @@ def build_recipe(decisions: Sequence[Decision], target: str) -> List[Dict[str, A
     if d.container == "float":
       recipe.append({"regex": regex, "operation": "*", "algorithm_key": "no_quantize"})
       continue
-    skip = d.request_bits not in (4, 8) or d.op == "DEPTHWISE_CONV_2D"
-    recipe.append({"regex": regex, "operation": d.op,
+    # ai-edge-quantizer's policy allows only 4 and 8 bits, and INT4 only for
+    # conv and fully connected; the probe measured the rest (CAPABILITIES).
+    skip = d.request_bits not in (4, 8) or d.op not in POLICY_INT4_OPS
+    recipe.append({"regex": regex, "operation": AEQ_OP_NAMES.get(d.op, d.op),
                    "algorithm_key": "min_max_uniform_quantize",
                    "op_config": _op_config(d.request_bits, d.activation_bits, skip)})
   return recipe

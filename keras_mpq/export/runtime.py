@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -188,6 +188,9 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
                preserve_all_tensors: bool = False, return_interpreter: bool = False):
   """Runs the model on ``x``; returns float outputs (dequantized), shape (n, ...).
 
+  A model with several outputs returns a list of them, in the Keras model's
+  order (`keras_mpq.export.convert.order_outputs` put them so).
+
   Example:
 
   >>> y = run_tflite("model.tflite", x_test[:10])               # doctest: +SKIP
@@ -211,7 +214,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     interp = Interpreter(**kwargs)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]  # tensor names are decoded here
-    out = interp.get_output_details()[0]
+    outs = interp.get_output_details()
   except (ValueError, RuntimeError, IndexError) as e:  # UnicodeDecodeError is a ValueError
     hint = (" It is a Vela-compiled Ethos-U file: those run only on the NPU; validate "
             "the TFLite Micro file (ExportResult.mcu_path) instead."
@@ -224,7 +227,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   fixed = int(inp["shape"][0])
   dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
   step = min(batch_size, len(x)) if dynamic else fixed
-  outputs = []
+  outputs: List[List[np.ndarray]] = [[] for _ in outs]
   current = fixed
   for i in range(0, len(x), max(step, 1)):
     chunk = x[i:i + step]
@@ -238,15 +241,22 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     try:
       interp.set_tensor(inp["index"], _quantize_input(chunk, inp))
       interp.invoke()
-      outputs.append(dequantize_output(interp.get_tensor(out["index"]), out)[:n])
+      for parts, out in zip(outputs, outs):
+        parts.append(dequantize_output(interp.get_tensor(out["index"]), out)[:n])
     except (RuntimeError, ValueError, IndexError) as e:  # e.g. "Input tensor 4 lacks data"
       raise InvalidInputError(
           f"{name} failed to run this .tflite file: {str(e).strip()[:200]}. The file is "
           "damaged or not a model keras_mpq exported; re-export it.") from None
-  result = np.concatenate(outputs, axis=0)
+  result = _joined(outputs)
   if return_interpreter:
     return result, interp, name
   return result
+
+
+def _joined(outputs: List[List[np.ndarray]]):
+  """Each output's batches joined; one array for one output, else a list."""
+  joined = [np.concatenate(parts, axis=0) for parts in outputs]
+  return joined[0] if len(joined) == 1 else joined
 
 
 def _verify_for_tflm(data: bytes) -> None:
@@ -434,9 +444,10 @@ def _run_tflm_here(data: bytes, x):
   Interpreter = _tflm_class()  # pylint: disable=invalid-name
   _verify_stripped_for_tflm(data)
   interp = _tflm_interpreter(Interpreter, data)
+  n_outputs = max(1, reader_lib.parse(data).sg.OutputsLength())
   try:
     inp = _tflm_detail(interp.get_input_details(0))
-    out = _tflm_detail(interp.get_output_details(0))
+    outs = [_tflm_detail(interp.get_output_details(i)) for i in range(n_outputs)]
   except (RuntimeError, ValueError, IndexError) as e:
     raise InvalidInputError(f"TFLite Micro could not read this model's input or output: "
                             f"{str(e)[:200]}") from None
@@ -446,15 +457,16 @@ def _run_tflm_here(data: bytes, x):
         f"{list(inp['shape'])}; export with target='mcu'.")
   x = _check_x(x, inp["shape"], "TFLite Micro")
   _check_input_scale(x, inp)
-  outputs = []
+  outputs: List[List[np.ndarray]] = [[] for _ in outs]
   for i in range(len(x)):
     try:
       interp.set_input(_quantize_input(x[i:i + 1], inp), 0)
       interp.invoke()
-      outputs.append(dequantize_output(interp.get_output(0), out))
+      for k, (parts, out) in enumerate(zip(outputs, outs)):
+        parts.append(dequantize_output(interp.get_output(k), out))
     except (RuntimeError, ValueError, IndexError) as e:
       raise InvalidInputError(f"TFLite Micro failed to run this model: {str(e)[:200]}") from None
-  return np.concatenate(outputs, axis=0)
+  return _joined(outputs)
 
 
 def is_full_integer_batch1(path_or_bytes) -> bool:

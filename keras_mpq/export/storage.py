@@ -29,12 +29,15 @@ from keras_mpq.export.targets import TARGETS
 # --------------------------------------------------------------------------- file bytes per target
 
 
-REPACK_ALLOWANCE = 256
+REPACK_ALLOWANCE = 16
 """Bytes charged per layer whose weights the exporter rewrites with TFLite
 Micro's model editor (3-bit layers repacked into int4, 4-bit layers unpacked
-into int8 where the operator has no int4 kernel): the rebuild moved a digits
-MLP's file by 152 bytes and a small Conv+Dense model's by 144 (once per file;
-charged per layer, so the prediction errs on the large side)."""
+into int8 where the operator has no int4 kernel): the rebuild moves a file by
+at most 8 bytes (a Conv+Dense model's 2-, 3- and 4-bit plans: mobile -8..+8,
+mcu 0, its buffers re-aligned afterwards), so the prediction errs on the
+large side. The rebuild once kept the model's old metadata buffers beside
+the new ones (+144..152 bytes, charged 256 here); `keras_mpq.export.flatbuffer`
+now drops them."""
 
 
 BUFFER_ALIGNMENT = 16
@@ -97,7 +100,7 @@ def storage_bytes(cost: LayerCost, ops: Sequence[Tuple[str, int]], bits: int,
     elif d.container != "int8":  # mobile: an upper bound over both of its file layouts
       data = _round_up(data) + BUFFER_ALIGNMENT
     total += data
-    if d.repack_int4 or d.unpack_int8:  # the model editor rebuilds the file (+144..152 B)
+    if d.repack_int4 or d.unpack_int8:  # the model editor rebuilds the file (<= 8 B)
       total += REPACK_ALLOWANCE
     integer = integer or d.container != "float"
   if not integer:

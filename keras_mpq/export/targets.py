@@ -24,24 +24,29 @@ DEFAULT_VELA_ACCELERATOR = "ethos-u55-128"
 CAPABILITIES: Dict[str, Dict[str, Dict[str, Tuple[int, ...]]]] = {
     # LiteRT runs packed INT4 conv and fully connected with int8 or int16
     # activations; INT4 depthwise with int16 activations runs but computes
-    # wrong outputs (relative error ~1.0), so only int8 there.
+    # wrong outputs (relative error ~1.0), so only int8 there. TRANSPOSE_CONV
+    # (Conv2DTranspose) takes only INT8 filters (transpose_conv.cc:372).
     "litert": {
         "CONV_2D": {"int4": (8, 16), "int8": (8, 16)},
         "DEPTHWISE_CONV_2D": {"int4": (8,), "int8": (8, 16)},
         "FULLY_CONNECTED": {"int4": (8, 16), "int8": (8, 16)},
+        "TRANSPOSE_CONV": {"int4": (), "int8": (8, 16)},
     },
     # TFLite Micro: INT4 conv and depthwise with int8 activations; INT4
-    # fully connected fails to prepare (fully_connected_common.cc:98).
+    # fully connected fails to prepare (fully_connected_common.cc:98), INT4
+    # transpose conv too ("Hybrid models are not supported on TFLite Micro").
     "tflm": {
         "CONV_2D": {"int4": (8,), "int8": (8, 16)},
         "DEPTHWISE_CONV_2D": {"int4": (8,), "int8": (8, 16)},
         "FULLY_CONNECTED": {"int4": (), "int8": (8, 16)},
+        "TRANSPOSE_CONV": {"int4": (), "int8": (8, 16)},
     },
     # Vela 5.2 (ethos-u55-128) crashes (SIGFPE, exit -8) on any INT4 tensor.
     "vela": {
         "CONV_2D": {"int4": (), "int8": (8, 16)},
         "DEPTHWISE_CONV_2D": {"int4": (), "int8": (8, 16)},
         "FULLY_CONNECTED": {"int4": (), "int8": (8, 16)},
+        "TRANSPOSE_CONV": {"int4": (), "int8": (8, 16)},
     },
 }
 
@@ -79,3 +84,10 @@ SPACE_TO_DEPTH SPLIT SPLIT_V SQRT SQUARE SQUARED_DIFFERENCE SQUEEZE STRIDED_SLIC
 SUB SUM SVDF TANH TRANSPOSE TRANSPOSE_CONV UNIDIRECTIONAL_SEQUENCE_LSTM UNPACK
 VAR_HANDLE WHILE ZEROS_LIKE
 """.split())
+
+# Operators whose TFLite Micro kernel takes a bounded number of inputs: the
+# most it prepares (tflite-micro 0.dev20261023: concatenation.cc kMaxInputNum;
+# 11 inputs fail to prepare). Keras' UpSampling1D(size) converts to one
+# CONCATENATION of size x steps inputs (each step repeated), so UpSampling1D(2)
+# of more than 5 steps does not run there. tests/test_decoder_layers.py checks both sides.
+TFLM_MAX_INPUTS = {"CONCATENATION": 10}

@@ -18,6 +18,7 @@ import numpy as np
 from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.compat import is_keras3_model, keras, tf
 from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
+from keras_mpq.model import outputs as outputs_lib
 
 # --------------------------------------------------------------------------- checks
 
@@ -49,9 +50,9 @@ def check_graph_model(model) -> None:
     if isinstance(layer, keras.Model):
       raise UnsupportedModelError(
           f"Expected a flat model. Received: layer {layer.name!r} is a nested model "
-          f"({type(layer).__name__}). Rebuild the model with the sub-model's layers "
-          "inlined, or pass it as a Keras 3 model (keras_mpq.load_model inlines "
-          "nested Keras 3 models).")
+          f"({type(layer).__name__}). Pass it through keras_mpq.load_model(model), which "
+          "inlines nested Sequential and functional models, or rebuild it with the "
+          "sub-model's layers inlined.")
     if network_nodes is not None:
       calls = sum(1 for i in range(len(layer._inbound_nodes))  # pylint: disable=protected-access
                   if f"{layer.name}_ib-{i}" in network_nodes)
@@ -67,7 +68,8 @@ def check_model(model) -> "keras.Model":
   """Raises a clear error if keras_mpq cannot quantize ``model``; returns it otherwise.
 
   Requirements: a tf_keras Sequential or functional model (not subclassed,
-  no nested models), one input and one output of shape ``(batch, classes)``,
+  no nested models), one input, outputs that `keras_mpq.model.outputs.heads_of`
+  can read (float, at least ``(batch, units)``),
   at least one quantizable layer (Dense, Conv1D, Conv2D, DepthwiseConv2D,
   SeparableConv2D, Conv2DTranspose), and finite weights.
 
@@ -79,17 +81,13 @@ def check_model(model) -> "keras.Model":
   True
   """
   check_graph_model(model)
-  if len(model.inputs) != 1 or len(model.outputs) != 1:
+  if len(model.inputs) != 1:
     raise UnsupportedModelError(
-        "Expected a model with one input and one output; several inputs or outputs "
-        f"are not supported yet. Received: model {model.name!r} with "
-        f"{len(model.inputs)} inputs and {len(model.outputs)} outputs.")
-  out_shape = tuple(model.outputs[0].shape)
-  if len(out_shape) != 2:
-    raise UnsupportedModelError(
-        "Expected a classifier whose output has shape (batch, classes). Received: "
-        f"model {model.name!r} with output shape {out_shape}. Add a classification "
-        "head (e.g. GlobalAveragePooling2D then Dense(classes)).")
+        "Expected a model with one input; several inputs are not supported yet. "
+        f"Received: model {model.name!r} with {len(model.inputs)} inputs "
+        f"{[tuple(t.shape) for t in model.inputs]}. Concatenate them into one input "
+        "inside the model, or quantize each branch as its own model.")
+  outputs_lib.heads_of(model)  # refuses outputs nothing can measure (rank 0, integers)
   if not layers_lib.quantizable_layers(model):
     raise UnsupportedModelError(
         "Expected a model with at least one quantizable layer (Dense, Conv1D, Conv2D, "

@@ -93,6 +93,81 @@ def rebuild(model, transform: Callable, name: Optional[str] = None,
   return new_model
 
 
+def inline_nested(model):
+  """A flat copy of ``model`` whose nested Sequential/functional models are inlined.
+
+  Each layer of a nested model is cloned from its config (renamed when its
+  name is taken) and given its weights; the outputs are the same. A model
+  with no nested model, or with a subclassed one, is returned as it is.
+
+  >>> inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")], name="enc")
+  >>> inp = keras.Input((4,))
+  >>> flat = inline_nested(keras.Model(inp, keras.layers.Dense(2, name="out")(inner(inp))))
+  >>> [l.name for l in flat.layers][1:]
+  ['fc', 'out']
+  """
+  nested = [l for l in model.layers if isinstance(l, keras.Model)]
+  if not nested or not getattr(model, "_is_graph_network", False) or not all(
+      getattr(l, "_is_graph_network", False) for l in nested):
+    return model  # nothing to inline, or a subclassed model: `check_graph_model` says so
+  taken = {l.name for l in model.layers if not isinstance(l, keras.Model)}
+  pending = []
+
+  def unique(name: str, scope: str) -> str:
+    if name in taken:
+      name = f"{scope}_{name}"
+    base, i = name, 1
+    while name in taken:
+      name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+  def run(m, inputs, top: bool):
+    tensor_map = {id(t): n for t, n in zip(m.inputs, inputs)}
+
+    def mapped(x):
+      if id(x) in tensor_map:
+        return tensor_map[id(x)]
+      if hasattr(x, "_keras_history"):
+        raise UnsupportedModelError(
+            f"Tensor {getattr(x, 'name', x)!r} is used in model {m.name!r} but not "
+            "produced inside it. Expected self-contained nested models.")
+      return x
+
+    for layer in m.layers:
+      if isinstance(layer, keras.layers.InputLayer):
+        continue
+      nodes = model_nodes(m, layer)
+      if len(nodes) != 1:
+        raise UnsupportedModelError(
+            f"Expected each layer to be called once. Received: layer {layer.name!r} is "
+            f"called {len(nodes)} times in model {m.name!r}.")
+      node = nodes[0]
+      args = tf.nest.map_structure(mapped, node.call_args)
+      kwargs = tf.nest.map_structure(mapped, node.call_kwargs)
+      if isinstance(layer, keras.Model):
+        outs = run(layer, tf.nest.flatten(args), False)
+        out = outs[0] if len(outs) == 1 else outs
+      else:
+        config = dict(layer.get_config())
+        config["name"] = layer.name if top else unique(layer.name, m.name)
+        new = layer.__class__.from_config(config)
+        out = new(*args, **kwargs)
+        pending.append((new, layer.get_weights()))
+      for old_t, new_t in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+        tensor_map[id(old_t)] = new_t
+    return [tensor_map[id(t)] for t in m.outputs]
+
+  new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                            name=t.name.split(":")[0].split("/")[0]) for t in model.inputs]
+  outputs = run(model, new_inputs, True)
+  flat = keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
+                     outputs if len(outputs) > 1 else outputs[0], name=model.name)
+  for layer, weights in pending:
+    layer.set_weights(weights)
+  return flat
+
+
 def layer_output(model, layer):
   """``layer``'s output tensor in ``model``'s graph (a layer may also live in others).
 

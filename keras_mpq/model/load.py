@@ -35,6 +35,7 @@ from keras_mpq.base.errors import (
   UnsupportedModelError,
 )
 from keras_mpq.model.keras3 import WHAT_TO_DO, first_line, keras3_to_tf_keras
+from keras_mpq.model import graph as graph_lib
 
 _EXPECTED = ("a tf_keras or Keras 3 model, or a path to a '.keras' file, an '.h5' "
              "file or a Keras SavedModel directory")
@@ -55,7 +56,8 @@ def load_model(model_or_path) -> "keras.Model":
       or by tf_keras), an ``.h5`` file, or a Keras SavedModel directory.
 
   Returns:
-    A built tf_keras ``Model``, not compiled.
+    A built tf_keras ``Model``, not compiled; nested Sequential or functional
+    models inlined (`keras_mpq.model.graph.inline_nested`).
 
   Raises:
     InvalidInputError: the path is missing, unreadable, or not a Keras model.
@@ -70,6 +72,10 @@ def load_model(model_or_path) -> "keras.Model":
   >>> type(model).__module__.startswith("tf_keras")
   True
   """
+  return graph_lib.inline_nested(_load(model_or_path))
+
+
+def _load(model_or_path):
   if isinstance(model_or_path, keras.Model):
     if not model_or_path.built or not getattr(model_or_path, "inputs", None):
       if getattr(model_or_path, "_is_graph_network", False) or isinstance(

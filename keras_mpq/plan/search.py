@@ -39,6 +39,7 @@ from keras_mpq.sensitivity.job import (
   apply_holdout,
   check_context,
   check_objective,
+  resolve_objective,
   prepare,
 )
 from keras_mpq.sensitivity.measure import measure
@@ -78,7 +79,7 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
            safeguard: bool = True, table: Optional[SensitivityTable] = None,
            weight_method: Optional[str] = None,
            bias_correction: Optional[Union[bool, str]] = None,
-           range_policy: Optional[str] = None) -> SearchResult:
+           range_policy: Optional[str] = None, loss=None) -> SearchResult:
   """Sensitivity, allocation, re-measurement in rounds, and a measured safeguard.
 
   Round 0 measures ``metric`` in the first context and allocates
@@ -124,6 +125,9 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
       first context (same layers and bits): round 0 uses it instead of
       measuring again (sweeping budgets over one measurement).
 
+    loss: your own task loss with ``data=(x, y)`` (see
+      `keras_mpq.measure_sensitivity`); the objective then.
+
   Returns:
     A `SearchResult`.
 
@@ -137,7 +141,8 @@ def search(model, data, budget, weight_bits: Sequence[int] = (2, 4, 8), rounds: 
                         seed, activation_bits, batch_size, progress, objective=objective,
                         context=context, holdout=holdout, safeguard=safeguard,
                         table=table, weight_method=weight_method,
-                        bias_correction=bias_correction, range_policy=range_policy)[0]
+                        bias_correction=bias_correction, range_policy=range_policy,
+                        loss=loss)[0]
 
 
 def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[int] = (2, 4, 8),
@@ -150,7 +155,7 @@ def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[in
                    table: Optional[SensitivityTable] = None,
                    weight_method: Optional[str] = None,
                    bias_correction: Optional[Union[bool, str]] = None,
-                   range_policy: Optional[str] = None) -> List[SearchResult]:
+                   range_policy: Optional[str] = None, loss=None) -> List[SearchResult]:
   """`search` at each of ``budgets``, sharing one quantized model and every measurement.
 
   A sensitivity table measured in a context, and a plan's measured loss, are
@@ -168,8 +173,8 @@ def search_budgets(model, data, budgets: Sequence[Any], weight_bits: Sequence[in
   budgets = [Budget.parse(b) for b in budgets]
   # Labels are needed to measure L(plan), whatever the metric.
   job = prepare(model, data, weight_bits, get_metric(Metric.TASK_INTERACTION.value),
-                 None, activation_bits, batch_size, seed, progress)
-  job.objective = objective
+                 None, activation_bits, batch_size, seed, progress, loss=loss)
+  objective = resolve_objective(job, objective)
   job.weight_method, job.bias_correction, job.range_policy = (
       weight_method, bias_correction, range_policy)
   apply_holdout(job, holdout)

@@ -19,7 +19,7 @@ import numpy as np
 
 from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.compat import keras, tf, tfmot
-from keras_mpq.base.errors import InvalidInputError
+from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan, check_weight_bits
 from keras_mpq.model.graph import clone_layer, rebuild
 from keras_mpq.quantization import analytic_bias as analytic_bias_lib
@@ -64,6 +64,14 @@ def quantize_model(model, plan: QuantizationPlan):
   Most users want `apply_plan`, which folds and calibrates too.
   """
   check_plan(model, plan)
+  if not any(layers_lib.layer_role(l) in ("weights", "output") for l in model.layers):
+    raise UnsupportedModelError(
+        "Expected at least one layer keras_mpq quantizes (Dense, Conv1D, Conv2D, "
+        "DepthwiseConv2D, SeparableConv1D/2D, Conv1DTranspose, Conv2DTranspose, or an "
+        f"Add, Concatenate, pooling, UpSampling1D/2D...). Received: model {model.name!r} "
+        "whose layers are all passthrough or unsupported (unsupported: "
+        f"{unsupported_layers(model) or 'none'}); 3-D layers such as Conv3D, "
+        "Conv3DTranspose and UpSampling3D are not supported.")
   fused = fused_producers(model)
   input_bits = plan.default_activation_bits
 

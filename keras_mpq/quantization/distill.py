@@ -173,7 +173,10 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
                                f"({MIN_SAMPLES}); pass tune_steps to tune anyway"), 0
   if steps and not layers:
     info["reason"], steps = "no quantized weight layer", 0
-  if steps and len(out_shape) != 2:
+  if steps and not outputs_lib.heads_of(float_model).classifier:
+    info["reason"], steps = ("not a single-label classifier: tuning matches class "
+                             "probabilities, so it runs on classifiers only"), 0
+  elif steps and len(out_shape) != 2:
     info["reason"], steps = f"output of shape {out_shape} is not (batch, classes)", 0
   if not steps:
     info["seconds"] = round(time.perf_counter() - start, 3)

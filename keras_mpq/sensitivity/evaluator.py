@@ -24,7 +24,7 @@ from keras_mpq.model.outputs import to_log_probs
 from keras_mpq.quantization import access as access_lib
 from keras_mpq.quantization import calibrate as calibrate_lib
 from keras_mpq.quantization import optimize as optimize_lib
-from keras_mpq.sensitivity.job import OBJECTIVE_FNS, Job
+from keras_mpq.sensitivity.job import DISTORTION, LOSS, OBJECTIVE_FNS, Job, loss_per_sample
 
 
 class Evaluator:
@@ -38,7 +38,7 @@ class Evaluator:
 
   * ``prefix(x) -> [c_1, ..., c_K]``: the cut tensors at the context, once
     per batch;
-  * ``evaluate(start, [h_0, ..., h_K]) -> log-probabilities``: runs the
+  * ``evaluate(start, [h_0, ..., h_K]) -> features``: runs the
     segments from ``start`` on (``h_start`` injected; the earlier segments
     sit in ``tf.cond`` branches that are not taken, so they cost nothing).
 
@@ -46,6 +46,10 @@ class Evaluator:
   bit-widths. Both functions have fixed input signatures and count their
   traces in ``traces`` (each must stay at 1: bits are variables, ``start`` a
   tensor).
+
+  The features are a classifier's log-probabilities, or for any other model
+  `keras_mpq.model.outputs.Heads.features` of all its outputs, which the
+  ``distortion`` objective compares with the float model's.
   """
 
   def __init__(self, folded, layers: Sequence[str], x: np.ndarray, y: Optional[np.ndarray],
@@ -53,8 +57,12 @@ class Evaluator:
                default_activation_bits: int = 8, x_calib: Optional[np.ndarray] = None, *,
                weight_method: Optional[str] = None,
                bias_correction: Optional[Union[bool, str]] = None,
-               range_policy: Optional[str] = None):
+               range_policy: Optional[str] = None, heads=None, loss=None):
     self.layers = tuple(layers)
+    self.loss_fn = loss  # the user's loss=: features are the raw outputs
+    self.all_heads = heads
+    self.heads = None if heads is None or (heads.classifier and loss is None) else heads
+    self._scales: Optional[np.ndarray] = None
     self.x, self.y = x, y  # what losses are measured on (the held-out part)
     self.x_calib = x if x_calib is None else x_calib  # what activation ranges see
     self._float_ref: Optional[List[np.ndarray]] = None
@@ -137,7 +145,8 @@ class Evaluator:
       segments.append(seg)
       bounds.append(t)
       kept.append(k)
-    segments.append(keras.Model(bounds[-1], qmodel.outputs[0]))
+    outputs = qmodel.outputs if self.heads is not None else qmodel.outputs[0]
+    segments.append(keras.Model(bounds[-1], outputs))
     renumber = {old: new for new, old in enumerate(kept)}
     self._layer_start = {n: renumber.get(s, 0) for n, s in start.items()}
     self._cut_names = [self._cut_names[k - 1] for k in kept[1:]]
@@ -175,12 +184,42 @@ class Evaluator:
       traces["prefix"] += 1
       outs = prefix_model(x, training=False)
       outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-      return outs[:-1], to_log_probs(outs[-1])
+      n_out = len(self.qmodel.outputs)
+      return outs[:-n_out], to_log_probs(outs[-n_out:] if n_out > 1 else outs[-1])
 
     self._prefix_fn = tf.function(prefix, input_signature=[specs[0]])
 
   def _log_probs(self, out):
+    if self.loss_fn is not None:
+      return self.heads.raw(out)
+    if self.heads is not None:
+      return self.heads.features(out)
     return to_log_probs(out, self.from_logits)
+
+  def objective_fn(self, objective: str, reuse_prefix: bool = True):
+    """``fn(features, y, ref) -> per-sample values`` of ``objective`` (see `OBJECTIVES`)."""
+    if objective == LOSS:
+      heads, loss = self.heads, self.loss_fn
+      return lambda out, y, ref: loss_per_sample(loss, y, heads.split(out), heads.names)
+    if objective != DISTORTION:
+      return OBJECTIVE_FNS[objective]
+    if self.heads is None:  # a classifier: its one head's KL
+      return OBJECTIVE_FNS["kl"]
+    if self._scales is None:
+      self._scales = self.heads.scales(np.concatenate(self.float_reference(reuse_prefix)))
+    heads, scales = self.heads, self._scales
+    return lambda out, y, ref: heads.distortion(out, ref, scales)
+
+  def head_distortion(self, reuse_prefix: bool = True) -> Optional[Dict[str, float]]:
+    """Mean distortion of each output of the model as it stands (None for a classifier)."""
+    if self.heads is None:
+      return None
+    self.objective_fn(DISTORTION, reuse_prefix)
+    refs = self.float_reference(reuse_prefix)
+    rows = [self.heads.head_distortion(self.prefix(tf.constant(self.x[s]))[1], refs[k],
+                                       self._scales)
+            for k, s in enumerate(batch_slices(len(self.x), self.batch_size))]
+    return dict(zip(self.heads.names, np.mean(np.concatenate(rows), axis=0).tolist()))
 
   def prefix(self, xb) -> Tuple[List[Any], np.ndarray]:
     """The cut tensors and the output log-probabilities of one batch, at the context."""
@@ -230,8 +269,8 @@ class Evaluator:
   def sample_objective(self, objective: str, reuse_prefix: bool = True) -> np.ndarray:
     """``objective`` of the model as it stands, one value per sample (float64)."""
     self._split(reuse_prefix)
-    objective_fn = OBJECTIVE_FNS[objective]
-    refs = self.float_reference(reuse_prefix) if objective == "kl" else None
+    objective_fn = self.objective_fn(objective, reuse_prefix)
+    refs = self.float_reference(reuse_prefix) if objective in ("kl", DISTORTION) else None
     rows = []
     for k, s in enumerate(batch_slices(len(self.x), self.batch_size)):
       out = self.prefix(tf.constant(self.x[s]))[1]
@@ -284,7 +323,7 @@ class Evaluator:
     in ``self.last_stderr``.
     """
     self._split(reuse_prefix)
-    objective_fn = OBJECTIVE_FNS[objective]
+    objective_fn = self.objective_fn(objective, reuse_prefix)
     groups: Dict[int, List[int]] = collections.OrderedDict()
     for i, name in enumerate(self.layers):
       groups.setdefault(self._layer_start[name], []).append(i)
@@ -293,7 +332,7 @@ class Evaluator:
              if b != self.context[name]]
     bar = Bar(len(pairs) * len(range(0, n, self.batch_size)), f"sensitivity ({objective})",
               progress)
-    refs = self.float_reference(reuse_prefix) if objective == "kl" else None
+    refs = self.float_reference(reuse_prefix) if objective in ("kl", DISTORTION) else None
     base = 0.0
     totals = np.zeros((len(self.layers), len(bits)))
     squares = np.zeros((len(self.layers), len(bits)))
@@ -369,5 +408,6 @@ def evaluator_for(job: Job) -> Evaluator:
                                job.default_activation_bits, x_calib=job.x_calib,
                                weight_method=job.weight_method,
                                bias_correction=job.bias_correction,
-                               range_policy=job.range_policy)
+                               range_policy=job.range_policy, heads=job.heads,
+                               loss=job.loss)
   return job.evaluator

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 from keras_mpq.base import choices
-from keras_mpq.base.compat import keras
+from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.progress import show_progress
 from keras_mpq.base.types import (
@@ -27,6 +27,8 @@ from keras_mpq.base.types import (
   check_weight_bits,
 )
 from keras_mpq.model.outputs import (
+  Heads,
+  heads_of,
   num_classes_of,
   outputs_are_probabilities,
   predicted_labels,
@@ -39,7 +41,13 @@ HUTCHINSON_PROBES = 16
 """Rademacher probes of the ``hessian_trace`` metric's trace estimate."""
 
 DEFAULT_OBJECTIVE = choices.Objective.KL.value
-"""Task loss of the task-loss metrics unless told otherwise (`OBJECTIVES`)."""
+"""Task loss of the task-loss metrics on a classifier unless told otherwise (`OBJECTIVES`)."""
+
+DISTORTION = choices.Objective.DISTORTION.value
+"""Task loss of any other model: its outputs' distortion (`keras_mpq.model.outputs.Heads.distortion`)."""
+
+LOSS = choices.Objective.LOSS.value
+"""Task loss when the user passes ``loss=``: their loss on their targets (`loss_per_sample`)."""
 
 HOLDOUT = 0.5
 """Share of the data held out from range calibration for measuring losses."""
@@ -113,6 +121,112 @@ class Job:
   weight_method: Optional[str] = None
   bias_correction: Optional[Union[bool, str]] = None
   range_policy: Optional[str] = None
+  heads: Optional[Heads] = None  # the model's outputs (`keras_mpq.model.outputs.heads_of`)
+  loss: Optional[Any] = None  # the user's loss= (objective "loss"), y then `Targets`
+
+
+class Targets:
+  """The targets of a user's ``loss=``: one array, or one per output, sliced together.
+
+  >>> t = Targets([np.zeros((4, 2)), np.ones(4)])
+  >>> len(t), len(t[1:3]), [a.shape for a in t[:2].arrays]
+  (4, 2, [(2, 2), (2,)])
+  """
+
+  def __init__(self, arrays: Sequence[np.ndarray]):
+    self.arrays = tuple(np.asarray(a) for a in arrays)
+
+  def __len__(self) -> int:
+    return len(self.arrays[0])
+
+  def __getitem__(self, index) -> "Targets":
+    return Targets([a[index] for a in self.arrays])
+
+  @property
+  def value(self):
+    """One array, or a list of them (what ``loss`` gets as ``y_true``)."""
+    return self.arrays[0] if len(self.arrays) == 1 else list(self.arrays)
+
+
+def check_targets(y, n: int, names: Sequence[str]) -> Targets:
+  """The user's targets for ``loss=``: an array, or a list/dict with one per output."""
+  if isinstance(y, Targets):
+    arrays = list(y.arrays)
+  elif isinstance(y, Mapping):
+    missing = [k for k in names if k not in y]
+    if missing:
+      raise InvalidInputError(
+          f"Expected targets for every output {list(names)} with loss=. Received: a dict "
+          f"without {missing}.")
+    arrays = [y[k] for k in names]
+  elif isinstance(y, (list, tuple)):
+    arrays = list(y)
+  else:
+    arrays = [y]
+  if len(names) > 1 and len(arrays) != len(names):
+    raise InvalidInputError(
+        f"Expected one target array per output {list(names)} with loss= (a list in that "
+        f"order, or a dict by name). Received: {len(arrays)} arrays.")
+  try:
+    arrays = [np.asarray(a) for a in arrays]
+  except (TypeError, ValueError) as e:
+    raise InvalidInputError(f"Expected numeric targets with loss=. Received: {e}") from None
+  for name, a in zip(names, arrays):
+    if len(a) != n:
+      raise InvalidInputError(
+          f"Expected {n} targets (one per input) for output {name!r}. Received: {len(a)}.")
+  return Targets(arrays)
+
+
+def check_loss(loss) -> Callable:
+  """``loss`` as a function of ``(y_true, y_pred)`` giving one value per sample.
+
+  A Keras loss (a name such as ``"mse"``, a ``keras.losses.Loss`` instance,
+  made to reduce nothing) or a callable; values over more than the batch
+  axis are averaged per sample.
+  """
+  if isinstance(loss, str):
+    try:
+      return keras.losses.get(loss)
+    except ValueError:
+      raise InvalidInputError(
+          f"Expected loss as a Keras loss name (such as 'mse'), a keras.losses.Loss or a "
+          f"callable fn(y_true, y_pred). Received: loss={loss!r}") from None
+  if isinstance(loss, keras.losses.Loss):
+    config = dict(loss.get_config(), reduction="none")
+    return loss.__class__.from_config(config)
+  if callable(loss):
+    return loss
+  raise InvalidInputError(
+      f"Expected loss as a Keras loss name, a keras.losses.Loss or a callable "
+      f"fn(y_true, y_pred). Received: loss of type {type(loss).__name__}")
+
+
+def loss_per_sample(loss: Callable, y: Targets, outputs, names: Sequence[str] = ()) -> np.ndarray:
+  """``loss(y_true, y_pred)`` per sample (float64); a scalar stands for every sample."""
+  y_true = y.value
+  y_pred = outputs
+  if isinstance(y_true, list):
+    y_true = [tf.constant(a) for a in y_true]
+    y_pred = [tf.constant(a) for a in outputs]
+  else:
+    y_pred = tf.constant(outputs)
+    y_true = tf.constant(y_true.reshape(outputs.shape) if y_true.size == outputs.size
+                         and y_true.shape != outputs.shape else y_true)
+  try:
+    value = np.asarray(loss(y_true, y_pred), np.float64)
+  except Exception as e:  # pylint: disable=broad-except  # the user's function
+    raise InvalidInputError(
+        f"Expected loss= to take (y_true, y_pred) for this model's outputs {list(names)}. "
+        f"Received {type(e).__name__}: {str(e)[:300]}") from None
+  n = len(y)
+  value = np.full(n, float(value)) if value.ndim == 0 else value.reshape(n, -1).mean(axis=1)
+  if not np.all(np.isfinite(value)):
+    raise InvalidInputError(
+        f"Expected finite values from loss= on the outputs {list(names)}. Received: "
+        f"{int(np.sum(~np.isfinite(value)))} of {n} samples NaN or infinite. Check that y "
+        "matches the outputs (shape, scale, order).")
+  return value
 
 
 def _check_bits(weight_bits) -> Tuple[int, ...]:
@@ -209,7 +323,7 @@ def check_context(context, layers: Sequence[str], bits: Tuple[int, ...]
 
 
 def prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bits,
-             batch_size, seed, progress) -> Job:
+             batch_size, seed, progress, loss=None) -> Job:
   bits = _check_bits(weight_bits)
   activation_bits = check_activation_bits(activation_bits)
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
@@ -233,6 +347,7 @@ def prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bits
   x = y = None
   labels = None
   from_logits = True
+  heads = heads_of(folded)
   if spec.needs_data:
     if x_raw is None:
       raise InvalidInputError(
@@ -240,27 +355,87 @@ def prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bits
           f"shape (N, {', '.join(str(d) for d in folded.inputs[0].shape[1:])}). "
           "Received: data=None. Use keras_mpq.synthesize(model) when you have none.")
     x = calibrate_lib.check_data(folded, x_raw, "data")
-    from_logits = not outputs_are_probabilities(folded, x)
-    num_classes = num_classes_of(folded)
-    if y_raw is not None:
-      y, labels = _check_labels(y_raw, len(x), num_classes), "given"
-    elif spec.needs_labels:
-      y = predicted_labels(folded, x, from_logits, batch_size)
-      labels = "float model argmax"
+    if loss is not None:
+      if spec.name == Metric.HESSIAN_TRACE.value:
+        raise InvalidInputError(
+            f"Metric {spec.name!r} takes a classifier's labels, not loss=. Use "
+            "metric='task_interaction' with loss=.")
+      if y_raw is None:
+        raise InvalidInputError(
+            "Expected data=(x, y) with loss=: the loss compares the outputs with your "
+            "targets y. Received: no targets. Pass data=(x, y), or leave loss=None to "
+            "measure the outputs' distortion from the float model's.")
+      y, labels = check_targets(y_raw, len(x), heads.names), "given (loss=)"
+    elif heads.classifier:
+      from_logits = not outputs_are_probabilities(folded, x)
+      num_classes = num_classes_of(folded)
+      if y_raw is not None:
+        y, labels = _check_labels(y_raw, len(x), num_classes), "given"
+      elif spec.needs_labels:
+        y = predicted_labels(folded, x, from_logits, batch_size)
+        labels = "float model argmax"
+    else:
+      _refuse_labels(spec, heads, y_raw)
   job = Job(folded, layers, bits, x, y, from_logits, ctx, activation_bits, layer_act,
              int(batch_size), int(seed), show_progress(progress), default_act, labels)
   job.x_all, job.y_all = x, y
+  job.heads = heads
+  job.loss = None if loss is None else check_loss(loss)
   return job
 
 
-def check_objective(objective) -> str:
-  if objective is None:
-    return DEFAULT_OBJECTIVE
-  if objective not in OBJECTIVE_FNS:
+def _refuse_labels(spec: MetricSpec, heads: Heads, y_raw) -> None:
+  """A model that is not a classifier is measured without labels (its outputs' distortion)."""
+  what = ", ".join(f"{h.name!r} ({h.kind}, shape {tuple(h.shape)})" for h in heads.heads)
+  if spec.name == Metric.HESSIAN_TRACE.value:
     raise InvalidInputError(
-        f"Expected objective in {list(OBJECTIVES)} (or None for {DEFAULT_OBJECTIVE!r}). "
-        f"Received: objective={objective!r}")
+        f"Metric {spec.name!r} needs a classifier's labels. Received: a model whose "
+        f"outputs are {what}. Use metric='task_interaction' (it measures the outputs' "
+        "distortion from the float model's) or 'weight_mse'.")
+  if y_raw is not None:
+    raise InvalidInputError(
+        "Expected data=x alone for a model that is not a single-label classifier: its "
+        "sensitivity is the distortion of its outputs from the float model's, which "
+        f"needs no labels. Received: labels for a model whose outputs are {what}. "
+        "Pass data=x.")
+
+
+def check_objective(objective) -> Optional[str]:
+  """``objective`` checked against `OBJECTIVES`; None stays None (the model decides: `resolve_objective`)."""
+  if objective is None:
+    return None
+  if objective not in OBJECTIVES:
+    raise InvalidInputError(
+        f"Expected objective in {list(OBJECTIVES)} (or None: {DEFAULT_OBJECTIVE!r} for a "
+        f"classifier, {DISTORTION!r} otherwise). Received: objective={objective!r}")
   return str(objective)
+
+
+def resolve_objective(job: Job, objective: Optional[str]) -> str:
+  """Sets and returns ``job.objective``: ``objective``, or the default for the model's outputs.
+
+  A classifier takes ``kl`` (default), ``cross_entropy`` or ``distortion``
+  (the same KL, through its head); any other model ``distortion`` only.
+  """
+  objective = check_objective(objective)
+  classifier = job.heads is None or job.heads.classifier
+  if job.loss is not None:
+    if objective not in (None, LOSS):
+      raise InvalidInputError(
+          f"Expected objective=None or {LOSS!r} with loss= (the loss is the objective). "
+          f"Received: objective={objective!r}")
+    job.objective = LOSS
+    return LOSS
+  if objective is None:
+    objective = DEFAULT_OBJECTIVE if classifier else DISTORTION
+  elif not classifier and objective != DISTORTION:
+    names = [h.name for h in job.heads.heads]
+    raise InvalidInputError(
+        f"Expected objective={DISTORTION!r} (or None) for a model that is not a "
+        f"single-label classifier (outputs {names}): {objective!r} needs a classifier's "
+        f"class probabilities. Received: objective={objective!r}.")
+  job.objective = objective
+  return objective
 
 
 def split_holdout(n: int, holdout: float = HOLDOUT, seed: int = 0
@@ -324,5 +499,8 @@ def _kl(log_probs: np.ndarray, y: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 OBJECTIVE_FNS = {choices.Objective.CROSS_ENTROPY.value: _cross_entropy, choices.Objective.KL.value: _kl}
-OBJECTIVES = tuple(OBJECTIVE_FNS)
-"""Task-loss objectives: ``cross_entropy`` against the labels, ``kl`` from the float model."""
+"""The classifier objectives over log-probabilities; ``distortion`` is the `Evaluator`'s (it needs the heads)."""
+OBJECTIVES = tuple(OBJECTIVE_FNS) + (DISTORTION, LOSS)
+"""Task-loss objectives: ``cross_entropy`` against the labels, ``kl`` from the float
+model (classifiers), ``distortion`` of every output from the float model's (any
+model), ``loss``: the user's ``loss=`` on their targets."""

@@ -21,6 +21,7 @@ from keras_mpq.sensitivity.job import (
   MetricSpec,
   apply_holdout,
   check_objective,
+  resolve_objective,
   prepare,
 )
 from keras_mpq.sensitivity.metrics import get_metric
@@ -98,7 +99,8 @@ def measure_sensitivity(model, data, weight_bits: Sequence[int] = (2, 4, 8),
                         holdout: float = HOLDOUT, clean: bool = True,
                         weight_method: Optional[str] = None,
                         bias_correction: Optional[Union[bool, str]] = None,
-                        range_policy: Optional[str] = None) -> SensitivityTable:
+                        range_policy: Optional[str] = None,
+                        loss=None) -> SensitivityTable:
   """Scores every (quantizable layer, candidate weight bit-width) of ``model``.
 
   Args:
@@ -121,14 +123,21 @@ def measure_sensitivity(model, data, weight_bits: Sequence[int] = (2, 4, 8),
       its bit-widths (False evaluates the full model each time: same numbers,
       slower; for checking).
     objective: task loss of ``task_interaction`` / ``task_float_context``:
-      ``"kl"`` (divergence from the float model's soft outputs, the default)
-      or ``"cross_entropy"`` (against the labels).
+      ``"kl"`` (divergence from the float model's soft outputs, the default
+      for a classifier) or ``"cross_entropy"`` (against the labels);
+      ``"distortion"`` for any other model (the default there; see
+      `keras_mpq.model.outputs.Heads`).
     holdout: share of ``data`` held out from range calibration; losses are
       measured on it (`split_holdout`: needs >= 64 samples, else nothing is
       held out and ``info["holdout"]["note"]`` says so).
     clean: pass the scores through `respect_known` (monotone in bits, noise
       counted as zero, NaN/Inf as a penalty); the measured scores stay in
       ``info["raw_scores"]``.
+    loss: your own task loss, with ``data=(x, y)``: a Keras loss (a name such
+      as ``"mse"`` or a ``keras.losses.Loss``) or a callable
+      ``fn(y_true, y_pred)``, per sample or averaged (``y`` and the outputs
+      are lists, in the model's order, for several outputs); used instead of
+      the default objective (``objective="loss"``).
 
   Returns:
     A `SensitivityTable` (rows in model order, columns ascending bits). Its
@@ -148,11 +157,11 @@ def measure_sensitivity(model, data, weight_bits: Sequence[int] = (2, 4, 8),
   spec = get_metric(metric)
   objective = check_objective(objective)
   job = prepare(model, data, weight_bits, spec, context, activation_bits, batch_size,
-                 seed, progress)
+                 seed, progress, loss=loss)
   job.reuse_prefix = bool(reuse_prefix)
   job.weight_method, job.bias_correction, job.range_policy = (
       weight_method, bias_correction, range_policy)
-  job.objective = objective
+  objective = resolve_objective(job, objective)
   job.clean = bool(clean)
   apply_holdout(job, holdout)
   return measure(job, spec)

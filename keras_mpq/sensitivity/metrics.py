@@ -50,7 +50,7 @@ from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.types import FLOAT_BITS
 from keras_mpq.model.outputs import to_log_probs
 from keras_mpq.sensitivity.evaluator import evaluator_for
-from keras_mpq.sensitivity.job import HUTCHINSON_PROBES, Job, Metric, MetricSpec
+from keras_mpq.sensitivity.job import DISTORTION, HUTCHINSON_PROBES, Job, Metric, MetricSpec
 
 _METRICS: Dict[str, MetricSpec] = {}
 
@@ -97,11 +97,11 @@ def _task_metric(job: Job, context: Mapping[str, int], activations: bool,
   stderr = ev.last_stderr
   is_float = not activations and all(b == FLOAT_BITS for b in context.values())
   context_loss = float_loss = None
-  if objective == "cross_entropy":
+  if objective in ("cross_entropy", "loss"):
     context_loss = context_value
   elif job.y is not None:
     context_loss = ev.loss(job.reuse_prefix)
-  if job.y is not None:
+  if job.y is not None and objective != "loss":
     float_loss = context_loss if is_float else ev.float_loss(job.reuse_prefix)
   info = {
       "context": dict(context),
@@ -140,7 +140,9 @@ def _task_float_context(job: Job):
 
 @register_metric(Metric.ZEROQ_KL.value, needs_labels=False)
 def _zeroq_kl(job: Job):
-  return _task_metric(job, {n: FLOAT_BITS for n in job.layers}, False, "kl")
+  classifier = job.heads is None or job.heads.classifier
+  return _task_metric(job, {n: FLOAT_BITS for n in job.layers}, False,
+                      "kl" if classifier else DISTORTION)
 
 
 def _kernels(folded, name: str) -> List[Tuple[Any, Tuple[int, ...]]]:

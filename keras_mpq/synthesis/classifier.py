@@ -1,8 +1,13 @@
-"""`Classifier`: a tf_keras classifier as the synthetic-data generators see it.
+"""`Classifier`: a tf_keras model as the synthetic-data generators see it.
 
 `inspect_classifier` checks the model, finds its classes, its input range
 and what its output is (`keras_mpq.model.outputs.OUTPUT_KINDS`), looking
 through a final softmax or sigmoid to the logits underneath where it can.
+A model with several outputs is seen through its one class head, if it has
+one (`keras_mpq.model.outputs.Heads.class_head`); a model with none (an
+autoencoder, a regression) has no classes (``num_classes`` 0, output kind
+``none``): the generators that need labels refuse it, the others label
+every sample -1.
 
 >>> c = inspect_classifier(model)  # doctest: +SKIP
 >>> c.num_classes, c.output_kind  # doctest: +SKIP
@@ -24,6 +29,10 @@ from keras_mpq.model import outputs as outputs_lib
 LOG_EPS = 1e-30
 """Smallest probability the generators take the log of."""
 OUTPUT_KINDS = outputs_lib.OUTPUT_KINDS
+NO_CLASSES = "none"
+"""`Classifier.output_kind` of a model with no class head."""
+NO_LABEL = -1
+"""The label of every sample of a model with no class head."""
 
 
 # --------------------------------------------------------------------------- the model
@@ -48,6 +57,13 @@ class Classifier:
   input_range: Tuple[float, float]
   input_range_source: str
   assumed_range: bool
+  full_model: Any = None  # the whole model (``model`` is its class head's sub-model)
+  heads: Any = None  # `keras_mpq.model.outputs.Heads` of the whole model
+
+  @property
+  def has_classes(self) -> bool:
+    """False for a model with no class head (labels are `NO_LABEL`)."""
+    return self.num_classes > 0
 
   @property
   def spatial_axes(self) -> Tuple[int, ...]:
@@ -84,7 +100,9 @@ class Classifier:
     return np.concatenate(parts, axis=0)
 
   def predict_labels(self, x: np.ndarray) -> np.ndarray:
-    """The model's argmax labels for ``x`` (int64)."""
+    """The model's argmax labels for ``x`` (int64; `NO_LABEL` without a class head)."""
+    if not self.has_classes:
+      return np.full(len(x), NO_LABEL, np.int64)
     return np.argmax(self.predict_log_probs(x), axis=-1).astype(np.int64)
 
 
@@ -146,20 +164,39 @@ def inspect_classifier(model, input_range=None) -> Classifier:
     raise UnsupportedModelError(
         f"Expected a float input (synthesis differentiates through it). Received: "
         f"input dtype {inputs[0].dtype}; cast inside the model instead.")
-  if len(outputs) != 1 or len(outputs[0].shape) != 2 or not outputs[0].shape[-1]:
-    raise UnsupportedModelError(
-        "Expected a classifier with one output of shape (batch, num_classes). "
-        f"Received: output shapes {[tuple(t.shape) for t in outputs]}. End the "
-        "model with a class head (e.g. GlobalAveragePooling2D and Dense(classes)), "
-        "or calibrate with real data instead.")
-  units = int(outputs[0].shape[-1])
+  heads = outputs_lib.heads_of(model)
   low, high, source, assumed = input_range_lib.resolve_input_range(model, input_range)
-  forward, kind = _output_head(model, units, (low, high))
-  return Classifier(model=model, forward=forward, output_kind=kind,
-                    num_classes=2 if units == 1 else units,
-                    input_shape=tuple(int(d) for d in in_shape),
-                    input_range=(low, high), input_range_source=source,
-                    assumed_range=assumed)
+  head = heads.class_head()
+  common = dict(input_shape=tuple(int(d) for d in in_shape), input_range=(low, high),
+                input_range_source=source, assumed_range=assumed, full_model=model,
+                heads=heads)
+  if head is None:
+    _probe_outputs(model, (low, high))
+    return Classifier(model=model, forward=model, output_kind=NO_CLASSES, num_classes=0,
+                      **common)
+  sub = model
+  if len(model.outputs) > 1:
+    tensor = model.outputs[heads.names.index(head.name)]
+    sub = keras.Model(model.inputs, tensor, name=f"{model.name}_{head.name}")
+  units = int(sub.outputs[0].shape[-1])
+  forward, kind = _output_head(sub, units, (low, high))
+  return Classifier(model=sub, forward=forward, output_kind=kind,
+                    num_classes=2 if units == 1 else units, **common)
+
+
+def _probe_outputs(model, input_range) -> None:
+  """Runs ``model`` on `_probe_batch`; refuses errors and non-finite outputs."""
+  try:
+    outs = model(_probe_batch(model, input_range), training=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnsupportedModelError(
+        f"Expected the model to run on a batch of its input shape. Received an "
+        f"error from model {model.name!r}: {type(e).__name__}: {str(e)[:300]}") from None
+  for out in tf.nest.flatten(outs):
+    if not np.all(np.isfinite(np.asarray(out, np.float64))):
+      raise UnsupportedModelError(
+          f"Expected finite outputs from model {model.name!r} on inputs in "
+          f"{input_range}; got NaN/Inf. Check the input_range and the weights.")
 
 
 def _output_head(model, units, input_range):

@@ -89,11 +89,14 @@ OBJECTIVES = ("hold", "stop")
 # Adam step size in the [-1, 1] input space, per method (None picks these).
 # 0.1 for "labeled" (with the BN weight of 100) gave activation ranges closer to
 # real data's than 0.01 within the same 150 steps, with BatchNorm and without.
-DEFAULT_LEARNING_RATE = {"labeled": 0.1, "zeroq": 0.1}
+DEFAULT_LEARNING_RATE = {"labeled": 0.1, "zeroq": 0.1, "diverse": 0.1}
 # The step size of ``objective="stop"`` (the first labeled generator).
 STOP_LEARNING_RATE = 0.01
 # Steps per batch when max_steps is None, per method.
-DEFAULT_MAX_STEPS = {"labeled": 150, "zeroq": 500}
+DEFAULT_MAX_STEPS = {"labeled": 150, "zeroq": 500, "diverse": 150}
+# Weight of the "diverse" generator's spread term: minus the mean log standard
+# deviation of each output value over the batch (per sample, like the priors).
+DEFAULT_SPREAD_WEIGHT = 1.0
 DEFAULT_CONFIDENCE_RANGE = (0.9, 0.999)
 # Random shift of the labeled generator's inputs when jitter=None: this share
 # of the smallest spatial size, rounded down (2 positions at 28x28, 7 at 96x96,
@@ -123,6 +126,7 @@ class SynthesisMethod(str, enum.Enum):
   LABELED = "labeled"
   ZEROQ = "zeroq"
   NOISE = "noise"
+  DIVERSE = "diverse"
 
 
 # name -> generator(classifier, options, rng, bar) -> GeneratedData
@@ -239,6 +243,14 @@ def step_postfix(bar: Bar, batch: int, n_batches: int, max_steps: int):
 @register_generator(SynthesisMethod.LABELED)
 def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """The paper's labeled synthesis, run to a fixed point (module docstring)."""
+  if not classifier.has_classes:
+    heads = classifier.heads
+    raise UnsupportedModelError(
+        "Expected a model with a class head (softmax or logits over classes) for "
+        f"method='labeled'. Received: model {classifier.model.name!r} with outputs "
+        f"{[(h.name, str(h.kind)) for h in heads.heads] if heads else '?'}. Use "
+        "method='diverse' (BatchNorm statistics, input priors and outputs spread over "
+        "the batch), 'zeroq' or 'noise', or pass real data.")
   n, k = options.num_samples, classifier.num_classes
   if n >= k:  # every class, round robin, shuffled
     targets = rng.permutation(np.arange(n) % k).astype(np.int64)
@@ -402,6 +414,80 @@ def _noise(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
   return GeneratedData(x=x, y=y)
 
 
+@register_generator(SynthesisMethod.DIVERSE)
+def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
+  """Inputs for any model, labels or not: BatchNorm statistics, priors, spread outputs.
+
+  The loss of a batch is the BatchNorm-statistics term of the labeled
+  generator (where the model has usable BatchNorm), its smoothness and L2
+  priors, and a spread term: minus the mean over every output value of the
+  log of its standard deviation over the batch, so the samples do not all
+  map to the same output (a set whose reconstructions are all alike teaches
+  the activation ranges nothing). Samples are labeled by the class head if
+  there is one, else `keras_mpq.synthesis.classifier.NO_LABEL`.
+  """
+  model = classifier.full_model if classifier.full_model is not None else classifier.model
+  n = options.num_samples
+  batch, n_batches = _batch_layout(options)
+  spatial = classifier.spatial_axes
+  tv_weight, l2_weight = float(options.tv_weight), float(options.l2_weight)
+  sample_axes = list(range(1, len(classifier.input_shape) + 1))
+  full = dataclasses.replace(classifier, model=model, forward=model)
+  bn_terms, _ = losses_lib.batchnorm_terms(full, options.bn_weight)
+  bn_weight = float(options.bn_weight if options.bn_weight is not None
+                    else DEFAULT_BN_WEIGHT) if bn_terms else 0.0
+  taps = keras.Model(model.inputs, [t[0].input for t in bn_terms] + list(model.outputs))
+  n_bn = len(bn_terms)
+  smooth = losses_lib.Blur(spatial, options.blur)
+
+  def loss_fn(u, y):
+    del y
+    u = smooth(u)
+    outs = taps(classifier.to_input(u), training=False)
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    per_sample = tf.zeros([tf.shape(u)[0]], tf.float32)
+    if tv_weight and spatial:
+      per_sample += tv_weight * losses_lib.smoothness(u, spatial)
+    if l2_weight:
+      per_sample += l2_weight * tf.reduce_mean(tf.square(u), axis=sample_axes)
+    loss = tf.reduce_sum(per_sample)
+    spread = 0.0
+    for out in outs[n_bn:]:
+      flat = tf.reshape(tf.cast(out, tf.float32), [tf.shape(out)[0], -1])
+      std = tf.math.reduce_std(flat, axis=0)
+      scale = tf.stop_gradient(tf.reduce_mean(tf.abs(flat))) + 1e-6
+      spread += -tf.reduce_mean(tf.math.log(std / scale + 1e-3))
+    loss += DEFAULT_SPREAD_WEIGHT * float(batch) * spread / float(len(outs) - n_bn)
+    if bn_weight:
+      loss += bn_weight * float(batch) * losses_lib.batchnorm_loss(outs[:n_bn], bn_terms)
+    return loss, tf.zeros([tf.shape(u)[0]], tf.float32)
+
+  lr = options.learning_rate or DEFAULT_LEARNING_RATE["diverse"]
+  opt = losses_lib.BatchOptimizer((batch,) + classifier.input_shape, loss_fn, lr)
+  xs, halfway, steps = [], [], []
+  never = np.full(batch, np.inf, np.float32)
+  for b in range(n_batches):
+    real = min(batch, n - b * batch)
+    u0 = losses_lib.initial_u(rng, (batch,) + classifier.input_shape)
+    u, s, _ = opt.run(u0, np.zeros(batch, np.int32), never, np.ones(batch, bool),
+                      options.max_steps, step_postfix(bar, b, n_batches, options.max_steps))
+    bar.to(bar.finished + real)
+    xs.append(u[:real])
+    halfway.append((u if opt.midway is None else opt.midway)[:real])
+    steps.append(s[:real])
+  x = np.asarray(classifier.to_input(smooth(np.concatenate(xs))), np.float32)
+  x_midway = np.asarray(classifier.to_input(smooth(np.concatenate(halfway))), np.float32)
+  return GeneratedData(x=x, y=classifier.predict_labels(x), x_midway=x_midway,
+                       steps=np.concatenate(steps).astype(np.int32),
+                       info={"traces": opt.traces, "learning_rate": lr,
+                             "batch_steps": opt.batch_steps, **opt.timing(),
+                             "tv_weight": tv_weight, "l2_weight": l2_weight,
+                             "bn_weight": bn_weight, "spread_weight": DEFAULT_SPREAD_WEIGHT,
+                             "batchnorm_layers": [t[0].name for t in bn_terms],
+                             "blur": smooth.sigma if smooth.radius else 0.0,
+                             "loss_first_last": [list(p) for p in opt.losses]})
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -549,8 +635,11 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
         f"Expected generator {name!r} to return x of shape "
         f"{(options.num_samples,) + classifier.input_shape} and y of shape "
         f"({options.num_samples},). Received: {x.shape} and {y.shape}")
-  log_p = classifier.predict_log_probs(x, batch_size=max(options.batch_size, 1))
-  confidences = np.exp(np.take_along_axis(log_p, y[:, None], axis=1)[:, 0])
+  if classifier.has_classes:
+    log_p = classifier.predict_log_probs(x, batch_size=max(options.batch_size, 1))
+    confidences = np.exp(np.take_along_axis(log_p, y[:, None], axis=1)[:, 0])
+  else:  # no class head: no confidence to report
+    confidences = np.full(len(y), np.nan, np.float32)
   reached = data.reached
   if reached is None and data.target_confidences is not None:
     # A "hold" sample reached its target when it ends within tolerance of it.
