@@ -171,3 +171,37 @@ def test_inspect_deploy_view(tmp_path, capsys):
   out = capsys.readouterr().out
   assert code == 0
   assert f"flash {path.stat().st_size} bytes" in out and "TFLite Micro arena" in out
+
+
+def test_quantize_and_validate_a_non_classifier(tmp_path, capsys):
+  """An autoencoder through the command: fidelity on --eval_data x, --eval_metric, --reference."""
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  x = (load_digits().images / 16.0).astype(np.float32)[..., None]
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((8, 8, 1))
+  h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="enc")(inp)
+  model = keras.Model(inp, keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
+                                               name="reconstruction")(h))
+  model.compile("adam", "mse")
+  model.fit(x[:512], x[:512], epochs=2, verbose=0)
+  model_path = tmp_path / "ae.h5"
+  model.save(model_path)
+  np.savez(tmp_path / "eval.npz", x=x[512:640])
+  np.savez(tmp_path / "eval_xy.npz", x=x[512:640], y=x[512:640])
+  out_dir = tmp_path / "out"
+  code = cli_lib.main(["keras-mpq", "quantize", str(model_path), "--budget", "8bit",
+                       "--out", str(out_dir), "--eval_data", str(tmp_path / "eval.npz"),
+                       "--samples", "32", "--nocache", "--output_kinds", "reconstruction=sigmoid"])
+  captured = capsys.readouterr()
+  printed = captured.out
+  assert code == 0, captured.err
+  assert re.search(r"reconstruction: correlation 0\.9\d+", printed), printed
+  report = json.loads((out_dir / "report.json").read_text())
+  assert report["outputs"]["heads"][0]["kind"] == "sigmoid"
+  assert report["validation"]["fidelity"]["reconstruction"]["correlation"] > 0.95
+  code = cli_lib.main(["keras-mpq", "validate", str(out_dir / "model_mobile.tflite"),
+                       "--data", str(tmp_path / "eval_xy.npz"), "--metric", "mae",
+                       "--reference", str(model_path)])
+  printed = capsys.readouterr().out
+  assert code == 0 and "metric_name: mae" in printed and "fidelity reconstruction" in printed
