@@ -74,6 +74,9 @@ SUITE = [
      ["--models", "MobileNetV2", "--size", "224", "--classes", "1000"], None),
     ("bench_deploy.py", "deploy", [], ["--models", "digits_mlp,plain_cnn"]),
     ("bench_zoo.py", "zoo", [], None),
+    ("bench_any.py", "any_models",
+     ["--models", "conv_autoencoder,mask_net,regression_mlp,two_head,anomaly_detection,"
+      "autoencoder_example", "--seeds", "0,1", "--n-tflm", "200"], ["--quick"]),
 ]
 
 HEADER = """# keras_mpq benchmarks

@@ -392,12 +392,17 @@ def cmd_quantize(args) -> int:
     # Read the evaluation data now: a bad file should fail before the long run.
     metric = _parse_metric(args.eval_metric)
     eval_data = load_data(args.eval_data) if args.eval_data else None
+    model = args.model
+    if eval_data is not None and eval_data[1] is None and metric is None:
+      model = keras_mpq.load_model(args.model)  # a classifier's accuracy needs labels
+      if keras_mpq.heads_of(model).classifier:
+        eval_data = load_data(args.eval_data, need_labels=True)
     if data is not None and data[1] is None:
       data = data[0]
     # The summary's first line says it when the input range is assumed.
     warnings.filterwarnings("ignore", category=InputRangeAssumedWarning)
     result = keras_mpq.quantize(
-        args.model, args.budget, data=data, target=args.target, weight_bits=bits,
+        model, args.budget, data=data, target=args.target, weight_bits=bits,
         activation_bits=args.activation_bits, metric=args.metric,
         synthesis=args.synthesis, num_samples=args.samples, rounds=args.rounds,
         pinned=pins, seed=args.seed, progress=args.progress,

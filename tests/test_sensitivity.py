@@ -480,7 +480,7 @@ def test_kl_and_cross_entropy_objectives(trained_cnn, data, ti_table):
   # KL from the float model: the context (8-bit) is already a little away from float
   assert 0 < ti_table.info["context_objective"] < ce.info["context_loss"]
   assert not np.allclose(ce.scores, ti_table.scores)
-  with pytest.raises(InvalidInputError, match=r"objective in \['cross_entropy', 'kl', 'distortion'\]"):
+  with pytest.raises(InvalidInputError, match=r"objective in \['cross_entropy', 'kl', 'distortion', 'loss'\]"):
     measure_lib.measure_sensitivity(trained_cnn, data, objective="mse")
 
 
