@@ -444,13 +444,18 @@ def _validation_line(v) -> str:
   if v.get("metric_name"):
     parts.append(f"{v['metric_name']} {v['metric']:.4g}")
   if v.get("fidelity"):
-    parts.extend(f"{name}: correlation {f['correlation']:.4f}, normalized error "
-                 f"{f['normalized_error']:.3g}" for name, f in v["fidelity"].items())
+    parts.extend(_fidelity_text(name, f) for name, f in v["fidelity"].items())
   elif v.get("accuracy") is not None or v.get("agreement") is not None:
     parts.append(f"accuracy {fraction(v.get('accuracy'))}, agreement with Keras "
                  f"{fraction(v.get('agreement'))}")
   line = f"validated in {v.get('runtime')}: " + "; ".join(parts or ["ran"])
   return line + (f" ({v['note']})" if v.get("note") else "")
+
+
+def _fidelity_text(name: str, fidelity) -> str:
+  """One output's fidelity to the float model, as printed."""
+  return (f"{name}: correlation {fidelity['correlation']:.4f}, normalized error "
+          f"{fidelity['normalized_error']:.3g}")
 
 
 def _parse_kinds(items):
@@ -533,8 +538,7 @@ def cmd_validate(args) -> int:
   for key, value in _asdict(result).items():
     if key == "fidelity" and value:
       for name, f in value.items():
-        print(f"fidelity {name}: correlation {f['correlation']:.4f}, normalized error "
-              f"{f['normalized_error']:.3g}")
+        print(f"fidelity {_fidelity_text(name, f)}")
     elif not isinstance(value, (list, dict)):
       print(f"{key}: {value}")
   return 0

@@ -57,8 +57,8 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
   data = reader_lib.read_bytes(path_or_bytes)
   x = np.asarray(x)
   heads = None if reference is None else outputs_lib.heads_of(reference)
-  n_outputs = max(1, reader_lib.parse(data).sg.OutputsLength())
-  classifier = n_outputs == 1 and (heads is None or heads.classifier)
+  file_names = _output_names(reader_lib.parse(data))
+  classifier = len(file_names) <= 1 and (heads is None or heads.classifier)
   if y is not None and classifier and metric is None:
     y = _check_labels(y, len(x))  # integer classes (a per-pixel file without metric: too)
   used = runtime
@@ -82,7 +82,7 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
   value, metric_name = (None, None) if metric is None else _user_metric(metric, y, out)
   classifier = classifier and (heads is not None or outs[0].ndim == 2)  # else per pixel
   if not classifier:
-    return _fidelity_result(data, outs, x, reference, heads, used, start, layer_errors,
+    return _fidelity_result(file_names, outs, x, reference, heads, used, start, layer_errors,
                             value, metric_name)
   pred = _classes(out)
   acc = float(np.mean(pred == y)) if y is not None and metric is None else None
@@ -156,7 +156,7 @@ def _user_metric(metric, y, out) -> Tuple[float, str]:
   return value, str(name)
 
 
-def _fidelity_result(data, outs, x, reference, heads, used, start, layer_errors, value,
+def _fidelity_result(file_names, outs, x, reference, heads, used, start, layer_errors, value,
                      metric_name) -> ValidationResult:
   """A file that is not a classifier: each output's fidelity to the reference."""
   if reference is None:
@@ -169,7 +169,6 @@ def _fidelity_result(data, outs, x, reference, heads, used, start, layer_errors,
   refs = reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256)
   refs = refs if isinstance(refs, list) else [refs]
   names = heads.names
-  file_names = _output_names(data, len(outs))
   if set(file_names) == set(names):  # matched by name
     outs = [outs[file_names.index(n)] for n in names]
   elif len(outs) != len(names):
@@ -200,10 +199,9 @@ def _fidelity_result(data, outs, x, reference, heads, used, start, layer_errors,
                           note=note)
 
 
-def _output_names(data: bytes, n: int) -> List[str]:
+def _output_names(reader) -> List[str]:
   """The file's output tensor names, in order ('' where stripped)."""
-  reader = reader_lib.parse(data)
-  return [reader.name(int(reader.sg.Outputs(i))) for i in range(n)]
+  return [reader.name(int(reader.sg.Outputs(i))) for i in range(reader.sg.OutputsLength())]
 
 
 def _classes(out: np.ndarray) -> np.ndarray:
@@ -229,10 +227,10 @@ def _layer_errors(interp, data, float_model, x) -> Dict[str, float]:
   refs = probe.predict(x, verbose=0)
   refs = refs if isinstance(refs, list) else [refs]
   errors = {}
+  reader = reader_lib.parse(data)
   for name, ref in zip(names, refs):
     if not ops[name]:
       continue
-    reader = reader_lib.parse(data)
     out_t = reader.ops[ops[name][-1]["op_index"]].outputs[0]
     d = details.get(out_t)
     if d is None:

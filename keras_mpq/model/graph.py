@@ -9,7 +9,7 @@ and `consumers_of` answer what feeds what.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import UnsupportedModelError
@@ -34,6 +34,46 @@ def graph_layers(model):
   return model.layers
 
 
+def _new_inputs(model) -> List:
+  """Fresh ``keras.Input``s shaped and named like ``model``'s inputs."""
+  return [keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                      name=t.name.split(":")[0].split("/")[0]) for t in model.inputs]
+
+
+def _replay(model, inputs: Sequence, call: Callable) -> List:
+  """Walks ``model``'s graph on new ``inputs``; returns the new outputs (a list).
+
+  ``call(layer, args, kwargs)`` gives each layer's new output from its call's
+  arguments, already mapped to the new tensors. Each layer must be called
+  once in the graph.
+  """
+  tensor_map: Dict[int, object] = {id(t): n for t, n in zip(model.inputs, inputs)}
+
+  def mapped(x):
+    if id(x) in tensor_map:
+      return tensor_map[id(x)]
+    if hasattr(x, "_keras_history"):
+      raise UnsupportedModelError(
+          f"Tensor {getattr(x, 'name', x)!r} is used in model {model.name!r} but not "
+          "produced inside it. Expected a self-contained functional model.")
+    return x
+
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.InputLayer):
+      continue
+    nodes = model_nodes(model, layer)
+    if len(nodes) != 1:
+      raise UnsupportedModelError(
+          f"Layer {layer.name!r} is called {len(nodes)} times in model {model.name!r}. "
+          "Expected each layer to be used once (shared layers are not supported).")
+    node = nodes[0]
+    out = call(layer, tf.nest.map_structure(mapped, node.call_args),
+               tf.nest.map_structure(mapped, node.call_kwargs))
+    for old_t, new_t in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+      tensor_map[id(old_t)] = new_t
+  return [tensor_map[id(t)] for t in model.outputs]
+
+
 def rebuild(model, transform: Callable, name: Optional[str] = None,
             input_hook: Optional[Callable] = None):
   """Rebuilds a flat functional/Sequential graph layer by layer.
@@ -45,49 +85,22 @@ def rebuild(model, transform: Callable, name: Optional[str] = None,
   given, maps each new input tensor to what the input's consumers read.
   """
   graph_layers(model)
-  tensor_map: Dict[int, object] = {}
-  new_inputs = []
-  for t in model.inputs:
-    new_t = keras.Input(batch_shape=t.shape, dtype=t.dtype,
-                        name=t.name.split(":")[0].split("/")[0])
-    tensor_map[id(t)] = input_hook(new_t) if input_hook is not None else new_t
-    new_inputs.append(new_t)
-
-  def mapped(x):
-    if id(x) in tensor_map:
-      return tensor_map[id(x)]
-    if hasattr(x, "_keras_history"):
-      raise UnsupportedModelError(
-          f"Tensor {getattr(x, 'name', x)!r} is used in model {model.name!r} but not "
-          "produced inside it. Expected a self-contained functional model.")
-    return x
-
+  new_inputs = _new_inputs(model)
   pending = []
-  for layer in model.layers:
-    if isinstance(layer, keras.layers.InputLayer):
-      continue
-    nodes = model_nodes(model, layer)
-    if len(nodes) != 1:
-      raise UnsupportedModelError(
-          f"Layer {layer.name!r} is called {len(nodes)} times in the model. "
-          "Expected each layer to be used once (shared layers are not supported).")
-    node = nodes[0]
-    args = tf.nest.map_structure(mapped, node.call_args)
-    kwargs = tf.nest.map_structure(mapped, node.call_kwargs)
+
+  def call(layer, args, kwargs):
     new_layer, weights = transform(layer)
     if new_layer is None:
       (inp,) = tf.nest.flatten(args)
-      out = inp
-    else:
-      out = new_layer(*args, **kwargs)
-      if weights is not None:
-        pending.append((new_layer, weights))
-    for old_t, new_t in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
-      tensor_map[id(old_t)] = new_t
-  outputs = tf.nest.map_structure(lambda t: tensor_map[id(t)], model.outputs)
-  if len(outputs) == 1:
-    outputs = outputs[0]
-  new_model = keras.Model(new_inputs, outputs, name=name or model.name)
+      return inp
+    if weights is not None:
+      pending.append((new_layer, weights))
+    return new_layer(*args, **kwargs)
+
+  hooked = [input_hook(t) if input_hook is not None else t for t in new_inputs]
+  outputs = _replay(model, hooked, call)
+  new_model = keras.Model(new_inputs, outputs[0] if len(outputs) == 1 else outputs,
+                          name=name or model.name)
   for layer, weights in pending:
     layer.set_weights(weights(layer) if callable(weights) else weights)
   return new_model
@@ -122,45 +135,20 @@ def inline_nested(model):
     taken.add(name)
     return name
 
-  def run(m, inputs, top: bool):
-    tensor_map = {id(t): n for t, n in zip(m.inputs, inputs)}
-
-    def mapped(x):
-      if id(x) in tensor_map:
-        return tensor_map[id(x)]
-      if hasattr(x, "_keras_history"):
-        raise UnsupportedModelError(
-            f"Tensor {getattr(x, 'name', x)!r} is used in model {m.name!r} but not "
-            "produced inside it. Expected self-contained nested models.")
-      return x
-
-    for layer in m.layers:
-      if isinstance(layer, keras.layers.InputLayer):
-        continue
-      nodes = model_nodes(m, layer)
-      if len(nodes) != 1:
-        raise UnsupportedModelError(
-            f"Expected each layer to be called once. Received: layer {layer.name!r} is "
-            f"called {len(nodes)} times in model {m.name!r}.")
-      node = nodes[0]
-      args = tf.nest.map_structure(mapped, node.call_args)
-      kwargs = tf.nest.map_structure(mapped, node.call_kwargs)
+  def calls_in(m, top: bool):
+    def call(layer, args, kwargs):
       if isinstance(layer, keras.Model):
-        outs = run(layer, tf.nest.flatten(args), False)
-        out = outs[0] if len(outs) == 1 else outs
-      else:
-        config = dict(layer.get_config())
-        config["name"] = layer.name if top else unique(layer.name, m.name)
-        new = layer.__class__.from_config(config)
-        out = new(*args, **kwargs)
-        pending.append((new, layer.get_weights()))
-      for old_t, new_t in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
-        tensor_map[id(old_t)] = new_t
-    return [tensor_map[id(t)] for t in m.outputs]
+        outs = _replay(layer, tf.nest.flatten(args), calls_in(layer, False))
+        return outs[0] if len(outs) == 1 else outs
+      config = dict(layer.get_config())
+      config["name"] = layer.name if top else unique(layer.name, m.name)
+      new = layer.__class__.from_config(config)
+      pending.append((new, layer.get_weights()))
+      return new(*args, **kwargs)
+    return call
 
-  new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype,
-                            name=t.name.split(":")[0].split("/")[0]) for t in model.inputs]
-  outputs = run(model, new_inputs, True)
+  new_inputs = _new_inputs(model)
+  outputs = _replay(model, new_inputs, calls_in(model, True))
   flat = keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
                      outputs if len(outputs) > 1 else outputs[0], name=model.name)
   for layer, weights in pending:

@@ -36,13 +36,12 @@ PROBABILITY_KINDS = ("softmax", "sigmoid")
 LOG_FLOOR = 1e-12
 """Smallest probability `log_probs` takes the log of (softmax and sigmoid outputs)."""
 SIGMOID_MARGIN = 1e-7
-"""How close to 1 `log_probs` lets a sigmoid probability get (so ``log(1 - p)`` stays finite)."""
+"""How close to 1 `log_probs` lets a sigmoid probability get (so ``log(1 - p)`` stays finite);
+`Heads.features` keeps a sigmoid head's probabilities this far from 0 and 1 too."""
 
 
 HEADS = "heads"
 """`keras_mpq.base.model_data` key: the `Heads` resolved for a model (overrides included)."""
-SIGMOID_FLOOR = 1e-7
-"""How close to 0 or 1 a sigmoid head's probability is taken in `Heads.distortion`."""
 VARIANCE_FLOOR = 1e-12
 """Smallest variance a linear head is normalized by (relative to its mean square)."""
 
@@ -137,7 +136,7 @@ class Heads:
       elif head.kind == HeadKind.SOFTMAX:
         out = tf.math.log(tf.maximum(out, LOG_FLOOR))
       elif head.kind == HeadKind.SIGMOID:
-        out = tf.clip_by_value(out, SIGMOID_FLOOR, 1.0 - SIGMOID_FLOOR)
+        out = tf.clip_by_value(out, SIGMOID_MARGIN, 1.0 - SIGMOID_MARGIN)
       parts.append(tf.reshape(out, [tf.shape(out)[0], -1]))
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 

@@ -60,7 +60,6 @@ class Evaluator:
                range_policy: Optional[str] = None, heads=None, loss=None):
     self.layers = tuple(layers)
     self.loss_fn = loss  # the user's loss=: features are the raw outputs
-    self.all_heads = heads
     self.heads = None if heads is None or (heads.classifier and loss is None) else heads
     self._scales: Optional[np.ndarray] = None
     self.x, self.y = x, y  # what losses are measured on (the held-out part)
@@ -209,17 +208,6 @@ class Evaluator:
       self._scales = self.heads.scales(np.concatenate(self.float_reference(reuse_prefix)))
     heads, scales = self.heads, self._scales
     return lambda out, y, ref: heads.distortion(out, ref, scales)
-
-  def head_distortion(self, reuse_prefix: bool = True) -> Optional[Dict[str, float]]:
-    """Mean distortion of each output of the model as it stands (None for a classifier)."""
-    if self.heads is None:
-      return None
-    self.objective_fn(DISTORTION, reuse_prefix)
-    refs = self.float_reference(reuse_prefix)
-    rows = [self.heads.head_distortion(self.prefix(tf.constant(self.x[s]))[1], refs[k],
-                                       self._scales)
-            for k, s in enumerate(batch_slices(len(self.x), self.batch_size))]
-    return dict(zip(self.heads.names, np.mean(np.concatenate(rows), axis=0).tolist()))
 
   def prefix(self, xb) -> Tuple[List[Any], np.ndarray]:
     """The cut tensors and the output log-probabilities of one batch, at the context."""
