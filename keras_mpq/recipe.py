@@ -51,13 +51,10 @@ diverse generators); beyond it, fewer (`default_synthesis_steps`), at least
 `MIN_SYNTHESIS_STEPS`. Every model measured before this rule stays under it (the
 MNIST CNNs at 256 samples, EfficientNetB0 at 96x96 with 32); a 224x224
 MobileNetV2 (3e8 multiply-accumulates, 32 samples) would take 1.4e12 and gets 50
-steps. Forced to 50 steps against 150 on small zoo models (data-free,
-agreement of the quantized Keras model with float on 200 real inputs, one
-run each): the photo MobileNetV2 8-bit 97.5 against 98.5%, 4-bit 98 against
-99%; the raw-pixel photo ResNet 100% at both; the MLPerf-Tiny keyword
-spotter 8-bit 97.5 against 99%, 4-bit 91% at both; each in about a third of
-the synthesis time. So about a point, paid only by models too large to
-synthesize in minutes otherwise."""
+steps. Its price, from a one-off run forcing 50 steps on small zoo models (not
+a benchmark in BENCHMARKS.md, one run each): about a point of data-free 8-bit
+agreement with float on real inputs, in a third of the synthesis time; paid
+only by models too large to synthesize in minutes otherwise."""
 MIN_SYNTHESIS_STEPS = 50
 
 
