@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_mpq import recipe as recipe_lib
 from keras_mpq.base import act_ranges as act_ranges_lib
+from keras_mpq.base import batching
 from keras_mpq.base import fileio as fileio_lib
 from keras_mpq.base.compat import set_global_seed
 from keras_mpq.base.errors import (
@@ -41,6 +42,7 @@ from keras_mpq.cache import cache_key, read_cached_data, read_cached_search
 from keras_mpq.export.targets import TARGETS
 from keras_mpq.model import checks as model_checks_lib
 from keras_mpq.model import input_range as input_range_lib
+from keras_mpq.model import inputs as inputs_lib
 from keras_mpq.model import load as load_lib
 from keras_mpq.model import outputs as outputs_lib
 from keras_mpq.plan import allocation as allocation_lib
@@ -236,7 +238,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
       cost_table, folded, budget, data is None, target=target, bits=bits,
       activation_bits=activation_bits, metric=metric, synthesis=synthesis,
       num_samples=num_samples, seed=seed, rounds=rounds, pinned=pinned,
-      input_range=(range_info["low"], range_info["high"]), objective=objective,
+      input_range=_recipe_range(range_info), objective=objective,
       context=context, weight_method=weight_method, bias_correction=bias_correction,
       range_policy=range_policy, ram=ram, strip=strip, tune_steps=tune_steps,
       output_kinds={h.name: str(h.kind) for h in heads.heads if output_kinds
@@ -305,7 +307,14 @@ def _candidate_bits(budget: Budget, weight_bits: Optional[Sequence[int]]) -> Tup
 
 
 def _input_range(model, input_range, data_free: bool) -> Dict[str, Any]:
-  """The model's input range, with where it came from; warns when it was assumed."""
+  """The model's input range, with where it came from; warns when it was assumed.
+
+  One input: ``{"low", "high", "source", "assumed"}``. Several: ``{"inputs":
+  {name: that dict}, "assumed": any input's}``, each input resolved on its
+  own (`keras_mpq.model.input_range.resolve_input_ranges`).
+  """
+  if len(model.inputs) > 1:
+    return _input_ranges(model, input_range, data_free)
   low, high, range_source, range_assumed = input_range_lib.resolve_input_range(model, input_range)
   if range_assumed and data_free:
     why = (range_source if range_source.startswith("estimated") else
@@ -317,6 +326,29 @@ def _input_range(model, input_range, data_free: bool) -> Dict[str, Any]:
         "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another.",
         InputRangeAssumedWarning, stacklevel=3)
   return {"low": low, "high": high, "source": range_source, "assumed": range_assumed}
+
+
+def _input_ranges(model, input_range, data_free: bool) -> Dict[str, Any]:
+  """`_input_range` of a model with several inputs: one entry per input, by name."""
+  names = inputs_lib.input_names(model)
+  resolved = input_range_lib.resolve_input_ranges(model, input_range)
+  per_input = {name: {"low": r[0], "high": r[1], "source": r[2], "assumed": r[3]}
+               for name, r in zip(names, resolved)}
+  assumed = [f"{name!r} [{r['low']:g}, {r['high']:g}] ({r['source']})"
+             for name, r in per_input.items() if r["assumed"]]
+  if assumed and data_free:
+    warnings.warn(
+        f"keras_mpq assumes the ranges of inputs {'; '.join(assumed)}. Synthetic data, the "
+        "input quantizers and the exported file all follow them; pass input_range={name: "
+        "(lo, hi)} if the model takes others.", InputRangeAssumedWarning, stacklevel=3)
+  return {"inputs": per_input, "assumed": bool(assumed)}
+
+
+def _recipe_range(range_info: Mapping[str, Any]):
+  """The recipe's ``input_range``: ``(low, high)``, or one per input for several."""
+  if "inputs" in range_info:
+    return tuple((r["low"], r["high"]) for r in range_info["inputs"].values())
+  return (range_info["low"], range_info["high"])
 
 
 def _check_ram(ram) -> None:
@@ -343,7 +375,8 @@ def _resolve(cost_table: CostTable, folded, budget: Budget, data_free: bool, *,
   synthesized = num_samples
   if num_samples is None:
     synthesized, num_samples = recipe_lib.default_calibration_sizes(
-        cost_table, budget, tuple(folded.inputs[0].shape)[1:])
+        cost_table, budget,  # several inputs: no shifted copies (images only)
+        tuple(folded.inputs[0].shape)[1:] if len(folded.inputs) == 1 else ())
   weight_method, bias_correction = optimize_lib.check_weight_method(
       weight_method, bias_correction, data_free=data_free)
   range_policy = act_ranges_lib.check_range_policy(range_policy)
@@ -376,9 +409,15 @@ def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str,
   """``(x, y, data_info)``: synthesized from the model (cached), or the user's checked data."""
   if data is not None:
     x, y = _parse_data(model, data, loss is not None)
-    range_info.update(input_range_lib.check_data_range(
-        x, range_info["low"], range_info["high"], range_info["source"], range_info["assumed"],
-        "data"))
+    if "inputs" in range_info:  # several inputs: each against its own range
+      for (name, info), values in zip(range_info["inputs"].items(), x):
+        info.update(input_range_lib.check_data_range(
+            values, info["low"], info["high"], info["source"], info["assumed"],
+            f"data[{name!r}]"))
+    else:
+      range_info.update(input_range_lib.check_data_range(
+          x, range_info["low"], range_info["high"], range_info["source"],
+          range_info["assumed"], "data"))
     data_info: Dict[str, Any] = {"source": "user", "labeled": y is not None}
     if y is None and outputs_lib.heads_of(model).classifier:
       y = outputs_lib.predicted_labels(
@@ -387,7 +426,7 @@ def _calibration_data(model, folded, data, recipe: Recipe, range_info: Dict[str,
     x, y, data_info = _synthetic_data(model, folded, recipe, input_range, cache, progress)
     if not outputs_lib.heads_of(model).classifier:
       y = None  # measured by the outputs' distortion: no labels
-  data_info["num_samples"] = int(len(x))
+  data_info["num_samples"] = int(batching.num_samples(x))
   data_info.setdefault("realism", {})["batchnorm"] = realism_lib.batchnorm_check(model, x)
   return x, y, data_info
 
@@ -414,7 +453,8 @@ def _synthetic_data(model, folded, recipe: Recipe, input_range, cache, progress
                  "realism": realism_lib.self_consistency(folded, x, made.x_midway)}
     if cached is not None:
       buffer = io.BytesIO()
-      np.savez(buffer, x=x, y=y)
+      np.savez(buffer, y=y, **({"x": x} if not batching.several(x) else
+                               {f"x_{i}": a for i, a in enumerate(x)}))
       fileio_lib.write_bytes(cached, buffer.getvalue())
   if recipe.num_samples > recipe.synthesized:  # cheap and seeded: made again on a cache hit
     x, source = augment_lib.shifted_copies(x, recipe.num_samples, seed=recipe.seed)
@@ -427,7 +467,7 @@ def _search(model, folded, x, y, data_info: Dict[str, Any], recipe: Recipe,
             cost_table: CostTable, cache, progress, loss=None):
   """``(plan, table, rounds)`` of the sensitivity search on a seeded subset (cached)."""
   # Shifted copies sit after the synthesized samples: the search measures on those.
-  made_here = len(x) - data_info.get("shifted_copies", 0)
+  made_here = batching.num_samples(x) - data_info.get("shifted_copies", 0)
   pick = recipe_lib.search_subset(made_here, recipe_lib.default_search_samples(cost_table),
                                   recipe.seed)
   data_info["search_samples"] = int(len(pick))
@@ -438,7 +478,8 @@ def _search(model, folded, x, y, data_info: Dict[str, Any], recipe: Recipe,
          if cached_search is not None and cached_search.exists() else None)
   if hit is not None:
     return hit
-  found = search_lib.search(folded, x[pick] if y is None else (x[pick], y[pick]),
+  x_pick = batching.take(x, pick)
+  found = search_lib.search(folded, x_pick if y is None else (x_pick, y[pick]),
                             recipe.budget, weight_bits=recipe.bits,
                             rounds=recipe.rounds, metric=recipe.metric,
                             pinned=recipe.pinned or None, costs=cost_table, seed=recipe.seed,
@@ -452,15 +493,18 @@ def _search(model, folded, x, y, data_info: Dict[str, Any], recipe: Recipe,
   return plan, table, rounds_info
 
 
-def _parse_data(model, data, with_loss: bool = False) -> Tuple[np.ndarray, Any]:
-  if isinstance(data, (tuple, list)) and len(data) == 2:
+def _parse_data(model, data, with_loss: bool = False) -> Tuple[Any, Any]:
+  if len(model.inputs) > 1:  # x a list or dict of inputs, or (x, y)
+    x, y = inputs_lib.split_data(model, data)
+  elif isinstance(data, (tuple, list)) and len(data) == 2:
     x, y = data
   else:
     x, y = data, None
   x = calibrate_lib.check_data(model, x, "data")
+  n = batching.num_samples(x)
   heads = outputs_lib.heads_of(model)
   if with_loss:  # the user's targets, for their loss
-    return x, job_lib.check_targets(y, len(x), heads.names)
+    return x, job_lib.check_targets(y, n, heads.names)
   if y is not None and not heads.classifier:
     raise InvalidInputError(
         "Expected data=x alone for a model that is not a single-label classifier: it "
@@ -475,9 +519,9 @@ def _parse_data(model, data, with_loss: bool = False) -> Tuple[np.ndarray, Any]:
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot
       y = y.argmax(axis=1)
     y = y.reshape(-1)
-    if len(y) != len(x):
+    if len(y) != n:
       raise InvalidInputError(
-          f"Expected as many labels as inputs. Received: {len(x)} inputs, {len(y)} labels")
+          f"Expected as many labels as inputs. Received: {n} inputs, {len(y)} labels")
     if not np.issubdtype(y.dtype, np.integer):
       if not np.all(np.equal(np.mod(y, 1), 0)):
         raise InvalidInputError("Expected integer class labels in data=(x, y).")

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
+from keras_mpq.base import batching
 from keras_mpq.base.types import QuantizationPlan, SensitivityTable, to_jsonable
 from keras_mpq.quantization import calibrate as calibrate_lib
 
@@ -24,7 +25,8 @@ def cache_key(model, settings: Mapping[str, Any], data_x=None) -> str:
   h.update(model_checks_lib.fingerprint(model).encode())
   h.update(json.dumps(to_jsonable(settings), sort_keys=True).encode())
   if data_x is not None:
-    h.update(np.ascontiguousarray(data_x).tobytes())
+    for values in batching.as_list(data_x):  # one array, or one per input
+      h.update(np.ascontiguousarray(values).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -32,9 +34,11 @@ def read_cached_data(path: pathlib.Path, model) -> Optional[Tuple[np.ndarray, np
   """Cached synthetic ``(x, y)``, or None if the file is unreadable or does not fit ``model``."""
   try:
     with np.load(path, allow_pickle=False) as z:
-      x, y = np.asarray(z["x"]), np.asarray(z["y"]).reshape(-1)
+      y = np.asarray(z["y"]).reshape(-1)
+      x = (np.asarray(z["x"]) if "x" in z.files else  # several inputs: x_0, x_1, ...
+           [np.asarray(z[f"x_{i}"]) for i in range(len(model.inputs))])
     x = calibrate_lib.check_data(model, x, "cached data")
-    if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+    if len(y) != batching.num_samples(x) or not np.issubdtype(y.dtype, np.integer):
       return None
     return x, y.astype(np.int64)
   except Exception:  # pylint: disable=broad-except  # a damaged cache is recomputed

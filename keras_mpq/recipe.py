@@ -14,7 +14,7 @@ arguments, writes it to ``report["settings"]`` and reads it back in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -153,7 +153,7 @@ class Recipe:
   seed: int
   rounds: int
   pinned: Mapping[str, int]
-  input_range: Tuple[float, float]
+  input_range: Tuple[Any, ...]  # (low, high); with several inputs, one (low, high) per input
   objective: Optional[str]
   context: str
   weight_method: str
@@ -177,7 +177,7 @@ class Recipe:
             "synthesized": self.synthesized, "seed": self.seed,
             "rounds": self.rounds, "pinned": dict(self.pinned),
             "budget": self.budget.to_dict(),
-            "input_range": [self.input_range[0], self.input_range[1]],
+            "input_range": _range_list(self.input_range),
             "objective": self.objective, "context": self.context,
             "target": self.target, "ram": self.ram, "strip": self.strip,
             "tune_steps": self.tune_steps, "tune_temperature": self.tune_temperature,
@@ -192,7 +192,9 @@ class Recipe:
     values = {k: v for k, v in settings.items() if k in fields}
     values["budget"] = Budget.from_dict(settings["budget"])
     values["bits"] = tuple(int(b) for b in settings["bits"])
-    values["input_range"] = tuple(settings["input_range"])
+    given = settings["input_range"]
+    values["input_range"] = (tuple(tuple(r) for r in given) if given and isinstance(
+        given[0], (list, tuple)) else tuple(given))
     values["pinned"] = dict(settings.get("pinned") or {})
     values["output_kinds"] = dict(settings.get("output_kinds") or {})
     values["output_weights"] = dict(settings.get("output_weights") or {})
@@ -208,3 +210,10 @@ class Recipe:
     """The keyword arguments the sensitivity search takes from the recipe."""
     return {"weight_method": self.weight_method, "bias_correction": self.bias_correction,
             "range_policy": self.range_policy}
+
+
+def _range_list(input_range) -> List[Any]:
+  """``[low, high]``, or ``[[low, high], ...]`` per input for several, as JSON lists."""
+  if input_range and isinstance(input_range[0], (list, tuple)):
+    return [[r[0], r[1]] for r in input_range]
+  return [input_range[0], input_range[1]]

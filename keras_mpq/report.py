@@ -213,7 +213,16 @@ def summary_table(report: Mapping[str, Any]) -> str:
   budget = report["budget"]
   lines = [table]
   in_range = report.get("input_range") or {}
-  if in_range.get("assumed"):
+  if "inputs" in in_range:  # several inputs: a line each
+    for name, r in in_range["inputs"].items():
+      flag = "ASSUMED " if r.get("assumed") else ""
+      line = f"input {name!r}: range {flag}[{r['low']:g}, {r['high']:g}] ({r['source']})"
+      if r.get("assumed"):
+        lines.insert(0, "WARNING: " + line + ": pass input_range={name: (lo, hi)} if the "
+                     "model takes other inputs.\n")
+      else:
+        lines.append(line)
+  elif in_range.get("assumed"):
     why = (in_range["source"] if str(in_range.get("source", "")).startswith("estimated")
            else "no Rescaling/Normalization input layer, no --input_range")
     lines.insert(0, f"WARNING: input range ASSUMED [{in_range['low']:g}, {in_range['high']:g}]"

@@ -11,10 +11,13 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from keras_mpq.base import batching
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.results import ValidationResult
+from keras_mpq.export import feed as feed_lib
 from keras_mpq.export import reader as reader_lib
 from keras_mpq.export.runtime import dequantize_output, run_tflite
+from keras_mpq.model import inputs as inputs_lib
 from keras_mpq.model import outputs as outputs_lib
 
 # --------------------------------------------------------------------------- validate
@@ -27,7 +30,9 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
 
   Args:
     path_or_bytes: the .tflite file or its bytes.
-    x: inputs, shape (n, *input_shape), float.
+    x: inputs, shape (n, *input_shape), float; for a model with several
+      inputs a list in the model's input order or a dict by input name
+      (matched by name; by the reference's names in a file stripped of them).
     y: optional labels: integer classes (n,) for a classifier's accuracy, or
       the targets ``metric`` takes (a list, one per output, for several).
     reference: optional Keras model; agreement is the share of samples where
@@ -55,29 +60,31 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
   """
   start = time.perf_counter()
   data = reader_lib.read_bytes(path_or_bytes)
-  x = np.asarray(x)
+  x = _file_inputs(data, x, reference if reference is not None else float_model)
+  n_x = batching.num_samples(x)
   heads = None if reference is None else outputs_lib.heads_of(reference)
   file_names = _output_names(reader_lib.parse(data))
   classifier = len(file_names) <= 1 and (heads is None or heads.classifier)
   if y is not None and classifier and metric is None:
-    y = _check_labels(y, len(x))  # integer classes (a per-pixel file without metric: too)
+    y = _check_labels(y, n_x)  # integer classes (a per-pixel file without metric: too)
   used = runtime
   layer_errors = None
   if runtime == "tflm":
     out = run_tflite(data, x, runtime="tflm")
   elif per_layer and float_model is not None:
-    out, interp, used = run_tflite(data, x[:32], runtime=runtime,
+    head = batching.take(x, slice(0, 32))
+    out, interp, used = run_tflite(data, head, runtime=runtime,
                                    preserve_all_tensors=True, return_interpreter=True)
-    layer_errors = _layer_errors(interp, data, float_model, np.asarray(x, np.float32)[:32])
+    layer_errors = _layer_errors(interp, data, float_model, _float32(head))
     out = run_tflite(data, x, runtime=runtime)
   else:
     out, _, used = run_tflite(data, x, runtime=runtime, return_interpreter=True)
   outs = out if isinstance(out, list) else [out]
   for o in outs:
-    if len(o) != len(x) or o.size == 0:
+    if len(o) != n_x or o.size == 0:
       raise InvalidInputError(
           f"Expected one output row per input. Received: {len(o)} output rows (shape "
-          f"{o.shape}) for {len(x)} inputs; the file's output shape is damaged. "
+          f"{o.shape}) for {n_x} inputs; the file's output shape is damaged. "
           "Re-export the model.")
   value, metric_name = (None, None) if metric is None else _user_metric(metric, y, out)
   classifier = classifier and (heads is not None or outs[0].ndim == 2)  # else per pixel
@@ -88,7 +95,7 @@ def validate_tflite(path_or_bytes, x, y=None, reference=None, runtime: str = "au
   acc = float(np.mean(pred == y)) if y is not None and metric is None else None
   agreement = max_err = mean_err = None
   if reference is not None:
-    ref = np.asarray(reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256))
+    ref = np.asarray(reference.predict(_float32(x), verbose=0, batch_size=256))
     ref = ref.reshape(out.shape)
     agreement = float(np.mean(pred == _classes(ref)))
     diff = np.abs(out - ref)
@@ -163,10 +170,10 @@ def _fidelity_result(file_names, outs, x, reference, heads, used, start, layer_e
     note = ("not a single-label classifier: no accuracy; pass reference= (the float "
             "model) for each output's fidelity" + ("" if metric_name else
                                                     ", or metric= and y for your measure"))
-    return ValidationResult(runtime=used, n=len(x), seconds=time.perf_counter() - start,
-                            layer_errors=layer_errors, metric=value,
+    return ValidationResult(runtime=used, n=batching.num_samples(x),
+                            seconds=time.perf_counter() - start, layer_errors=layer_errors, metric=value,
                             metric_name=metric_name, note=note)
-  refs = reference.predict(np.asarray(x, np.float32), verbose=0, batch_size=256)
+  refs = reference.predict(_float32(x), verbose=0, batch_size=256)
   refs = refs if isinstance(refs, list) else [refs]
   names = heads.names
   if set(file_names) == set(names):  # matched by name
@@ -192,11 +199,27 @@ def _fidelity_result(file_names, outs, x, reference, heads, used, start, layer_e
   note = ("not a single-label classifier: reported each output's fidelity to the "
           "reference (correlation, mean squared error over the reference's variance)"
           + ("" if metric_name else "; pass metric= and y for your own measure"))
-  return ValidationResult(runtime=used, n=len(x), seconds=time.perf_counter() - start,
-                          max_abs_error=float(every.max()),
+  return ValidationResult(runtime=used, n=batching.num_samples(x),
+                          seconds=time.perf_counter() - start, max_abs_error=float(every.max()),
                           mean_abs_error=float(every.mean()), layer_errors=layer_errors,
                           metric=value, metric_name=metric_name, fidelity=fidelity,
                           note=note)
+
+
+def _file_inputs(data: bytes, x, model):
+  """``x`` in the file's input order: one array, or a list for several inputs.
+
+  A dict is matched by the file's input names, or by ``model``'s (the
+  reference's) where the file's were stripped (its inputs keep the model's
+  order); a list is taken in the model's input order.
+  """
+  names = None if model is None else inputs_lib.input_names(model)
+  xs = feed_lib.match_inputs(x, feed_lib.file_input_names(data), names)
+  return np.asarray(xs[0]) if len(xs) == 1 else [np.asarray(v) for v in xs]
+
+
+def _float32(x):
+  return batching.map_inputs(lambda a: np.asarray(a, np.float32), x)
 
 
 def _output_names(reader) -> List[str]:

@@ -305,7 +305,7 @@ def test_bad_models_and_data_raise_clear_errors():
     fold_lib.fold_batchnorm(keras.Model(inp, L.Dense(2)(inner(inp))))
   a, b = keras.Input((4,)), keras.Input((4,))
   two = keras.Model([a, b], L.Dense(2, name="d")(L.Concatenate()([a, b])))
-  with pytest.raises(UnsupportedModelError, match="one input"):
+  with pytest.raises(InvalidInputError, match=r"list of 2 arrays.*\['input_\d+', 'input_\d+'\]"):
     apply_lib.apply_plan(two, QuantizationPlan({"d": 4}), np.zeros((2, 4)))
   model = _mlp()
   plan = QuantizationPlan.uniform(access_lib.plan_layers(model), 4)
@@ -603,3 +603,20 @@ def test_optimize_weights_groups_layers_into_at_most_sequential_passes(monkeypat
   assert calls == [["conv", "fc"], ["conv", "fc"]]  # float means, then both in one pass
   rows = optimize_lib.weight_report(qmodel)
   assert [r["layer"] for r in rows] == ["conv", "fc"] and all(r["bias_corrected"] for r in rows)
+
+
+def test_apply_plan_with_several_inputs_gives_each_its_input_quantizer():
+  keras.utils.set_random_seed(0)
+  a, b = keras.Input((4,), name="left"), keras.Input((3,), name="right")
+  h = L.Concatenate()([L.Dense(5, name="da")(a), L.Dense(5, name="db")(b)])
+  model = keras.Model([a, b], L.Dense(2, name="out")(h))
+  rng = np.random.default_rng(0)
+  x = {"right": rng.uniform(-2, 2, (32, 3)), "left": rng.uniform(0, 1, (32, 4))}
+  plan = QuantizationPlan.uniform(access_lib.plan_layers(model), 8)
+  qmodel = apply_lib.apply_plan(model, plan, x)
+  ranges = access_lib.activation_ranges(qmodel)
+  assert ranges["input_quantizer_left"][0] >= 0.0 and ranges["input_quantizer_left"][1] <= 1.0
+  assert ranges["input_quantizer_right"][0] < -1.5 and ranges["input_quantizer_right"][1] > 1.5
+  xs = [x["left"].astype(np.float32), x["right"].astype(np.float32)]
+  np.testing.assert_allclose(qmodel.predict(xs, verbose=0), model.predict(xs, verbose=0),
+                             atol=0.1)

@@ -611,11 +611,15 @@ def test_check_model_refuses_subclassed_models():
     model_checks_lib.check_model(net)
 
 
-def test_check_model_refuses_several_inputs_but_takes_several_outputs():
+def test_check_model_takes_several_inputs_and_several_outputs():
   a, b = keras.Input((4,)), keras.Input((4,))
   two_in = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
-  with pytest.raises(UnsupportedModelError, match="several inputs are not supported yet.*2 inputs"):
-    model_checks_lib.check_model(two_in)
+  assert model_checks_lib.check_model(two_in) is two_in
+  ids = keras.Input((4,), dtype="int32")
+  mixed = keras.Model([a, ids], keras.layers.Dense(2)(keras.layers.Concatenate()(
+      [a, keras.layers.Lambda(lambda t: tf.cast(t, tf.float32))(ids)])))
+  with pytest.raises(UnsupportedModelError, match="integer input"):
+    model_checks_lib.check_token_input(mixed)
   two_out = keras.Model(a, [keras.layers.Dense(2)(a), keras.layers.Dense(3)(a)])
   assert model_checks_lib.check_model(two_out) is two_out
 

@@ -420,10 +420,6 @@ def test_multi_label_sigmoid_is_not_a_classifier():
 
 def test_unusable_models():
   keras.utils.set_random_seed(0)
-  a, b = keras.Input((4,)), keras.Input((4,))
-  two = keras.Model([a, b], layers.Dense(2)(layers.Concatenate()([a, b])))
-  with pytest.raises(UnsupportedModelError, match="one input"):
-    _run(two)
   inp = keras.Input((None, 3))
   dynamic = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling1D()(inp)))
   with pytest.raises(UnsupportedModelError, match="fixed input shape"):
@@ -500,3 +496,20 @@ def test_progress_bar_shows_the_step_within_each_batch(capsys):
   generators_lib.synthesize(model, num_samples=8, batch_size=4, max_steps=20, progress=True)
   err = capsys.readouterr().err
   assert "batch 2/2, step 20/20" in err, err[-500:]
+
+
+def test_several_inputs_each_synthesized_in_its_own_range():
+  keras.utils.set_random_seed(0)
+  a, b = keras.Input((6, 6, 1), name="image"), keras.Input((3,), name="table")
+  h = layers.Concatenate()([layers.Flatten()(layers.Conv2D(2, 3, name="conv")(a)),
+                            layers.Dense(4, name="fb")(layers.Rescaling(1 / 255)(b))])
+  model = keras.Model([a, b], layers.Dense(3, name="out")(h))
+  for method in ("labeled", "diverse", "noise"):
+    r = _run(model, method=method, num_samples=6, max_steps=20)
+    assert isinstance(r.x, list) and [v.shape for v in r.x] == [(6, 6, 6, 1), (6, 3)]
+    assert 0.0 <= r.x[0].min() and r.x[0].max() <= 1.0
+    assert 0.0 <= r.x[1].min() and r.x[1].max() <= 255.0 and r.x[1].max() > 2.0
+    assert r.input_range == ((0.0, 1.0), (0.0, 255.0)) and r.assumed_range
+    assert r.summary()["input_range"] == [[0.0, 1.0], [0.0, 255.0]]
+  given = _run(model, method="noise", input_range={"image": (-1, 1)}, num_samples=4)
+  assert given.input_range == ((-1.0, 1.0), (0.0, 255.0)) and given.x[0].min() < 0

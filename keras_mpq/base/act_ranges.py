@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from keras_mpq.base import choices
+from keras_mpq.base import batching, choices
 from keras_mpq.base.errors import InvalidInputError
 
 RANGE_POLICIES = choices.values(choices.RangePolicy)
@@ -75,6 +75,9 @@ def range_subset(x, limit: int = MAX_RANGE_SAMPLES, seed: int = 0) -> np.ndarray
   >>> range_subset(np.arange(10), limit=4).tolist()
   [2, 4, 5, 7]
   """
+  if batching.several(x):  # several inputs: the same samples of each
+    n = batching.num_samples(x)
+    return list(x) if n <= limit else batching.take(x, subset_indices(n, limit, seed))
   x = np.asarray(x)
   return x if len(x) <= limit else x[subset_indices(len(x), limit, seed)]
 

@@ -187,7 +187,8 @@ class SynthesisResult:
 
   Attributes:
     x: float32 inputs, shape ``(num_samples,) + input_shape``, in
-      ``input_range``.
+      ``input_range``; for a model with several inputs a list of them, one
+      per input in ``model.inputs`` order, each in its own range.
     y: int64 labels in ``0..num_classes-1`` (a single-unit sigmoid output is
       two classes: 0 and 1).
     confidences: float32 ``p(y_j | x_j)`` under the model, measured on ``x``.
@@ -197,7 +198,8 @@ class SynthesisResult:
     reached: bool, whether the sample reached its target confidence (labeled
       method), else None.
     method: the generator's name.
-    input_range: ``(low, high)`` the inputs were kept in.
+    input_range: ``(low, high)`` the inputs were kept in (with several
+      inputs, a tuple of one ``(low, high)`` per input).
     input_range_source: where the range came from, in words.
     assumed_range: True when the range was neither inferred from the model nor
       given, so [0, 1] was assumed.
@@ -250,7 +252,8 @@ class SynthesisResult:
     return to_jsonable({
         "method": self.method, "num_samples": self.num_samples,
         "num_classes": self.num_classes, "output_kind": self.output_kind,
-        "input_range": list(self.input_range),
+        "input_range": [list(r) if isinstance(r, (tuple, list)) else r
+                        for r in self.input_range],
         "input_range_source": self.input_range_source,
         "assumed_range": self.assumed_range, "seed": self.seed,
         "seconds": round(self.seconds, 3),

@@ -19,10 +19,12 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
+from keras_mpq.base import batching
 from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import UnsupportedModelError
 from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
+from keras_mpq.model import inputs as inputs_lib
 
 # --------------------------------------------------------------------------- conversion
 
@@ -46,9 +48,14 @@ def snap_to_plan(model, plan: QuantizationPlan):
 
 def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
   """Converts a tf_keras model to a float TFLite flatbuffer (batch fixed if given)."""
-  shape = [batch_size] + list(model.inputs[0].shape[1:])
-  spec = tf.TensorSpec(shape, tf.float32, name=model.inputs[0].name.split(":")[0])
-  fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
+  if len(model.inputs) == 1:
+    shape = [batch_size] + list(model.inputs[0].shape[1:])
+    spec = tf.TensorSpec(shape, tf.float32, name=model.inputs[0].name.split(":")[0])
+    fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
+  else:  # one TensorSpec per input, named after it (the signature's keys)
+    specs = [tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=name)
+             for t, name in zip(model.inputs, inputs_lib.input_names(model))]
+    fn = tf.function(lambda *ts: model(list(ts), training=False)).get_concrete_function(*specs)
   # The converter saves its trackable object as a SavedModel first; a bare module
   # holding the variables gives the same flatbuffer, byte for byte, 3-5x faster
   # than the Keras model (whose every layer is traced again for serialization).
@@ -64,7 +71,57 @@ def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
         f"{str(e).strip().splitlines()[-1][:300]}") from None
   if len(model.outputs) > 1:
     data = order_outputs(data, [str(n) for n in model.output_names])
+  if len(model.inputs) > 1:
+    data = order_inputs(data, inputs_lib.input_names(model))
   return data
+
+
+def order_inputs(model_bytes: bytes, names: List[str]) -> bytes:
+  """The converted file with its inputs in the Keras model's order, named as its inputs.
+
+  The converter lists a model's several inputs sorted by name (``afeat``
+  before ``zimage`` whatever the model's order), each tensor named
+  ``serving_default_<name>:0``; this puts them in ``model.inputs`` order and
+  names each input tensor exactly as the Keras input, so a runtime's input
+  ``i`` is the model's input ``i`` (what a stripped TFLite Micro file, which
+  has no names, is fed by) and `keras_mpq.export.runtime.run_tflite` can match
+  a dict by name.
+  """
+  import flatbuffers  # pylint: disable=g-import-not-at-top
+  from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+  sg = model.subgraphs[0]
+  ins = [int(t) for t in sg.inputs]
+  by_name = {}
+  for signature in model.signatureDefs or []:
+    for m in signature.inputs or []:
+      by_name[(m.name or b"").decode("utf-8", "replace")] = int(m.tensorIndex)
+  for t in ins:
+    name = (sg.tensors[t].name or b"").decode("utf-8", "replace")
+    stem = name.rsplit(":", 1)[0]
+    for n in names:
+      if stem in (n, f"serving_default_{n}"):
+        by_name.setdefault(n, t)
+  if len(ins) != len(names) or any(by_name.get(n) not in ins for n in names) or len(
+      {by_name[n] for n in names}) != len(names):
+    raise UnsupportedModelError(
+        f"Expected the converted file's {len(ins)} inputs to carry the model's input names "
+        f"{names}. Received input tensors "
+        f"{[(sg.tensors[t].name or b'').decode('utf-8', 'replace') for t in ins]}; "
+        "please report it with the model.")
+  ordered = [by_name[n] for n in names]
+  sg.inputs = np.asarray(ordered, np.int32)
+  for t, name in zip(ordered, names):
+    sg.tensors[t].name = name.encode()
+  for signature in model.signatureDefs or []:
+    by_tensor = {int(m.tensorIndex): m for m in signature.inputs or []}
+    if set(by_tensor) == set(ordered):
+      signature.inputs = [by_tensor[t] for t in ordered]
+      for m, name in zip(signature.inputs, names):
+        m.name = name.encode()
+  builder = flatbuffers.Builder(len(model_bytes) + 4096)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output())
 
 
 def order_outputs(model_bytes: bytes, names: List[str]) -> bytes:
@@ -186,7 +243,7 @@ def prepare_for_target(model, target: str, x: np.ndarray) -> Tuple[Any, List[str
   replaced, changed = replace_gelu(model)
   if not changed:
     return model, []
-  sample = x[:256]
+  sample = batching.take(x, slice(0, 256))
   before = np.asarray(model.predict(sample, verbose=0, batch_size=256), np.float64)
   after = np.asarray(replaced.predict(sample, verbose=0, batch_size=256), np.float64)
   span = float(before.max() - before.min()) or 1.0
@@ -204,7 +261,7 @@ def prepare_for_target(model, target: str, x: np.ndarray) -> Tuple[Any, List[str
 
 def same_tflm_outputs(a: bytes, b: bytes, x: np.ndarray, n: int = 8) -> bool:
   from keras_mpq.export import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
-  sample = x[:n]
+  sample = batching.take(x, slice(0, n))
   ya = runtime_lib.run_tflite(a, sample, runtime="tflm")
   yb = runtime_lib.run_tflite(b, sample, runtime="tflm")
   ya, yb = (v if isinstance(v, list) else [v] for v in (ya, yb))

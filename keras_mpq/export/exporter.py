@@ -83,6 +83,7 @@ from keras_mpq.export.flatbuffer import (
 from keras_mpq.export.recipe import Decision, build_recipe, decide, quantize_with_recipe
 from keras_mpq.export.targets import DEFAULT_VELA_ACCELERATOR, TARGETS
 from keras_mpq.export.vela import compile_vela
+from keras_mpq.model import inputs as inputs_lib
 
 # --------------------------------------------------------------------------- result types
 
@@ -107,13 +108,12 @@ def _check_args(model, plan, target, calibration_data):
     raise InvalidInputError(
         f"Expected every planned layer in the model. Received: plan layers {missing} "
         f"that the model does not have; model layers: {sorted(names)}")
-  if len(model.inputs) != 1:
-    raise UnsupportedModelError(
-        f"Expected a model with one input. Received: {len(model.inputs)} inputs.")
   if calibration_data is None:
     raise InvalidInputError(
         "Expected calibration_data (a few hundred typical inputs) to set the "
         "activation ranges. Received: calibration_data=None")
+  if len(model.inputs) > 1:  # a list in model order or a dict by input name, checked
+    return inputs_lib.check_inputs(model, calibration_data, "calibration_data")
   x = np.asarray(calibration_data)
   want = tuple(model.inputs[0].shape[1:])
   if x.ndim != len(want) + 1 or any(w is not None and w != s for w, s in zip(want, x.shape[1:])):
@@ -147,7 +147,9 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     target: 'mobile' (LiteRT), 'mcu' (TFLite Micro: int8 in/out, batch 1) or
       'ethos-u' (the mcu file compiled by Vela for ``accelerator``).
     calibration_data: typical inputs (numpy, model input shape) for the
-      activation ranges; at most ``max_calibration_samples`` are used.
+      activation ranges; at most ``max_calibration_samples`` are used. For a
+      model with several inputs, a list in ``model.inputs`` order or a dict by
+      input name; each input's int8 quantization comes from its own values.
     seed: picks the calibration subset repeatably.
     strip: what to remove that the runtime does not read (`STRIP_STEPS`):
       None = the target's default (`DEFAULT_STRIP`: names, signatures,

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from keras_mpq.base import act_ranges as act_ranges_lib
-from keras_mpq.base.errors import MissingDependencyError
+from keras_mpq.base import batching
+from keras_mpq.base.errors import MissingDependencyError, UnsupportedModelError
 from keras_mpq.base.types import FLOAT_BITS
 from keras_mpq.export.convert import quiet
 from keras_mpq.export.targets import RUNTIME_OF_TARGET, supported
@@ -211,12 +212,22 @@ def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarra
   interp = Interpreter(model_content=calib_bytes)
   sigs = interp.get_signature_list()
   key = next(iter(sigs))
-  input_name = sigs[key]["inputs"][0]
+  input_names = list(sigs[key]["inputs"][:1])
+  if batching.several(calibration_data):
+    # Several inputs: `keras_mpq.export.convert.order_inputs` put them in model
+    # order, each named as its signature key; x is a list in that order.
+    input_names = [d["name"] for d in interp.get_input_details()]
+    if sorted(input_names) != sorted(sigs[key]["inputs"]):
+      raise UnsupportedModelError(
+          f"Expected the file's inputs {input_names} to be named as its signature's "
+          f"{sigs[key]['inputs']}; please report it with the model.")
   dynamic = int(interp.get_input_details()[0].get("shape_signature", [1])[0]) == -1
   # The subset the Keras model's calibrate measures on (with the default seed and limit).
   x = act_ranges_lib.range_subset(calibration_data, max_samples, seed)
-  step = len(x) if dynamic else 1
-  samples = [{input_name: x[i:i + step]} for i in range(0, len(x), step)]
+  n = batching.num_samples(x)
+  step = n if dynamic else 1
+  samples = [dict(zip(input_names, batching.as_list(batching.take(x, slice(i, i + step)))))
+             for i in range(0, n, step)]
   with quiet():
     calibrator = aeq.Quantizer(bytearray(calib_bytes), recipe)
     calib = (calibrator.calibrate({key: samples}, num_threads=1)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from keras_mpq.base.errors import InvalidInputError, MissingDependencyError
+from keras_mpq.export import feed as feed_lib
 from keras_mpq.export import reader as reader_lib
 
 RUNTIMES = ("auto", "litert", "tflite_runtime", "tf", "tflm")
@@ -185,11 +186,16 @@ def _check_references(reader) -> None:
 
 
 def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
-               preserve_all_tensors: bool = False, return_interpreter: bool = False):
+               preserve_all_tensors: bool = False, return_interpreter: bool = False,
+               input_names: Optional[Sequence[str]] = None):
   """Runs the model on ``x``; returns float outputs (dequantized), shape (n, ...).
 
   A model with several outputs returns a list of them, in the Keras model's
-  order (`keras_mpq.export.convert.order_outputs` put them so).
+  order (`keras_mpq.export.convert.order_outputs` put them so). A model with
+  several inputs takes ``x`` as a list in the Keras model's input order or a
+  dict by input name (`keras_mpq.export.feed.match_inputs`; ``input_names``,
+  the Keras model's input names, match a dict for a file whose names were
+  stripped).
 
   Example:
 
@@ -199,8 +205,9 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     raise InvalidInputError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
   data = reader_lib.read_bytes(path_or_bytes)
   _check_references(reader_lib.parse(data))  # a damaged file fails here, clearly
+  xs = feed_lib.match_inputs(x, feed_lib.file_input_names(data), input_names)
   if runtime == "tflm":
-    return _run_tflm(data, x)
+    return _run_tflm(data, xs)
   if reader_lib.has_cut_zero_points(data):  # an mcu file: LiteRT wants one per scale
     try:
       data = reader_lib.restore_zero_points(data)
@@ -213,7 +220,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
       kwargs["experimental_preserve_all_tensors"] = True
     interp = Interpreter(**kwargs)
     interp.allocate_tensors()
-    inp = interp.get_input_details()[0]  # tensor names are decoded here
+    ins = interp.get_input_details()  # tensor names are decoded here
     outs = interp.get_output_details()
   except (ValueError, RuntimeError, IndexError) as e:  # UnicodeDecodeError is a ValueError
     hint = (" It is a Vela-compiled Ethos-U file: those run only on the NPU; validate "
@@ -222,24 +229,27 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     raise InvalidInputError(
         f"{name} could not load this .tflite file: "
         f"{str(e).strip().splitlines()[0][:200]}.{hint}") from None
-  x = _check_x(x, inp["shape"], "TFLite")
-  _check_input_scale(x, inp)
+  xs = _checked_inputs(xs, ins, "TFLite")
+  inp = ins[0]
+  n_all = len(xs[0])
   fixed = int(inp["shape"][0])
   dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
-  step = min(batch_size, len(x)) if dynamic else fixed
+  step = min(batch_size, n_all) if dynamic else fixed
   outputs: List[List[np.ndarray]] = [[] for _ in outs]
   current = fixed
-  for i in range(0, len(x), max(step, 1)):
-    chunk = x[i:i + step]
-    n = len(chunk)
+  for i in range(0, n_all, max(step, 1)):
+    chunks = [v[i:i + step] for v in xs]
+    n = len(chunks[0])
     if dynamic and n != current:
-      interp.resize_tensor_input(inp["index"], [n] + list(inp["shape"][1:]))
+      for detail in ins:
+        interp.resize_tensor_input(detail["index"], [n] + list(detail["shape"][1:]))
       interp.allocate_tensors()
       current = n
     if not dynamic and n != fixed:  # last partial batch of a fixed-batch model
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+      chunks = [np.concatenate([c, np.repeat(c[-1:], fixed - n, axis=0)]) for c in chunks]
     try:
-      interp.set_tensor(inp["index"], _quantize_input(chunk, inp))
+      for chunk, detail in zip(chunks, ins):
+        interp.set_tensor(detail["index"], _quantize_input(chunk, detail))
       interp.invoke()
       for parts, out in zip(outputs, outs):
         parts.append(dequantize_output(interp.get_tensor(out["index"]), out)[:n])
@@ -251,6 +261,18 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   if return_interpreter:
     return result, interp, name
   return result
+
+
+def _checked_inputs(xs, details, dtype_name: str) -> List[np.ndarray]:
+  """Each input's array checked against its file input (shape, finite, scale), same length."""
+  xs = [_check_x(v, d["shape"], dtype_name) for v, d in zip(xs, details)]
+  for v, d in zip(xs, details):
+    _check_input_scale(v, d)
+  if len({len(v) for v in xs}) > 1:
+    raise InvalidInputError(
+        "Expected the same number of samples in every input. Received: "
+        f"{[len(v) for v in xs]} samples for the file's inputs.")
+  return xs
 
 
 def _joined(outputs: List[List[np.ndarray]]):
@@ -351,13 +373,17 @@ def tflm_arena_bytes(path_or_bytes, x=None) -> int:
   Interpreter = _tflm_class()  # pylint: disable=invalid-name
   _verify_stripped_for_tflm(data)
   interp = _tflm_interpreter(Interpreter, data)
-  inp = _tflm_detail(interp.get_input_details(0))
+  n_inputs = max(1, reader_lib.parse(data).sg.InputsLength())
+  ins = [_tflm_detail(interp.get_input_details(k)) for k in range(n_inputs)]
   if x is None:
-    sample = np.zeros(inp["shape"], dtype=inp["dtype"])
+    samples = [np.zeros(d["shape"], dtype=d["dtype"]) for d in ins]
   else:
-    sample = _quantize_input(_check_x(x, inp["shape"], "TFLite Micro")[:1], inp)
+    xs = feed_lib.match_inputs(x, feed_lib.file_input_names(data))
+    samples = [_quantize_input(_check_x(v, d["shape"], "TFLite Micro")[:1], d)
+               for v, d in zip(xs, ins)]
   try:
-    interp.set_input(sample, 0)
+    for k, sample in enumerate(samples):
+      interp.set_input(sample, k)
     interp.invoke()
   except (RuntimeError, ValueError, IndexError) as e:
     raise InvalidInputError(f"TFLite Micro failed to run this model: {str(e)[:200]}") from None
@@ -398,15 +424,15 @@ kernels (MobileNetV2 at 224x224 aborted inside ``invoke``) becomes an error
 naming the model instead of killing the caller's Python process."""
 
 
-def _run_tflm(data: bytes, x):
+def _run_tflm(data: bytes, xs):
   """`_run_tflm_here` in a forked child when `TFLM_ISOLATED` (and fork exists), else here."""
   import multiprocessing  # pylint: disable=g-import-not-at-top
   if not TFLM_ISOLATED or "fork" not in multiprocessing.get_all_start_methods():
-    return _run_tflm_here(data, x)
+    return _run_tflm_here(data, xs)
   _tflm_class()  # a missing runtime is an error here, not in the child
   context = multiprocessing.get_context("fork")
   receive, send = context.Pipe(duplex=False)
-  child = context.Process(target=_tflm_child, args=(send, data, x), daemon=True)
+  child = context.Process(target=_tflm_child, args=(send, data, xs), daemon=True)
   child.start()
   send.close()
   try:
@@ -428,9 +454,9 @@ def _run_tflm(data: bytes, x):
   return value
 
 
-def _tflm_child(send, data: bytes, x) -> None:
+def _tflm_child(send, data: bytes, xs) -> None:
   try:
-    send.send(("ok", _run_tflm_here(data, x)))
+    send.send(("ok", _run_tflm_here(data, xs)))
   except BaseException as e:  # pylint: disable=broad-except  # handed to the parent
     try:
       send.send(("error", e))
@@ -440,27 +466,30 @@ def _tflm_child(send, data: bytes, x) -> None:
     send.close()
 
 
-def _run_tflm_here(data: bytes, x):
+def _run_tflm_here(data: bytes, xs):
+  """Runs TFLite Micro on ``xs`` (one array per file input, in its order), one sample at a time."""
   Interpreter = _tflm_class()  # pylint: disable=invalid-name
   _verify_stripped_for_tflm(data)
   interp = _tflm_interpreter(Interpreter, data)
-  n_outputs = max(1, reader_lib.parse(data).sg.OutputsLength())
+  sg = reader_lib.parse(data).sg
+  n_outputs = max(1, sg.OutputsLength())
   try:
-    inp = _tflm_detail(interp.get_input_details(0))
+    ins = [_tflm_detail(interp.get_input_details(k)) for k in range(len(xs))]
     outs = [_tflm_detail(interp.get_output_details(i)) for i in range(n_outputs)]
   except (RuntimeError, ValueError, IndexError) as e:
     raise InvalidInputError(f"TFLite Micro could not read this model's input or output: "
                             f"{str(e)[:200]}") from None
-  if int(inp["shape"][0]) != 1:
-    raise InvalidInputError(
-        f"Expected a batch-1 model for TFLite Micro. Received: input shape "
-        f"{list(inp['shape'])}; export with target='mcu'.")
-  x = _check_x(x, inp["shape"], "TFLite Micro")
-  _check_input_scale(x, inp)
+  for inp in ins:
+    if int(inp["shape"][0]) != 1:
+      raise InvalidInputError(
+          f"Expected a batch-1 model for TFLite Micro. Received: input shape "
+          f"{list(inp['shape'])}; export with target='mcu'.")
+  xs = _checked_inputs(xs, ins, "TFLite Micro")
   outputs: List[List[np.ndarray]] = [[] for _ in outs]
-  for i in range(len(x)):
+  for i in range(len(xs[0])):
     try:
-      interp.set_input(_quantize_input(x[i:i + 1], inp), 0)
+      for k, (v, inp) in enumerate(zip(xs, ins)):
+        interp.set_input(_quantize_input(v[i:i + 1], inp), k)
       interp.invoke()
       for k, (parts, out) in enumerate(zip(outputs, outs)):
         parts.append(dequantize_output(interp.get_output(k), out))
@@ -501,17 +530,18 @@ def benchmark_latency(path_or_bytes, runs: int = 50, threads: int = 1, warmup: i
   Interpreter, _ = _litert_class("auto")  # pylint: disable=invalid-name
   try:
     interp = Interpreter(model_content=data, num_threads=threads)
-    inp = interp.get_input_details()[0]
-    if int(inp["shape"][0]) != 1:
-      interp.resize_tensor_input(inp["index"], [1] + list(inp["shape"][1:]))
+    for inp in interp.get_input_details():
+      if int(inp["shape"][0]) != 1:
+        interp.resize_tensor_input(inp["index"], [1] + list(inp["shape"][1:]))
     interp.allocate_tensors()
   except (ValueError, RuntimeError) as e:
     raise InvalidInputError(f"LiteRT could not load this file: {str(e)[:200]}") from None
-  inp = interp.get_input_details()[0]
-  x = np.zeros(inp["shape"], dtype=inp["dtype"])
+  feeds = [(inp["index"], np.zeros(inp["shape"], dtype=inp["dtype"]))
+           for inp in interp.get_input_details()]
   times = []
   for i in range(warmup + runs):
-    interp.set_tensor(inp["index"], x)
+    for index, x in feeds:
+      interp.set_tensor(index, x)
     t0 = time.perf_counter()
     interp.invoke()
     if i >= warmup:

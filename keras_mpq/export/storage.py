@@ -154,8 +154,10 @@ def measure_storage(model, target: str = "mobile", layers: Optional[Sequence[str
   steps = resolve_strip(strip, target)
   plan = QuantizationPlan({n: 8 for n in layers}, {n: activation_bits for n in layers},
                           activation_bits)
-  shape = (2,) + tuple(int(d) for d in model.inputs[0].shape[1:])
-  x = np.random.default_rng(seed).uniform(0.0, 1.0, shape).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  x = [rng.uniform(0.0, 1.0, (2,) + tuple(int(d) for d in t.shape[1:])).astype(np.float32)
+       for t in model.inputs]
+  x = x[0] if len(x) == 1 else x
   with tempfile.TemporaryDirectory(prefix="keras_mpq_measure_") as tmp:
     r = export_tflite(model, os.path.join(tmp, "m.tflite"), plan, target, x, strip=steps,
                       deployment=False, seed=seed)

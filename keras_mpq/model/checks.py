@@ -68,7 +68,7 @@ def check_model(model) -> "keras.Model":
   """Raises a clear error if keras_mpq cannot quantize ``model``; returns it otherwise.
 
   Requirements: a tf_keras Sequential or functional model (not subclassed,
-  no nested models), one input, outputs that `keras_mpq.model.outputs.heads_of`
+  no nested models), one or several inputs, outputs that `keras_mpq.model.outputs.heads_of`
   can read (float, at least ``(batch, units)``),
   at least one quantizable layer (Dense, Conv1D, Conv2D, DepthwiseConv2D,
   SeparableConv2D, Conv2DTranspose), and finite weights.
@@ -81,12 +81,6 @@ def check_model(model) -> "keras.Model":
   True
   """
   check_graph_model(model)
-  if len(model.inputs) != 1:
-    raise UnsupportedModelError(
-        "Expected a model with one input; several inputs are not supported yet. "
-        f"Received: model {model.name!r} with {len(model.inputs)} inputs "
-        f"{[tuple(t.shape) for t in model.inputs]}. Concatenate them into one input "
-        "inside the model, or quantize each branch as its own model.")
   outputs_lib.heads_of(model)  # refuses outputs nothing can measure (rank 0, integers)
   if not layers_lib.quantizable_layers(model):
     raise UnsupportedModelError(
@@ -111,12 +105,11 @@ def check_token_input(model) -> None:
   >>> m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
   >>> check_token_input(m)
   """
-  inp = model.inputs[0]
   embeddings = [l.name for l in model.layers if isinstance(l, keras.layers.Embedding)]
-  integer = not tf.as_dtype(inp.dtype).is_floating
+  integer = [t for t in model.inputs if not tf.as_dtype(t.dtype).is_floating]
   if embeddings or integer:
     what = (f"an Embedding layer ({embeddings[0]!r})" if embeddings
-            else f"an integer input ({inp.dtype})")
+            else f"an integer input ({integer[0].dtype})")
     raise UnsupportedModelError(
         "Expected a model with a continuous input (images, audio, sensor values) "
         f"for synthetic calibration data. Received: model {model.name!r} takes "

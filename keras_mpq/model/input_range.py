@@ -34,6 +34,7 @@ import numpy as np
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.model import batchnorm as batchnorm_lib
+from keras_mpq.model import inputs as inputs_lib
 
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
 COMMON_RANGES = ((0.0, 255.0), (-128.0, 127.0))
@@ -80,9 +81,9 @@ def _check_range(value, name="input_range") -> Tuple[float, float]:
   return low, high
 
 
-def _input_consumers(model) -> List[Any]:
-  """Layers of ``model`` that take the model's input tensor directly."""
-  target = model.inputs[0].ref()
+def _input_consumers(model, index: int = 0) -> List[Any]:
+  """Layers of ``model`` that take its input ``index`` directly."""
+  target = model.inputs[index].ref()
   found = []
   for layer in model.layers:
     if isinstance(layer, keras.layers.InputLayer):
@@ -96,9 +97,9 @@ def _input_consumers(model) -> List[Any]:
   return found
 
 
-def _preprocessing_layer(model, depth=0):
-  """The Rescaling/Normalization layer the input goes straight into, if any."""
-  consumers = _input_consumers(model)
+def _preprocessing_layer(model, depth=0, index: int = 0):
+  """The Rescaling/Normalization layer input ``index`` goes straight into, if any."""
+  consumers = _input_consumers(model, index)
   if len(consumers) != 1:
     return None
   layer = consumers[0]
@@ -109,8 +110,8 @@ def _preprocessing_layer(model, depth=0):
   return None
 
 
-def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
-  """``(low, high, source)`` from the model's input preprocessing, or None.
+def infer_input_range(model, index: int = 0) -> Optional[Tuple[float, float, str]]:
+  """``(low, high, source)`` from the preprocessing of input ``index``, or None.
 
   Example:
 
@@ -120,7 +121,7 @@ def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
   >>> infer_input_range(m)[:2]
   (0.0, 255.0)
   """
-  layer = _preprocessing_layer(_as_tf_keras(model))
+  layer = _preprocessing_layer(_as_tf_keras(model), index=index)
   if isinstance(layer, keras.layers.Rescaling):
     scale = np.asarray(layer.scale, np.float64).ravel()
     offset = np.asarray(layer.offset, np.float64).ravel()
@@ -146,9 +147,9 @@ def infer_input_range(model) -> Optional[Tuple[float, float, str]]:
   return None
 
 
-def _first_weight_layer_and_batchnorm(model):
-  """(weight layer, BatchNormalization) where the input feeds a Conv/Dense whose only consumer is a BN."""
-  layers = _input_consumers(model)
+def _first_weight_layer_and_batchnorm(model, index: int = 0):
+  """(weight layer, BatchNormalization) where input ``index`` feeds a Conv/Dense whose only consumer is a BN."""
+  layers = _input_consumers(model, index)
   while len(layers) == 1 and isinstance(layers[0], (keras.layers.ZeroPadding1D,
                                                      keras.layers.ZeroPadding2D,
                                                      keras.layers.Flatten, keras.layers.Reshape)):
@@ -168,8 +169,11 @@ def _first_weight_layer_and_batchnorm(model):
   return layer, consumers[0]
 
 
-def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
+def estimate_from_batchnorm(model, index: int = 0) -> Optional[Tuple[float, float, str]]:
   """``(low, high, source)`` of the inputs the model was trained on, from its first BatchNorm; or None.
+
+  ``index``: which input, for a model with several (each is estimated from
+  the BatchNorm after its own first weight layer).
 
   A BatchNorm right after the first weight layer keeps the running mean
   ``mu_c`` and variance ``var_c`` of that layer's outputs ``w_c . x + b_c``
@@ -192,7 +196,7 @@ def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
   True
   """
   from scipy import optimize as scipy_optimize  # pylint: disable=g-import-not-at-top
-  found = _first_weight_layer_and_batchnorm(_as_tf_keras(model))
+  found = _first_weight_layer_and_batchnorm(_as_tf_keras(model), index)
   if found is None:
     return None
   layer, bn = found
@@ -232,19 +236,19 @@ def estimate_from_batchnorm(model) -> Optional[Tuple[float, float, str]]:
                             f"mean {m:.3g} and std {std:.3g}")
 
 
-def _resolve(model, given):
+def _resolve(model, given, index: int = 0, name: str = "input_range"):
   """(low, high, source, assumed): the argument, else inferred, else [0, 1]."""
-  inferred = infer_input_range(model)
+  inferred = infer_input_range(model, index)
   if given is not None:
-    low, high = _check_range(given)
+    low, high = _check_range(given, name)
     if inferred is not None and not np.allclose((low, high), inferred[:2], rtol=1e-6):
       warnings.warn(
-          f"input_range={given!r} overrides the range read off the model "
+          f"{name}={given!r} overrides the range read off the model "
           f"({inferred[2]}).", stacklevel=4)
-    return low, high, "input_range argument", False
+    return low, high, f"{name} argument", False
   if inferred is not None:
     return inferred[0], inferred[1], inferred[2], False
-  estimated = estimate_from_batchnorm(model)
+  estimated = estimate_from_batchnorm(model, index)
   if estimated is not None:
     return estimated[0], estimated[1], estimated[2], True
   return (*DEFAULT_INPUT_RANGE, "assumed [0, 1]: no Rescaling/Normalization at the "
@@ -265,6 +269,66 @@ def resolve_input_range(model, input_range=None) -> Tuple[float, float, str, boo
   (True, (-1.0, 1.0))
   """
   return _resolve(model, input_range)
+
+
+def resolve_input_ranges(model, input_range=None) -> List[Tuple[float, float, str, bool]]:
+  """`resolve_input_range` for each of ``model``'s inputs, in ``model.inputs`` order.
+
+  ``input_range`` for a model with several inputs: None (each input's own
+  default, by the same rules as one input's: its Rescaling/Normalization
+  layer, else its first BatchNorm, else [0, 1]); one ``(low, high)`` for
+  every input; a list with one ``(low, high)`` or None per input; or a dict
+  by input name (inputs it leaves out get their default). A model with one
+  input takes ``(low, high)`` as `resolve_input_range` does (or a dict or a
+  list with its one range).
+
+  >>> from keras_mpq.base.compat import keras
+  >>> a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
+  >>> m = keras.Model([a, b], keras.layers.Dense(1)(
+  ...     keras.layers.Concatenate()([keras.layers.Rescaling(1 / 255)(a), b])))
+  >>> [r[:2] for r in resolve_input_ranges(m, {"b": (-1, 1)})]
+  [(0.0, 255.0), (-1.0, 1.0)]
+  """
+  model = _as_tf_keras(model)
+  names = inputs_lib.input_names(model)
+  given = per_input_ranges(input_range, names)
+  label = (lambda n: "input_range") if len(names) == 1 else (
+      lambda n: f"input_range[{n!r}]")
+  return [_resolve(model, g, i, label(n)) for i, (n, g) in enumerate(zip(names, given))]
+
+
+def per_input_ranges(input_range, names) -> List[Optional[Any]]:
+  """``input_range`` as one given range (or None) per input named ``names``; refuses bad forms."""
+  n = len(names)
+  if input_range is None:
+    return [None] * n
+  if isinstance(input_range, dict):
+    unknown = sorted(set(map(str, input_range)) - set(names))
+    if unknown:
+      raise InvalidInputError(
+          f"Expected input_range keyed by the model's input names {list(names)}. Received: "
+          f"unknown names {unknown}. Give each input's (low, high) under its name.")
+    return [input_range.get(name) for name in names]
+  if isinstance(input_range, str):
+    raise InvalidInputError(
+        f"Expected input_range=(low, high). Received: input_range={input_range!r}")
+  try:
+    items = list(input_range)
+  except TypeError:
+    raise InvalidInputError(
+        f"Expected input_range=(low, high). Received: input_range={input_range!r}") from None
+  pair = len(items) == 2 and all(isinstance(v, (int, float, np.number)) and
+                                 not isinstance(v, bool) for v in items)
+  if pair:  # one range for every input
+    return [tuple(items)] * n
+  if len(items) == n and all(v is None or (not isinstance(v, str) and np.ndim(v) == 1)
+                             for v in items):
+    return items
+  if n == 1:
+    return [input_range]  # `_check_range` says what is wrong with it
+  raise InvalidInputError(
+      f"Expected input_range as one (low, high), a list of {n} (low, high) (one per input "
+      f"{list(names)}) or a dict by input name. Received: input_range={input_range!r}")
 
 
 RANGE_TOLERANCE = 0.01

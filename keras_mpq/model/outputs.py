@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keras_mpq.base import model_data
+from keras_mpq.base import batching, model_data
 from keras_mpq.base.choices import HeadKind
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
@@ -354,7 +354,7 @@ def output_kind(values) -> str:
 
 def outputs_are_probabilities(model, x) -> bool:
   """True when ``model``'s outputs on ``x[:64]`` are probabilities (`output_kind`), else logits."""
-  return output_kind(model(x[:64], training=False)) in PROBABILITY_KINDS
+  return output_kind(model(batching.take(x, slice(0, 64)), training=False)) in PROBABILITY_KINDS
 
 
 def num_classes_of(model) -> int:
@@ -421,7 +421,7 @@ def compile_for_evaluation(qmodel, folded, x) -> None:
     loss = [losses[HeadKind(h.kind)]() for h in heads.heads]
     qmodel.compile(optimizer=optimizer, loss=loss if len(loss) > 1 else loss[0])
     return
-  out = np.asarray(folded(x[:64], training=False), dtype=np.float64)
+  out = np.asarray(folded(batching.take(x, slice(0, 64)), training=False), dtype=np.float64)
   probabilities = output_kind(out) in PROBABILITY_KINDS
   if out.shape[1] == 1:
     loss = keras.losses.BinaryCrossentropy(from_logits=not probabilities)

@@ -33,6 +33,20 @@ INPUT_QUANTIZER = "input_quantizer"
 """Name of the layer that quantizes the model input, as the .tflite file does:
 the Keras model then sees exactly the input values the exported file sees (an
 input range that is too narrow shows in ``result.model.evaluate``)."""
+
+
+def input_quantizer_name(input_name: str, several: bool) -> str:
+  """The input quantizer's layer name: `INPUT_QUANTIZER`, or with several inputs
+  ``input_quantizer_<input name>`` (one per input, each with its own range)."""
+  return f"{INPUT_QUANTIZER}_{input_name}" if several else INPUT_QUANTIZER
+
+
+def is_input_quantizer(layer) -> bool:
+  """True for a layer that quantizes a model input (`input_quantizer_name`)."""
+  return isinstance(layer, _QuantizeLayer) and (
+      layer.name == INPUT_QUANTIZER or layer.name.startswith(INPUT_QUANTIZER + "_"))
+
+
 _QuantizeAnnotate = tfmot.quantization.keras.QuantizeAnnotate if hasattr(
     tfmot.quantization.keras, "QuantizeAnnotate") else None
 
@@ -76,12 +90,12 @@ def quantize_model(model, plan: QuantizationPlan):
   input_bits = plan.default_activation_bits
 
   def add_input_quantizer(unwrapped):
-    if len(unwrapped.inputs) != 1:  # multi-input models are refused at calibration
-      return unwrapped
+    several = len(unwrapped.inputs) > 1
     return rebuild(
         unwrapped, lambda layer: (clone_layer(layer), layer.get_weights()),
         input_hook=lambda t: _QuantizeLayer(
-            configs_lib.ActivationQuantizer(input_bits), name=INPUT_QUANTIZER)(t))
+            configs_lib.ActivationQuantizer(input_bits),
+            name=input_quantizer_name(t.name.split(":")[0].split("/")[0], several))(t))
 
   def annotate(layer):
     config = configs_lib.config_for_layer(

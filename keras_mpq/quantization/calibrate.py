@@ -12,10 +12,10 @@ import numpy as np
 from keras_mpq.base import act_ranges as act_ranges_lib
 from keras_mpq.base import batching, model_data
 from keras_mpq.base.compat import keras, tf
-from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
+from keras_mpq.model import inputs as inputs_lib
 from keras_mpq.model.graph import layer_output
 from keras_mpq.quantization.access import (
-  INPUT_QUANTIZER,
+  is_input_quantizer,
   act_quant_vars,
   activation_bits_of,
   quantized_name,
@@ -23,27 +23,13 @@ from keras_mpq.quantization.access import (
 )
 
 
-def check_data(model, x, what: str = "data") -> np.ndarray:
-  """Checks ``x`` is a non-empty float array matching the model's input shape."""
-  if len(model.inputs) != 1:
-    raise UnsupportedModelError(
-        f"Expected a model with one input. Received: model {model.name!r} with "
-        f"{len(model.inputs)} inputs; multi-input models are not supported yet.")
-  try:
-    x = np.asarray(x, dtype=np.float32)
-  except (TypeError, ValueError) as e:
-    raise InvalidInputError(f"Expected {what} as a numeric array. Received: {e}") from None
-  expected = tuple(model.inputs[0].shape[1:])
-  if x.ndim != len(expected) + 1 or any(
-      e is not None and e != s for e, s in zip(expected, x.shape[1:])):
-    raise InvalidInputError(
-        f"Expected {what} of shape (N, {', '.join(str(e) for e in expected)}) for "
-        f"model {model.name!r}. Received: shape {x.shape}")
-  if len(x) == 0:
-    raise InvalidInputError(f"Expected at least one sample in {what}. Received: 0")
-  if not np.all(np.isfinite(x)):
-    raise InvalidInputError(f"{what} contains NaN or Inf values.")
-  return x
+def check_data(model, x, what: str = "data"):
+  """Checks ``x`` against the model's inputs (`keras_mpq.model.inputs.check_inputs`).
+
+  One float32 array for a model with one input; for several, a list of
+  float32 arrays in ``model.inputs`` order (``x`` a list or a dict by name).
+  """
+  return inputs_lib.check_inputs(model, x, what)
 
 
 # One traced range probe per (quantized model, keep_values): tracing a large model
@@ -98,7 +84,7 @@ def _measure(qmodel, x, batch_size: int, keep_values: bool):
   tf_logger.setLevel("ERROR")
   try:
     for i, batch in enumerate(batches):
-      mins, maxs, outs = ranges(tf.constant(batch))
+      mins, maxs, outs = ranges(tf.nest.map_structure(tf.constant, batch))
       lo = np.minimum(lo, np.array([m.numpy() for m in mins]))
       hi = np.maximum(hi, np.array([m.numpy() for m in maxs]))
       for j, o in enumerate(outs):
@@ -137,7 +123,7 @@ def calibrate(qmodel, x, batch_size: int = 64,
   pairs, lo, hi, values = _measure(qmodel, x, batch_size, keep_values=policy != "minmax")
   result = {}
   for j, ((layer, v), a, b) in enumerate(zip(pairs, lo, hi)):
-    if policy != "minmax" and layer.name != INPUT_QUANTIZER:
+    if policy != "minmax" and not is_input_quantizer(layer):
       chosen = act_ranges_lib.choose_range(
           np.concatenate(values[j]),
           activation_bits_of(layer), policy)

@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from keras_mpq.base import model_data
+from keras_mpq.base import batching, model_data
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.progress import Bar
@@ -147,12 +147,14 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
   from keras_mpq.model import outputs as outputs_lib  # pylint: disable=g-import-not-at-top
   from keras_mpq.model import size as size_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  x = np.asarray(x, dtype=np.float32)
-  finite = bool(np.all(np.isfinite(x)))
-  if x.ndim < 2 or len(x) == 0 or not finite:
-    raise InvalidInputError(
-        f"Expected calibration inputs x as a finite array (N, ...) with N >= 1. Received: "
-        f"shape {x.shape}" + ("" if finite else ", with NaN/Inf"))
+  x = batching.map_inputs(lambda a: np.asarray(a, dtype=np.float32), x)
+  for a in batching.as_list(x):
+    finite = bool(np.all(np.isfinite(a)))
+    if a.ndim < 2 or len(a) == 0 or not finite:
+      raise InvalidInputError(
+          f"Expected calibration inputs x as a finite array (N, ...) with N >= 1. Received: "
+          f"shape {a.shape}" + ("" if finite else ", with NaN/Inf"))
+  n_x = batching.num_samples(x)
   steps = check_steps(steps)
   if not 0 <= holdout < 1:
     raise InvalidInputError(f"Expected holdout in [0, 1). Received: {holdout!r}")
@@ -168,8 +170,8 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
     if steps == 0:
       info["reason"] = (f"model too large for the default ({macs:.3g} MACs per sample); "
                         "pass tune_steps to tune anyway")
-    elif len(x) < MIN_SAMPLES:
-      info["reason"], steps = (f"{len(x)} calibration samples, fewer than the default needs "
+    elif n_x < MIN_SAMPLES:
+      info["reason"], steps = (f"{n_x} calibration samples, fewer than the default needs "
                                f"({MIN_SAMPLES}); pass tune_steps to tune anyway"), 0
   if steps and not layers:
     info["reason"], steps = "no quantized weight layer", 0
@@ -184,18 +186,18 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
     return info
 
   rng = np.random.default_rng(seed)
-  order = rng.permutation(len(x))
-  n_check = int(round(len(x) * holdout))
-  if n_check >= MIN_HOLDOUT and len(x) - n_check >= 1:
-    check, train = x[order[:n_check]], x[order[n_check:]]
+  order = rng.permutation(n_x)
+  n_check = int(round(n_x * holdout))
+  if n_check >= MIN_HOLDOUT and n_x - n_check >= 1:
+    check, train = batching.take(x, order[:n_check]), batching.take(x, order[n_check:])
   else:
     check, train = x, x
   from_logits = not outputs_lib.outputs_are_probabilities(float_model, x)  # pylint: disable=protected-access
 
   def log_probs(model, data):
-    return tf.concat([outputs_lib.to_log_probs(model(tf.constant(data[i:i + 256]),
-                                                     training=False), from_logits)
-                      for i in range(0, len(data), 256)], axis=0)
+    return tf.concat([outputs_lib.to_log_probs(
+        model(tf.nest.map_structure(tf.constant, batching.take(data, s)), training=False),
+        from_logits) for s in batching.batch_slices(batching.num_samples(data), 256)], axis=0)
 
   t = float(temperature)
 
@@ -246,11 +248,13 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
     for b, v in zip(biases, saved_biases):
       b.assign(v)
 
-  size = min(batch_size, len(train))
+  n_train = batching.num_samples(train)
+  size = min(batch_size, n_train)
   try:
     for _ in range(steps):
-      idx = rng.choice(len(train), size=size, replace=False)
-      step(tf.constant(train[idx]), tf.gather(teacher_train, idx))
+      idx = rng.choice(n_train, size=size, replace=False)
+      step(tf.nest.map_structure(tf.constant, batching.take(train, idx)),
+           tf.gather(teacher_train, idx))
       bar.update(1)
   except BaseException:  # interrupted: the model goes back to its untuned values
     restore()
@@ -265,7 +269,7 @@ def tune(qmodel, float_model, x, steps: Optional[int] = None, batch_size: int = 
   if not info["kept"]:
     restore()
     info["reason"] = "held-out KL did not drop: restored the untuned values"
-  info["holdout_samples"] = int(len(check)) if check is not train else 0
+  info["holdout_samples"] = int(batching.num_samples(check)) if check is not train else 0
   info["temperature"] = t
   info["seconds"] = round(time.perf_counter() - start, 3)
   model_data.put(qmodel, TUNE_REPORT, info)

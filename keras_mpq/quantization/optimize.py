@@ -98,7 +98,7 @@ def _input_stats(qmodel, wrappers, x, batch_size: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   stats: Dict[str, Any] = {}
   for batch in batching.batches(x, batch_size):
-    values = probe(tf.constant(batch), training=False)
+    values = probe(tf.nest.map_structure(tf.constant, batch), training=False)
     values = values if isinstance(values, (list, tuple)) else [values]
     for w, v in zip(wrappers, values):
       name = w.layer.name

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from keras_mpq.base.batching import batch_slices
+from keras_mpq.base.batching import batch_slices, num_samples, take
 from keras_mpq.base.compat import keras, tf, tfmot
 from keras_mpq.base.progress import Bar
 from keras_mpq.base.types import FLOAT_BITS, QuantizationPlan
@@ -133,7 +133,9 @@ class Evaluator:
       start[name] = k if k and id(wrapper) in suffix_layers[-1] else 0
     # Segments between consecutive cuts; a cut that does not follow from the
     # previous one (not expected for true cuts) is dropped.
-    bounds = [qmodel.inputs[0]]
+    # Several inputs: the first segment takes them all (a cut lies after every
+    # input has joined the graph: `_layers_after`), the later ones one tensor each.
+    bounds = [qmodel.inputs[0] if len(qmodel.inputs) == 1 else list(qmodel.inputs)]
     segments = []
     kept = [0]
     for k, t in enumerate(cut_tensors, start=1):
@@ -155,8 +157,10 @@ class Evaluator:
 
   def _compile(self, bounds) -> None:
     traces, segments = self.traces, self._segments
-    shapes = [tuple(t.shape[1:]) for t in bounds]
-    self._dummies = [tf.zeros((0,) + tuple(1 if d is None else d for d in s)) for s in shapes]
+    shapes = [tf.nest.map_structure(lambda t: tuple(t.shape[1:]), b) for b in bounds]
+    dummy = lambda s: tf.zeros((0,) + tuple(1 if d is None else d for d in s))
+    self._dummies = [[dummy(v) for v in s] if isinstance(s, list) else dummy(s)
+                     for s in shapes]
     out_shapes = shapes[1:]
     to_log_probs = self._log_probs
 
@@ -174,7 +178,8 @@ class Evaluator:
           h = seg(h, training=False)
       return to_log_probs(h)
 
-    specs = [tf.TensorSpec((None,) + s, tf.float32) for s in shapes]
+    spec = lambda s: tf.TensorSpec((None,) + s, tf.float32)
+    specs = [[spec(v) for v in s] if isinstance(s, list) else spec(s) for s in shapes]
     self._evaluate_fn = tf.function(
         evaluate, input_signature=[tf.TensorSpec((), tf.int32), specs])
     prefix_model = keras.Model(self.qmodel.inputs, list(bounds[1:]) + list(self.qmodel.outputs))
@@ -260,8 +265,8 @@ class Evaluator:
     objective_fn = self.objective_fn(objective, reuse_prefix)
     refs = self.float_reference(reuse_prefix) if objective in ("kl", DISTORTION) else None
     rows = []
-    for k, s in enumerate(batch_slices(len(self.x), self.batch_size)):
-      out = self.prefix(tf.constant(self.x[s]))[1]
+    for k, s in enumerate(batch_slices(num_samples(self.x), self.batch_size)):
+      out = self.prefix(_constant(take(self.x, s)))[1]
       rows.append(np.asarray(objective_fn(out, None if self.y is None else self.y[s],
                                           None if refs is None else refs[k]),
                              dtype=np.float64))
@@ -276,8 +281,8 @@ class Evaluator:
       self._set_bits({n: FLOAT_BITS for n in self.layers})
       access_lib.set_activation_quantization(self.qmodel, False)
       try:
-        self._float_ref = [self.prefix(tf.constant(self.x[s]))[1]
-                           for s in batch_slices(len(self.x), self.batch_size)]
+        self._float_ref = [self.prefix(_constant(take(self.x, s)))[1]
+                           for s in batch_slices(num_samples(self.x), self.batch_size)]
       finally:
         self._set_bits(saved)
         access_lib.set_activation_quantization(self.qmodel, acts)
@@ -315,7 +320,7 @@ class Evaluator:
     groups: Dict[int, List[int]] = collections.OrderedDict()
     for i, name in enumerate(self.layers):
       groups.setdefault(self._layer_start[name], []).append(i)
-    n = len(self.x)
+    n = num_samples(self.x)
     pairs = [(i, j) for i, name in enumerate(self.layers) for j, b in enumerate(bits)
              if b != self.context[name]]
     bar = Bar(len(pairs) * len(range(0, n, self.batch_size)), f"sensitivity ({objective})",
@@ -326,7 +331,7 @@ class Evaluator:
     squares = np.zeros((len(self.layers), len(bits)))
     try:
       for k, s in enumerate(batch_slices(n, self.batch_size)):
-        xb = tf.constant(self.x[s])
+        xb = _constant(take(self.x, s))
         yb = self.y[s] if self.y is not None else None
         cut_values, out = self.prefix(xb)  # cuts and output at the context
         ref = out if refs is None else refs[k]
@@ -358,6 +363,11 @@ class Evaluator:
       var = np.maximum(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)
       self.last_stderr = np.sqrt(var / n)
     return mean, base / n, reuse, cut_of
+
+
+def _constant(xb):
+  """A batch of inputs as tensors: one, or a list for several inputs."""
+  return tf.nest.map_structure(tf.constant, xb)
 
 
 def _layers_after(qmodel, t) -> Optional[set]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import numpy as np
 
-from keras_mpq.base import choices
+from keras_mpq.base import batching, choices
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.progress import show_progress
@@ -26,6 +26,7 @@ from keras_mpq.base.types import (
   check_activation_bits,
   check_weight_bits,
 )
+from keras_mpq.model import inputs as inputs_lib
 from keras_mpq.model.outputs import (
   Heads,
   heads_of,
@@ -343,7 +344,8 @@ def prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bits
   if ctx_plan is not None:
     default_act = ctx_plan.default_activation_bits
     layer_act = {name: ctx_plan.act_bits(name) for name in layers}
-  x_raw, y_raw = _split_data(data)
+  x_raw, y_raw = (_split_data(data) if len(folded.inputs) == 1
+                  else inputs_lib.split_data(folded, data))
   x = y = None
   labels = None
   from_logits = True
@@ -352,7 +354,7 @@ def prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bits
     if x_raw is None:
       raise InvalidInputError(
           f"Metric {spec.name!r} needs data. Expected data=(x, y) or data=x with x of "
-          f"shape (N, {', '.join(str(d) for d in folded.inputs[0].shape[1:])}). "
+          f"inputs {inputs_lib.describe(folded)}. "
           "Received: data=None. Use keras_mpq.synthesize(model) when you have none.")
     x = calibrate_lib.check_data(folded, x_raw, "data")
     if loss is not None:
@@ -365,12 +367,12 @@ def prepare(model, data, weight_bits, spec: MetricSpec, context, activation_bits
             "Expected data=(x, y) with loss=: the loss compares the outputs with your "
             "targets y. Received: no targets. Pass data=(x, y), or leave loss=None to "
             "measure the outputs' distortion from the float model's.")
-      y, labels = check_targets(y_raw, len(x), heads.names), "given (loss=)"
+      y, labels = check_targets(y_raw, batching.num_samples(x), heads.names), "given (loss=)"
     elif heads.classifier:
       from_logits = not outputs_are_probabilities(folded, x)
       num_classes = num_classes_of(folded)
       if y_raw is not None:
-        y, labels = _check_labels(y_raw, len(x), num_classes), "given"
+        y, labels = _check_labels(y_raw, batching.num_samples(x), num_classes), "given"
       elif spec.needs_labels:
         y = predicted_labels(folded, x, from_logits, batch_size)
         labels = "float model argmax"
@@ -474,11 +476,11 @@ def split_holdout(n: int, holdout: float = HOLDOUT, seed: int = 0
 def apply_holdout(job: Job, holdout: float) -> None:
   if job.x is None:
     return
-  cal, held, info = split_holdout(len(job.x_all), holdout, job.seed)
+  cal, held, info = split_holdout(batching.num_samples(job.x_all), holdout, job.seed)
   job.holdout = info
   if cal is not None:
-    job.x_calib = job.x_all[cal]
-    job.x = job.x_all[held]
+    job.x_calib = batching.take(job.x_all, cal)
+    job.x = batching.take(job.x_all, held)
     job.y = None if job.y_all is None else job.y_all[held]
 
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from keras_mpq.base.batching import num_samples
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.types import SensitivityTable, to_jsonable
 from keras_mpq.sensitivity.job import (
@@ -181,7 +182,7 @@ def measure(job: Job, spec: MetricSpec) -> SensitivityTable:
                           for row in raw]
   info.update({"metric_seconds": {spec.name: round(seconds, 4)},
                "wall_seconds": round(seconds, 4),
-               "num_samples": 0 if job.x_all is None else int(len(job.x_all)),
+               "num_samples": 0 if job.x_all is None else int(num_samples(job.x_all)),
                "holdout": job.holdout,
                "labels": job.labels,
                "seed": job.seed, "batch_size": job.batch_size})

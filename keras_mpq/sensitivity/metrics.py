@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from keras_mpq.base import layers as layers_lib
-from keras_mpq.base.batching import batch_slices
+from keras_mpq.base.batching import batch_slices, map_inputs, num_samples, take
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.base.types import FLOAT_BITS
@@ -184,7 +184,7 @@ def hessian_traces(folded, x: np.ndarray, y: np.ndarray, layers: Sequence[str],
       variables.append(var)
       owner.append(name)
   rng = np.random.default_rng(seed)
-  n = len(x)
+  n = num_samples(x)
 
   def body(xb, yb, *vs):
     with tf.GradientTape() as outer:
@@ -203,7 +203,7 @@ def hessian_traces(folded, x: np.ndarray, y: np.ndarray, layers: Sequence[str],
     hv = outer.gradient(gv, variables)
     return [tf.reduce_sum(v * h) for v, h in zip(vs, hv)]
 
-  signature = ([tf.TensorSpec((None,) + tuple(x.shape[1:]), tf.float32),
+  signature = ([map_inputs(lambda a: tf.TensorSpec((None,) + tuple(a.shape[1:]), tf.float32), x),
                 tf.TensorSpec((None,), tf.int64)]
                + [tf.TensorSpec(v.shape, tf.float32) for v in variables])
   hvp = tf.function(body, input_signature=signature)
@@ -212,7 +212,7 @@ def hessian_traces(folded, x: np.ndarray, y: np.ndarray, layers: Sequence[str],
     vs = [tf.constant(rng.choice(np.array([-1.0, 1.0], np.float32), size=v.shape))
           for v in variables]
     for s in batch_slices(n, batch_size):
-      parts = hvp(tf.constant(x[s]), tf.constant(y[s]), *vs)
+      parts = hvp(tf.nest.map_structure(tf.constant, take(x, s)), tf.constant(y[s]), *vs)
       for name, part in zip(owner, parts):
         traces[name] += float(part.numpy()) / n / probes
   return traces

@@ -21,9 +21,11 @@ from typing import Any, Tuple
 
 import numpy as np
 
+from keras_mpq.base import batching
 from keras_mpq.base.compat import is_keras3_model, keras, tf
 from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 from keras_mpq.model import input_range as input_range_lib
+from keras_mpq.model import inputs as inputs_lib
 from keras_mpq.model import outputs as outputs_lib
 
 LOG_EPS = 1e-30
@@ -59,6 +61,14 @@ class Classifier:
   assumed_range: bool
   full_model: Any = None  # the whole model (``model`` is its class head's sub-model)
   heads: Any = None  # `keras_mpq.model.outputs.Heads` of the whole model
+  input_shapes: Tuple[Tuple[int, ...], ...] = ()  # several inputs: each one's shape
+  input_ranges: Tuple[Tuple[float, float], ...] = ()  # several inputs: each one's range
+  input_names: Tuple[str, ...] = ()
+
+  @property
+  def several(self) -> bool:
+    """True for a model with several inputs: ``u`` packs them all, flat (`to_input`)."""
+    return len(self.input_shapes) > 1
 
   @property
   def has_classes(self) -> bool:
@@ -72,9 +82,28 @@ class Classifier:
     return tuple(range(1, rank - 1)) if rank >= 3 else ()
 
   def to_input(self, u):
-    """Maps ``u`` in [-1, 1] to the model's input range."""
-    low, high = self.input_range
-    return (high + low) / 2.0 + (high - low) / 2.0 * u
+    """Maps ``u`` in [-1, 1] to the model's input range.
+
+    With several inputs ``u`` is ``(batch, sum of the inputs' sizes)``, each
+    input's values side by side (``input_shape`` is that flat size): each
+    part is reshaped to its input's shape and mapped to its own range, and a
+    list of tensors, one per input, comes back. The generators optimise all
+    of them together as one ``u``.
+    """
+    if not self.several:
+      low, high = self.input_range
+      return (high + low) / 2.0 + (high - low) / 2.0 * u
+    parts, start = [], 0
+    for shape, (low, high) in zip(self.input_shapes, self.input_ranges):
+      size = int(np.prod(shape))
+      part = tf.reshape(u[:, start:start + size], (-1,) + tuple(shape))
+      parts.append((high + low) / 2.0 + (high - low) / 2.0 * part)
+      start += size
+    return parts
+
+  def to_arrays(self, u):
+    """`to_input` of ``u`` as float32 numpy: one array, or a list per input."""
+    return batching.map_inputs(lambda t: np.asarray(t, np.float32), self.to_input(u))
 
   def log_probs(self, x):
     """``(batch, num_classes)`` log-probabilities of a batch (tensor in, tensor out)."""
@@ -89,20 +118,23 @@ class Classifier:
   def predict_log_probs(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Eager-friendly `log_probs` over an array, in batches."""
     fn = _compiled(self, "_predict_fn", lambda: tf.function(self.log_probs))
-    batch_size = max(1, min(batch_size, len(x)))
+    n = batching.num_samples(x)
+    batch_size = max(1, min(batch_size, n))
     parts = []
-    for i in range(0, len(x), batch_size):
-      chunk = np.asarray(x[i:i + batch_size], np.float32)
-      real = len(chunk)
+    for i in range(0, n, batch_size):
+      chunk = batching.map_inputs(lambda a: np.asarray(a, np.float32),
+                                  batching.take(x, slice(i, i + batch_size)))
+      real = batching.num_samples(chunk)
       if real < batch_size:  # pad: one batch shape, one trace
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, 0)])
-      parts.append(fn(tf.constant(chunk)).numpy()[:real])
+        chunk = batching.map_inputs(
+            lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - real, 0)]), chunk)
+      parts.append(fn(tf.nest.map_structure(tf.constant, chunk)).numpy()[:real])
     return np.concatenate(parts, axis=0)
 
   def predict_labels(self, x: np.ndarray) -> np.ndarray:
     """The model's argmax labels for ``x`` (int64; `NO_LABEL` without a class head)."""
     if not self.has_classes:
-      return np.full(len(x), NO_LABEL, np.int64)
+      return np.full(batching.num_samples(x), NO_LABEL, np.int64)
     return np.argmax(self.predict_log_probs(x), axis=-1).astype(np.int64)
 
 
@@ -149,29 +181,37 @@ def inspect_classifier(model, input_range=None) -> Classifier:
         f"(built from keras.Input(...)). Received: model {model.name!r} "
         "has no graph inputs (a subclassed or unbuilt model); wrap it as "
         "keras.Model(inp, model(inp)) with inp = keras.Input(shape).")
-  if len(inputs) != 1:
-    raise UnsupportedModelError(
-        "Expected a model with one input. Received: "
-        f"{len(inputs)} inputs {[tuple(t.shape) for t in inputs]}; "
-        "synthesis makes single-input classifier data only.")
-  in_shape = tuple(inputs[0].shape)[1:]
-  if any(d is None for d in in_shape):
-    raise UnsupportedModelError(
-        "Expected a fixed input shape apart from the batch. Received: input "
-        f"shape {(None,) + in_shape}; rebuild the model with a fixed shape, e.g. "
-        "keras.Input((224, 224, 3)).")
-  if not tf.as_dtype(inputs[0].dtype).is_floating:
-    raise UnsupportedModelError(
-        f"Expected a float input (synthesis differentiates through it). Received: "
-        f"input dtype {inputs[0].dtype}; cast inside the model instead.")
+  shapes = [tuple(t.shape)[1:] for t in inputs]
+  for t, in_shape in zip(inputs, shapes):
+    if any(d is None for d in in_shape):
+      raise UnsupportedModelError(
+          "Expected a fixed input shape apart from the batch. Received: input "
+          f"shape {(None,) + in_shape}; rebuild the model with a fixed shape, e.g. "
+          "keras.Input((224, 224, 3)).")
+    if not tf.as_dtype(t.dtype).is_floating:
+      raise UnsupportedModelError(
+          f"Expected a float input (synthesis differentiates through it). Received: "
+          f"input dtype {t.dtype}; cast inside the model instead.")
   heads = outputs_lib.heads_of(model)
-  low, high, source, assumed = input_range_lib.resolve_input_range(model, input_range)
+  ranges = input_range_lib.resolve_input_ranges(model, input_range)
   head = heads.class_head()
-  common = dict(input_shape=tuple(int(d) for d in in_shape), input_range=(low, high),
-                input_range_source=source, assumed_range=assumed, full_model=model,
-                heads=heads)
+  shapes = tuple(tuple(int(d) for d in in_shape) for in_shape in shapes)
+  if len(inputs) == 1:
+    (low, high, source, assumed), = ranges
+    common = dict(input_shape=shapes[0], input_range=(low, high),
+                  input_range_source=source, assumed_range=assumed, full_model=model,
+                  heads=heads)
+    probe_ranges = (low, high)
+  else:  # several inputs: ``u`` packs them flat, side by side (`Classifier.to_input`)
+    names = tuple(inputs_lib.input_names(model))
+    probe_ranges = [(r[0], r[1]) for r in ranges]
+    common = dict(input_shape=(int(sum(np.prod(s) for s in shapes)),),
+                  input_range=tuple(probe_ranges),
+                  input_range_source="; ".join(f"{n}: {r[2]}" for n, r in zip(names, ranges)),
+                  assumed_range=any(r[3] for r in ranges), full_model=model, heads=heads,
+                  input_shapes=shapes, input_ranges=tuple(probe_ranges), input_names=names)
   if head is None:
-    _probe_outputs(model, (low, high))
+    _probe_outputs(model, probe_ranges)
     return Classifier(model=model, forward=model, output_kind=NO_CLASSES, num_classes=0,
                       **common)
   sub = model
@@ -179,7 +219,7 @@ def inspect_classifier(model, input_range=None) -> Classifier:
     tensor = model.outputs[heads.names.index(head.name)]
     sub = keras.Model(model.inputs, tensor, name=f"{model.name}_{head.name}")
   units = int(sub.outputs[0].shape[-1])
-  forward, kind = _output_head(sub, units, (low, high))
+  forward, kind = _output_head(sub, units, probe_ranges)
   return Classifier(model=sub, forward=forward, output_kind=kind,
                     num_classes=2 if units == 1 else units, **common)
 
@@ -250,11 +290,18 @@ def _logit_model(model, layer):
     return None  # nested or shared layers: fall back to the output itself
 
 
-def _probe_batch(model, input_range):
-  """Eight inputs spread over the range: constant low/mid/high, and noise."""
-  shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+def _probe_batch(model, input_ranges):
+  """Eight inputs spread over each input's range: constant low/mid/high, and noise.
+
+  ``input_ranges``: ``(low, high)`` for a model with one input, else a list per input.
+  """
   rng = np.random.default_rng(1234)
-  u = np.concatenate([np.full((1,) + shape, v, np.float32) for v in (-1.0, 0.0, 1.0)]
-                     + [rng.uniform(-1, 1, (5,) + shape).astype(np.float32)])
-  low, high = input_range
-  return tf.constant((high + low) / 2 + (high - low) / 2 * u, tf.float32)
+  if len(model.inputs) == 1:
+    input_ranges = [input_ranges]
+  batch = []
+  for t, (low, high) in zip(model.inputs, input_ranges):
+    shape = tuple(int(d) for d in t.shape[1:])
+    u = np.concatenate([np.full((1,) + shape, v, np.float32) for v in (-1.0, 0.0, 1.0)]
+                       + [rng.uniform(-1, 1, (5,) + shape).astype(np.float32)])
+    batch.append(tf.constant((high + low) / 2 + (high - low) / 2 * u, tf.float32))
+  return batch[0] if len(batch) == 1 else batch

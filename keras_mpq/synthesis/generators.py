@@ -111,7 +111,10 @@ HOLD_TOLERANCE = 0.05
 
 def _smallest_side(model) -> int:
   """The smallest spatial size of the model's input; 0 for vectors or unknown sizes."""
-  spatial = getattr(model, "inputs", None) and tuple(model.inputs[0].shape[1:-1])
+  inputs = getattr(model, "inputs", None)
+  if not inputs or len(inputs) != 1:  # several inputs: synthesized flat, no spatial priors
+    return 0
+  spatial = tuple(inputs[0].shape[1:-1])
   if spatial and all(isinstance(d, int) for d in spatial):
     return min(spatial)
   return 0
@@ -322,8 +325,8 @@ def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
     halfway.append((u if opt.midway is None else opt.midway)[:real])
     steps.append(s[:real])
     reached.append(~still[:real])
-  x = np.asarray(classifier.to_input(smooth(np.concatenate(xs))), np.float32)
-  x_midway = np.asarray(classifier.to_input(smooth(np.concatenate(halfway))), np.float32)
+  x = classifier.to_arrays(smooth(np.concatenate(xs)))
+  x_midway = classifier.to_arrays(smooth(np.concatenate(halfway)))
   reached = None if hold else np.concatenate(reached)
   return GeneratedData(x=x, y=targets, steps=np.concatenate(steps).astype(np.int32),
                        target_confidences=tau, reached=reached, x_midway=x_midway,
@@ -394,7 +397,7 @@ def _zeroq(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
     counter.to(counter.finished + real)
     xs.append(u[:real])  # padding samples shaped the statistics, then go
     steps.append(s[:real])
-  x = np.asarray(classifier.to_input(np.concatenate(xs)), np.float32)
+  x = classifier.to_arrays(np.concatenate(xs))
   return GeneratedData(x=x, y=classifier.predict_labels(x),
                        steps=np.concatenate(steps).astype(np.int32),
                        info={"traces": opt.traces, "learning_rate": lr,
@@ -408,7 +411,7 @@ def _zeroq(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
 def _noise(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """Gaussian noise mapped into the valid range, labeled by the model's argmax."""
   u = losses_lib.initial_u(rng, (options.num_samples,) + classifier.input_shape)
-  x = np.asarray(classifier.to_input(u), np.float32)
+  x = classifier.to_arrays(u)
   y = classifier.predict_labels(x)
   bar.update(options.num_samples)
   return GeneratedData(x=x, y=y)
@@ -475,8 +478,8 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
     xs.append(u[:real])
     halfway.append((u if opt.midway is None else opt.midway)[:real])
     steps.append(s[:real])
-  x = np.asarray(classifier.to_input(smooth(np.concatenate(xs))), np.float32)
-  x_midway = np.asarray(classifier.to_input(smooth(np.concatenate(halfway))), np.float32)
+  x = classifier.to_arrays(smooth(np.concatenate(xs)))
+  x_midway = classifier.to_arrays(smooth(np.concatenate(halfway)))
   return GeneratedData(x=x, y=classifier.predict_labels(x), x_midway=x_midway,
                        steps=np.concatenate(steps).astype(np.int32),
                        info={"traces": opt.traces, "learning_rate": lr,
@@ -628,13 +631,19 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
   rng = np.random.default_rng(int(seed))
   with Bar(options.num_samples, f"synthesize ({name})", progress, unit="sample") as bar:
     data = generator(classifier, options, rng, bar)
-  x = np.asarray(data.x, np.float32)
   y = np.asarray(data.y, np.int64)
-  if x.shape != (options.num_samples,) + classifier.input_shape or y.shape != (len(x),):
+  shapes = classifier.input_shapes if classifier.several else (classifier.input_shape,)
+  x = (batching.map_inputs(lambda a: np.asarray(a, np.float32), list(data.x))
+       if classifier.several and isinstance(data.x, (list, tuple))
+       else np.asarray(data.x, np.float32))
+  want = [(options.num_samples,) + tuple(s) for s in shapes]
+  got = [a.shape for a in batching.as_list(x)]
+  if got != want or y.shape != (options.num_samples,):
     raise InvalidInputError(
         f"Expected generator {name!r} to return x of shape "
-        f"{(options.num_samples,) + classifier.input_shape} and y of shape "
-        f"({options.num_samples},). Received: {x.shape} and {y.shape}")
+        f"{want[0] if len(want) == 1 else want} and y of shape "
+        f"({options.num_samples},). Received: {got[0] if len(got) == 1 else got} and "
+        f"{y.shape}")
   if classifier.has_classes:
     log_p = classifier.predict_log_probs(x, batch_size=max(options.batch_size, 1))
     confidences = np.exp(np.take_along_axis(log_p, y[:, None], axis=1)[:, 0])
@@ -657,7 +666,8 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
       assumed_range=classifier.assumed_range, num_classes=classifier.num_classes,
       output_kind=classifier.output_kind, seed=int(seed),
       seconds=time.perf_counter() - start, info=to_jsonable(info),
-      x_midway=None if data.x_midway is None else np.asarray(data.x_midway, np.float32))
+      x_midway=None if data.x_midway is None else batching.map_inputs(
+          lambda a: np.asarray(a, np.float32), data.x_midway))
 
 
 def synthesize(model, num_samples: int = 256, method: str = "labeled", seed: int = 0,

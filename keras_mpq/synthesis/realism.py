@@ -64,9 +64,9 @@ def activation_statistics(model, x: np.ndarray, batch_size: int = 128
   hi = np.full(len(layers), -np.inf)
   total = np.zeros(len(layers))
   count = np.zeros(len(layers))
-  x = np.asarray(x, np.float32)
-  for start in range(0, len(x), batch_size):
-    outs = fn(tf.constant(x[start:start + batch_size]))
+  x = _float32(x)
+  for s in batching.batch_slices(batching.num_samples(x), batch_size):
+    outs = fn(_constant(batching.take(x, s)))
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     for i, o in enumerate(outs):
       o = o.numpy().astype(np.float64)
@@ -89,10 +89,20 @@ def _probe(model, key: str, tensors):
   fn = model_data.get(model, key)
   if fn is None:
     probe = keras.Model(model.inputs, tensors)
-    spec = tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)
-    fn = tf.function(lambda b: probe(b, training=False), input_signature=[spec])
+    specs = [tf.TensorSpec((None,) + tuple(t.shape[1:]), tf.float32) for t in model.inputs]
+    fn = tf.function(lambda b: probe(b, training=False),
+                     input_signature=[specs[0] if len(specs) == 1 else specs])
     model_data.put(model, key, fn)
   return fn
+
+
+def _float32(x):
+  """Inputs as float32: one array, or a list per input."""
+  return batching.map_inputs(lambda a: np.asarray(a, np.float32), x)
+
+
+def _constant(x):
+  return tf.nest.map_structure(tf.constant, x)
 
 
 def _ratio(a: float, b: float) -> Optional[float]:
@@ -138,9 +148,10 @@ def self_consistency(model, x: np.ndarray, x_midway: Optional[np.ndarray] = None
   ranges at the end over halfway (when ``x_midway`` is given).
   """
   out: Dict[str, Any] = {}
-  if len(x) >= 4:
-    out["halves"] = compare_statistics(activation_statistics(model, x[0::2], batch_size),
-                            activation_statistics(model, x[1::2], batch_size))["summary"]
+  if batching.num_samples(x) >= 4:
+    out["halves"] = compare_statistics(
+        activation_statistics(model, batching.take(x, slice(0, None, 2)), batch_size),
+        activation_statistics(model, batching.take(x, slice(1, None, 2)), batch_size))["summary"]
   if x_midway is not None:
     out["convergence"] = compare_statistics(activation_statistics(model, x, batch_size),
                                  activation_statistics(model, x_midway, batch_size))["summary"]
@@ -195,9 +206,9 @@ def batchnorm_check(model, x: np.ndarray, batch_size: int = 128) -> Dict[str, An
   lows = [np.inf] * len(bns)
   highs = [-np.inf] * len(bns)
   count = [0] * len(bns)
-  x = np.asarray(x, np.float32)
-  for s in batching.batch_slices(len(x), batch_size):
-    outs = fn(tf.constant(x[s]))
+  x = _float32(x)
+  for s in batching.batch_slices(batching.num_samples(x), batch_size):
+    outs = fn(_constant(batching.take(x, s)))
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     for i, o in enumerate(outs):
       o = o.numpy().astype(np.float64)
