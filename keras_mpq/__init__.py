@@ -40,6 +40,7 @@ _LAZY = {
     "synthesize": "synthesis.generators", "synthesize_with_info": "synthesis.generators",
     "register_generator": "synthesis.generators",
     "resolve_input_range": "model.input_range", "check_data_range": "model.input_range",
+    "resolve_input_ranges": "model.input_range", "check_inputs": "model.inputs",
     "choose_range": "base.act_ranges",
     "activation_statistics": "synthesis.realism", "compare_statistics": "synthesis.realism",
     "measure_sensitivity": "sensitivity.measure", "search": "plan.search",

@@ -89,7 +89,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
       bit-width such as ``"4bit"``, BOPs such as ``"2e8bops"``.
     data: None to synthesize labeled data from the model itself (data-free);
       or real inputs ``x`` or ``(x, y)`` (unlabeled inputs are labeled by the
-      float model).
+      float model). For a model with several inputs, ``x`` is a list of
+      arrays in ``model.inputs`` order or a dict by input name (the Keras
+      ``Input`` names), all with the same number of samples
+      (`keras_mpq.model.inputs.check_inputs`).
     target: 'mobile', 'mcu' or 'ethos-u' (what `QuantizationResult.export`
       writes by default; recorded in the report).
     weight_bits: candidate weight bit-widths per layer (2..8). None: the
@@ -124,6 +127,10 @@ def quantize(model, budget, data=None, target: str = "mobile",
       off a Rescaling/Normalization layer at the input, else [0, 1], assumed
       (the summary and ``report["input_range"]`` say so). Synthetic data stays
       inside it; real ``data`` outside it is an error naming both ranges.
+      Several inputs: one ``(low, high)`` for all, a list of one per input, or
+      a dict by input name; each input left out gets its own default by the
+      same rules, and ``report["input_range"]`` is ``{"inputs": {name:
+      {"low", "high", "source", "assumed"}}, "assumed": ...}``.
     weight_method: how each layer's weights are quantized, in the sensitivity
       table and in the returned model alike: 'rtn', 'mse', 'gptq',
       'gptq-damped' or 'adaround' (default with ``data``:
@@ -172,7 +179,7 @@ def quantize(model, budget, data=None, target: str = "mobile",
       outputs. The sensitivity and the plan check measure it instead of the
       default objective (`keras_mpq.measure_sensitivity`).
 
-  Any model with one float input is taken: a classifier is measured and
+  Any model with float inputs (one, or several) is taken: a classifier is measured and
   calibrated as one; an autoencoder, a per-pixel network, a regression or a
   model with several outputs by the distortion of its outputs from the float
   model's, on data that needs no labels. ``report["outputs"]`` lists the

@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from keras_mpq.base import batching
 from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.compat import keras, tf, tfmot
 from keras_mpq.base.errors import InvalidInputError, MissingDependencyError
@@ -210,15 +211,16 @@ class ExportAndValidate(keras.callbacks.Callback):
                every_n_epochs: int = 1):
     super().__init__()
     self.path = os.fspath(path)
-    self.x_val = np.asarray(x_val)
+    self.x_val = batching.map_inputs(np.asarray, x_val)  # a list per input for several
     self.y_val = np.asarray(y_val)
-    if len(self.x_val) != len(self.y_val) or len(self.x_val) == 0:
+    n = batching.num_samples(self.x_val)
+    if n != len(self.y_val) or n == 0:
       raise InvalidInputError(
           "Expected x_val and y_val with the same, non-zero number of samples. "
-          f"Received: {len(self.x_val)} inputs, {len(self.y_val)} labels.")
+          f"Received: {n} inputs, {len(self.y_val)} labels.")
     self.target = target
-    self.calibration_data = (self.x_val[:256] if calibration_data is None
-                             else np.asarray(calibration_data))
+    self.calibration_data = (batching.take(self.x_val, slice(0, 256)) if calibration_data is None
+                             else batching.map_inputs(np.asarray, calibration_data))
     self.every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs")
     self.results: List[Tuple[int, float, int, str]] = []
 
@@ -302,16 +304,16 @@ def task_interaction_table(qmodel, x, y, bits: Sequence[int], loss,
   """
   x = calibrate_lib.check_data(qmodel, x, "sensitivity data")
   y = np.asarray(y)
-  batches = [(tf.constant(x[i:i + batch_size]), tf.constant(y[i:i + batch_size]))
-             for i in range(0, len(x), batch_size)]
+  batches = [(tf.nest.map_structure(tf.constant, batching.take(x, s)), tf.constant(y[s]))
+             for s in batching.batch_slices(batching.num_samples(x), batch_size)]
 
   @tf.function(reduce_retracing=True)
   def batch_loss(xb, yb):
     return tf.reduce_mean(loss(yb, qmodel(xb, training=False)))
 
   def mean_loss():
-    total = sum(float(batch_loss(xb, yb)) * int(xb.shape[0]) for xb, yb in batches)
-    return total / len(x)
+    total = sum(float(batch_loss(xb, yb)) * int(yb.shape[0]) for xb, yb in batches)
+    return total / batching.num_samples(x)
 
   base = mean_loss()
   names = list(access_lib.get_weight_bits(qmodel))  # model order
@@ -364,10 +366,11 @@ class SensitivityMonitor(keras.callbacks.Callback):
         raise InvalidInputError(
             "Expected data=(x, y) for metric 'task_interaction'. "
             f"Received: data={type(data).__name__}")
-      if len(data[0]) != len(data[1]) or len(data[0]) == 0:
+      n = batching.num_samples(data[0])
+      if n != len(data[1]) or n == 0:
         raise InvalidInputError(
             "Expected x and y with the same, non-zero number of samples. "
-            f"Received: {len(data[0])} inputs, {len(data[1])} labels.")
+            f"Received: {n} inputs, {len(data[1])} labels.")
     self.data = data
     self.metric = metric
     self.bits = tuple(sorted({check_weight_bits(b, "bits") for b in bits}))

@@ -6,7 +6,9 @@
 
 ``MODEL`` is a ``.keras``, ``.h5`` or SavedModel path. ``--data`` is an ``.npz``
 with arrays ``x`` (and ``y``), an ``.npy`` of inputs, or ``mnist`` / ``digits``
-for the built-in real data. ``keras-mpq COMMAND --help`` lists a command's
+for the built-in real data. For a model with several inputs the ``.npz``
+holds one array ``x_NAME`` per input, ``NAME`` the Keras input's name
+(``x_image``, ``x_features``), matched by name. ``keras-mpq COMMAND --help`` lists a command's
 flags. Errors print one line and exit with status 2; Ctrl-C exits with 130.
 
 The parser is argparse with one subparser per command, not absl: absl keeps
@@ -146,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
   budget.add_argument("--pin", type=_list_flag, action="extend", default=[],
                       metavar="LAYER=B,...", help="fix these layers' bits, e.g. conv1=8,logits=8")
   data = q.add_argument_group("data")
-  data.add_argument("--data", metavar="FILE", help="calibration data: .npz (x[, y]), .npy, "
-                    "'mnist' or 'digits' (default: synthesized from the model)")
+  data.add_argument("--data", metavar="FILE", help="calibration data: .npz (x[, y]; x_NAME "
+                    "per input for several inputs), .npy, 'mnist' or 'digits' (default: "
+                    "synthesized from the model)")
   data.add_argument("--eval_data", metavar="FILE",
                     help="labeled real data to validate the exported file on")
   data.add_argument("--synthesis", default=None, metavar="METHOD",
@@ -165,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "1024 where the budget forces layers below 3 bits, for images 256 "
                     "synthesized and shifted copies of them)")
   data.add_argument("--input_range", metavar="LO,HI",
-                    help="the model's valid input range, e.g. -1,1 or 0,255 (default: read "
-                    "off a Rescaling/Normalization input layer, else estimated from the "
-                    "first BatchNorm's statistics, else 0,1; the last two assumed)")
+                    help="the model's valid input range, e.g. -1,1 or 0,255, for every input "
+                    "(default: each input's, read off its Rescaling/Normalization layer, "
+                    "else estimated from its first BatchNorm's statistics, else 0,1; the "
+                    "last two assumed)")
   data.add_argument("--range_policy", default=None, choices=list(choices_lib.values(choices_lib.RangePolicy)),
                     help="activation ranges from the calibration data (default: minmax)")
   data.add_argument("--tune_steps", type=int, default=None, metavar="N",
@@ -195,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("tflite", metavar="MODEL.tflite", help="the file to run")
   group = v.add_argument_group("validation")
   group.add_argument("--data", metavar="FILE",
-                     help="required: labeled data, .npz (x, y), 'mnist' or 'digits'")
+                     help="required: labeled data, .npz (x, y; x_NAME per input for "
+                     "several inputs), 'mnist' or 'digits'")
   group.add_argument("--runtime", default="auto", choices=["auto", "litert", "tflm", "tf"],
                      help="interpreter (default: auto, from the file)")
   group.add_argument("--metric", default=None, metavar="METRIC",
@@ -322,10 +327,16 @@ def load_data(spec: str, need_labels: bool = False) -> Tuple:
         keys = set(z.files)
         xk = next((k for k in ("x", "x_test", "images") if k in keys), None)
         yk = next((k for k in ("y", "y_test", "labels") if k in keys), None)
-        if xk is None:
+        per_input = sorted(k for k in keys if k.startswith("x_") and len(k) > 2)
+        if xk is not None and (xk != "x_test" or len(per_input) < 2):
+          x = z[xk]
+        elif per_input:  # several inputs: x_NAME per input, matched by name
+          x = {k[2:]: z[k] for k in per_input}
+        else:
           raise InvalidInputError(f"{spec!r} has arrays {sorted(keys)}; expected 'x' "
-                                  "(inputs) and optionally 'y' (labels).")
-        x, y = z[xk], (z[yk] if yk else None)
+                                  "(inputs), or 'x_NAME' per input of a model with several "
+                                  "inputs, and optionally 'y' (labels).")
+        y = z[yk] if yk else None
   except InvalidInputError:
     raise
   except Exception as e:  # pylint: disable=broad-except

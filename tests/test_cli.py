@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_mpq import cli as cli_lib
+from keras_mpq.base.errors import InvalidInputError
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -205,3 +206,18 @@ def test_quantize_and_validate_a_non_classifier(tmp_path, capsys):
                        "--reference", str(model_path)])
   printed = capsys.readouterr().out
   assert code == 0 and "metric_name: mae" in printed and "fidelity reconstruction" in printed
+
+
+def test_load_data_reads_one_array_per_input_by_name(tmp_path):
+  path = tmp_path / "two.npz"
+  image, table, y = np.zeros((3, 8, 8, 1)), np.ones((3, 16)), np.arange(3)
+  np.savez(path, x_image=image, x_table=table, y=y)
+  x, labels = cli_lib.load_data(str(path))
+  assert sorted(x) == ["image", "table"] and x["table"].shape == (3, 16)
+  np.testing.assert_array_equal(labels, y)
+  np.savez(path, x_test=image, y_test=y)  # one input: x_test stays the inputs
+  x, _ = cli_lib.load_data(str(path))
+  assert isinstance(x, np.ndarray) and x.shape == (3, 8, 8, 1)
+  np.savez(path, inputs=image)
+  with pytest.raises(InvalidInputError, match="'x_NAME' per input"):
+    cli_lib.load_data(str(path))

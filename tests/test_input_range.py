@@ -132,3 +132,42 @@ def test_a_given_range_or_a_rescaling_layer_wins_over_the_estimate():
   _set_statistics(model, _smooth_images(256, 0.0, 255.0))
   assert input_range_lib.resolve_input_range(model, (0, 1))[:3] == (
       0.0, 1.0, "input_range argument")
+
+
+def _two_inputs():
+  a, b = keras.Input((4,), name="pixels"), keras.Input((2,), name="signal")
+  h = layers.Concatenate()([layers.Rescaling(1 / 255)(a), b])
+  return keras.Model([a, b], layers.Dense(3)(h))
+
+
+def test_each_input_gets_its_own_default_by_the_same_rules():
+  (lo_a, hi_a, src_a, assumed_a), (lo_b, hi_b, src_b, assumed_b) = \
+      input_range_lib.resolve_input_ranges(_two_inputs())
+  assert (lo_a, hi_a, assumed_a) == (0.0, 255.0, False) and "Rescaling" in src_a
+  assert (lo_b, hi_b, assumed_b) == (0.0, 1.0, True)
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"signal": (-1, 1)}, [(0.0, 255.0), (-1.0, 1.0)]),
+    ([None, (-2, 2)], [(0.0, 255.0), (-2.0, 2.0)]),
+    ([(0, 255), (-3, 3)], [(0.0, 255.0), (-3.0, 3.0)]),
+    ((0, 255), [(0.0, 255.0), (0.0, 255.0)]),  # one range for every input
+])
+def test_per_input_range_as_dict_list_or_one_pair(given, expected):
+  got = input_range_lib.resolve_input_ranges(_two_inputs(), given)
+  assert [r[:2] for r in got] == expected
+
+
+@pytest.mark.parametrize("given, match", [
+    ({"sinal": (-1, 1)}, r"input names \['pixels', 'signal'\].*unknown names \['sinal'\]"),
+    ([(0, 1), (0, 1), (0, 1)], r"one \(low, high\), a list of 2"),
+    ({"signal": (1, -1)}, r"input_range\['signal'\]=\(low, high\)"),
+])
+def test_bad_per_input_ranges(given, match):
+  with pytest.raises(InvalidInputError, match=match):
+    input_range_lib.resolve_input_ranges(_two_inputs(), given)
+
+
+def test_one_input_resolves_as_before():
+  model = _model(layers.Rescaling(1 / 255))
+  assert input_range_lib.resolve_input_ranges(model) == [input_range_lib.resolve_input_range(model)]

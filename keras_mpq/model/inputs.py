@@ -45,14 +45,6 @@ def describe(model) -> str:
                    for n, s in zip(input_names(model), input_shapes(model)))
 
 
-def is_structured(x) -> bool:
-  """True for a list, tuple or dict of per-input arrays (not a nested numeric list)."""
-  if isinstance(x, Mapping):
-    return True
-  return isinstance(x, (list, tuple)) and len(x) > 0 and all(
-      hasattr(a, "shape") and hasattr(a, "dtype") for a in x)
-
-
 def split_data(model, data) -> Tuple[Any, Any]:
   """``(x, y)`` of ``data`` given as ``x`` or ``(x, y)``, for a model with several inputs.
 
