@@ -556,9 +556,11 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
   """Synthesizes labeled calibration data from ``model``; returns a `SynthesisResult`.
 
   Args:
-    model: a tf_keras classifier with one input of fixed shape and one
+    model: a tf_keras classifier with inputs of fixed shape and one
       ``(batch, classes)`` output: logits, softmax probabilities, or a single
-      sigmoid unit (binary: labels 0/1).
+      sigmoid unit (binary: labels 0/1). With several inputs, ``x`` comes
+      back as a list, one array per input each in its own range (all
+      optimized together; no image priors: `Classifier.to_input`).
     num_samples: how many samples. With fewer samples than classes (a
       1000-class model), the labeled generator targets that many distinct
       classes, drawn at random (seeded).
@@ -567,6 +569,8 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
     seed: makes the result repeatable (same seed, same arrays).
     input_range: ``(low, high)`` of valid inputs; default: read off a
       Rescaling/Normalization input layer, else [0, 1] (assumed, reported).
+      Several inputs: also a list per input or a dict by input name
+      (`keras_mpq.model.input_range.resolve_input_ranges`).
     batch_size: samples optimized together (the last batch is padded).
     max_steps: optimization steps per batch ("labeled" runs them all with
       ``objective="hold"``; "zeroq" too); None takes `DEFAULT_MAX_STEPS`.
@@ -599,8 +603,8 @@ def synthesize_with_info(model, num_samples: int = 256, method: str = "labeled",
   Raises:
     InvalidInputError: bad arguments (unknown method, too few samples, bad
       ranges).
-    UnsupportedModelError: the model is not a single-input classifier, or
-      "zeroq" on a model without BatchNorm.
+    UnsupportedModelError: the model has no class head for "labeled", a
+      non-float or unfixed input, or "zeroq" on a model without BatchNorm.
 
   Example:
 
