@@ -213,13 +213,15 @@ def summary_table(report: Mapping[str, Any]) -> str:
   budget = report["budget"]
   lines = [table]
   in_range = report.get("input_range") or {}
-  if "inputs" in in_range:  # several inputs: a line each
+  if "inputs" in in_range:  # several inputs: a line each, assumed ones first as warnings
+    warned = 0
     for name, r in in_range["inputs"].items():
       flag = "ASSUMED " if r.get("assumed") else ""
       line = f"input {name!r}: range {flag}[{r['low']:g}, {r['high']:g}] ({r['source']})"
       if r.get("assumed"):
-        lines.insert(0, "WARNING: " + line + ": pass input_range={name: (lo, hi)} if the "
-                     "model takes other inputs.\n")
+        lines.insert(warned, "WARNING: " + line + ": pass input_range={name: (lo, hi)} if "
+                     "the model takes other inputs.\n")
+        warned += 1
       else:
         lines.append(line)
   elif in_range.get("assumed"):

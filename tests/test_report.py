@@ -149,3 +149,16 @@ def test_summary_table_says_why_a_tied_plan_won():
   assert "uniform 4-bit returned (ties go to more bits: within 2 standard errors of " \
          "allocated" in text
   assert "below the allocated plan" not in text  # it is not below: it is tied
+
+
+def test_summary_table_lists_each_input_range_and_warns_for_assumed_ones_first():
+  r = dict(_report())
+  r["input_range"] = {"inputs": {
+      "image": {"low": 0.0, "high": 1.0, "source": "assumed [0, 1]", "assumed": True},
+      "table": {"low": 0.0, "high": 16.0, "source": "Rescaling layer 'scale'", "assumed": False},
+      "audio": {"low": -1.0, "high": 1.0, "source": "assumed", "assumed": True}},
+      "assumed": True}
+  lines = report_lib.summary_table(r).splitlines()
+  assert lines[0].startswith("WARNING: input 'image': range ASSUMED [0, 1]")
+  assert lines[2].startswith("WARNING: input 'audio': range ASSUMED [-1, 1]")
+  assert "input 'table': range [0, 16] (Rescaling layer 'scale')" in lines
