@@ -205,7 +205,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     raise InvalidInputError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
   data = reader_lib.read_bytes(path_or_bytes)
   _check_references(reader_lib.parse(data))  # a damaged file fails here, clearly
-  xs = feed_lib.match_inputs(x, feed_lib.file_input_names(data), input_names)
+  xs = _match_inputs(data, x, input_names)
   if runtime == "tflm":
     return _run_tflm(data, xs)
   if reader_lib.has_cut_zero_points(data):  # an mcu file: LiteRT wants one per scale
@@ -229,7 +229,7 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
     raise InvalidInputError(
         f"{name} could not load this .tflite file: "
         f"{str(e).strip().splitlines()[0][:200]}.{hint}") from None
-  xs = _checked_inputs(xs, ins, "TFLite")
+  xs = _checked_inputs(xs, ins, "TFLite", [d["name"] for d in ins])
   inp = ins[0]
   n_all = len(xs[0])
   fixed = int(inp["shape"][0])
@@ -263,8 +263,18 @@ def run_tflite(path_or_bytes, x, runtime: str = "auto", batch_size: int = 256,
   return result
 
 
-def _checked_inputs(xs, details, dtype_name: str) -> List[np.ndarray]:
+def _match_inputs(data: bytes, x, input_names) -> List[Any]:
+  """``x`` as one entry per file input (`keras_mpq.export.feed.match_inputs`); one array
+  stays one entry, and a file with several inputs refuses it when run (`_checked_inputs`)."""
+  if not isinstance(x, (list, tuple, Mapping)):
+    return [x]
+  return feed_lib.match_inputs(x, feed_lib.file_input_names(data), input_names)
+
+
+def _checked_inputs(xs, details, dtype_name: str, names) -> List[np.ndarray]:
   """Each input's array checked against its file input (shape, finite, scale), same length."""
+  if len(xs) != len(details):  # one array for a file with several inputs: say what it takes
+    feed_lib.match_inputs(xs[0] if len(xs) == 1 else xs, list(names))
   xs = [_check_x(v, d["shape"], dtype_name) for v, d in zip(xs, details)]
   for v, d in zip(xs, details):
     _check_input_scale(v, d)
@@ -474,7 +484,7 @@ def _run_tflm_here(data: bytes, xs):
   sg = reader_lib.parse(data).sg
   n_outputs = max(1, sg.OutputsLength())
   try:
-    ins = [_tflm_detail(interp.get_input_details(k)) for k in range(len(xs))]
+    ins = [_tflm_detail(interp.get_input_details(k)) for k in range(max(1, sg.InputsLength()))]
     outs = [_tflm_detail(interp.get_output_details(i)) for i in range(n_outputs)]
   except (RuntimeError, ValueError, IndexError) as e:
     raise InvalidInputError(f"TFLite Micro could not read this model's input or output: "
@@ -484,7 +494,7 @@ def _run_tflm_here(data: bytes, xs):
       raise InvalidInputError(
           f"Expected a batch-1 model for TFLite Micro. Received: input shape "
           f"{list(inp['shape'])}; export with target='mcu'.")
-  xs = _checked_inputs(xs, ins, "TFLite Micro")
+  xs = _checked_inputs(xs, ins, "TFLite Micro", feed_lib.file_input_names(data))
   outputs: List[List[np.ndarray]] = [[] for _ in outs]
   for i in range(len(xs[0])):
     try:

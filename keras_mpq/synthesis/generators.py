@@ -143,7 +143,10 @@ def register_generator(name: str):
   `Classifier`, the `SynthesisOptions`, a ``numpy.random.Generator`` (the only
   source of randomness it may use) and a `keras_mpq.base.progress.Bar` counting
   finished samples; it
-  returns `GeneratedData`.
+  returns `GeneratedData`. For a model with several inputs
+  ``classifier.input_shape`` is the flat size of all of them side by side:
+  make ``u`` of that shape in [-1, 1] and return ``x=classifier.to_arrays(u)``
+  (a list, one array per input, each in its own range).
 
   Example:
 
