@@ -211,6 +211,11 @@ class ExportAndValidate(keras.callbacks.Callback):
                every_n_epochs: int = 1):
     super().__init__()
     self.path = os.fspath(path)
+    if isinstance(x_val, dict) or isinstance(calibration_data, dict):
+      raise InvalidInputError(
+          "Expected x_val (and calibration_data) as an array, or for a model with several "
+          "inputs a list in the model's input order. Received: a dict; pass "
+          "[x_val[name] for name in model.input_names].")
     self.x_val = batching.map_inputs(np.asarray, x_val)  # a list per input for several
     self.y_val = np.asarray(y_val)
     n = batching.num_samples(self.x_val)

@@ -277,3 +277,11 @@ def test_sensitivity_monitor_checks_arguments():
     callbacks_lib.SensitivityMonitor(None)
   with pytest.raises(InvalidInputError, match="weight bits"):
     callbacks_lib.SensitivityMonitor(metric="weight_mse", bits=(1, 4))
+
+
+def test_export_and_validate_takes_a_list_of_inputs_and_refuses_a_dict():
+  x = [np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)]
+  callback = callbacks_lib.ExportAndValidate("m.tflite", x, np.zeros(4, np.int64))
+  assert [a.shape for a in callback.calibration_data] == [(4, 3), (4, 2)]
+  with pytest.raises(InvalidInputError, match="list in the model's input order"):
+    callbacks_lib.ExportAndValidate("m.tflite", {"a": x[0], "b": x[1]}, np.zeros(4, np.int64))
