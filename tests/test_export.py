@@ -403,3 +403,53 @@ def test_large_model_4bit_dense_is_unpacked_for_tflm(tmp_path):
   assert dtypes == {"FULLY_CONNECTED": "INT8"}
   out = runtime_lib.run_tflite(str(path), x[:4], runtime="tflm")
   np.testing.assert_allclose(out, model.predict(x[:4], verbose=0), atol=0.5)
+
+
+def _pooled_model(pool, seed=0):
+  """Conv -> ReLU -> AveragePooling2D(pool) on 6x4 -> Dense: a keyword-spotter tail."""
+  set_global_seed(seed)
+  inp = keras.Input((6, 4, 2), name="x")
+  h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv")(inp)
+  h = keras.layers.AveragePooling2D(pool, name="pool")(h)
+  h = keras.layers.Flatten()(h)
+  model = keras.Model(inp, keras.layers.Dense(4, name="fc")(h))
+  rng = np.random.default_rng(seed)
+  return model, rng.normal(0, 1, (64, 6, 4, 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("target", ["mobile", "mcu"])
+def test_whole_input_average_pool_is_written_as_mean(tmp_path, target):
+  # TFLite's AVERAGE_POOL_2D keeps its input's scale; a pool over the whole input is a
+  # mean, and MEAN gives the pooled features a scale of their own, as Keras does.
+  model, x = _pooled_model((6, 4))
+  plan = QuantizationPlan.uniform(["conv", "fc"], 8)
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, target, calibration_data=x)
+  reader = reader_lib.parse(r.path)
+  names = [op.op for op in reader.ops]
+  assert "MEAN" in names and "AVERAGE_POOL_2D" not in names
+  assert any("pool" in n and "MEAN" in n for n in r.notes)
+  if target == "mobile":  # LiteRT reads the scales (a stripped mcu file: TFLite Micro only)
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+    mean = next(op for op in reader.ops if op.op == "MEAN")
+    scale = {d["index"]: d["quantization"][0]
+             for d in Interpreter(model_path=str(r.path)).get_tensor_details()}
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output).predict(x, verbose=0)
+    conv = keras.Model(model.inputs, model.get_layer("conv").output).predict(x, verbose=0)
+    # Its own scale, fitted to the pooled values, finer than the conv output's.
+    assert scale[mean.outputs[0]] < scale[mean.inputs[0]]
+    assert scale[mean.outputs[0]] == pytest.approx(
+        (pooled.max() - min(pooled.min(), 0)) / 255, rel=0.05)
+    assert scale[mean.inputs[0]] == pytest.approx(
+        (conv.max() - min(conv.min(), 0)) / 255, rel=0.05)
+  out = runtime_lib.run_tflite(r.path, x, runtime="tflm" if target == "mcu" else "auto")
+  ref = convert_lib.snap_to_plan(model, plan).predict(x, verbose=0)
+  assert np.max(np.abs(out - ref)) < 0.05 * np.ptp(ref)
+
+
+def test_partial_average_pool_stays_a_pool(tmp_path):
+  model, x = _pooled_model((2, 2))
+  assert convert_lib.global_pools(model) == (model, [])
+  plan = QuantizationPlan.uniform(["conv", "fc"], 8)
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mobile",
+                                 calibration_data=x)
+  assert "AVERAGE_POOL_2D" in [op.op for op in reader_lib.parse(r.path).ops]

@@ -225,6 +225,52 @@ def replace_gelu(model) -> Tuple[Any, List[str]]:
   return copy, changed
 
 
+_GLOBAL_POOLS = {keras.layers.AveragePooling1D: keras.layers.GlobalAveragePooling1D,
+                 keras.layers.AveragePooling2D: keras.layers.GlobalAveragePooling2D}
+
+
+def _covers_input(layer) -> bool:
+  """True if an average pool's one window covers its whole (known) input: a global mean."""
+  if type(layer) not in _GLOBAL_POOLS:
+    return False
+  spatial = tuple(layer.input_shape[1:-1] if layer.data_format == "channels_last"
+                  else layer.input_shape[2:])
+  pool, strides = tuple(layer.pool_size), tuple(layer.strides)
+  out = tuple(layer.output_shape[1:-1] if layer.data_format == "channels_last"
+              else layer.output_shape[2:])
+  return (None not in spatial and pool == spatial and all(o == 1 for o in out)
+          and all(s >= p for s, p in zip(strides, pool)))
+
+
+def global_pools(model) -> Tuple[Any, List[str]]:
+  """A copy of ``model`` whose whole-input average pools are global average pools; the layers changed.
+
+  TFLite's AVERAGE_POOL_2D writes its output on its input's scale (a
+  restriction of the int8 kernel), so the pooled features, which span a small
+  part of the input's range, get few steps (a keyword spotter's 64 pooled
+  features: a fifth of the steps the Keras model gave them). A pool whose one
+  window covers the input is a mean, and MEAN quantizes its output on a scale
+  of its own, as the Keras model does (its output quantizer). Same values,
+  same layer name.
+
+  >>> copy, changed = global_pools(model)  # doctest: +SKIP
+  """
+  changed: List[str] = []
+
+  def clone(layer):
+    if _covers_input(layer):
+      changed.append(layer.name)
+      return _GLOBAL_POOLS[type(layer)](data_format=layer.data_format, keepdims=True,
+                                        name=layer.name)
+    return layer.__class__.from_config(layer.get_config())
+
+  if not any(_covers_input(l) for l in model.layers):
+    return model, []
+  copy = keras.models.clone_model(model, clone_function=clone)
+  copy.set_weights(model.get_weights())
+  return copy, changed
+
+
 GELU_MATCH_TOLERANCE = 1e-2
 """Largest output change, relative to the output's range, for the GELU
 replacement to count as equivalent (the tanh form differs from the erf form
@@ -234,15 +280,19 @@ by at most ~1e-3 per activation)."""
 def prepare_for_target(model, target: str, x: np.ndarray) -> Tuple[Any, List[str]]:
   """The model as it will be converted for ``target``, and notes on what was replaced.
 
-  For 'mcu' and 'ethos-u', GELU activations (no TFLite Micro kernel) become
+  On every target, an average pool over its whole input becomes a global
+  average pool (`global_pools`). For 'mcu' and 'ethos-u', GELU activations (no TFLite Micro kernel) become
   `gelu_tanh_form` when the model's outputs on ``x`` then change by at most
   `GELU_MATCH_TOLERANCE` of their range; otherwise the layer is refused.
   """
+  model, pooled = global_pools(model)
+  notes = [f"{name}: an average pool over the whole input, written as MEAN (its output "
+           "on a scale of its own)" for name in pooled]
   if target == "mobile":
-    return model, []
+    return model, notes
   replaced, changed = replace_gelu(model)
   if not changed:
-    return model, []
+    return model, notes
   sample = batching.take(x, slice(0, 256))
   before = np.asarray(model.predict(sample, verbose=0, batch_size=256), np.float64)
   after = np.asarray(replaced.predict(sample, verbose=0, batch_size=256), np.float64)
@@ -254,9 +304,10 @@ def prepare_for_target(model, target: str, x: np.ndarray) -> Tuple[Any, List[str
         f"layers {changed}; its tanh form changes the outputs by {change:.2%} of their "
         f"range (more than {GELU_MATCH_TOLERANCE:.0%}). Use another activation, or "
         "export with target='mobile'.")
-  return replaced, [f"{name}: GELU (no TFLite Micro kernel) written in its tanh form "
-                    f"from MUL/ADD/LOGISTIC; outputs change by {change:.2e} of their range"
-                    for name in changed]
+  return replaced, notes + [
+      f"{name}: GELU (no TFLite Micro kernel) written in its tanh form "
+      f"from MUL/ADD/LOGISTIC; outputs change by {change:.2e} of their range"
+      for name in changed]
 
 
 def same_tflm_outputs(a: bytes, b: bytes, x: np.ndarray, n: int = 8) -> bool:
