@@ -453,3 +453,35 @@ def test_partial_average_pool_stays_a_pool(tmp_path):
   r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mobile",
                                  calibration_data=x)
   assert "AVERAGE_POOL_2D" in [op.op for op in reader_lib.parse(r.path).ops]
+
+
+def _softmax_head(classes, seed=0):
+  set_global_seed(seed)
+  inp = keras.Input((64,), name="x")
+  model = keras.Model(inp, keras.layers.Dense(classes, activation="softmax", name="fc")(inp))
+  return model, np.random.default_rng(seed).uniform(-1, 1, (32, 64)).astype(np.float32)
+
+
+def test_softmax_over_many_classes_is_float_on_tflm(tmp_path):
+  # TFLite Micro's int8 SOFTMAX aborted the process on 1000 near-equal logits
+  # (MobileNetV2 with 1000 classes); wider than 256 classes it is written in float.
+  pytest.importorskip("tflite_micro")
+  model, x = _softmax_head(1000)
+  plan = QuantizationPlan.uniform(["fc"], 8)
+  r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, "mcu", calibration_data=x)
+  assert any("softmax over more than 256 classes" in n for n in r.notes)
+  reader = reader_lib.parse(r.path)
+  softmax = next(op for op in reader.ops if op.op == "SOFTMAX")
+  assert reader.type_name(softmax.outputs[0]) == "FLOAT32"
+  out = runtime_lib.run_tflite(r.path, x[:4], runtime="tflm")
+  ref = model.predict(x[:4], verbose=0)
+  assert out.dtype == np.float32 and np.allclose(out.sum(-1), 1, atol=1e-3)
+  assert np.max(np.abs(out - ref)) < 0.1 * ref.max()
+  # Narrower softmaxes, and every softmax on 'mobile', stay int8.
+  model, x = _softmax_head(100)
+  r = exporter_lib.export_tflite(model, tmp_path / "n.tflite", plan, "mcu", calibration_data=x)
+  reader = reader_lib.parse(r.path)
+  softmax = next(op for op in reader.ops if op.op == "SOFTMAX")
+  assert reader.type_name(softmax.outputs[0]) == "INT8"
+  assert export_recipe_lib.wide_softmaxes(reader_lib.parse(
+      convert_lib.to_float_tflite(_softmax_head(1000)[0])), "mobile") == []

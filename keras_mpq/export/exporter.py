@@ -80,7 +80,14 @@ from keras_mpq.export.flatbuffer import (
   strip_model,
   unpack_int8,
 )
-from keras_mpq.export.recipe import Decision, build_recipe, decide, quantize_with_recipe
+from keras_mpq.export.recipe import (
+  TFLM_INT8_SOFTMAX_MAX_CLASSES,
+  Decision,
+  build_recipe,
+  decide,
+  quantize_with_recipe,
+  wide_softmaxes,
+)
 from keras_mpq.export.targets import DEFAULT_VELA_ACCELERATOR, TARGETS
 from keras_mpq.export.vela import compile_vela
 from keras_mpq.model import inputs as inputs_lib
@@ -207,7 +214,11 @@ def export_tflite(model, path, plan: QuantizationPlan, target: str = "mobile",
     for entry in ops[layer]:
       decisions.append(decide(layer, entry["op"], plan.weight_bits[layer],
                               plan.act_bits(layer), target, entry["output_name"]))
-  recipe = build_recipe(decisions, target)
+  wide = wide_softmaxes(reader, target)
+  notes.extend(f"{name}: softmax over more than {TFLM_INT8_SOFTMAX_MAX_CLASSES} classes "
+               "written in float (TFLite Micro's int8 softmax aborts on such rows); the "
+               "file's output is float probabilities" for name in wide)
+  recipe = build_recipe(decisions, target, wide)
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", RuntimeWarning)

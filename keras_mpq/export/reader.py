@@ -234,6 +234,10 @@ class _Reader:
       return None
     return np.frombuffer(raw, np.float32)
 
+  def type_name(self, t: int) -> str:
+    """The tensor's TFLite type: 'INT8', 'FLOAT32', ..."""
+    return TYPE_INFO.get(self.tensors[t].Type(), ("UNKNOWN", None, 0))[0]
+
   def shape(self, t: int) -> Tuple[int, ...]:
     tensor = self.tensors[t]
     return tuple(int(tensor.Shape(i)) for i in range(tensor.ShapeLength()))

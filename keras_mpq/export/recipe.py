@@ -96,15 +96,39 @@ def decide(layer: str, op: str, bits: int, act: int, target: str,
                    "; ".join(notes), unpack_int8=bits == 4)
 
 
-def build_recipe(decisions: Sequence[Decision], target: str) -> List[Dict[str, Any]]:
+TFLM_INT8_SOFTMAX_MAX_CLASSES = 256
+"""Widest int8 SOFTMAX written for TFLite Micro. Its int8 kernel aborts the
+process (a ``TFLITE_CHECK`` on the sum of exponentials, tflite-micro issue
+3499) when a row's exponentials, relative to its largest, sum to more than
+about 2^8: with near-equal logits over many classes. Measured here: a
+Dense+softmax over 800 classes runs, over 900 aborts (random weights); the
+1000-class MobileNetV2 aborted. Wider softmaxes are written in float
+(DEQUANTIZE, then a float SOFTMAX: the file's output is float probabilities)."""
+
+
+def wide_softmaxes(reader, target: str) -> List[str]:
+  """Output names of the SOFTMAX ops ``target``'s runtime cannot run in int8 (see above)."""
+  if target == "mobile":
+    return []
+  return [reader.name(op.outputs[0]) for op in reader.ops
+          if op.op == "SOFTMAX"
+          and (reader.shape(op.outputs[0]) or (0,))[-1] > TFLM_INT8_SOFTMAX_MAX_CLASSES]
+
+
+def build_recipe(decisions: Sequence[Decision], target: str,
+                 float_outputs: Sequence[str] = ()) -> List[Dict[str, Any]]:
   """ai-edge-quantizer recipe: int8 everywhere, then one rule per planned layer.
 
   Rules match the op's scope, which ai-edge-quantizer builds from the output
-  tensor names joined by ';' plus a trailing ';'.
+  tensor names joined by ';' plus a trailing ';'. Ops writing one of
+  ``float_outputs`` stay float (`wide_softmaxes`).
   """
   recipe = [{"regex": ".*", "operation": "*",
              "algorithm_key": "min_max_uniform_quantize",
              "op_config": _op_config(8, 8, False)}]
+  for name in float_outputs:
+    recipe.append({"regex": "^" + re.escape(name) + ";$", "operation": "*",
+                   "algorithm_key": "no_quantize"})
   for d in decisions:
     regex = "^" + re.escape(d.output_name) + ";$"
     if d.container == "float":
