@@ -174,8 +174,12 @@ can fail only the first few: real inputs on another scale ([0, 1] photos fed
 to a model trained on [-1, 1]: 0.92 std, variance x3.2 at MobileNetV2's first
 BatchNorm) pass 49 of its 52 layers. Real inputs of the model's kind, on the
 zoo's speech and photo models: at most 0.23 std and x1.3."""
-INPUT_VAR_RATIO_LIMIT = 2.0
-"""...and its variances within this factor (median over channels)."""
+INPUT_VAR_RATIO_LIMIT = 2.5
+"""...and its variances within this factor (median over channels). The
+labeled generator's data reach x1.8 and x2.0 at the first BatchNorm of the
+zoo's two photo MobileNetV2 copies (their means 0.17 and 0.27 std off); [0, 1]
+photos fed to them x3.0 and x3.2 (0.91 and 1.18 std); a pure 2x scale error
+is x4."""
 BN_PROBE = "batchnorm probe"
 """`keras_mpq.base.model_data` key: the compiled function `batchnorm_check` runs."""
 
