@@ -119,7 +119,7 @@ held-out real inputs; accuracy = on the MNIST test images.
 | Against Sony MCT 2.6.1 given real images, same mixed bits | at or above it in 14 of 16 cells | Weight quantizer |
 | Mixed precision against uniform at equal size | below it in 0 of 56 cases (MNIST CNNs), 0 of 28 (MobileNetV2) | Plans |
 | Pretrained models trained by others (the zoo), data-free 8-bit agreement | {zoo8} | Pretrained and trained classifiers |
-| Photo classifiers on raw 0..255 pixels, data-free 8-bit agreement (old [0, 1] default) | {photo8} | Pretrained and trained classifiers |
+| Photo classifiers trained here on natural photos (raw 0..255 or [-1, 1]), data-free 8-bit agreement | {photo8} | Pretrained and trained classifiers |
 | A byte budget is the file's size | 42 of 42 files at or under budget | Byte budgets are file bytes |
 | 1000-class MobileNetV2 at 224x224, data-free `quantize`, 2 shared cores | {imagenet} | Stock keras.applications models (1000 classes) |
 | Data-free wall time at a 2-bit budget against round to nearest | 1.93-1.95x | Wall time of data-free quantize |
@@ -128,14 +128,16 @@ held-out real inputs; accuracy = on the MNIST test images.
 """
 
 HEADLINE_FIGURES = {
-    "zoo8": "speech models 95.5 / 98.0 / 99.0% (real-data calibration 99.0 / 97.5 / "
-            "99.5%); rock-paper-scissors (no BatchNorm to read its scale from) needs "
-            "input_range",
-    "photo8": "residual CNN, 2 copies: 100 / 99.5% (old default 11.5 / 13.5%); stock "
-              "MobileNetV2 fed [-1, 1]: 97.0% with [-1, 1], now estimated (old default 33.5%)",
+    "zoo8": "speech models 96.1 / 98.2 / 98.6% (real-data calibration 97.5 / 98.1 / 99.3%; "
+            "1,000 held-out spoken words each); 4 bits 90.7 / 93.7 / 99.1% (real 93.0 / 93.1 / "
+            "99.2%); rock-paper-scissors (no BatchNorm to read its scale from) needs input_range",
+    "photo8": "residual CNN, 2 copies: 99.3 / 99.3% (real 99.5 / 99.1%); stock MobileNetV2 fed "
+              "[-1, 1], 2 copies: 98.1 / 98.5% (real 98.9 / 98.1%), both scales estimated from "
+              "BatchNorm",
     "imagenet": "314 s, within the 10 minutes asked (synthesis 174 s: 50 steps under the "
-                "synthesis-work cap, where 150 took 1459 s in all on a loaded machine); its mcu "
-                "file aborts TFLite Micro's runtime, reported as an error",
+                "synthesis-work cap, where 150 took 1459 s in all on a loaded machine); in that run "
+                "its mcu file aborted TFLite Micro (an int8 softmax over 1000 classes, written in "
+                "float since; not rerun)",
     "any": "conv autoencoder ROC AUC +0.001 / -0.002 and -0.002 / -0.028; U-Net mask IoU "
            "-0.002 / -0.000 and -0.007 / -0.001; regression R^2 with its input_range -0.002 / "
            "+0.005 and +0.010 / +0.009 (without it [0, 1] is assumed and the inputs clip: -0.034 / "
@@ -185,9 +187,9 @@ time); sections older than the latest changes say so in their data line.
   DFQ's analytic bias correction from BatchNorm statistics lifts round to
   nearest by 2.7 points on average without data, and beside AdaRound it is
   even on the MNIST CNNs (-0.6 to +0.8) and +1.2 and +6.8 on MobileNetV2 at 4
-  and 3 bits (*DFQ bias correction*); with the pretrained zoo's keyword
-  spotter also gaining from it (*Pretrained and trained classifiers*), it is
-  the data-free default since this round (empirical with real data, and for
+  and 3 bits (*DFQ bias correction*); on the pretrained zoo it gains 1.8
+  points on one keyword spotter and loses 3.0 on the other (*Pretrained and
+  trained classifiers*). It is the data-free default since this round (empirical with real data, and for
   layers whose input follows no BatchNorm). The data-free MNIST figures of
   *Calibration data* and *Weight quantizer* come from runs before that
   change, with the empirical form. Beside Sony MCT 2.6.1 at the same mixed average bits,
@@ -223,6 +225,23 @@ time); sections older than the latest changes say so in their data line.
   signatures, metadata, zero points: 2-35% smaller) and checked in TFLite
   Micro, with the arena RAM reported; Vela's own compression and TFLite Micro
   lookup tables are measured. See *Byte budgets are file bytes*.
+- **Pretrained models trained by others (issue 30):** the speech models in
+  `../shared/models` and photo classifiers trained here, on 1,000 held-out
+  real inputs each. Every file exports for both targets at 8, 4 and mixed 3
+  bits. Data-free 8-bit files agree with their float models within 1.4
+  points of real-data calibration (keyword spotter 96.1 against 97.5); at
+  4 bits within 2.3 points of real data, and above it on two models. The
+  data-free default now takes its bias correction from the BatchNorm
+  statistics: on the keyword spotter at 4 bits that is 90.7% where the
+  empirical correction on synthetic data gave 88.9%, on the MobileNetV2
+  keyword spotter 93.7% where it gave 96.7% (both above real data's 93.1%),
+  within 0.2 points on the others: a mixed picture, kept for the goal it
+  meets (4 bits within 3 points of real data on every model with BatchNorm).
+  Noise calibration is 1-32 points behind at 4 bits, but
+  level with data-free at 8 bits on three models (and 0.5 points ahead on
+  the keyword spotter). Rock-paper-scissors (per-sample standardized
+  inputs, no BatchNorm) still clips without `input_range`. See *Pretrained
+  and trained classifiers*.
 - **Stock models (issue 16):** all eight keras.applications architectures
   tried (MobileNet V1/V2/V3 Small and Large, EfficientNetB0, ResNet50,
   DenseNet121, NASNetMobile; untrained, 32x32) go through data-free `quantize`
