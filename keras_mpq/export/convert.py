@@ -76,6 +76,29 @@ def to_float_tflite(model, batch_size: Optional[int] = None) -> bytes:
   return data
 
 
+def _reorder_and_pack(model, side: str, ordered: List[int], names: List[str],
+                      size_hint: int) -> bytes:
+  """Sets subgraph 0's ``side`` ('inputs'/'outputs') to ``ordered``, names them, packs the file.
+
+  Each tensor gets its Keras name, and each signature listing the same
+  tensors lists them in that order under those names.
+  """
+  import flatbuffers  # pylint: disable=g-import-not-at-top
+  sg = model.subgraphs[0]
+  setattr(sg, side, np.asarray(ordered, np.int32))
+  for t, name in zip(ordered, names):
+    sg.tensors[t].name = name.encode()
+  for signature in model.signatureDefs or []:
+    by_tensor = {int(m.tensorIndex): m for m in getattr(signature, side) or []}
+    if set(by_tensor) == set(ordered):
+      setattr(signature, side, [by_tensor[t] for t in ordered])
+      for m, name in zip(getattr(signature, side), names):
+        m.name = name.encode()
+  builder = flatbuffers.Builder(size_hint + 4096)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output())
+
+
 def order_inputs(model_bytes: bytes, names: List[str]) -> bytes:
   """The converted file with its inputs in the Keras model's order, named as its inputs.
 
@@ -87,7 +110,6 @@ def order_inputs(model_bytes: bytes, names: List[str]) -> bytes:
   has no names, is fed by) and `keras_mpq.export.runtime.run_tflite` can match
   a dict by name.
   """
-  import flatbuffers  # pylint: disable=g-import-not-at-top
   from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
   model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
   sg = model.subgraphs[0]
@@ -109,19 +131,8 @@ def order_inputs(model_bytes: bytes, names: List[str]) -> bytes:
         f"{names}. Received input tensors "
         f"{[(sg.tensors[t].name or b'').decode('utf-8', 'replace') for t in ins]}; "
         "please report it with the model.")
-  ordered = [by_name[n] for n in names]
-  sg.inputs = np.asarray(ordered, np.int32)
-  for t, name in zip(ordered, names):
-    sg.tensors[t].name = name.encode()
-  for signature in model.signatureDefs or []:
-    by_tensor = {int(m.tensorIndex): m for m in signature.inputs or []}
-    if set(by_tensor) == set(ordered):
-      signature.inputs = [by_tensor[t] for t in ordered]
-      for m, name in zip(signature.inputs, names):
-        m.name = name.encode()
-  builder = flatbuffers.Builder(len(model_bytes) + 4096)
-  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-  return bytes(builder.Output())
+  return _reorder_and_pack(model, "inputs", [by_name[n] for n in names], names,
+                           len(model_bytes))
 
 
 def order_outputs(model_bytes: bytes, names: List[str]) -> bytes:
@@ -133,7 +144,6 @@ def order_outputs(model_bytes: bytes, names: List[str]) -> bytes:
   signature entry) the Keras output's name, so a runtime's output ``i`` is
   the model's output ``i`` and `keras_mpq.validate_tflite` can match by name.
   """
-  import flatbuffers  # pylint: disable=g-import-not-at-top
   from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
   model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
   sg = model.subgraphs[0]
@@ -150,19 +160,8 @@ def order_outputs(model_bytes: bytes, names: List[str]) -> bytes:
         f"model's {len(names)} outputs {names}. Received output tensors "
         f"{[(sg.tensors[t].name or b'').decode('utf-8', 'replace') for t in outs]}; "
         "please report it with the model.")
-  ordered = [outs[places.index(k)] for k in range(len(names))]
-  sg.outputs = np.asarray(ordered, np.int32)
-  for t, name in zip(ordered, names):
-    sg.tensors[t].name = name.encode()
-  for signature in model.signatureDefs or []:
-    by_tensor = {int(m.tensorIndex): m for m in signature.outputs or []}
-    if set(by_tensor) == set(ordered):
-      signature.outputs = [by_tensor[t] for t in ordered]
-      for m, name in zip(signature.outputs, names):
-        m.name = name.encode()
-  builder = flatbuffers.Builder(len(model_bytes) + 4096)
-  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-  return bytes(builder.Output())
+  return _reorder_and_pack(model, "outputs", [outs[places.index(k)] for k in range(len(names))],
+                           names, len(model_bytes))
 
 
 @contextlib.contextmanager
