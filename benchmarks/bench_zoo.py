@@ -31,7 +31,8 @@ At the mixed '3bit' budget only ``--calibrations-3bit`` (default data-free
 and real) run, to keep the whole run near an hour on 2 CPU cores.
 
 Every result is exported for 'mobile' and 'mcu' and run on the held-out
-inputs with ``keras_mpq.validate_tflite(path, x, y)``, ``y`` the float
+inputs with ``keras_mpq.validate_tflite(path, x, y, runtime=...)``: the
+mobile file in LiteRT, the mcu file in TFLite Micro; ``y`` the float
 model's argmax, so ``accuracy`` is the top-1 agreement with the float model.
 Where the file refuses the held-out inputs as outside its input range, the
 agreement on the inputs clipped into that range (what a device computes) is
@@ -79,6 +80,8 @@ tf.get_logger().setLevel("ERROR")  # retracing notices of the many small runs
 
 BUDGETS = ("8bit", "4bit", "3bit")
 TARGETS = ("mobile", "mcu")
+RUNTIME_OF_ROW = {"mobile": "litert", "mcu": "tflm"}
+"""Where each target's files are judged: in the runtime they are made for."""
 DATA_FREE, EMPIRICAL, OLD_DEFAULT, DOCUMENTED, NOISE, REAL = (
     "data-free", "data-free, empirical bias correction", "data-free, old [0,1] default",
     "data-free, documented range", "noise", "real")
@@ -139,8 +142,10 @@ def _fmt_realism(report) -> str:
   return f"{verdict} {summary['fit']}/{summary['checked']}{tail}"
 
 
-def _validate(path, x, y, clip_range):
+def _validate(path, x, y, clip_range, runtime="auto"):
   """(agreement %, clipped agreement %, runtime, error): ``y`` is the float model's argmax.
+
+  ``runtime``: as `keras_mpq.validate_tflite`'s ('tflm' for the mcu files).
 
   ``clip_range``: the range the file was quantized for (``report['input_range']``);
   when the file refuses ``x`` as outside it, ``x`` clipped into it is run too
@@ -149,14 +154,15 @@ def _validate(path, x, y, clip_range):
   import keras_mpq  # pylint: disable=g-import-not-at-top
   from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
   try:
-    v = keras_mpq.validate_tflite(str(path), x, y)
+    v = keras_mpq.validate_tflite(str(path), x, y, runtime=runtime)
     return 100.0 * v.accuracy, None, v.runtime, ""
   except InvalidInputError as e:
     error = _short(e, 160)
     if clip_range is None:
       return None, None, "", error
     try:
-      v = keras_mpq.validate_tflite(str(path), np.clip(x, *clip_range), y)
+      v = keras_mpq.validate_tflite(str(path), np.clip(x, *clip_range), y,
+                                    runtime=runtime)
       return None, 100.0 * v.accuracy, v.runtime, "inputs outside the file's range: " + error
     except Exception as e2:  # pylint: disable=broad-except
       return None, None, "", error + " / clipped: " + _short(e2, 120)
@@ -270,7 +276,8 @@ def run_model(name, args, rows, infos, write):
             row["KB"] = exported.size / 1024
             ir = result.report.get("input_range") or {}
             clip_range = (ir["low"], ir["high"]) if "low" in ir and "high" in ir else None
-            agree, clipped, runtime, verror = _validate(path, x_test, y_test, clip_range)
+            agree, clipped, runtime, verror = _validate(
+                path, x_test, y_test, clip_range, RUNTIME_OF_ROW.get(target, "auto"))
             row["agreement %"], row["clipped agreement %"] = agree, clipped
             row["error / note"] = verror
             row["runtime"] = runtime
@@ -316,8 +323,8 @@ SUMMARY_CELLS = (("data-free 8", "8bit", DATA_FREE), ("real 8", "8bit", REAL),
                  ("data-free mixed-3", "3bit", DATA_FREE))
 
 
-def summary_lines(rows, infos):
-  """Per model: the headline agreements (target 'mobile') and flags."""
+def summary_lines(rows, infos, target="mobile"):
+  """Per model: the headline agreements of ``target``'s files and flags."""
   head = ("| model | default input range | " + " | ".join(c[0] for c in SUMMARY_CELLS)
           + " | flags |")
   lines = [head, "|" + "---|" * (len(SUMMARY_CELLS) + 3)]
@@ -329,7 +336,7 @@ def summary_lines(rows, infos):
     how = _range_how({"source": source, "assumed": info["default_range"][3]})
     values, cells = {}, []
     for label, budget, calibration in SUMMARY_CELLS:
-      v, clipped = _agreement(rows, name, budget, calibration)
+      v, clipped = _agreement(rows, name, budget, calibration, target)
       values[label] = v
       cells.append("" if v is None else f"{v:.1f}" + ("c" if clipped else ""))
     flags = []
@@ -347,7 +354,7 @@ def summary_lines(rows, infos):
       flags.append(f"4-bit data-free {real4 - df4:.1f} pts below real")
     notes = []
     for budget in DOCUMENTED_BUDGETS:
-      v, clipped = _agreement(rows, name, budget, DOCUMENTED)
+      v, clipped = _agreement(rows, name, budget, DOCUMENTED, target)
       if v is not None:
         notes.append(f"{budget} {v:.1f}" + ("c" if clipped else ""))
     if notes:
@@ -378,7 +385,8 @@ def markdown(rows, infos, args, started, finished=None) -> str:
       f"Real inputs (`benchmarks/zoo_data.py`), n = {args.n} per model: the first "
       f"{args.n_cal} calibrate the 'real' rows, the last {args.n - args.n_cal} are held out "
       "and judge every file. Agreement % = top-1 agreement of the file "
-      "(`keras_mpq.validate_tflite`, LiteRT) with the float Keras model's argmax on the "
+      "(`keras_mpq.validate_tflite`: mobile files in LiteRT, mcu files in TFLite Micro) with "
+      "the float Keras model's argmax on the "
       "held-out inputs. Calibrations: 'data-free' = keras_mpq's defaults (labeled "
       "synthesis, no `input_range`; bias correction from BatchNorm statistics); 'data-free, "
       "empirical bias correction' = `bias_correction='empirical'` (the data-free default "
@@ -445,17 +453,19 @@ def markdown(rows, infos, args, started, finished=None) -> str:
         f"{info['float_classes_used']} classes on the {info['n_test']} held-out inputs"
         f"{extra}{took}.")
   setup, lines = lines, head
-  lines += [
-      "## Summary (target 'mobile')",
-      "",
-      "Agreement % with the float model on the held-out real inputs; 'c' = clipped "
-      "agreement (the file refused the inputs as outside its range). Flags: data-free "
-      f"below noise; data-free 8-bit below {MIN_8BIT:g}% or more than "
-      f"{MAX_8BIT_BELOW_REAL:g} point below real 8-bit; data-free 4-bit more than "
-      f"{MAX_4BIT_BELOW_REAL:g} points below real 4-bit.",
-      "",
-  ]
-  lines += summary_lines(rows, infos)
+  for target in args.targets:
+    lines += [
+        f"## Summary (target '{target}', files run in "
+        f"{'TFLite Micro' if RUNTIME_OF_ROW.get(target) == 'tflm' else 'LiteRT'})",
+        "",
+        "Agreement % with the float model on the held-out real inputs; 'c' = clipped "
+        "agreement (the file refused the inputs as outside its range). Flags: data-free "
+        f"below noise; data-free 8-bit below {MIN_8BIT:g}% or more than "
+        f"{MAX_8BIT_BELOW_REAL:g} point below real 8-bit; data-free 4-bit more than "
+        f"{MAX_4BIT_BELOW_REAL:g} points below real 4-bit.",
+        "",
+    ]
+    lines += summary_lines(rows, infos, target) + [""]
   lines += [""] + setup
   lines += ["", "## All rows", "", "| " + " | ".join(COLUMNS) + " |",
             "|" + "---|" * len(COLUMNS)]

@@ -192,6 +192,15 @@ class _Reader:
     outs = tuple(int(op.Outputs(j)) for j in range(op.OutputsLength()))
     return OpInfo(i, name, ins, outs)
 
+  def softmax_beta(self, op_index: int) -> float:
+    """The beta of SOFTMAX op ``op_index`` (1.0 when its options are absent)."""
+    table = self.sg.Operators(op_index).BuiltinOptions()
+    if table is None:
+      return 1.0
+    options = _tfl.SoftmaxOptions()
+    options.Init(table.Bytes, table.Pos)
+    return float(options.Beta())
+
   def name(self, t: int) -> str:
     """The tensor's name; '' when it has none (a file stripped for TFLite Micro)."""
     raw = self.tensors[t].Name()

@@ -21,6 +21,8 @@ from keras_mpq.base import act_ranges as act_ranges_lib
 from keras_mpq.base import batching
 from keras_mpq.base.errors import MissingDependencyError, UnsupportedModelError
 from keras_mpq.base.types import FLOAT_BITS
+from keras_mpq.export import ranges as ranges_lib
+from keras_mpq.export import reader as reader_lib
 from keras_mpq.export.convert import quiet
 from keras_mpq.export.targets import RUNTIME_OF_TARGET, supported
 
@@ -143,73 +145,6 @@ def build_recipe(decisions: Sequence[Decision], target: str,
   return recipe
 
 
-MIN_RANGE_WIDTH = 1e-2
-"""Narrowest activation range written: a tensor that was constant during
-calibration (a channel zeroed by 2-bit weights, a dead ReLU) would otherwise
-get a near-zero scale, which LiteRT refuses ("no_integer_overflow_from_
-quantization"). Its values still quantize exactly; only the step widens."""
-
-
-def _widen_collapsed_ranges(calib) -> None:
-  """Widens (in place) every calibrated min/max pair narrower than MIN_RANGE_WIDTH."""
-  for qsv in calib.values():
-    if not isinstance(qsv, dict) or "min" not in qsv or "max" not in qsv:
-      continue
-    lo = np.asarray(qsv["min"], np.float32)
-    hi = np.asarray(qsv["max"], np.float32)
-    narrow = (hi - lo) < MIN_RANGE_WIDTH
-    if np.any(narrow):
-      center = (lo + hi) / 2
-      qsv["min"] = np.where(narrow, np.minimum(lo, center - MIN_RANGE_WIDTH / 2), lo)
-      qsv["max"] = np.where(narrow, np.maximum(hi, center + MIN_RANGE_WIDTH / 2), hi)
-
-
-def _fill_fused_ranges(calib, interp) -> None:
-  """Gives tensors of the batch-1 file that the dynamic-batch file lacks their range.
-
-  With a fixed batch the converter fuses more, e.g. a GlobalAveragePooling
-  MEAN and the RESHAPE after it (squeeze-excite blocks) into one op whose
-  output is named ``'<reshape>;;<mean>'``; the dynamic-batch model used for
-  calibration keeps both tensors. The fused output holds the same values as
-  its parts, so it takes the range of the first part calibrated.
-  """
-  for detail in interp.get_tensor_details():
-    name = detail["name"]
-    if name in calib or ";" not in name:
-      continue
-    for part in (p for p in re.split(r";+", name) if p):
-      if part in calib:
-        calib[name] = dict(calib[part])
-        break
-
-
-def _apply_range_policy(calib, calib_bytes: bytes, samples, policy: str) -> None:
-  """Replaces (in place) each activation's min/max in ``calib`` by ``policy``'s range."""
-  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-  interp = Interpreter(model_content=calib_bytes, experimental_preserve_all_tensors=True)
-  inputs = {d["name"] for d in interp.get_input_details()}
-  index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-  runner = interp.get_signature_runner()
-  values: Dict[str, List[np.ndarray]] = {}
-  per_feed = act_ranges_lib.MAX_VALUES // max(len(samples), 1)
-  for feed in samples:
-    runner(**feed)
-    for name in calib:
-      if name in index and name not in inputs:
-        try:
-          values.setdefault(name, []).append(
-              act_ranges_lib.sample_values(interp.get_tensor(index[name]), per_feed))
-        except ValueError:  # a tensor the interpreter did not keep
-          pass
-  for name, parts in values.items():
-    qsv = calib[name]
-    if not isinstance(qsv, dict) or "min" not in qsv or "max" not in qsv:
-      continue
-    chosen = act_ranges_lib.choose_range(np.concatenate(parts), 8, policy)
-    qsv["min"] = np.full_like(np.asarray(qsv["min"], np.float32), chosen.low)
-    qsv["max"] = np.full_like(np.asarray(qsv["max"], np.float32), chosen.high)
-
-
 def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarray,
                          max_samples: int = act_ranges_lib.MAX_RANGE_SAMPLES, seed: int = 0,
                          calibration_model: Optional[bytes] = None,
@@ -259,10 +194,13 @@ def quantize_with_recipe(float_bytes: bytes, recipe, calibration_data: np.ndarra
     if calib:
       policy = act_ranges_lib.check_range_policy(range_policy)
       if policy != "minmax":
-        _apply_range_policy(calib, calib_bytes, samples, policy)
+        ranges_lib.apply_range_policy(calib, calib_bytes, samples, policy)
+      ranges_lib.fit_saturating_inputs(
+          calib, calib_bytes, samples,
+          ranges_lib.saturating_inputs(reader_lib.parse(calib_bytes)))
       if calibration_model is not None:
-        _fill_fused_ranges(calib, Interpreter(model_content=float_bytes))
-      _widen_collapsed_ranges(calib)
+        ranges_lib.fill_fused_ranges(calib, Interpreter(model_content=float_bytes))
+      ranges_lib.widen_collapsed_ranges(calib)
     q = aeq.Quantizer(bytearray(float_bytes), recipe)
     result = q.quantize(calib)
   return bytes(result.quantized_model)
