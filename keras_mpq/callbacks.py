@@ -190,6 +190,13 @@ def _as_arrays(x):
   return batching.map_inputs(np.asarray, x)
 
 
+def _count(x) -> int:
+  """How many samples `_as_arrays` inputs hold (a dict: its first input's; all are checked at fit)."""
+  if isinstance(x, dict):
+    return len(next(iter(x.values()))) if x else 0
+  return batching.num_samples(x)
+
+
 def _first(x, n: int):
   """The first ``n`` samples of `_as_arrays` inputs (a dict stays a dict)."""
   if isinstance(x, dict):
@@ -234,8 +241,7 @@ class ExportAndValidate(keras.callbacks.Callback):
     # A list per input for several; a dict by input name until fit gives the model.
     self.x_val = _as_arrays(x_val)
     self.y_val = np.asarray(y_val)
-    n = batching.num_samples(list(self.x_val.values()) if isinstance(self.x_val, dict)
-                             else self.x_val) if len(self.x_val) else 0
+    n = _count(self.x_val)
     if n != len(self.y_val) or n == 0:
       raise InvalidInputError(
           "Expected x_val and y_val with the same, non-zero number of samples. "

@@ -98,7 +98,7 @@ def _general(parser) -> None:
                      help="show full tracebacks instead of one-line errors")
 
 
-RANGE_FORMS = ("--input_range=LO,HI for every input (e.g. --input_range=-1,1), or "
+_RANGE_FORMS = ("--input_range=LO,HI for every input (e.g. --input_range=-1,1), or "
                "NAME=LO,HI per input (e.g. --input_range image=0,1 --input_range table=-3,3, "
                "or 'image=0,1;table=-3,3')")
 
@@ -134,7 +134,7 @@ def _parse_range(items):
       low, high = float(numbers[0]), float(numbers[1])
     except ValueError:
       raise InvalidInputError(
-          f"Expected {RANGE_FORMS}: two numbers LO < HI. Received: --input_range {part!r}"
+          f"Expected {_RANGE_FORMS}: two numbers LO < HI. Received: --input_range {part!r}"
       ) from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
       raise InvalidInputError(
@@ -149,7 +149,7 @@ def _parse_range(items):
       named[name.strip()] = (low, high)
   if len(every) > 1 or (every and named):
     raise InvalidInputError(
-        f"Expected {RANGE_FORMS}, not both forms or LO,HI twice. Received: --input_range "
+        f"Expected {_RANGE_FORMS}, not both forms or LO,HI twice. Received: --input_range "
         f"{'; '.join(parts)!r}")
   return every[0] if every else named
 
