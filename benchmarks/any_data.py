@@ -1,6 +1,6 @@
 """Non-classifier Keras models and real inputs for them (issue 31: any Keras model, not only classifiers).
 
-Four small models are trained here on real data (seeded: two seeds give two
+Five small models are trained here on real data (seeded: two seeds give two
 independently initialized and shuffled copies trained on the same data) and
 cached under ``KERAS_MPQ_ANY_CACHE`` (default ``/tmp/keras_mpq_any``), never
 in the repository. Three pretrained non-classifiers from ``../shared/models``
@@ -8,7 +8,8 @@ are used as a user would bring them. Each entry point returns a `Task`, a
 5-tuple ``(model, x_pool, x_test, y_test, metric_fn)``:
 
 * ``model``: the float tf_keras model (``compile=False`` on reload);
-* ``x_pool``: real inputs to calibrate with (training split or held apart);
+* ``x_pool``: real inputs to calibrate with (training split or held apart):
+  an array, or for a model with several inputs a dict by input name;
 * ``x_test``, ``y_test``: held-out real inputs and what the metric compares
   with (labels, masks, targets; for the pretrained files: the float model's
   own outputs on ``x_test``);
@@ -56,10 +57,18 @@ Trained here
    the box is not constant, every digit is shifted by a random (dy, dx) in
    [-4, 4] (zero fill; fixed data seeds). Metrics: class accuracy, mean
    absolute box error (in units of the image side), mean box IoU.
+5. `two_input` (``two_input``): a classifier with two inputs, ``image`` (the
+   28x28x1 MNIST digit in [0, 1]: Conv2D/MaxPool twice) and ``table`` (56
+   numbers derived from the same image: its 28 row and 28 column ink sums,
+   0..28, read through a ``Rescaling(1/28)`` layer, then a Dense layer); the
+   two branches are concatenated, then Dense(64) and a 10-way softmax; 6
+   epochs. Its inputs ``x`` are a dict by input name (`take` and
+   `num_samples` slice and count them). Metric: accuracy on the 2,000 test
+   images.
 
 Pretrained (``../shared/models``, not trained here)
 ----------------------------------------------------
-5. ``anomaly_detection`` (MLPerf-Tiny AD autoencoder, 5x128x1 log-mel frames
+6. ``anomaly_detection`` (MLPerf-Tiny AD autoencoder, 5x128x1 log-mel frames
    of ToyADMOS toy cars, as MLTK trained it). No machine sounds here; the real
    source is speech: sentences spoken by espeak-ng (several voices, speeds,
    pitches), resampled to 16 kHz, peak-normalized to full scale plus Gaussian
@@ -112,7 +121,7 @@ Pretrained (``../shared/models``, not trained here)
    mean(float score) and the output error ratio rms(out - float out) /
    rms(float out - x) (quantization error relative to float's own
    reconstruction error).
-6. ``autoencoder_example`` (MLTK's example: a Dense autoencoder over 140-sample
+7. ``autoencoder_example`` (MLTK's example: a Dense autoencoder over 140-sample
    ECG-like beats, sigmoid output, nested Sequential encoder/decoder). **No
    real source here**: inputs are synthetic heartbeats (P, Q, R, S, T waves as
    Gaussians with random timing, width and height, a random baseline wander
@@ -123,7 +132,7 @@ Pretrained (``../shared/models``, not trained here)
    varies (std over inputs 0.008), so its relative reconstruction error is
    2.3 and its anomaly score follows the input alone. Metrics as for 5 (the
    error ratio is the informative one here).
-7. ``fingerprint_signature_generator`` (180x180x1 -> 16). **No real source
+8. ``fingerprint_signature_generator`` (180x180x1 -> 16). **No real source
    here**: inputs are synthetic fingerprints: dark ridges (period 8..11 px,
    the ridge spacing of a 500 dpi scan) on a white background, concentric
    loops around a random core warped by a smooth random field, inside an
@@ -166,11 +175,11 @@ VERSION = 1
 TRAIN_SPLIT = 8000
 SAMPLE_RATE = 16000
 
-TRAINED = ("conv_autoencoder", "mask_net", "regression_mlp", "two_head")
+TRAINED = ("conv_autoencoder", "mask_net", "regression_mlp", "two_head", "two_input")
 SHARED = ("anomaly_detection", "autoencoder_example", "fingerprint_signature_generator")
 ALL = TRAINED + SHARED
 HEADLINE = {"conv_autoencoder": "ROC AUC", "mask_net": "IoU", "regression_mlp": "R2",
-            "two_head": "accuracy", "anomaly_detection": "score corr",
+            "two_head": "accuracy", "two_input": "accuracy", "anomaly_detection": "score corr",
             "autoencoder_example": "score corr", "fingerprint_signature_generator": "output corr"}
 # Whether a higher headline is better (all are).
 HIGHER_IS_BETTER = {name: True for name in ALL}
@@ -184,8 +193,8 @@ BOX_THRESHOLD = 0.3
 
 class Task(NamedTuple):
   model: object
-  x_pool: np.ndarray
-  x_test: np.ndarray
+  x_pool: object  # an array, or for a model with several inputs a dict by input name
+  x_test: object
   y_test: object
   metric_fn: Callable
 
@@ -285,6 +294,24 @@ def predict(model, x, batch_size: int = 256, names=None):
 
 def _take(a, idx):
   return a if idx is None else np.asarray(a)[idx]
+
+
+def take(x, idx):
+  """``x[idx]`` of inputs ``x``: one array, or a dict by input name (a dict back)."""
+  if isinstance(x, dict):
+    return {k: np.asarray(v)[idx] for k, v in x.items()}
+  return np.asarray(x)[idx]
+
+
+def num_samples(x) -> int:
+  """How many samples inputs ``x`` (one array, or a dict by input name) hold."""
+  return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def value_range(x) -> Tuple[float, float]:
+  """(min, max) over inputs ``x``: one array, or every array of a dict by input name."""
+  arrays = list(x.values()) if isinstance(x, dict) else [x]
+  return (float(min(np.min(a) for a in arrays)), float(max(np.max(a) for a in arrays)))
 
 
 def _as_dict(pred, names) -> Dict[str, np.ndarray]:
@@ -530,6 +557,54 @@ def two_head(seed: int = 0) -> Task:
 
   model = _trained("two_head", seed, build, fit, lambda m: metric(predict(m, xs_te)))
   return Task(model, xs_tr, xs_te, y_test, metric)
+
+
+# --------------------------------------------------------------------------- 5. two inputs
+
+
+def ink_table(x: np.ndarray) -> np.ndarray:
+  """Each image's 28 row and 28 column ink sums (0..28), float32 (n, 56)."""
+  return np.concatenate([x[..., 0].sum(axis=2), x[..., 0].sum(axis=1)], axis=1).astype(
+      np.float32)
+
+
+def _accuracy_metric(labels):
+  def metric(pred, idx=None):
+    y = _take(labels, idx)
+    return {"accuracy": float(np.mean(np.asarray(pred).reshape(len(y), -1).argmax(1) == y))}
+  return metric
+
+
+def two_input(seed: int = 0) -> Task:
+  """A two-input MNIST classifier: ``image`` (28x28x1) and ``table`` (its 56 ink sums)."""
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  layers = keras.layers
+  x_tr, y_tr, x_te, y_te = _split()
+  train = {"image": x_tr, "table": ink_table(x_tr)}
+  test = {"image": x_te, "table": ink_table(x_te)}
+  metric = _accuracy_metric(y_te)
+
+  def build(seed):
+    image = keras.Input((28, 28, 1), name="image")
+    table = keras.Input((56,), name="table")
+    h = layers.Conv2D(8, 3, activation="relu", name="conv1")(image)
+    h = layers.MaxPooling2D(2)(h)
+    h = layers.Conv2D(16, 3, activation="relu", name="conv2")(h)
+    h = layers.MaxPooling2D(2)(h)
+    h = layers.Flatten()(h)
+    g = layers.Rescaling(1 / 28, name="table_scale")(table)
+    g = layers.Dense(32, activation="relu", name="table_fc")(g)
+    h = layers.Concatenate()([h, g])
+    h = layers.Dense(64, activation="relu", name="fc")(h)
+    out = layers.Dense(10, activation="softmax", name="class")(h)
+    return keras.Model([image, table], out, name=f"two_input_s{seed}")
+
+  def fit(model, seed):
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+    model.fit(train, y_tr, batch_size=128, epochs=6, shuffle=True, verbose=0)
+
+  model = _trained("two_input", seed, build, fit, lambda m: metric(predict(m, test)))
+  return Task(model, train, test, y_te, metric)
 
 
 # --------------------------------------------------------------------------- pretrained: metrics vs float
@@ -827,7 +902,8 @@ def fingerprint_signature_generator(n_pool: int = 100, n_test: int = 100) -> Tas
 # --------------------------------------------------------------------------- dispatch
 
 _TRAINED_FNS = {"conv_autoencoder": conv_autoencoder, "mask_net": mask_net,
-                "regression_mlp": regression_mlp, "two_head": two_head}
+                "regression_mlp": regression_mlp, "two_head": two_head,
+                "two_input": two_input}
 _SHARED_FNS = {"anomaly_detection": anomaly_detection,
                "autoencoder_example": autoencoder_example,
                "fingerprint_signature_generator": fingerprint_signature_generator}
@@ -842,6 +918,9 @@ HOW = {
                       "standardized outside the model, raw target",
     "two_head": "CNN trained here (10 epochs) on MNIST shifted +-4 px: class softmax + box "
                 "sigmoid; test: last 2,000 shifted",
+    "two_input": "CNN + MLP trained here (6 epochs) on MNIST with two inputs: the image and "
+                 "a table of its 56 row/column ink sums (0..28, through Rescaling(1/28)); "
+                 "test: last 2,000",
     "anomaly_detection": "pretrained; espeak-ng speech, MLPerf-Tiny log-mel (64/32 ms, 128 "
                          "mels, dB), x = 3*dB + 220; compared with float",
     "autoencoder_example": "pretrained; synthetic ECG-like beats in [0, 1] (no real source); "
@@ -875,7 +954,7 @@ def task(name: str, seed: int = 0) -> Task:
 def why_unavailable(name: str) -> Optional[str]:
   """None when `task(name)` can run here, else the reason."""
   import shutil  # pylint: disable=g-import-not-at-top
-  if name in ("conv_autoencoder", "mask_net", "two_head") and not (
+  if name in ("conv_autoencoder", "mask_net", "two_head", "two_input") and not (
       mnist_dir() / "t10k-images-idx3-ubyte.gz").exists():
     return f"MNIST not found in {mnist_dir()}"
   if name in SHARED and not (models_dir() / f"{name}.h5").exists():
@@ -904,9 +983,10 @@ def main(argv=None):
       t = task(name, seed or 0)
       m = t.metric_fn(predict(t.model, t.x_test))
       took = info(name, seed).get("train_seconds") if seed is not None else None
+      low, high = value_range(t.x_test)
       print(f"{name} seed {seed}: {json.dumps({k: round(v, 4) for k, v in m.items()})}; "
-            f"pool {t.x_pool.shape} test {t.x_test.shape} x in [{t.x_test.min():.3g}, "
-            f"{t.x_test.max():.3g}]; trained in {took} s; {time.perf_counter() - start:.1f} s",
+            f"pool {num_samples(t.x_pool)} test {num_samples(t.x_test)} x in [{low:.3g}, "
+            f"{high:.3g}]; trained in {took} s; {time.perf_counter() - start:.1f} s",
             flush=True)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.compat import keras, tf, tfmot
 from keras_mpq.base.errors import InvalidInputError, MissingDependencyError
 from keras_mpq.base.types import SensitivityTable, check_weight_bits
+from keras_mpq.model import inputs as inputs_lib
 from keras_mpq.quantization import access as access_lib
 from keras_mpq.quantization import calibrate as calibrate_lib
 from keras_mpq.quantization import configs as configs_lib
@@ -182,6 +183,27 @@ class FreezeBatchNorm(keras.callbacks.Callback):
 # --------------------------------------------------------------------------- export
 
 
+def _as_arrays(x):
+  """Inputs as numpy arrays: one array, a list per input, or a dict by input name."""
+  if isinstance(x, Mapping):
+    return {str(k): np.asarray(v) for k, v in x.items()}
+  return batching.map_inputs(np.asarray, x)
+
+
+def _count(x) -> int:
+  """How many samples `_as_arrays` inputs hold (a dict: its first input's; all are checked at fit)."""
+  if isinstance(x, dict):
+    return len(next(iter(x.values()))) if x else 0
+  return batching.num_samples(x)
+
+
+def _first(x, n: int):
+  """The first ``n`` samples of `_as_arrays` inputs (a dict stays a dict)."""
+  if isinstance(x, dict):
+    return {k: v[:n] for k, v in x.items()}
+  return batching.take(x, slice(0, n))
+
+
 class ExportAndValidate(keras.callbacks.Callback):
   """Exports the model being fine-tuned to TFLite and measures it, every N epochs.
 
@@ -195,44 +217,51 @@ class ExportAndValidate(keras.callbacks.Callback):
 
   Args:
     path: the ``.tflite`` file to write; may contain ``{epoch}`` (1-based).
-    x_val, y_val: validation inputs and integer labels.
+    x_val, y_val: validation inputs and integer labels. For a model with
+      several inputs, ``x_val`` is a list in the model's input order or a
+      dict keyed by its Keras input names (matched when ``fit`` starts,
+      `keras_mpq.model.inputs.check_inputs`).
     target: export target, as `keras_mpq.export.exporter.export_tflite` takes it.
-    calibration_data: inputs for the exporter's activation calibration
-      (defaults to the first 256 of ``x_val``).
+    calibration_data: inputs for the exporter's activation calibration, in
+      the same forms (defaults to the first 256 of ``x_val``).
     every_n_epochs: export after every N-th epoch.
 
   Example:
 
   >>> qmodel.fit(x, y, epochs=2, callbacks=[
   ...     ExportAndValidate("m_{epoch}.tflite", x_val, y_val, target="mobile")])  # doctest: +SKIP
+  >>> ExportAndValidate("two_{epoch}.tflite", {"image": images, "table": rows},
+  ...                   y_val, target="mcu")  # doctest: +SKIP
   """
 
   def __init__(self, path, x_val, y_val, target: str = "mobile", calibration_data=None,
                every_n_epochs: int = 1):
     super().__init__()
     self.path = os.fspath(path)
-    if isinstance(x_val, dict) or isinstance(calibration_data, dict):
-      raise InvalidInputError(
-          "Expected x_val (and calibration_data) as an array, or for a model with several "
-          "inputs a list in the model's input order. Received: a dict; pass "
-          "[x_val[name] for name in model.input_names].")
-    self.x_val = batching.map_inputs(np.asarray, x_val)  # a list per input for several
+    # A list per input for several; a dict by input name until fit gives the model.
+    self.x_val = _as_arrays(x_val)
     self.y_val = np.asarray(y_val)
-    n = batching.num_samples(self.x_val)
+    n = _count(self.x_val)
     if n != len(self.y_val) or n == 0:
       raise InvalidInputError(
           "Expected x_val and y_val with the same, non-zero number of samples. "
           f"Received: {n} inputs, {len(self.y_val)} labels.")
     self.target = target
-    self.calibration_data = (batching.take(self.x_val, slice(0, 256)) if calibration_data is None
-                             else batching.map_inputs(np.asarray, calibration_data))
+    self.calibration_data = (_as_arrays(calibration_data) if calibration_data is not None
+                             else _first(self.x_val, 256))
     self.every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs")
     self.results: List[Tuple[int, float, int, str]] = []
 
   def on_train_begin(self, logs=None):
-    # Fail at the start of fit, not after the first epoch, if a module is missing.
+    # Fail at the start of fit, not after the first epoch, if a module is missing
+    # or a dict of inputs does not match the model's input names.
     _lazy_import("export.exporter", "ExportAndValidate")
     _lazy_import("validate", "ExportAndValidate")
+    if isinstance(self.x_val, dict):
+      self.x_val = inputs_lib.check_inputs(self.model, self.x_val, "x_val")
+    if isinstance(self.calibration_data, dict):
+      self.calibration_data = inputs_lib.check_inputs(self.model, self.calibration_data,
+                                                      "calibration_data")
 
   def on_epoch_end(self, epoch, logs=None):
     if (epoch + 1) % self.every_n_epochs:

@@ -17,7 +17,7 @@ one global flag namespace (every command would list every flag), its
 ``-h``. To add a flag, add one ``add_argument`` line to the command's group
 in `build_parser` and read it as ``args.NAME`` in the command's function:
 
-    data.add_argument("--input_range", metavar="LO,HI", help="...")
+    data.add_argument("--ram", metavar="SIZE", help="...")
 
 >>> build_parser().parse_args(["inspect", "m.tflite"]).plan is None
 True
@@ -98,20 +98,81 @@ def _general(parser) -> None:
                      help="show full tracebacks instead of one-line errors")
 
 
-def _parse_range(text):
-  """``"lo,hi"`` -> ``(lo, hi)``; None stays None (quantize checks the values)."""
+_RANGE_FORMS = ("--input_range=LO,HI for every input (e.g. --input_range=-1,1), or "
+               "NAME=LO,HI per input (e.g. --input_range image=0,1 --input_range table=-3,3, "
+               "or 'image=0,1;table=-3,3')")
+
+
+def _parse_range(items):
+  """``--input_range`` values -> None, one ``(lo, hi)`` for every input, or ``{name: (lo, hi)}``.
+
+  Each value is ``LO,HI`` or ``NAME=LO,HI``; several may share one value,
+  separated by ``;``. Bad numbers, LO >= HI, a name given twice or both
+  forms at once raise `InvalidInputError` (the names are checked against
+  the model in `_check_range_names`).
+
+  >>> _parse_range(["-1,1"])
+  (-1.0, 1.0)
+  >>> _parse_range(["image=0,1", "table=-3,3"]) == _parse_range(["image=0,1;table=-3,3"])
+  True
+  >>> _parse_range(["image=0,1;table=-3,3"])
+  {'image': (0.0, 1.0), 'table': (-3.0, 3.0)}
+  """
+  import math  # pylint: disable=g-import-not-at-top
+
   from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
-  if text is None:
+  parts = [part.strip() for item in items or [] for part in item.split(";") if part.strip()]
+  if not parts:
     return None
-  parts = text.split(",")
-  try:
-    if len(parts) != 2:
-      raise ValueError
-    return float(parts[0]), float(parts[1])
-  except ValueError:
+  every, named = [], {}
+  for part in parts:
+    name, sep, pair = part.rpartition("=")
+    numbers = pair.split(",")
+    try:
+      if len(numbers) != 2 or (sep and not name.strip()):
+        raise ValueError
+      low, high = float(numbers[0]), float(numbers[1])
+    except ValueError:
+      raise InvalidInputError(
+          f"Expected {_RANGE_FORMS}: two numbers LO < HI. Received: --input_range {part!r}"
+      ) from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+      raise InvalidInputError(
+          f"Expected --input_range with two finite numbers LO < HI. Received: "
+          f"--input_range {part!r} (LO {low:g}, HI {high:g})")
+    if not sep:
+      every.append((low, high))
+    elif name.strip() in named:
+      raise InvalidInputError(
+          f"Expected each input's --input_range once. Received: {name.strip()!r} twice")
+    else:
+      named[name.strip()] = (low, high)
+  if len(every) > 1 or (every and named):
     raise InvalidInputError(
-        f"Expected --input_range=LO,HI with two numbers, e.g. -1,1. Received: {text!r}"
-    ) from None
+        f"Expected {_RANGE_FORMS}, not both forms or LO,HI twice. Received: --input_range "
+        f"{'; '.join(parts)!r}")
+  return every[0] if every else named
+
+
+def _check_range_names(input_range, model):
+  """``input_range`` from `_parse_range` checked against ``model``'s input names.
+
+  A dict naming an input the model does not have raises `InvalidInputError`
+  listing the model's inputs; for a model with one input, its one named
+  range comes back as ``(lo, hi)``.
+  """
+  from keras_mpq.base.errors import InvalidInputError  # pylint: disable=g-import-not-at-top
+  from keras_mpq.model import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(input_range, dict):
+    return input_range
+  names = inputs_lib.input_names(model)
+  unknown = [n for n in input_range if n not in names]
+  if unknown:
+    raise InvalidInputError(
+        f"Expected --input_range NAME=LO,HI with NAME one of the model's inputs {names}. "
+        f"Received: {', '.join(repr(n) for n in unknown)}. Model {model.name!r} takes "
+        f"{inputs_lib.describe(model)}.")
+  return input_range[names[0]] if len(names) == 1 else input_range
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic samples (default: 256, fewer for large models; up to "
                     "1024 where the budget forces layers below 3 bits, for images 256 "
                     "synthesized and shifted copies of them)")
-  data.add_argument("--input_range", metavar="LO,HI",
-                    help="the model's valid input range, e.g. -1,1 or 0,255, for every input "
-                    "(default: each input's, read off its Rescaling/Normalization layer, "
-                    "else estimated from its first BatchNorm's statistics, else 0,1; the "
-                    "last two assumed)")
+  data.add_argument("--input_range", action="append", default=[], metavar="[NAME=]LO,HI",
+                    help="the model's valid input range, e.g. --input_range=-1,1 or 0,255, for "
+                    "every input; or one input's, NAME=LO,HI, the flag once per input (e.g. "
+                    "--input_range image=0,1 --input_range table=-3,3, or "
+                    "'image=0,1;table=-3,3') (default: each input's, read off its "
+                    "Rescaling/Normalization layer, else estimated from its first "
+                    "BatchNorm's statistics, else 0,1; the last two assumed)")
   data.add_argument("--range_policy", default=None, choices=list(choices_lib.values(choices_lib.RangePolicy)),
                     help="activation ranges from the calibration data (default: minmax)")
   data.add_argument("--tune_steps", type=int, default=None, metavar="N",
@@ -398,14 +461,19 @@ def cmd_quantize(args) -> int:
     raise InvalidInputError(f"Expected --bits as integers, e.g. 2,4,8. "
                             f"Received: {','.join(args.bits)}") from None
   pins = _parse_pins(args.pin)
+  input_range = _parse_range(args.input_range)
+  model = args.model
+  if isinstance(input_range, dict):  # named ranges: check the names before anything slow
+    model = keras_mpq.load_model(args.model)
+    input_range = _check_range_names(input_range, model)
   with _output_dir(args.out) as out:
     data = load_data(args.data) if args.data else None
     # Read the evaluation data now: a bad file should fail before the long run.
     metric = _parse_metric(args.eval_metric)
     eval_data = load_data(args.eval_data) if args.eval_data else None
-    model = args.model
     if eval_data is not None and eval_data[1] is None and metric is None:
-      model = keras_mpq.load_model(args.model)  # a classifier's accuracy needs labels
+      if isinstance(model, str):
+        model = keras_mpq.load_model(args.model)  # a classifier's accuracy needs labels
       if keras_mpq.heads_of(model).classifier:
         eval_data = load_data(args.eval_data, need_labels=True)
     if data is not None and data[1] is None:
@@ -418,7 +486,7 @@ def cmd_quantize(args) -> int:
         synthesis=args.synthesis, num_samples=args.samples, rounds=args.rounds,
         pinned=pins, seed=args.seed, progress=args.progress,
         cache_dir=(out / "cache") if args.cache else None,
-        input_range=_parse_range(args.input_range), ram=_parse_ram(args.ram),
+        input_range=input_range, ram=_parse_ram(args.ram),
         range_policy=args.range_policy, tune_steps=args.tune_steps,
         output_kinds=_parse_kinds(args.output_kinds))
     start = time.perf_counter()

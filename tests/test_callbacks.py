@@ -279,9 +279,53 @@ def test_sensitivity_monitor_checks_arguments():
     callbacks_lib.SensitivityMonitor(metric="weight_mse", bits=(1, 4))
 
 
-def test_export_and_validate_takes_a_list_of_inputs_and_refuses_a_dict():
-  x = [np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)]
-  callback = callbacks_lib.ExportAndValidate("m.tflite", x, np.zeros(4, np.int64))
-  assert [a.shape for a in callback.calibration_data] == [(4, 3), (4, 2)]
-  with pytest.raises(InvalidInputError, match="list in the model's input order"):
-    callbacks_lib.ExportAndValidate("m.tflite", {"a": x[0], "b": x[1]}, np.zeros(4, np.int64))
+def _two_inputs(n=64, seed=0):
+  """A two-input model (``image``, ``table``) and seeded data whose label needs both inputs."""
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(0, 1, (n, 8, 8, 1)).astype(np.float32)
+  table = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+  y = (image.mean(axis=(1, 2, 3)) + table[:, 0] > 1.0).astype(np.int64)
+  keras.utils.set_random_seed(seed)
+  a, b = keras.Input((8, 8, 1), name="image"), keras.Input((3,), name="table")
+  h = L.Flatten()(L.Conv2D(4, 3, activation="relu", name="conv")(a))
+  h = L.Concatenate()([h, L.Dense(4, activation="relu", name="fb")(b)])
+  return keras.Model([a, b], L.Dense(2, name="fc")(h)), image, table, y
+
+
+def test_export_and_validate_takes_a_list_or_a_dict_of_inputs():
+  x = [np.zeros((300, 3), np.float32), np.zeros((300, 2), np.float32)]
+  callback = callbacks_lib.ExportAndValidate("m.tflite", x, np.zeros(300, np.int64))
+  assert [a.shape for a in callback.calibration_data] == [(256, 3), (256, 2)]
+  by_name = callbacks_lib.ExportAndValidate("m.tflite", {"b": x[1], "a": x[0]},
+                                            np.zeros(300, np.int64))
+  assert {k: v.shape for k, v in by_name.calibration_data.items()} == {"a": (256, 3),
+                                                                        "b": (256, 2)}
+  with pytest.raises(InvalidInputError, match="same, non-zero number"):
+    callbacks_lib.ExportAndValidate("m.tflite", {"a": x[0], "b": x[1]}, np.zeros(5, np.int64))
+
+
+@pytest.mark.skipif(not (_have("keras_mpq.export.exporter") and _have("keras_mpq.export.runtime")),
+                    reason="keras_mpq.export.exporter / keras_mpq.export.runtime not available")
+def test_export_and_validate_matches_a_dict_by_input_name(tmp_path):
+  from keras_mpq import validate as validate_lib  # pylint: disable=g-import-not-at-top
+  model, image, table, y = _two_inputs()
+  qmodel = apply_lib.apply_plan(model, QuantizationPlan.uniform(access_lib.plan_layers(model), 8),
+                                [image[:32], table[:32]])
+  qmodel.compile(keras.optimizers.Adam(1e-3),
+                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  path = str(tmp_path / "two_{epoch}.tflite")
+  # not the model's order, for the exporter's calibration as well as for validation
+  cb = callbacks_lib.ExportAndValidate(path, {"table": table, "image": image}, y,
+                                       target="mcu",
+                                       calibration_data={"table": table[:32], "image": image[:32]})
+  history = qmodel.fit([image, table], y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+  (epoch, accuracy, size, written), = cb.results
+  assert epoch == 1 and written == str(tmp_path / "two_1.tflite")
+  assert history.history["tflite_bytes"] == [size] and size > 0
+  listed = validate_lib.validate_tflite(written, [image, table], y, runtime="tflm")
+  assert history.history["tflite_accuracy"] == [accuracy] == [listed.accuracy]
+  assert [a.shape for a in cb.x_val] == [image.shape, table.shape]  # in the model's order
+  np.testing.assert_array_equal(cb.calibration_data[1], table[:32])
+  bad = callbacks_lib.ExportAndValidate(path, {"tabel": table, "image": image}, y, target="mcu")
+  with pytest.raises(InvalidInputError, match=r"x_val.*\['image', 'table'\].*unknown \['tabel'\]"):
+    qmodel.fit([image, table], y, epochs=1, verbose=0, callbacks=[bad])

@@ -221,3 +221,110 @@ def test_load_data_reads_one_array_per_input_by_name(tmp_path):
   np.savez(path, inputs=image)
   with pytest.raises(InvalidInputError, match="'x_NAME' per input"):
     cli_lib.load_data(str(path))
+
+
+# --------------------------------------------------------------------------- --input_range
+
+
+@pytest.mark.parametrize("values,expected", [
+    ([], None),
+    (["-1,1"], (-1.0, 1.0)),
+    (["image=0,1", "table=-3,3"], {"image": (0.0, 1.0), "table": (-3.0, 3.0)}),
+    (["image=0,1;table=-3,3"], {"image": (0.0, 1.0), "table": (-3.0, 3.0)}),
+    (["table=-3,3"], {"table": (-3.0, 3.0)}),  # the other inputs keep their defaults
+])
+def test_input_range_flag_forms(values, expected):
+  assert cli_lib._parse_range(values) == expected  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("values,match", [
+    (["table=3"], r"NAME=LO,HI per input.*Received: --input_range 'table=3'"),
+    (["table=a,b"], r"two numbers LO < HI.*'table=a,b'"),
+    (["=0,1"], r"Received: --input_range '=0,1'"),
+    (["table=3,-3"], r"LO < HI.*'table=3,-3' \(LO 3, HI -3\)"),
+    (["1,1"], r"LO < HI.*\(LO 1, HI 1\)"),
+    (["0,inf"], "finite"),
+    (["0,1", "table=0,2"], "not both forms"),
+    (["0,1;0,2"], "not both forms or LO,HI twice"),
+    (["table=0,1", "table=0,2"], r"'table' twice"),
+])
+def test_input_range_flag_errors(values, match):
+  with pytest.raises(InvalidInputError, match=match):
+    cli_lib._parse_range(values)  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope="module")
+def two_input_files(tmp_path_factory):
+  """A small two-input classifier (``image`` 8x8x1 in [0, 1], ``table`` 4 numbers in
+  [-3, 3], no Rescaling) saved as .h5, and an .npz of inputs by name with labels."""
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp("two_inputs")
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0, 1, (96, 8, 8, 1)).astype(np.float32)
+  table = rng.uniform(-3, 3, (96, 4)).astype(np.float32)
+  y = ((image.mean(axis=(1, 2, 3)) > 0.5).astype(np.int64) + 2 * (table[:, 0] > 0))
+  keras.utils.set_random_seed(0)
+  a, b = keras.Input((8, 8, 1), name="image"), keras.Input((4,), name="table")
+  h = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="relu", name="conv")(a))
+  h = keras.layers.Concatenate()([h, keras.layers.Dense(8, activation="relu", name="fb")(b)])
+  model = keras.Model([a, b], keras.layers.Dense(4, name="fc")(h))
+  model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.fit([image, table], y, epochs=2, verbose=0)
+  model.save(d / "two.h5")
+  np.savez(d / "two.npz", x_image=image, x_table=table, y=y)
+  return d / "two.h5", d / "two.npz"
+
+
+def test_input_range_per_input_name_reaches_quantize(two_input_files, tmp_path, capsys):
+  model_path, data = two_input_files
+  out = tmp_path / "out"
+  code = cli_lib.main(["keras-mpq", "quantize", str(model_path), "--budget", "8bit",
+                       "--out", str(out), "--data", str(data), "--nocache", "--noprogress",
+                       "--input_range", "image=0,1", "--input_range", "table=-3,3"])
+  assert code == 0, capsys.readouterr().err[-3000:]
+  ranges = json.loads((out / "report.json").read_text())["input_range"]["inputs"]
+  assert [(ranges[n]["low"], ranges[n]["high"], ranges[n]["assumed"])
+          for n in ("image", "table")] == [(0.0, 1.0, False), (-3.0, 3.0, False)]
+  # without it the table's range is assumed [0, 1], and its real data is refused
+  code = cli_lib.main(["keras-mpq", "quantize", str(model_path), "--budget", "8bit",
+                       "--out", str(tmp_path / "out2"), "--data", str(data), "--nocache",
+                       "--noprogress"])
+  assert code == 2 and "data['table']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values,match", [
+    (["tabel=-3,3"], r"--input_range NAME=LO,HI with NAME one of the model's inputs "
+                     r"\['image', 'table'\]\. Received: 'tabel'"),
+    (["image=0,1;table=3"], r"Received: --input_range 'table=3'"),
+    (["table=3,-3"], r"LO < HI"),
+    (["0,1", "table=0,2"], "not both"),
+])
+def test_bad_input_range_is_one_line_exit_2_before_quantize(two_input_files, tmp_path, capsys,
+                                                           monkeypatch, values, match):
+  import keras_mpq  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("quantize ran before the bad --input_range was refused")
+
+  monkeypatch.setattr(keras_mpq, "quantize", refuse)
+  model_path, data = two_input_files
+  out = tmp_path / "new" / "out"
+  flags = [a for v in values for a in ("--input_range", v)]
+  code = cli_lib.main(["keras-mpq", "quantize", str(model_path), "--budget", "8bit",
+                       "--out", str(out), "--data", str(data), *flags])
+  err = capsys.readouterr().err
+  lines = [l for l in err.strip().splitlines() if l.startswith("keras-mpq: error:")]
+  assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+  assert re.search(match, lines[0]), lines[0]
+  assert not (tmp_path / "new").exists()  # refused before the output folder was made
+
+
+def test_a_named_input_range_of_a_one_input_model_is_its_range():
+  from keras_mpq.base.compat import keras  # pylint: disable=g-import-not-at-top
+  inp = keras.Input((3,), name="features")
+  model = keras.Model(inp, keras.layers.Dense(2)(inp))
+  check = cli_lib._check_range_names  # pylint: disable=protected-access
+  assert check({"features": (-2.0, 2.0)}, model) == (-2.0, 2.0)
+  assert check((0.0, 1.0), model) == (0.0, 1.0)
+  with pytest.raises(InvalidInputError, match=r"inputs \['features'\]\. Received: 'x'"):
+    check({"x": (0.0, 1.0)}, model)

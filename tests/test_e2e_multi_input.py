@@ -4,9 +4,10 @@ A digits classifier that takes the 8x8 image and a table of its 16 row and
 column sums (0..16, read through a Rescaling layer) as two inputs, and a
 two-input model with two outputs (the class logits and the image's mean
 intensity); trained here on scikit-learn's digits (seeded), quantized with
-real data (a list or a dict by input name) and data-free, exported for LiteRT
-and TFLite Micro, and run there with the inputs matched by name. Loose
-margins: these are regression tests, not benchmarks.
+real data (a list or a dict by input name) and data-free, exported for LiteRT,
+TFLite Micro and Ethos-U (Vela; that test skips without it), and run there
+with the inputs matched by name; and a byte budget that is the two-input
+file's size. Loose margins: these are regression tests, not benchmarks.
 """
 
 import numpy as np
@@ -16,7 +17,11 @@ from sklearn.datasets import load_digits
 import keras_mpq
 from keras_mpq.base.compat import keras
 from keras_mpq.base.errors import InvalidInputError
+from keras_mpq.base.types import QuantizationPlan
+from keras_mpq.export import reader as reader_lib
 from keras_mpq.export import runtime as runtime_lib
+from keras_mpq.export import storage as storage_lib
+from keras_mpq.plan import costs as costs_lib
 
 L = keras.layers
 TRAIN = 1300
@@ -184,3 +189,59 @@ def test_bad_inputs_are_refused_clearly(classifier, digits, tmp_path):
     keras_mpq.validate_tflite(path, {"img": image, "table": table}, y[:64])
   with pytest.raises(InvalidInputError, match="same number of samples"):
     runtime_lib.run_tflite(path, [image, table[:10]])
+
+
+def _real(x, y, n=256):
+  """The first ``n`` training rows as ``(dict by input name, labels)``."""
+  return {k: v[:n] for k, v in _split(x, "train").items()}, y[:n]
+
+
+@pytest.mark.parametrize("target,runtime", [("mobile", "auto"), ("mcu", "tflm")])
+def test_byte_budget_is_the_two_input_file(classifier, digits, tmp_path, target, runtime):
+  x, y = digits
+  test, y_test = _split(x, "test"), y[TRAIN:]
+  folded = keras_mpq.fold_batchnorm(classifier)
+  table = costs_lib.file_cost_table(folded, storage_lib.measure_storage(folded, target),
+                                    bits=(2, 4, 8))
+  high, low = (table.plan_cost(QuantizationPlan.uniform(table.layers, b), "bytes")
+               for b in (8, 2))
+  budget = int((high + low) / 2)  # below the 8-bit file: some layer must go lower
+  result = keras_mpq.quantize(classifier, f"{budget}B", target=target, seed=0, progress=False,
+                              data=_real(x, y))
+  report = result.report
+  assert report["within_budget"] and report["budget_binds"], report.get("budget_note")
+  assert report["achieved"]["bytes"] <= budget < high
+  path = tmp_path / f"budget_{target}.tflite"
+  exported = result.export(path, target=target)
+  assert exported.size == path.stat().st_size <= budget
+  checked = keras_mpq.validate_tflite(path, {"table": test["table"], "image": test["image"]},
+                                      y_test, reference=result.model, runtime=runtime)
+  print(f"two inputs, {budget} B on {target}: file {exported.size} B, plan "
+        f"{result.plan.weight_bits}, accuracy {checked.accuracy:.4f}, agreement "
+        f"{checked.agreement:.4f}")
+  assert checked.agreement >= 0.95
+
+
+def test_ethos_u_export_of_two_inputs(classifier, digits, tmp_path):
+  pytest.importorskip("ethosu.vela")
+  x, y = digits
+  test, y_test = _split(x, "test"), y[TRAIN:]
+  result = keras_mpq.quantize(classifier, "4bit", target="ethos-u", seed=0, progress=False,
+                              data=_real(x, y))
+  path = tmp_path / "two_inputs_npu.tflite"
+  exported = result.export(path, target="ethos-u")
+  assert exported.target == "ethos-u" and exported.vela["npu_op_share"] == 1.0
+  # the Vela file and its TFLite Micro companion keep the model's input order
+  for file in (path, exported.mcu_path):
+    reader = reader_lib.parse(file)
+    shapes = [reader.shape(reader.sg.Inputs(i)) for i in range(reader.sg.InputsLength())]
+    assert [s[1:] for s in shapes] == [(8, 8, 1), (16,)], file
+  with pytest.raises(InvalidInputError, match="Vela-compiled"):
+    runtime_lib.run_tflite(path, [test["image"][:2], test["table"][:2]])
+  reversed_dict = {"table": test["table"], "image": test["image"]}
+  checked = keras_mpq.validate_tflite(exported.mcu_path, reversed_dict, y_test,
+                                      reference=result.model, runtime="tflm")
+  keras_acc = _accuracy(result.model.predict(test, verbose=0), y_test)
+  print(f"two inputs 4-bit ethos-u: keras {keras_acc:.4f}, mcu file {checked.accuracy:.4f}, "
+        f"Vela {exported.vela['npu_ops']} NPU ops, {exported.size} B")
+  assert checked.agreement >= 0.97 and checked.accuracy >= keras_acc - 0.03

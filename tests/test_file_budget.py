@@ -66,30 +66,50 @@ def test_storage_rules_per_target():
       1008 + 4 * 10 + 8 + (4 + 4) * 10 + 8
 
 
+def _two_inputs(seed=0):
+  """A conv branch on ``image`` and a Dense branch on ``table``, joined: three weight layers."""
+  set_global_seed(seed)
+  image, table = keras.Input((8, 8, 2), name="image"), keras.Input((6,), name="table")
+  h = keras.layers.Flatten(name="flat")(keras.layers.Conv2D(16, 3, activation="relu",
+                                                            name="conv")(image))
+  g = keras.layers.Dense(8, activation="relu", name="fb")(table)
+  model = keras.Model([image, table], keras.layers.Dense(10, name="fc")(
+      keras.layers.Concatenate(name="join")([h, g])))
+  rng = np.random.default_rng(seed)
+  model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+  x = [rng.normal(0, 1, (32, 8, 8, 2)).astype(np.float32),
+       rng.normal(0, 1, (32, 6)).astype(np.float32)]
+  return model, x
+
+
+@pytest.mark.parametrize("inputs", ["one", "two"])
 @pytest.mark.parametrize("target", ["mobile", "mcu"])
-def test_predicted_file_bytes_equal_written(tmp_path, conv_dense, target):
-  model, x = conv_dense
+def test_predicted_file_bytes_equal_written(tmp_path, conv_dense, target, inputs):
+  model, x = conv_dense if inputs == "one" else _two_inputs()
   profile = storage_lib.measure_storage(model, target)
   table = costs_lib.file_cost_table(model, profile, bits=(2, 4, 8))
   assert table.target == target and table.fixed_bytes > 0
-  for bits in ((4, 8), (2, 4), (8, 2)):
-    plan = QuantizationPlan({"conv": bits[0], "fc": bits[1]})
+  layers = list(table.layers)
+  assert layers == (["conv", "fc"] if inputs == "one" else ["conv", "fb", "fc"])
+  for bits in ((4, 8, 2), (2, 4, 8), (8, 2, 4)):
+    plan = QuantizationPlan(dict(zip(layers, bits)))
     r = exporter_lib.export_tflite(model, tmp_path / "m.tflite", plan, target, x,
                                  deployment=False)
     predicted = table.plan_cost(plan, "bytes")
     rebuilt = any(export_recipe_lib.decide(name, op, b, 8, target).unpack_int8
                   or export_recipe_lib.decide(name, op, b, 8, target).repack_int4
-                  for name, b in (("conv", bits[0]), ("fc", bits[1]))
+                  for name, b in plan.weight_bits.items()
                   for op in ("CONV_2D", "FULLY_CONNECTED"))
     if rebuilt:  # the model editor's rebuild is charged as an upper bound
       assert predicted - storage_lib.REPACK_ALLOWANCE <= r.size <= predicted, (target, bits)
-    elif target == "mobile" and min(bits) < 8:  # int4 buffers: an upper bound too
-      assert predicted - 2 * 2 * storage_lib.BUFFER_ALIGNMENT <= r.size <= predicted, (target, bits)
+    elif target == "mobile" and min(plan.weight_bits.values()) < 8:  # int4 buffers: an upper bound too
+      slack = 2 * len(layers) * storage_lib.BUFFER_ALIGNMENT
+      assert predicted - slack <= r.size <= predicted, (target, bits)
     else:
       assert r.size == pytest.approx(predicted, abs=1), (target, bits)
   # the fixed part is what the table's rows do not account for
-  plan8 = QuantizationPlan({"conv": 8, "fc": 8})
-  own = table.layer_bytes("conv", 8) + table.layer_bytes("fc", 8)
+  plan8 = QuantizationPlan.uniform(layers, 8)
+  own = sum(table.layer_bytes(name, 8) for name in layers)
   assert table.plan_cost(plan8, "bytes") == pytest.approx(own + table.fixed_bytes)
 
 

@@ -87,3 +87,23 @@ def test_batching_slices_counts_and_joins_one_array_or_a_list_alike():
   picked = batching.take(x, np.array([4, 0]))
   np.testing.assert_array_equal(picked[0], image[[4, 0]])
   assert batching.as_list(image)[0] is image and batching.map_inputs(len, x) == [5, 5]
+
+
+def test_by_name_is_the_one_dict_rule_for_models_and_files():
+  assert inputs_lib.by_name({"table": 2, "image": 1}, ["image", "table"]) == [1, 2]
+  with pytest.raises(InvalidInputError, match=r"Expected rows as a dict keyed by the file's "
+                                               r"input names \['image', 'table'\]\. Received: "
+                                               r"keys \['img', 'table'\]; unknown \['img'\]; "
+                                               r"missing \['image'\]\. Try again\.$"):
+    inputs_lib.by_name({"img": 1, "table": 2}, ["image", "table"], "rows", "the file's",
+                       "Try again.")
+  # the model's and the file's matching both go through it: the same wording
+  from keras_mpq.export import feed as feed_lib  # pylint: disable=g-import-not-at-top
+  model = _two_inputs()
+  image, table = _x()
+  for call in (lambda x: inputs_lib.order_inputs(model, x, "x"),
+               lambda x: feed_lib.match_inputs(x, ["image", "table"])):
+    np.testing.assert_array_equal(call({"table": table, "image": image})[1], table)
+    with pytest.raises(InvalidInputError, match=r"keys \['tabel', 'image'\]; unknown "
+                                                 r"\['tabel'\]; missing \['table'\]"):
+      call({"tabel": table, "image": image})

@@ -183,6 +183,9 @@ def no_synthesis(monkeypatch):
     (["--budget", "10B"], r"at least \d"),
     (["--eval_data", "UNLABELED"], "no labels"),
     (["--eval_data", "MISSING"], "not found"),
+    (["--input_range", "image=0,1"], r"NAME one of the model's inputs \['\w+'\]"),
+    (["--input_range=0,1;-1,1"], "LO,HI twice"),
+    (["--input_range=1,0"], "LO < HI"),
 ])
 def test_quantize_refuses_bad_settings_before_synthesis(files, tmp_path, no_synthesis, extra,
                                                         match):

@@ -19,6 +19,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 
 from keras_mpq.base.errors import InvalidInputError
 from keras_mpq.export import reader as reader_lib
+from keras_mpq.model import inputs as inputs_lib
 
 
 def file_input_names(data: bytes) -> List[str]:
@@ -63,15 +64,7 @@ def match_inputs(x, file_names: Sequence[str],
             "matched by name. Pass a list, or the model (reference=) whose input names "
             "it keeps the order of.")
       names = list(model_names)
-    given = [str(k) for k in x]
-    unknown = sorted(set(given) - set(names))
-    missing = [k for k in names if k not in given]
-    if unknown or missing:
-      raise InvalidInputError(
-          f"Expected x as a dict keyed by the file's input names {names}. Received: keys "
-          f"{given}" + (f"; unknown {unknown}" if unknown else "")
-          + (f"; missing {missing}" if missing else "") + ".")
-    return [x[k] for k in names]
+    return inputs_lib.by_name(x, names, "x", "the file's")
   if not isinstance(x, (list, tuple)) or len(x) != n:
     got = (f"{len(x)} arrays" if isinstance(x, (list, tuple))
            else f"one {type(x).__name__}")

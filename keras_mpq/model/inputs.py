@@ -19,7 +19,7 @@ For a model with several inputs, ``x`` is a list (or tuple) in
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -79,24 +79,43 @@ def _check_one(x, shape, what: str, model, name: str, several: bool) -> np.ndarr
   return x
 
 
+def by_name(x: Mapping, names: Sequence[str], what: str = "x", whose: str = "the model's",
+            hint: str = "") -> List[Any]:
+  """The values of the dict ``x`` in the order of ``names``; refuses unknown or missing keys.
+
+  The one rule for inputs given as a dict by input name, for a Keras model
+  (`order_inputs`) and for a .tflite file (`keras_mpq.export.feed.match_inputs`).
+  The error names the keys given, the unknown and the missing ones, then
+  ``hint``.
+
+  >>> by_name({"table": 2, "image": 1}, ["image", "table"])
+  [1, 2]
+  >>> by_name({"img": 1, "table": 2}, ["image", "table"])
+  Traceback (most recent call last):
+  ...
+  keras_mpq.base.errors.InvalidInputError: Expected x as a dict keyed by the model's input names ['image', 'table']. Received: keys ['img', 'table']; unknown ['img']; missing ['image'].
+  """
+  given = [str(k) for k in x]
+  unknown = sorted(set(given) - set(names))
+  missing = [n for n in names if n not in given]
+  if unknown or missing:
+    raise InvalidInputError(
+        f"Expected {what} as a dict keyed by {whose} input names {list(names)}. Received: "
+        f"keys {given}" + (f"; unknown {unknown}" if unknown else "")
+        + (f"; missing {missing}" if missing else "") + "." + (f" {hint}" if hint else ""))
+  return [x[n] for n in names]
+
+
 def order_inputs(model, x, what: str = "data") -> List[Any]:
   """``x`` (a list in model order, or a dict by input name) as a list in ``model.inputs`` order.
 
-  Refuses a wrong count or unknown or missing names, saying what the model
-  takes. The arrays are not checked (`check_inputs` does).
+  Refuses a wrong count or unknown or missing names (`by_name`), saying what
+  the model takes. The arrays are not checked (`check_inputs` does).
   """
   names = input_names(model)
   if isinstance(x, Mapping):
-    given = [str(k) for k in x]
-    unknown = sorted(set(given) - set(names))
-    missing = [n for n in names if n not in given]
-    if unknown or missing:
-      raise InvalidInputError(
-          f"Expected {what} as a dict keyed by the model's input names {names}. Received: "
-          f"keys {given}" + (f"; unknown {unknown}" if unknown else "")
-          + (f"; missing {missing}" if missing else "")
-          + f". Model {model.name!r} takes {describe(model)}.")
-    return [x[n] for n in names]
+    return by_name(x, names, what, "the model's",
+                   f"Model {model.name!r} takes {describe(model)}.")
   if isinstance(x, (list, tuple)) and len(x) != len(names):
     raise InvalidInputError(
         f"Expected {what} as {len(names)} arrays, one per model input in order {names}, "
