@@ -123,6 +123,22 @@ def test_export_refuses_file_over_max_bytes(tmp_path, conv_dense):
   assert not path.exists()
 
 
+def test_ethos_u_file_over_budget_names_the_budget_that_fits(tmp_path, conv_dense):
+  # Vela encodes weights its own way, which the cost table does not predict; a
+  # budget a few bytes short must say which budget fits, and write nothing.
+  pytest.importorskip("ethosu.vela")
+  model, x = conv_dense
+  plan = QuantizationPlan({"conv": 8, "fc": 8})
+  fits = exporter_lib.export_tflite(model, tmp_path / "fits.tflite", plan, "ethos-u", x,
+                                    deployment=False)
+  path = tmp_path / "m.tflite"
+  with pytest.raises(FileOverBudgetError) as e:
+    exporter_lib.export_tflite(model, path, plan, "ethos-u", x, max_bytes=fits.size - 1,
+                               deployment=False)
+  assert f"a budget of {fits.size} bytes fits this file" in str(e.value)
+  assert not path.exists()
+
+
 def test_mcu_stripping_saves_bytes_and_keeps_tflm_outputs(tmp_path, conv_dense):
   model, x = conv_dense
   plan = QuantizationPlan({"conv": 4, "fc": 8})
