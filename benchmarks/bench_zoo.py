@@ -73,6 +73,7 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np
 
 import zoo_data
+from keras_mpq.export.targets import RUNTIME_OF_TARGET  # pylint: disable=g-import-not-at-top
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
 
@@ -80,8 +81,6 @@ tf.get_logger().setLevel("ERROR")  # retracing notices of the many small runs
 
 BUDGETS = ("8bit", "4bit", "3bit")
 TARGETS = ("mobile", "mcu")
-RUNTIME_OF_ROW = {"mobile": "litert", "mcu": "tflm"}
-"""Where each target's files are judged: in the runtime they are made for."""
 DATA_FREE, EMPIRICAL, OLD_DEFAULT, DOCUMENTED, NOISE, REAL = (
     "data-free", "data-free, empirical bias correction", "data-free, old [0,1] default",
     "data-free, documented range", "noise", "real")
@@ -277,7 +276,7 @@ def run_model(name, args, rows, infos, write):
             ir = result.report.get("input_range") or {}
             clip_range = (ir["low"], ir["high"]) if "low" in ir and "high" in ir else None
             agree, clipped, runtime, verror = _validate(
-                path, x_test, y_test, clip_range, RUNTIME_OF_ROW.get(target, "auto"))
+                path, x_test, y_test, clip_range, RUNTIME_OF_TARGET[target])
             row["agreement %"], row["clipped agreement %"] = agree, clipped
             row["error / note"] = verror
             row["runtime"] = runtime
@@ -456,7 +455,7 @@ def markdown(rows, infos, args, started, finished=None) -> str:
   for target in args.targets:
     lines += [
         f"## Summary (target '{target}', files run in "
-        f"{'TFLite Micro' if RUNTIME_OF_ROW.get(target) == 'tflm' else 'LiteRT'})",
+        f"{'TFLite Micro' if RUNTIME_OF_TARGET[target] == 'tflm' else 'LiteRT'})",
         "",
         "Agreement % with the float model on the held-out real inputs; 'c' = clipped "
         "agreement (the file refused the inputs as outside its range). Flags: data-free "

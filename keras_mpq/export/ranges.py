@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -55,9 +55,25 @@ def softmax_margin(classes: int) -> float:
   return math.log(1024.0 * max(int(classes), 1))
 
 
-def _interpreter(calib_bytes: bytes):
+def _tensor_values(calib_bytes: bytes, samples, names) -> Iterator[Tuple[str, np.ndarray]]:
+  """``(name, value)`` of each of ``names`` (model inputs left out) after each feed of ``samples``.
+
+  Runs the calibration file once per feed, keeping every tensor; a name the
+  file does not have, or a tensor the interpreter did not keep, is skipped.
+  """
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-  return Interpreter(model_content=calib_bytes, experimental_preserve_all_tensors=True)
+  interp = Interpreter(model_content=calib_bytes, experimental_preserve_all_tensors=True)
+  inputs = {d["name"] for d in interp.get_input_details()}
+  index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+  wanted = [n for n in names if n in index and n not in inputs]
+  runner = interp.get_signature_runner()
+  for feed in samples:
+    runner(**feed)
+    for name in wanted:
+      try:
+        yield name, interp.get_tensor(index[name])
+      except ValueError:  # a tensor the interpreter did not keep
+        pass
 
 
 def _min_max(qsv):
@@ -93,39 +109,23 @@ def saturating_inputs(reader) -> Dict[str, Dict[str, float]]:
   return found
 
 
-def fit_saturating_inputs(calib, calib_bytes: bytes, samples, inputs: Dict[str, Dict[str, float]]) -> Dict[str, tuple]:
+def fit_saturating_inputs(calib, calib_bytes: bytes, samples,
+                          inputs: Dict[str, Dict[str, float]]) -> None:
   """Narrows (in place) the calibrated range of each of ``inputs`` (`saturating_inputs`).
 
   SOFTMAX inputs: the low end rises to the smallest row maximum seen on
   ``samples`` minus `softmax_margin` (divided by the op's beta). LOGISTIC
-  inputs: clipped to +-`LOGISTIC_INPUT_LIMIT`. Returns ``{name: (old, new)}``
-  for each range changed.
+  inputs: clipped to +-`LOGISTIC_INPUT_LIMIT`.
   """
   wanted = {n: v for n, v in inputs.items() if _min_max(calib.get(n)) is not None}
-  if not wanted:
-    return {}
-  row_max: Dict[str, float] = {}
   softmaxes = [n for n, v in wanted.items() if v["op"] == "SOFTMAX"]
-  if softmaxes:
-    interp = _interpreter(calib_bytes)
-    index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-    runner = interp.get_signature_runner()
-    for feed in samples:
-      runner(**feed)
-      for name in softmaxes:
-        if name not in index:
-          continue
-        try:
-          v = np.asarray(interp.get_tensor(index[name]), np.float32)
-        except ValueError:  # a tensor the interpreter did not keep
-          continue
-        if v.size:
-          low = float(np.min(np.max(v, axis=-1)))
-          row_max[name] = min(row_max.get(name, low), low)
-  changed = {}
+  row_max: Dict[str, float] = {}
+  for name, value in (_tensor_values(calib_bytes, samples, softmaxes) if softmaxes else ()):
+    if value.size:
+      low = float(np.min(np.max(np.asarray(value, np.float32), axis=-1)))
+      row_max[name] = min(row_max.get(name, low), low)
   for name, info in wanted.items():
     lo, hi = _min_max(calib[name])
-    old = (float(np.min(lo)), float(np.max(hi)))
     if info["op"] == "SOFTMAX":
       if name not in row_max:
         continue
@@ -136,12 +136,9 @@ def fit_saturating_inputs(calib, calib_bytes: bytes, samples, inputs: Dict[str, 
       new_lo = np.maximum(lo, -LOGISTIC_INPUT_LIMIT)
       new_hi = np.minimum(hi, LOGISTIC_INPUT_LIMIT)
     new_lo = np.minimum(new_lo, new_hi - MIN_RANGE_WIDTH)
-    new = (float(np.min(new_lo)), float(np.max(new_hi)))
-    if new != old:
+    if np.any(new_lo != lo) or np.any(new_hi != hi):  # untouched ranges keep their arrays
       calib[name]["min"] = new_lo.astype(np.float32)
       calib[name]["max"] = new_hi.astype(np.float32)
-      changed[name] = (old, new)
-  return changed
 
 
 def widen_collapsed_ranges(calib) -> None:
@@ -179,21 +176,10 @@ def fill_fused_ranges(calib, interp) -> None:
 
 def apply_range_policy(calib, calib_bytes: bytes, samples, policy: str) -> None:
   """Replaces (in place) each activation's min/max in ``calib`` by ``policy``'s range."""
-  interp = _interpreter(calib_bytes)
-  inputs = {d["name"] for d in interp.get_input_details()}
-  index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-  runner = interp.get_signature_runner()
   values: Dict[str, List[np.ndarray]] = {}
   per_feed = act_ranges_lib.MAX_VALUES // max(len(samples), 1)
-  for feed in samples:
-    runner(**feed)
-    for name in calib:
-      if name in index and name not in inputs:
-        try:
-          values.setdefault(name, []).append(
-              act_ranges_lib.sample_values(interp.get_tensor(index[name]), per_feed))
-        except ValueError:  # a tensor the interpreter did not keep
-          pass
+  for name, value in _tensor_values(calib_bytes, samples, list(calib)):
+    values.setdefault(name, []).append(act_ranges_lib.sample_values(value, per_feed))
   for name, parts in values.items():
     qsv = calib[name]
     if _min_max(qsv) is None:
