@@ -84,6 +84,11 @@ SUITE = [
     ("bench_any.py", f"any_models_conv_ae_q{seed}",
      ["--models", "conv_autoencoder", "--seeds", "0,1", "--n-test", "2000", "--n-tflm", "200",
       "--seed", str(seed)], None) for seed in (0, 1, 2)
+] + [
+    # Why a mixed plan can lose to uniform on the autoencoder's ROC AUC: each candidate plan
+    # measured by the library's objective, by label-free errors on real images, and by AUC.
+    ("bench_plan_metrics.py", "plan_metrics", ["--seeds", "0,1", "--quantize-seeds", "0,1"],
+     None),
 ]
 
 HEADER = """# keras_mpq benchmarks
@@ -291,7 +296,14 @@ time); sections older than the latest changes say so in their data line.
   quantize seeds on all 2,000 held-out images, against a 0.02 goal; 0.006
   gained with real data), and its mixed plans (3.8 average bits) fall below
   uniform 4-bit by 0-0.010 AUC data-free, while reconstructing closer to
-  float. The shared anomaly autoencoder keeps an anomaly-score correlation
+  float. *Plan selection on an autoencoder* re-measures every candidate plan
+  of the safeguard on the 2,000 real held-out images (two copies, two
+  quantize seeds): the plan with the lowest label-free error (the library's
+  objective, the output error or the anomaly-score error on those real
+  images) is the plan with the best AUC in 2 of 12 comparisons, and the top
+  plans' AUCs differ by up to 0.01 in either direction of their errors. No
+  selection without labels can promise mixed at or above uniform on AUC;
+  `loss=` with labeled data is the way to select for it. The shared anomaly autoencoder keeps an anomaly-score correlation
   of 0.86 data-free, 0.97 with its input range given, 0.9999 with real
   inputs. A two-input model (image and table, inputs by name) stays within
   0.1 point of float at every budget in LiteRT and TFLite Micro.
@@ -365,13 +377,32 @@ ALL_ROWS = "### All rows"
 """A section's per-row table: left in its results file, not copied into BENCHMARKS.md."""
 
 
+KEPT_SUBSECTIONS = ("#### Verdict", "#### Goal", "#### Summary")
+"""Per-model ``####`` subsections stay in the results file; these (the conclusions) stay in BENCHMARKS.md too."""
+
+
 def short_form(text: str, section: pathlib.Path) -> str:
-  """``text`` without its ``### All rows`` part, pointing to the results file that has it."""
+  """``text`` without its ``### All rows`` part and per-model ``####`` tables, pointing to the results file.
+
+  >>> short_form("## A\\nintro\\n#### m1\\nrows\\n#### Verdict\\nok", pathlib.Path("a.md"))
+  '## A\\nintro\\n\\nPer-model tables: `benchmarks/results/a.md`.\\n\\n#### Verdict\\nok'
+  """
+  where = f"`benchmarks/results/{section.name}`"
   head, found, _ = text.partition("\n" + ALL_ROWS + "\n")
-  if not found:
-    return text
-  return (head.rstrip() + f"\n\nEvery row, with sizes, times and notes: "
-          f"`benchmarks/results/{section.name}`.")
+  if found:
+    text = head.rstrip() + f"\n\nEvery row, with sizes, times and notes: {where}."
+  out, keep, pointed = [], True, False
+  for line in text.split("\n"):
+    if line.startswith("#### "):
+      keep = line.startswith(KEPT_SUBSECTIONS)
+      if not keep and not pointed:
+        out += ["", f"Per-model tables: {where}.", ""]
+        pointed = True
+    elif line.startswith(("## ", "### ")):
+      keep = True
+    if keep:
+      out.append(line)
+  return "\n".join(out)
 
 
 def assemble(results_dir, path,
