@@ -203,7 +203,10 @@ ZOO: Dict[str, ZooEntry] = {
         how=("random square crops of natural photos (scikit-learn's sample images, "
              "scikit-image's bundled photos when installed, KERAS_MPQ_ZOO_PHOTOS), "
              "84x84 gray, per-sample mean 0 std 1"),
-        scaling="samplewise"),
+        scaling="samplewise",
+        # Per-sample mean 0, std 1 (the shared README): mean +- 4 std is what a user would
+        # pass; low-contrast crops reach beyond it and are clipped by the file.
+        documented_range=(-4.0, 4.0)),
     "tflite_micro_magic_wand": ZooEntry(
         file="tflite_micro_magic_wand.h5", kind="time_series", input_shape=(128, 3, 1),
         no_source_reason="accelerometer gestures: no real source here"),

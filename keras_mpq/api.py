@@ -330,7 +330,9 @@ def _input_range(model, input_range, data_free: bool) -> Dict[str, Any]:
     warnings.warn(
         f"keras_mpq assumes the model takes inputs in [{low:g}, {high:g}] ({why}). Synthetic "
         "data, the input quantizer and the exported file all follow this range; pass "
-        "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another.",
+        "input_range=(lo, hi) (--input_range=LO,HI) if the model takes another: e.g. "
+        "(-1, 1), (0, 255), or (-4, 4) for standardized inputs (mean 0, std 1 per "
+        "feature or per sample, which nothing in a model without BatchNorm reveals).",
         InputRangeAssumedWarning, stacklevel=3)
   return {"low": low, "high": high, "source": range_source, "assumed": range_assumed}
 

@@ -230,7 +230,8 @@ def summary_table(report: Mapping[str, Any]) -> str:
     lines.insert(0, f"WARNING: input range ASSUMED [{in_range['low']:g}, {in_range['high']:g}]"
                  f" ({why}). Synthetic "
                  "data, the input quantizer and the exported file all follow it: pass "
-                 "--input_range=LO,HI if the model takes other inputs.\n")
+                 "--input_range=LO,HI if the model takes other inputs (-4,4 for "
+                 "standardized inputs, mean 0 and std 1).\n")
   elif in_range:
     lines.append(f"input range [{in_range['low']:g}, {in_range['high']:g}] "
                  f"({in_range['source']})")
