@@ -263,6 +263,23 @@ def test_blur_keeps_the_range_and_removes_detail_finer_than_it():
   np.testing.assert_array_equal(losses_lib.Blur((1, 2), 0.0)(u).numpy(), u)
 
 
+
+@pytest.mark.parametrize("shape,axes,sigma", [
+    ((3, 28, 28, 1), (1, 2), 0.5), ((2, 40, 30, 2), (1, 2), 3.2), ((2, 3, 40, 2), (1, 2), 4.0),
+    ((5, 140, 1), (1,), 2.5), ((2, 6, 5, 3, 2), (1, 2, 3), 1.5)])
+def test_blur_is_a_gaussian_with_mirrored_edges_along_each_axis(shape, axes, sigma):
+  # scipy's 'reflect' mode (d c b a | a b c d) is TensorFlow's SYMMETRIC padding; an axis
+  # shorter than the kernel gets the kernel's middle, renormalized (here: the axis of 3).
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  blur = losses_lib.Blur(axes, sigma)
+  x = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
+  want = x.astype(np.float64)
+  for axis in axes:
+    r = min(blur.radius, shape[axis] - 1)
+    taps = blur.taps[blur.radius - r:blur.radius + r + 1].astype(np.float64)
+    want = ndimage.convolve1d(want, taps / taps.sum(), axis=axis, mode="reflect")
+  np.testing.assert_allclose(blur(x).numpy(), want, atol=1e-6)
+
 def test_labeled_samples_are_made_through_the_blur():
   model = _cnn()
   sharp = _run(model, blur=0.0, max_steps=60)
