@@ -54,6 +54,19 @@ def _inputs(model, info, n: int, seed: int):
   return xs[0] if len(xs) == 1 else xs
 
 
+def _range_how(r) -> str:
+  if str(r.get("source", "")).startswith("estimated"):
+    return " estimated"
+  return " assumed" if r.get("assumed") else ""
+
+
+def _range_text(info) -> str:
+  """'[lo, hi] estimated/assumed' (or one per input) as `quantize` reported it."""
+  ranges = info["inputs"] if "inputs" in info else {"": info}
+  return "; ".join(f"{name + ' ' if name else ''}[{r['low']:g}, {r['high']:g}]{_range_how(r)}"
+                   for name, r in ranges.items())
+
+
 def _fidelity(v) -> str:
   if v.agreement is not None:
     return f"agreement {100 * v.agreement:.1f}%"
@@ -81,9 +94,7 @@ def run_model(path: pathlib.Path, budgets, n: int, seed: int, out_dir: pathlib.P
     for target, runtime in TARGETS:
       row = {"model": path.stem, "budget": budget, "target": target, "runtime": runtime,
              "quantize_s": seconds, "avg_bits": result.report["achieved"].get("avg_bits"),
-             "range": ("per input" if "inputs" in info
-                       else f"[{info['low']:g}, {info['high']:g}]"
-                       + (" assumed" if info.get("assumed") else ""))}
+             "range": _range_text(info)}
       file = out_dir / f"{path.stem}_{budget}_{target}.tflite"
       try:
         result.export(file, target=target)

@@ -74,6 +74,8 @@ SUITE = [
      ["--models", "MobileNetV2", "--size", "224", "--classes", "1000"], None),
     ("bench_deploy.py", "deploy", [], ["--models", "digits_mlp,plain_cnn"]),
     ("bench_zoo.py", "zoo", [], None),
+    # Every shared .h5 (the gesture and fingerprint files too): data-free, both exports, run.
+    ("bench_zoo_exports.py", "zoo_exports", [], None),
     # Rock-paper-scissors has no BatchNorm to read its scale from: data-free with the range
     # its documented per-sample standardization implies (mean +- 4 std).
     ("bench_zoo.py", "zoo_rps_documented",
@@ -138,6 +140,7 @@ held-out real inputs; accuracy = on the MNIST test images.
 | Pretrained models trained by others (the zoo), data-free 8-bit agreement | {zoo8} | Pretrained and trained classifiers |
 | Photo classifiers trained here on natural photos (raw 0..255 or [-1, 1]), data-free 8-bit agreement | {photo8} | Pretrained and trained classifiers |
 | A byte budget is the file's size | 42 of 42 files at or under budget | Byte budgets are file bytes |
+| Every pretrained file in ../shared/models, data-free at 8 and 4 bits, both targets | 32 of 32 files exported and ran in their runtime (LiteRT, TFLite Micro) | Every pretrained file exports and runs |
 | 1000-class MobileNetV2 at 224x224, data-free `quantize`, 2 shared cores | {imagenet} | Stock keras.applications models (1000 classes) |
 | Data-free wall time at a 2-bit budget against round to nearest | 1.93-1.95x | Wall time of data-free quantize |
 | Any model, data-free, LiteRT, two trained copies each: change from float at 8 / 4 bits | {any} | Any Keras model, not only classifiers |

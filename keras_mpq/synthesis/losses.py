@@ -200,15 +200,14 @@ def _convolve_axis(padded, axis: int, taps: np.ndarray, shape) -> tf.Tensor:
   One depthwise convolution: the axes before ``axis`` fold into the batch and
   those after it into the channels, so any rank takes the same path. On CPU
   this is several times faster, forward and backward, than summing shifted
-  slices (a 180x180 input: 0.34 -> 0.06 s per generator step).
+  slices (the 180x180 fingerprint model: 0.34 -> 0.07 s per generator step).
   """
-  rank = len(shape)
   after = int(np.prod([int(d) for d in shape[axis + 1:]], dtype=np.int64))
   n = int(shape[axis])
   x = tf.reshape(padded, [-1, n + len(taps) - 1, 1, after])
   kernel = tf.tile(tf.reshape(tf.constant(taps, tf.float32), [-1, 1, 1, 1]), [1, 1, after, 1])
   out = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding="VALID")
-  return tf.reshape(out, [-1] + [int(d) for d in shape[1:rank]])
+  return tf.reshape(out, [-1] + [int(d) for d in shape[1:]])
 
 
 class Augment:
