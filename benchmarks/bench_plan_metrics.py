@@ -114,7 +114,7 @@ def markdown(rows, args, started, wall_min) -> str:
       "| ROC AUC (rank) | bits |",
       "|---|---|---|---|---|---|---|",
   ]
-  verdicts = []
+  verdicts, agree = [], {"objective": [], "out_err": [], "score_err": []}
   for seed in sorted({r["seed"] for r in rows}):
     mine = [r for r in rows if r["seed"] == seed]
     quantized = [r for r in mine if r["plan"] != "float"]
@@ -134,11 +134,17 @@ def markdown(rows, args, started, wall_min) -> str:
     for key, label in (("objective", "the library's objective"),
                        ("out_err", "real output error"), ("score_err", "real score error")):
       best = quantized[int(np.argmin([r[key] for r in quantized]))]
+      agree[key].append(best is best_auc)
       verdicts.append(
           f"- seed {seed[0]}, q {seed[1]}: best by {label}: {best['plan']} (AUC {best['auc']:.4f}); "
           f"best by AUC: {best_auc['plan']} ({best_auc['auc']:.4f})"
           + (" - agree" if best is best_auc else " - disagree"))
-  lines += ["", "## Verdict (computed from the table above)", ""] + verdicts
+  counts = "; ".join(f"{label} {sum(agree[key])} of {len(agree[key])}" for key, label in (
+      ("objective", "the library's objective"), ("out_err", "real output error"),
+      ("score_err", "real score error")))
+  lines += ["", "## Verdict (computed from the table above)", "",
+            f"The plan with the lowest label-free error is the plan with the best AUC: {counts}.",
+            ""] + verdicts
   return "\n".join(lines) + "\n"
 
 
