@@ -108,21 +108,10 @@ def _short(e: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _range_how(info) -> str:
-  source = str(info.get("source", ""))
-  if source.startswith("estimated"):
-    return "estimated"
-  if source == "input_range argument":
-    return "given"
-  if info.get("assumed"):
-    return "assumed"
-  return "layer"
-
-
 def _fmt_range(info, note: str = "") -> str:
   if not info:
     return ""
-  text = f"[{info['low']:.4g}, {info['high']:.4g}] {_range_how(info)}"
+  text = f"[{info['low']:.4g}, {info['high']:.4g}] {zoo_data.range_how(info)}"
   return text + (f" ({note})" if note else "")
 
 
@@ -332,7 +321,7 @@ def summary_lines(rows, infos, target="mobile"):
       continue
     name = info["model"]
     low, high, source, _ = info["default_range"]
-    how = _range_how({"source": source, "assumed": info["default_range"][3]})
+    how = zoo_data.range_how({"source": source, "assumed": info["default_range"][3]})
     values, cells = {}, []
     for label, budget, calibration in SUMMARY_CELLS:
       v, clipped = _agreement(rows, name, budget, calibration, target)

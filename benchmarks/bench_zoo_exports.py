@@ -35,8 +35,9 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import zoo_data  # pylint: disable=g-import-not-at-top
+from keras_mpq.export.targets import RUNTIME_OF_TARGET  # pylint: disable=g-import-not-at-top
 
-TARGETS = (("mobile", "litert"), ("mcu", "tflm"))
+TARGETS = ("mobile", "mcu")
 
 
 def _short(e: BaseException, limit: int = 200) -> str:
@@ -54,17 +55,12 @@ def _inputs(model, info, n: int, seed: int):
   return xs[0] if len(xs) == 1 else xs
 
 
-def _range_how(r) -> str:
-  if str(r.get("source", "")).startswith("estimated"):
-    return " estimated"
-  return " assumed" if r.get("assumed") else ""
-
-
 def _range_text(info) -> str:
   """'[lo, hi] estimated/assumed' (or one per input) as `quantize` reported it."""
   ranges = info["inputs"] if "inputs" in info else {"": info}
-  return "; ".join(f"{name + ' ' if name else ''}[{r['low']:g}, {r['high']:g}]{_range_how(r)}"
-                   for name, r in ranges.items())
+  return "; ".join(
+      f"{name + ' ' if name else ''}[{r['low']:g}, {r['high']:g}] {zoo_data.range_how(r)}"
+      for name, r in ranges.items())
 
 
 def _fidelity(v) -> str:
@@ -91,7 +87,8 @@ def run_model(path: pathlib.Path, budgets, n: int, seed: int, out_dir: pathlib.P
     info = result.report["input_range"]
     float_model = keras_mpq.load_model(str(path))
     x = _inputs(float_model, info, n, seed)
-    for target, runtime in TARGETS:
+    for target in TARGETS:
+      runtime = RUNTIME_OF_TARGET[target]
       row = {"model": path.stem, "budget": budget, "target": target, "runtime": runtime,
              "quantize_s": seconds, "avg_bits": result.report["achieved"].get("avg_bits"),
              "range": _range_text(info)}

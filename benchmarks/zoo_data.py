@@ -254,6 +254,22 @@ def model_path(name: str) -> pathlib.Path:
   return models_dir() / entry.file
 
 
+def range_how(info) -> str:
+  """How keras_mpq got a model's input range (``report['input_range']``, or one input's entry).
+
+  'estimated' (from the first BatchNorm), 'given' (``input_range``), 'assumed'
+  (the [0, 1] default) or 'layer' (read off a Rescaling/Normalization layer).
+  """
+  source = str(info.get("source", ""))
+  if source.startswith("estimated"):
+    return "estimated"
+  if source == "input_range argument":
+    return "given"
+  if info.get("assumed"):
+    return "assumed"
+  return "layer"
+
+
 def _entry(name: str) -> ZooEntry:
   if name not in ZOO:
     raise KeyError(f"Expected a zoo model in {sorted(ZOO)}. Received: {name!r}")

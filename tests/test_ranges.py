@@ -15,6 +15,7 @@ from keras_mpq.export import exporter as exporter_lib
 from keras_mpq.export import ranges as ranges_lib
 from keras_mpq.export import reader as reader_lib
 from keras_mpq.export import runtime as runtime_lib
+from keras_mpq.export.targets import RUNTIME_OF_TARGET
 
 
 def test_collapsed_activation_ranges_are_widened():
@@ -62,7 +63,7 @@ def test_saturating_inputs_skip_logits_that_are_also_an_output():
   assert ranges_lib.saturating_inputs(both) == {}
 
 
-def _export(model, x, path, target, monkeypatch=None):
+def _export(model, x, path, target):
   plan = QuantizationPlan.uniform(["fc1", "fc2"], 8)
   return exporter_lib.export_tflite(model, path, plan, target, calibration_data=x).path
 
@@ -92,7 +93,7 @@ def test_far_logits_do_not_coarsen_the_softmax_input(tmp_path, monkeypatch, targ
   plain = _export(model, cal, tmp_path / "plain.tflite", target)
   assert _logits_range(plain)[0] == pytest.approx(logits.min(), rel=0.02)
   ref = model.predict(held, verbose=0)
-  runtime = "tflm" if target == "mcu" else "litert"
+  runtime = RUNTIME_OF_TARGET[target]
   if runtime == "tflm":
     pytest.importorskip("tflite_micro")
   errors = {}

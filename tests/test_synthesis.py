@@ -263,7 +263,6 @@ def test_blur_keeps_the_range_and_removes_detail_finer_than_it():
   np.testing.assert_array_equal(losses_lib.Blur((1, 2), 0.0)(u).numpy(), u)
 
 
-
 @pytest.mark.parametrize("shape,axes,sigma", [
     ((3, 28, 28, 1), (1, 2), 0.5), ((2, 40, 30, 2), (1, 2), 3.2), ((2, 3, 40, 2), (1, 2), 4.0),
     ((5, 140, 1), (1,), 2.5), ((2, 6, 5, 3, 2), (1, 2, 3), 1.5)])
@@ -279,6 +278,7 @@ def test_blur_is_a_gaussian_with_mirrored_edges_along_each_axis(shape, axes, sig
     taps = blur.taps[blur.radius - r:blur.radius + r + 1].astype(np.float64)
     want = ndimage.convolve1d(want, taps / taps.sum(), axis=axis, mode="reflect")
   np.testing.assert_allclose(blur(x).numpy(), want, atol=1e-6)
+
 
 def test_labeled_samples_are_made_through_the_blur():
   model = _cnn()
