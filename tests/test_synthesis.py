@@ -430,6 +430,31 @@ def test_diverse_spreads_the_outputs_more_than_its_start():
   assert spread_after > 1.5 * spread_start, (spread_start, spread_after)
 
 
+def test_diverse_spreads_hidden_layers_when_there_is_no_batchnorm():
+  """Without BatchNorm every weight layer's output is spread too; a dead unit gives no NaN."""
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((8, 8, 1))
+  enc = layers.Conv2D(4, 3, padding="same", activation="relu", name="enc")
+  out = layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="dec")(enc(inp))
+  model = keras.Model(inp, out)
+  kernel, bias = enc.get_weights()
+  kernel[..., 0], bias[0] = 0.0, -1.0  # channel 0 of "enc" is dead: constant over any batch
+  enc.set_weights([kernel, bias])
+  kwargs = dict(num_samples=16, max_steps=60, progress=False, tv_weight=0.0, l2_weight=0.0,
+                blur=0.0)
+  r = generators_lib.synthesize_with_info(model, method="diverse", **kwargs)
+  assert r.info["hidden_spread_layers"] == ["enc"]
+  assert np.all(np.isfinite(r.x))
+  hidden = keras.Model(inp, enc.output)
+  live = lambda x: np.asarray(hidden(x, training=False))[..., 1:]  # the live channels
+  spread_after = float(np.mean(np.std(live(r.x), axis=0)))
+  u0 = generators_lib.losses_lib.initial_u(np.random.default_rng(0), r.x.shape)
+  spread_start = float(np.mean(np.std(live(0.5 + 0.5 * u0), axis=0)))
+  assert spread_after > 1.5 * spread_start, (spread_start, spread_after)
+  with_bn = generators_lib.synthesize_with_info(_cnn(bn=True), method="diverse", **kwargs)
+  assert with_bn.info["hidden_spread_layers"] == []  # BatchNorm statistics say it instead
+
+
 def test_multi_label_sigmoid_is_not_a_classifier():
   with pytest.raises(UnsupportedModelError, match="class head"):
     _run(_dense(classes=3, activation="sigmoid"))

@@ -70,6 +70,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from keras_mpq.base import batching
+from keras_mpq.base import layers as layers_lib
 from keras_mpq.base.compat import keras, tf
 from keras_mpq.base.errors import InvalidInputError, UnsupportedModelError
 from keras_mpq.base.progress import Bar
@@ -420,6 +421,24 @@ def _noise(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gener
   return GeneratedData(x=x, y=y)
 
 
+def hidden_spread_outputs(model) -> List[Any]:
+  """The outputs of ``model``'s weight layers that are not model outputs.
+
+  What the "diverse" generator also spreads over the batch when the model has
+  no usable BatchNorm. Layers called more than once (shared) are left out, as
+  is everything inside nested models.
+
+  Example:
+
+  >>> from keras_mpq import model_zoo
+  >>> [t.node.layer.name for t in hidden_spread_outputs(model_zoo.plain_cnn())]
+  ['conv1', 'conv2', 'conv3', 'fc1']
+  """
+  outputs = set(model.output_names)
+  return [layer.output for layer in layers_lib.quantizable_layers(model)
+          if layer.name not in outputs and len(layer.inbound_nodes) == 1]
+
+
 @register_generator(SynthesisMethod.DIVERSE)
 def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """Inputs for any model, labels or not: BatchNorm statistics, priors, spread outputs.
@@ -429,8 +448,14 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
   priors, and a spread term: minus the mean over every output value of the
   log of its standard deviation over the batch, so the samples do not all
   map to the same output (a set whose reconstructions are all alike teaches
-  the activation ranges nothing). Samples are labeled by the class head if
-  there is one, else `keras_mpq.synthesis.classifier.NO_LABEL`.
+  the activation ranges nothing). Without usable BatchNorm nothing else says
+  how the hidden units should vary, so the spread term then also covers the
+  output of every weight layer (`hidden_spread_outputs`), each counted like
+  one more output: on the BatchNorm-free conv autoencoder of
+  ``benchmarks/bench_any.py`` that kept data-free 4-bit ROC AUC within 0.01 of
+  float on three quantize seeds where outputs alone lost up to 0.029 (the
+  *Any Keras model* section of BENCHMARKS.md). Samples are labeled by the
+  class head if there is one, else `keras_mpq.synthesis.classifier.NO_LABEL`.
   """
   model = classifier.full_model if classifier.full_model is not None else classifier.model
   n = options.num_samples
@@ -442,8 +467,11 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
   bn_terms, _ = losses_lib.batchnorm_terms(full, options.bn_weight)
   bn_weight = float(options.bn_weight if options.bn_weight is not None
                     else DEFAULT_BN_WEIGHT) if bn_terms else 0.0
-  taps = keras.Model(model.inputs, [t[0].input for t in bn_terms] + list(model.outputs))
-  n_bn = len(bn_terms)
+  hidden = [] if bn_terms else hidden_spread_outputs(model)
+  taps = keras.Model(model.inputs,
+                     [t[0].input for t in bn_terms] + hidden + list(model.outputs))
+  n_bn, n_hidden = len(bn_terms), len(hidden)
+  n_out = len(model.outputs)
   smooth = losses_lib.Blur(spatial, options.blur)
 
   def loss_fn(u, y):
@@ -460,10 +488,12 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
     spread = 0.0
     for out in outs[n_bn:]:
       flat = tf.reshape(tf.cast(out, tf.float32), [tf.shape(out)[0], -1])
-      std = tf.math.reduce_std(flat, axis=0)
+      # sqrt(var + eps), not reduce_std: a unit constant over the batch (a dead
+      # ReLU) would make reduce_std's gradient NaN.
+      std = tf.sqrt(tf.math.reduce_variance(flat, axis=0) + 1e-12)
       scale = tf.stop_gradient(tf.reduce_mean(tf.abs(flat))) + 1e-6
       spread += -tf.reduce_mean(tf.math.log(std / scale + 1e-3))
-    loss += DEFAULT_SPREAD_WEIGHT * float(batch) * spread / float(len(outs) - n_bn)
+    loss += DEFAULT_SPREAD_WEIGHT * float(batch) * spread / float(n_out)
     if bn_weight:
       loss += bn_weight * float(batch) * losses_lib.batchnorm_loss(outs[:n_bn], bn_terms)
     return loss, tf.zeros([tf.shape(u)[0]], tf.float32)
@@ -490,6 +520,7 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
                              "tv_weight": tv_weight, "l2_weight": l2_weight,
                              "bn_weight": bn_weight, "spread_weight": DEFAULT_SPREAD_WEIGHT,
                              "batchnorm_layers": [t[0].name for t in bn_terms],
+                             "hidden_spread_layers": [h.node.layer.name for h in hidden],
                              "blur": smooth.sigma if smooth.radius else 0.0,
                              "loss_first_last": [list(p) for p in opt.losses]})
 
