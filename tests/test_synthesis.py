@@ -455,6 +455,26 @@ def test_diverse_spreads_hidden_layers_when_there_is_no_batchnorm():
   assert with_bn.info["hidden_spread_layers"] == []  # BatchNorm statistics say it instead
 
 
+def test_labeled_generator_spreads_the_heads_beside_the_class_head():
+  """A box head next to the class head varies more than on the class head's own samples."""
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((8, 8, 1))
+  h = layers.Flatten()(layers.Conv2D(4, 3, activation="relu", name="conv")(inp))
+  cls = _head(3, activation="softmax", name="cls")(h)
+  box = layers.Dense(2, name="box")(h)
+  two = keras.Model(inp, [cls, box])
+  only_class = keras.Model(inp, cls)  # the same weights, the class head alone
+  made = _run(two, max_steps=60, num_samples=16)
+  alone = _run(only_class, max_steps=60, num_samples=16)
+  assert made.info["spread_outputs"] == ["box"] and alone.info["spread_outputs"] == []
+  assert np.array_equal(made.y, alone.y)  # the same targets: only the spread term differs
+  box_of = keras.Model(inp, box)
+  spread = lambda x: float(np.mean(np.std(np.asarray(box_of(x, training=False)), axis=0)))
+  assert spread(made.x) > 1.5 * spread(alone.x), (spread(alone.x), spread(made.x))
+  agree = np.mean(_probs(only_class, made.x).argmax(1) == made.y)
+  assert agree >= 0.9, agree  # the class objective still holds
+
+
 def test_multi_label_sigmoid_is_not_a_classifier():
   with pytest.raises(UnsupportedModelError, match="class head"):
     _run(_dense(classes=3, activation="sigmoid"))

@@ -247,6 +247,32 @@ def step_postfix(bar: Bar, batch: int, n_batches: int, max_steps: int):
 # --------------------------------------------------------------------------- generators
 
 
+def other_heads(classifier: Classifier):
+  """A model of the full model's outputs other than the class head, or None.
+
+  What the labeled generator spreads over the batch besides holding each
+  sample at its class: a box or score head next to a class head gets the
+  "diverse" generator's spread term, so its calibrated range covers more than
+  the values the class objective happens to give it.
+
+  Example:
+
+  >>> inp = keras.Input((4,))
+  >>> two = keras.Model(inp, [keras.layers.Dense(3, activation="softmax", name="cls")(inp),
+  ...                         keras.layers.Dense(2, name="box")(inp)])
+  >>> other_heads(inspect_classifier(two)).output_names
+  ['box']
+  """
+  full = classifier.full_model
+  if full is None or len(full.outputs) < 2:
+    return None
+  head = classifier.model.outputs[0]
+  rest = [t for t in full.outputs if t is not head]
+  if not rest or len(rest) == len(full.outputs):
+    return None
+  return keras.Model(full.inputs, rest)
+
+
 @register_generator(SynthesisMethod.LABELED)
 def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> GeneratedData:
   """The paper's labeled synthesis, run to a fixed point (module docstring)."""
@@ -276,10 +302,12 @@ def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
   tau_var = tf.Variable(tf.zeros((batch,), tf.float32), trainable=False)
   augment = losses_lib.Augment(classifier, options.jitter, options.flip, losses_lib.augment_seed(rng))
   smooth = losses_lib.Blur(spatial, options.blur)
+  others = other_heads(classifier)
 
   def loss_fn(u, y):
     u = smooth(u)  # the sample is the blurred u: its priors, its prediction
-    feats, out = network(augment(classifier.to_input(u)))
+    x_in = augment(classifier.to_input(u))
+    feats, out = network(x_in)
     log_p = classifier.logits_to_log_probs(out)
     log_p_y = tf.gather(log_p, y, axis=1, batch_dims=1)
     if hold:
@@ -298,6 +326,11 @@ def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
     loss = tf.reduce_sum(per_sample)
     if bn_weight:
       loss += bn_weight * float(batch) * losses_lib.batchnorm_loss(feats, bn_terms)
+    if others is not None:  # the other heads: spread over the batch, as "diverse" does
+      outs = others(x_in, training=False)
+      outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+      loss += (DEFAULT_SPREAD_WEIGHT * float(batch) * losses_lib.spread_loss(outs)
+               / float(len(outs)))
     return loss, tf.exp(log_p_y)
 
   # "stop" is the first version, kept for comparison with its own step size:
@@ -341,6 +374,8 @@ def _labeled(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
                              "tv_axes": list(spatial),
                              "bn_weight": bn_weight,
                              "batchnorm_layers": [l.name for l, *_ in bn_terms],
+                             "spread_outputs": ([] if others is None
+                                                else list(others.output_names)),
                              "jitter": options.jitter, "flip": options.flip,
                              "blur": smooth.sigma if smooth.radius else 0.0,
                              "loss_first_last": [list(p) for p in opt.losses]})
@@ -485,14 +520,7 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
     if l2_weight:
       per_sample += l2_weight * tf.reduce_mean(tf.square(u), axis=sample_axes)
     loss = tf.reduce_sum(per_sample)
-    spread = 0.0
-    for out in outs[n_bn:]:
-      flat = tf.reshape(tf.cast(out, tf.float32), [tf.shape(out)[0], -1])
-      # sqrt(var + eps), not reduce_std: a unit constant over the batch (a dead
-      # ReLU) would make reduce_std's gradient NaN.
-      std = tf.sqrt(tf.math.reduce_variance(flat, axis=0) + 1e-12)
-      scale = tf.stop_gradient(tf.reduce_mean(tf.abs(flat))) + 1e-6
-      spread += -tf.reduce_mean(tf.math.log(std / scale + 1e-3))
+    spread = losses_lib.spread_loss(outs[n_bn:])
     loss += DEFAULT_SPREAD_WEIGHT * float(batch) * spread / float(n_out)
     if bn_weight:
       loss += bn_weight * float(batch) * losses_lib.batchnorm_loss(outs[:n_bn], bn_terms)

@@ -241,6 +241,28 @@ class Augment:
     return x
 
 
+def spread_loss(tensors) -> tf.Tensor:
+  """Minus the mean log spread of each value of ``tensors`` over the batch, summed over them.
+
+  Each tensor's values are flattened per sample; a value's spread is its
+  standard deviation over the batch relative to the mean magnitude of the
+  tensor (not differentiated), so tensors of any scale count alike. The
+  standard deviation is ``sqrt(var + 1e-12)``: a value constant over the
+  batch (a dead ReLU) would make ``reduce_std``'s gradient NaN.
+
+  >>> x = tf.constant([[0.0, 1.0], [2.0, 1.0]])
+  >>> round(float(spread_loss([x])), 3)  # one value varies, the other is constant
+  3.453
+  """
+  total = 0.0
+  for out in tensors:
+    flat = tf.reshape(tf.cast(out, tf.float32), [tf.shape(out)[0], -1])
+    std = tf.sqrt(tf.math.reduce_variance(flat, axis=0) + 1e-12)
+    scale = tf.stop_gradient(tf.reduce_mean(tf.abs(flat))) + 1e-6
+    total += -tf.reduce_mean(tf.math.log(std / scale + 1e-3))
+  return total
+
+
 def batchnorm_terms(classifier, bn_weight):
   """BatchNorm terms and a network returning (BN inputs, head output) in one pass.
 
