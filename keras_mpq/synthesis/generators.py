@@ -488,7 +488,7 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
   output of every weight layer (`hidden_spread_outputs`), each counted like
   one more output: on the BatchNorm-free conv autoencoder of
   ``benchmarks/bench_any.py`` that kept data-free 4-bit ROC AUC within 0.01 of
-  float on three quantize seeds where outputs alone lost up to 0.029 (the
+  float on three quantize seeds where outputs alone lost up to 0.021 (the
   *Any Keras model* section of BENCHMARKS.md). Samples are labeled by the
   class head if there is one, else `keras_mpq.synthesis.classifier.NO_LABEL`.
   """
@@ -505,7 +505,7 @@ def _diverse(classifier: Classifier, options: SynthesisOptions, rng, bar) -> Gen
   hidden = [] if bn_terms else hidden_spread_outputs(model)
   taps = keras.Model(model.inputs,
                      [t[0].input for t in bn_terms] + hidden + list(model.outputs))
-  n_bn, n_hidden = len(bn_terms), len(hidden)
+  n_bn = len(bn_terms)
   n_out = len(model.outputs)
   smooth = losses_lib.Blur(spatial, options.blur)
 
